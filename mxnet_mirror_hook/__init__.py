@@ -1,0 +1,19 @@
+"""mxnet-mirror-hook: train MXNet networks in less memory by recomputing forward nodes.
+
+Public names are re-exported here explicitly; everything else is internal.
+"""
+from __future__ import annotations
+
+from ._version import __version__
+from .errors import (BudgetError, BudgetUnreachableError, CacheError, MeasurementError,
+                     MirrorHookError, ShapeError, UnknownPlannerError)
+from .core.budget import parse_budget
+from .core.planners import list_planners, register_planner
+from .plan import MirrorPlan, plan_mirror
+from .module import MirroredModule
+
+__all__ = [
+    "__version__", "MirroredModule", "MirrorPlan", "plan_mirror", "list_planners",
+    "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
+    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "CacheError",
+]

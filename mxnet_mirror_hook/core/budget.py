@@ -1,0 +1,117 @@
+"""Memory budgets: what ``memory_budget=`` accepts and how it is checked."""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ..errors import BudgetError
+
+__all__ = ["Budget", "parse_budget", "BudgetLike"]
+
+BudgetLike = Union[None, str, int, float, "Budget"]
+
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "K": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "M": 1 << 20,
+          "MIB": 1 << 20, "GB": 1 << 30, "G": 1 << 30, "GIB": 1 << 30, "TB": 1 << 40, "TIB": 1 << 40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+MB = float(1 << 20)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed memory budget.
+
+    Exactly one of the forms is set: ``kind == 'auto'`` (no budget: the lowest
+    memory the planner finds), ``'min'``, ``'fraction'`` (of the unmirrored
+    plan) or ``'bytes'``.
+    """
+
+    kind: str
+    value: float = 0.0
+
+    def limit_mb(self, baseline_mb: float) -> Optional[float]:
+        """The budget in MB for a symbol whose unmirrored plan is ``baseline_mb``.
+
+        Returns ``None`` for ``'auto'`` and ``'min'``, which have no fixed limit.
+        """
+        if self.kind == "fraction":
+            return self.value * baseline_mb
+        if self.kind == "bytes":
+            return self.value / MB
+        return None
+
+    @property
+    def key(self) -> str:
+        """A stable text form, used in cache keys."""
+        if self.kind in ("auto", "min"):
+            return self.kind
+        return f"{self.kind}:{self.value!r}"
+
+    def __str__(self) -> str:
+        if self.kind == "fraction":
+            return f"{self.value:g} of baseline"
+        if self.kind == "bytes":
+            return f"{self.value / MB:.0f} MB"
+        return self.kind
+
+
+def parse_budget(budget: BudgetLike) -> Budget:
+    """Turn a user's ``memory_budget`` into a :class:`Budget`.
+
+    Parameters
+    ----------
+    budget : None, 'min', float in (0, 1], int bytes, or str with a unit
+        ``None`` asks for the lowest memory the planner finds; ``'min'`` for the
+        lowest reachable; a float in (0, 1] is a fraction of the unmirrored
+        plan; an int is bytes; ``'512MB'``, ``'4GB'``, ``'0.5'`` are accepted.
+
+    Raises
+    ------
+    TypeError
+        For a value of the wrong type (a bool, a list...).
+    BudgetError
+        For a value of the right type that makes no sense (negative, zero,
+        a fraction above 1, an unknown unit).
+    """
+    if isinstance(budget, Budget):
+        return budget
+    if budget is None:
+        return Budget("auto")
+    if isinstance(budget, bool) or not isinstance(budget, (str, numbers.Real)):
+        raise TypeError(
+            f"memory_budget must be None, 'min', a fraction in (0, 1], a number of bytes or a "
+            f"string such as '4GB'; got {budget!r} of type {type(budget).__name__}")
+    if isinstance(budget, str):
+        text = budget.strip()
+        if text.lower() in ("min", "minimum"):
+            return Budget("min")
+        if text.lower() in ("none", "auto", ""):
+            return Budget("auto")
+        match = _SIZE.match(text)
+        if not match:
+            raise BudgetError(
+                f"memory_budget {budget!r} is not understood; write a size such as '512MB' or "
+                f"'4GB', a fraction such as '0.6', or 'min'")
+        number, unit = float(match.group(1)), match.group(2).upper()
+        if unit == "":
+            return parse_budget(number if "." in match.group(1) else int(number))
+        if unit not in _UNITS:
+            raise BudgetError(
+                f"memory_budget {budget!r} has unknown unit {match.group(2)!r}; use B, KB, MB, GB or TB")
+        return parse_budget(int(number * _UNITS[unit]))
+    value = float(budget)
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"memory_budget must be positive, got {budget!r}")
+    if isinstance(budget, numbers.Integral):
+        if value < MB:
+            raise BudgetError(
+                f"memory_budget {budget!r} is read as bytes, which is under 1 MB; write a fraction "
+                f"such as 0.5 or a size such as '{int(value)}MB'")
+        return Budget("bytes", value)
+    if value > 1.0:
+        raise BudgetError(
+            f"memory_budget {budget!r} is a float above 1; a float is a fraction of the unmirrored "
+            f"memory in (0, 1]. Pass an int for bytes or a string such as '4GB'")
+    return Budget("fraction", value)

@@ -1,0 +1,272 @@
+"""The forward graph the planners work on.
+
+A :class:`Graph` is a topologically ordered list of :class:`Node` objects, built
+either by hand (tests) or from an MXNet symbol by :mod:`mxnet_mirror_hook.mx.convert`.
+What a variable is (data, label, parameter or auxiliary state) is stated by the
+builder from the symbol's argument and auxiliary lists, never guessed from names.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
+
+#: Operators MXNet's gradient pass never recomputes, whatever the attributes say
+#: (``need_mirror`` in ``src/executor/graph_executor.cc``): a recomputed Dropout
+#: would draw a new mask and change the gradients.
+NEVER_MIRRORED_OPS = frozenset({"Dropout"})
+
+#: Loss operators whose second input is a label, not something to differentiate.
+LOSS_OPS = frozenset({"SoftmaxOutput", "LinearRegressionOutput", "LogisticRegressionOutput",
+                      "MAERegressionOutput", "SVMOutput", "Softmax", "CTCLoss", "ctc_loss"})
+
+
+class NodeKind(enum.Enum):
+    """What a node of the forward graph is."""
+
+    OP = "op"
+    INPUT = "input"        # data or label: fed per batch, no gradient by default
+    PARAM = "param"        # learned argument
+    AUX = "aux"            # auxiliary state (BatchNorm moving statistics)
+
+
+@dataclass
+class Node:
+    """One node of the forward graph.
+
+    Parameters
+    ----------
+    name : str
+        Node name, unique in the graph (MXNet's attribute keys are by name).
+    op : str
+        Operator name (``"Convolution"``), or ``"null"`` for a variable.
+    kind : NodeKind
+        Operator, input, parameter or auxiliary state.
+    inputs : list of (int, int)
+        ``(node index, output index)`` of each input, in operator order.
+    output_shapes : list of tuple of int
+        Shape of each visible output.
+    itemsize : int
+        Bytes per element of the outputs (4 for float32, 2 for float16).
+    attrs : dict of str to str
+        Operator parameters and user attributes (``mirror_stage``...).
+    """
+
+    name: str
+    op: str
+    kind: NodeKind
+    inputs: List[Tuple[int, int]] = field(default_factory=list)
+    output_shapes: List[Tuple[int, ...]] = field(default_factory=list)
+    itemsize: int = 4
+    attrs: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_variable(self) -> bool:
+        """True for data, label, parameter and auxiliary nodes."""
+        return self.kind is not NodeKind.OP
+
+    @property
+    def numel(self) -> int:
+        """Number of elements over all visible outputs."""
+        return sum(math.prod(shape) for shape in self.output_shapes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all visible outputs at the node's own dtype."""
+        return self.numel * self.itemsize
+
+    @property
+    def planned_bytes(self) -> int:
+        """Bytes as MXNet's static memory plan counts them (4 bytes per element)."""
+        return self.numel * 4
+
+    @property
+    def can_mirror(self) -> bool:
+        """Whether MXNet would recompute this node if asked to."""
+        return self.kind is NodeKind.OP and self.op not in NEVER_MIRRORED_OPS
+
+    @property
+    def mirror_stage(self) -> Optional[str]:
+        """The user's ``mirror_stage`` mark, if any."""
+        return self.attrs.get("mirror_stage", self.attrs.get("__mirror_stage__"))
+
+
+class Graph:
+    """A forward graph in topological order.
+
+    Parameters
+    ----------
+    nodes : sequence of Node
+        Nodes in topological order: every input index is smaller than the
+        node's own index.
+    heads : sequence of (int, int)
+        The graph outputs as ``(node index, output index)``.
+
+    Raises
+    ------
+    ValueError
+        If the order is not topological, an index is out of range, or two
+        nodes share a name.
+    """
+
+    def __init__(self, nodes: Sequence[Node], heads: Sequence[Tuple[int, int]]) -> None:
+        self.nodes: List[Node] = list(nodes)
+        self.heads: List[Tuple[int, int]] = [tuple(h) for h in heads]  # type: ignore[misc]
+        self._index: Dict[str, int] = {}
+        for position, node in enumerate(self.nodes):
+            if node.name in self._index:
+                raise ValueError(
+                    f"two nodes are named {node.name!r}; give every operator a unique name "
+                    "(mirroring decisions are attached by name)")
+            self._index[node.name] = position
+            for source, _ in node.inputs:
+                if not 0 <= source < position:
+                    raise ValueError(
+                        f"node {node.name!r} reads node {source}, which does not come before it; "
+                        "nodes must be in topological order")
+        for source, _ in self.heads:
+            if not 0 <= source < len(self.nodes):
+                raise ValueError(f"graph output refers to missing node {source}")
+        self._consumers: Optional[List[List[int]]] = None
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def index(self, name: str) -> int:
+        """Position of the node called ``name``."""
+        return self._index[name]
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``."""
+        return self.nodes[self._index[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    @property
+    def op_nodes(self) -> List[Node]:
+        """Operator nodes in topological order."""
+        return [n for n in self.nodes if n.kind is NodeKind.OP]
+
+    @property
+    def mirrorable_names(self) -> List[str]:
+        """Names of the nodes MXNet can recompute, in topological order."""
+        return [n.name for n in self.nodes if n.can_mirror]
+
+    def consumers(self) -> List[List[int]]:
+        """For each node, the indices of the nodes that read it."""
+        if self._consumers is None:
+            consumers: List[List[int]] = [[] for _ in self.nodes]
+            for position, node in enumerate(self.nodes):
+                for source, _ in node.inputs:
+                    if not consumers[source] or consumers[source][-1] != position:
+                        consumers[source].append(position)
+            self._consumers = consumers
+        return self._consumers
+
+    @property
+    def has_stage_marks(self) -> bool:
+        """True when the user placed any ``mirror_stage`` mark."""
+        return any(n.mirror_stage is not None for n in self.nodes if n.kind is NodeKind.OP)
+
+    def label_input_indices(self) -> List[int]:
+        """Indices of variables that enter a loss operator as its label.
+
+        These are found by structure (the second input of a loss operator such
+        as ``SoftmaxOutput``), not by name.
+        """
+        found = []
+        for node in self.nodes:
+            if node.op in LOSS_OPS:
+                for source, _ in node.inputs[1:]:
+                    if self.nodes[source].is_variable:
+                        found.append(source)
+        return sorted(set(found))
+
+    # ------------------------------------------------------------ structure
+    def activation_region(self) -> List[bool]:
+        """Mask of operator nodes on some path from a data input to a graph output.
+
+        Labels do not count as data inputs: they join at the loss.
+        """
+        labels = set(self.label_input_indices())
+        from_data = [False] * len(self.nodes)
+        for position, node in enumerate(self.nodes):
+            if node.kind is NodeKind.INPUT and position not in labels:
+                from_data[position] = True
+            elif node.kind is NodeKind.OP:
+                from_data[position] = any(from_data[s] for s, _ in node.inputs)
+        to_output = [False] * len(self.nodes)
+        for source, _ in self.heads:
+            to_output[source] = True
+        for position in range(len(self.nodes) - 1, -1, -1):
+            if to_output[position]:
+                for source, _ in self.nodes[position].inputs:
+                    to_output[source] = True
+        return [from_data[i] and to_output[i] and self.nodes[i].kind is NodeKind.OP
+                for i in range(len(self.nodes))]
+
+    def cut_points(self) -> List[str]:
+        """Operator nodes that every path from the data inputs to the outputs passes.
+
+        # NOTE [ cut points by a sweep over the topological order ]
+        # Restrict the graph to operators that lie between the data inputs and
+        # the outputs.  In that region, node v is a cut point iff no edge u -> w
+        # jumps over it (pos(u) < pos(v) < pos(w)).  If such an edge existed,
+        # the path data -> u -> w -> output would avoid v; conversely, if v is
+        # not on every path, the avoiding path has to cross v's position by
+        # one edge.  The test therefore does not depend on which topological
+        # order the graph was given in, and costs O(nodes + edges).
+
+        Returns
+        -------
+        list of str
+            Names of the cut points in topological order.  In a plain chain
+            every operator is one; in a residual network they are the block
+            outputs.
+        """
+        region = self.activation_region()
+        labels = set(self.label_input_indices())
+        size = len(self.nodes)
+        sources = [region[i] or (self.nodes[i].kind is NodeKind.INPUT and i not in labels)
+                   for i in range(size)]
+        # reach[i]: the furthest position that an edge leaving node i arrives at;
+        # a graph output counts as an edge to a virtual sink after the last node.
+        reach = [-1] * size
+        for position, node in enumerate(self.nodes):
+            if region[position]:
+                for source, _ in node.inputs:
+                    if sources[source]:
+                        reach[source] = max(reach[source], position)
+        for source, _ in self.heads:
+            if region[source]:
+                reach[source] = size
+        cuts = []
+        furthest = -1
+        for position in range(size):
+            if region[position] and furthest <= position:
+                cuts.append(self.nodes[position].name)
+            if sources[position]:
+                furthest = max(furthest, reach[position])
+        return cuts
+
+    def planned_bytes_of(self, names: Iterable[str]) -> int:
+        """Sum of :attr:`Node.planned_bytes` over ``names``."""
+        return sum(self.node(name).planned_bytes for name in names)
+
+    def summary(self) -> Mapping[str, int]:
+        """Counts of node kinds and activation bytes, for logs and reports."""
+        ops = self.op_nodes
+        return {
+            "nodes": len(self.nodes),
+            "operators": len(ops),
+            "activation_bytes": sum(n.planned_bytes for n in ops),
+            "parameters": sum(1 for n in self.nodes if n.kind is NodeKind.PARAM),
+        }

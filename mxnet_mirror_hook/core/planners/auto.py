@@ -1,0 +1,82 @@
+"""The default planner: the seed's search on automatically found stage nodes, refined.
+
+# NOTE [ why cut points are the right stages ]
+# The threshold heuristic only pays off when a kept stage output really
+# separates the graph: recomputation restarts from kept outputs, so a kept
+# node inside a residual block still leaves the shortcut's producer to be
+# recomputed from further back.  gluoncv models carry no ``mirror_stage``
+# marks; the seed then recomputes everything and memory grows.  Nodes that
+# every path from the data to the loss passes through (``Graph.cut_points``)
+# are exactly where a chain of segments can be cut, so they become stages of
+# their own.  User marks, when present, win: the user knows the model.
+#
+# After the seed's grid, the planner refines around the best threshold it
+# measured (the bracket between its neighbours), which costs a few more binds
+# and can only lower the result.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..budget import Budget
+from ..graph import Graph
+from . import register_planner
+from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
+from .memonger import MB_SHIFT, search_thresholds, threshold_plan, user_stages
+
+__all__ = ["AutoPlanner", "auto_stages"]
+
+
+def auto_stages(graph: Graph) -> Dict[str, str]:
+    """Stage marks for ``graph``: the user's if any, else one stage per cut point."""
+    marks = user_stages(graph)
+    if marks:
+        return marks
+    return {name: "True" for name in graph.cut_points()}
+
+
+def unit_shift_for(graph: Graph) -> int:
+    """Threshold unit: MB as in the seed, KB for graphs under 256 MB of activations.
+
+    With MB steps a small graph's thresholds all round to 0 and the search
+    degenerates to "keep every stage".
+    """
+    total = sum(n.planned_bytes for n in graph.op_nodes)
+    return MB_SHIFT if total >= (256 << MB_SHIFT) else 10
+
+
+@register_planner("auto")
+class AutoPlanner(Planner):
+    """Seed search on cut-point stages plus a local refinement of the threshold."""
+
+    name = "auto"
+
+    def __init__(self, ntrial: int = 6, refine_steps: int = 4) -> None:
+        self.ntrial = ntrial
+        self.refine_steps = refine_steps
+
+    def plan(self, graph: Graph, budget: Budget, measure: MeasureFn) -> PlanOutcome:
+        stages = auto_stages(graph)
+        evaluator = CandidateEvaluator(graph, measure)
+        baseline = evaluator.evaluate(Decision(frozenset(), "unmirrored"))
+        if not stages:
+            return evaluator.outcome(budget, baseline)
+        unit_shift = unit_shift_for(graph)
+        unit = "MB" if unit_shift == MB_SHIFT else "KB"
+        measured: List[tuple] = []
+        for threshold, result in search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift):
+            candidate = evaluator.evaluate(Decision(result.mirrored, f"threshold={threshold}{unit}"))
+            measured.append((threshold, candidate.planned_mb))
+        thresholds = sorted({t for t, _ in measured})
+        best_threshold = min(measured, key=lambda item: (item[1], item[0]))[0]
+        position = thresholds.index(best_threshold)
+        low = thresholds[position - 1] if position > 0 else max(best_threshold // 2, 0)
+        high = thresholds[position + 1] if position + 1 < len(thresholds) else best_threshold * 2 + 1
+        span = high - low
+        for k in range(1, self.refine_steps + 1):
+            threshold = low + span * k // (self.refine_steps + 1)
+            if threshold in thresholds:
+                continue
+            result = threshold_plan(graph, threshold << unit_shift, stages)
+            evaluator.evaluate(Decision(result.mirrored, f"threshold={threshold}{unit}(refined)"))
+        return evaluator.outcome(budget, baseline)

@@ -1,0 +1,62 @@
+"""Exceptions of mxnet-mirror-hook.
+
+Every error derives from ``ValueError`` or ``TypeError`` so that callers who
+already catch those for bad arguments keep working; each message says what was
+wrong and what to do about it.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "MirrorHookError",
+    "ShapeError",
+    "BudgetError",
+    "BudgetUnreachableError",
+    "UnknownPlannerError",
+    "MeasurementError",
+    "CacheError",
+]
+
+
+class MirrorHookError(Exception):
+    """Base class of every error raised by mxnet-mirror-hook."""
+
+
+class ShapeError(MirrorHookError, ValueError):
+    """Input shapes or dtypes do not fit the symbol."""
+
+
+class BudgetError(MirrorHookError, ValueError):
+    """A memory budget could not be understood."""
+
+
+class BudgetUnreachableError(BudgetError):
+    """No plan fits the requested memory budget.
+
+    Attributes
+    ----------
+    budget_mb : float
+        The budget that was asked for, in MB.
+    min_reachable_mb : float
+        The smallest planned memory any candidate reached, in MB.
+    """
+
+    def __init__(self, budget_mb: float, min_reachable_mb: float, baseline_mb: float) -> None:
+        self.budget_mb = budget_mb
+        self.min_reachable_mb = min_reachable_mb
+        self.baseline_mb = baseline_mb
+        super().__init__(
+            f"memory budget {budget_mb:.0f} MB is below the smallest reachable plan "
+            f"({min_reachable_mb:.0f} MB; unmirrored {baseline_mb:.0f} MB). Raise the budget to at "
+            f"least {min_reachable_mb:.0f} MB, use memory_budget='min', or reduce the batch size.")
+
+
+class UnknownPlannerError(MirrorHookError, ValueError):
+    """A planner name is not in the registry."""
+
+
+class MeasurementError(MirrorHookError, RuntimeError):
+    """MXNet could not bind the symbol, or its memory report could not be read."""
+
+
+class CacheError(MirrorHookError, ValueError):
+    """A plan cache entry is unusable (corrupt, foreign, or stale)."""

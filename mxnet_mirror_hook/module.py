@@ -1,0 +1,193 @@
+"""``MirroredModule``: a drop-in ``mx.mod.Module`` that binds a mirrored symbol."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import mxnet as mx
+from mxnet.module.executor_group import _split_input_slice
+from mxnet.io import DataDesc
+
+from .core.budget import BudgetLike, parse_budget
+from .core.planners import get_planner
+from .plan import MirrorPlan, plan_mirror
+
+__all__ = ["MirroredModule"]
+
+logger = logging.getLogger(__name__)
+
+
+def per_device_descs(descs: Optional[Sequence[DataDesc]], contexts: Sequence["mx.Context"],
+                     work_load_list: Sequence[float]) -> List[DataDesc]:
+    """The descriptors one device sees: the batch axis cut to the largest slice."""
+    if not descs:
+        return []
+    result = []
+    for desc in descs:
+        axis = DataDesc.get_batch_axis(desc.layout)
+        shape = tuple(desc.shape)
+        if axis >= 0 and len(contexts) > 1 and axis < len(shape):
+            slices = _split_input_slice(shape[axis], work_load_list)
+            largest = max(s.stop - s.start for s in slices)
+            shape = shape[:axis] + (largest,) + shape[axis + 1:]
+        result.append(DataDesc(desc.name, shape, desc.dtype, desc.layout))
+    return result
+
+
+class MirroredModule(mx.mod.Module):
+    """An ``mx.mod.Module`` that trains in less memory by recomputing forward nodes.
+
+    ``bind`` for training plans which nodes to recompute (through the plan
+    cache), and binds the symbol with ``force_mirroring`` on them; inference
+    binds are plain.  Everything else behaves as in ``Module``: results are
+    the same, the saved symbol is the user's own, and a plain ``Module`` can
+    load the checkpoints.
+
+    Parameters
+    ----------
+    symbol, data_names, label_names, logger, context, work_load_list,
+    fixed_param_names, state_names, group2ctxs, compression_params
+        As for ``mx.mod.Module``.
+    planner : str
+        A registered planner name (``'auto'`` by default).
+    memory_budget : None, 'min', float, int or str
+        See :func:`mxnet_mirror_hook.parse_budget`.
+    cache_dir : str, None or False
+        Plan cache directory (``None``: ``$MXNET_MIRROR_HOOK_CACHE_DIR`` or
+        ``~/.cache/mxnet_mirror_hook``; ``False``: memory only).
+    cost_ctx : mx.Context, optional
+        Where plans are measured; CPU by default (a CPU bind plans the same
+        graph without allocating it).
+
+    Attributes
+    ----------
+    mirror_plan : MirrorPlan or None
+        The plan of the last training bind.
+    """
+
+    def __init__(self, symbol: "mx.sym.Symbol", data_names: Sequence[str] = ("data",),
+                 label_names: Sequence[str] = ("softmax_label",), logger: Any = logging,
+                 context: Union["mx.Context", List["mx.Context"]] = mx.cpu(),
+                 work_load_list: Optional[List[float]] = None,
+                 fixed_param_names: Optional[List[str]] = None,
+                 state_names: Optional[List[str]] = None, group2ctxs: Any = None,
+                 compression_params: Any = None, *, planner: str = "auto",
+                 memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
+                 cost_ctx: Optional["mx.Context"] = None) -> None:
+        get_planner(planner)             # reject a bad name now, not at the first bind
+        parse_budget(memory_budget)      # likewise for the budget
+        super().__init__(symbol, data_names=data_names, label_names=label_names, logger=logger,
+                         context=context, work_load_list=work_load_list,
+                         fixed_param_names=fixed_param_names, state_names=state_names,
+                         group2ctxs=group2ctxs, compression_params=compression_params)
+        self._planner_name = planner
+        self._memory_budget = memory_budget
+        self._cache_dir = cache_dir
+        self._cost_ctx = cost_ctx
+        self._user_symbol = symbol
+        self.mirror_plan: Optional[MirrorPlan] = None
+
+    # ----------------------------------------------------------------- planning
+    def _plan_for(self, data_shapes: Sequence[DataDesc],
+                  label_shapes: Optional[Sequence[DataDesc]], grad_req: Any) -> MirrorPlan:
+        return plan_mirror(
+            self._user_symbol,
+            per_device_descs(data_shapes, self._context, self._work_load_list),
+            per_device_descs(label_shapes, self._context, self._work_load_list) or None,
+            planner=self._planner_name, memory_budget=self._memory_budget,
+            ctx=self._cost_ctx, cache_dir=self._cache_dir,
+            grad_req=grad_req if isinstance(grad_req, (str, dict)) else "write",
+            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad)
+
+    def _needs_plan(self, for_training: bool, grad_req: Any) -> bool:
+        if not for_training:
+            return False
+        if isinstance(grad_req, str):
+            return grad_req != "null"
+        if isinstance(grad_req, dict):
+            return any(v != "null" for v in grad_req.values())
+        return True
+
+    def bind(self, data_shapes: Any, label_shapes: Any = None, for_training: bool = True,
+             inputs_need_grad: bool = False, force_rebind: bool = False,
+             shared_module: Optional[mx.mod.Module] = None, grad_req: Any = "write") -> None:
+        """Bind as ``Module.bind`` does, with a mirrored symbol when training.
+
+        See ``mx.mod.Module.bind`` for the parameters.
+        """
+        if self.binded and not force_rebind:
+            self.logger.warning("Already bound, ignoring bind()")
+            return
+        self.inputs_need_grad = inputs_need_grad
+        bound_symbol = self._user_symbol
+        plan = None
+        if self._needs_plan(for_training, grad_req):
+            descs_data, descs_label = mx.module.base_module._parse_data_desc(
+                self.data_names, self.label_names, data_shapes, label_shapes)
+            plan = self._plan_for(descs_data, descs_label, grad_req)
+            bound_symbol = plan.symbol
+        self._symbol = bound_symbol
+        try:
+            super().bind(data_shapes, label_shapes, for_training=for_training,
+                         inputs_need_grad=inputs_need_grad, force_rebind=force_rebind,
+                         shared_module=shared_module, grad_req=grad_req)
+        finally:
+            # Everything but the executors sees the user's symbol (save_checkpoint, .symbol).
+            self._symbol = self._user_symbol
+        self.mirror_plan = plan
+
+    def reshape(self, data_shapes: Any, label_shapes: Any = None) -> None:
+        """Reshape for new input shapes, replanning through the cache.
+
+        When the new shapes call for a different decision the executors are
+        rebound with it; parameters, optimizer and kvstore are kept.
+        """
+        assert self.binded
+        if self.mirror_plan is None:
+            super().reshape(data_shapes, label_shapes)
+            return
+        descs_data, descs_label = mx.module.base_module._parse_data_desc(
+            self.data_names, self.label_names, data_shapes, label_shapes)
+        plan = self._plan_for(descs_data, descs_label, self._grad_req)
+        if plan.mirrored == self.mirror_plan.mirrored:
+            super().reshape(data_shapes, label_shapes)
+            self.mirror_plan = plan
+            return
+        logger.info("new input shapes need a different mirror plan; rebinding executors")
+        if self.params_initialized:
+            self._sync_params_from_devices()
+        optimizer_state = (self._optimizer, self._kvstore, self._update_on_kvstore,
+                           self._updater, self.optimizer_initialized)
+        self._symbol = plan.symbol
+        try:
+            super().bind(descs_data, descs_label, for_training=self.for_training,
+                         inputs_need_grad=self.inputs_need_grad, force_rebind=True,
+                         grad_req=self._grad_req)
+        finally:
+            self._symbol = self._user_symbol
+        (self._optimizer, self._kvstore, self._update_on_kvstore, self._updater,
+         self.optimizer_initialized) = optimizer_state
+        self.mirror_plan = plan
+
+    # --------------------------------------------------------------- checkpoint
+    @property
+    def symbol(self) -> "mx.sym.Symbol":
+        """The user's symbol (the bound one is ``mirror_plan.symbol``)."""
+        return self._user_symbol
+
+    @staticmethod
+    def load(prefix: str, epoch: int, load_optimizer_states: bool = False,
+             **kwargs: Any) -> "MirroredModule":
+        """Create a ``MirroredModule`` from a checkpoint (as ``Module.load``).
+
+        Keyword arguments of ``MirroredModule`` (``planner``, ``memory_budget``,
+        ``cache_dir``, ``cost_ctx``) are accepted besides ``Module``'s.
+        """
+        symbol, args, auxs = mx.model.load_checkpoint(prefix, epoch)
+        module = MirroredModule(symbol=symbol, **kwargs)
+        module._arg_params = args
+        module._aux_params = auxs
+        module.params_initialized = True
+        if load_optimizer_states:
+            module._preload_opt_states = "%s-%04d.states" % (prefix, epoch)
+        return module

@@ -1,0 +1,77 @@
+"""Decision -> Symbol with ``force_mirroring`` set on exactly the chosen nodes."""
+from __future__ import annotations
+
+import json
+from typing import AbstractSet
+
+import mxnet as mx
+
+from .convert import MIRROR_ATTR
+
+__all__ = ["MirrorTemplate", "apply_decision"]
+
+
+class MirrorTemplate:
+    """A symbol parsed once, from which mirrored variants are built quickly.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        The user's symbol; it is never modified.
+    """
+
+    def __init__(self, symbol: "mx.sym.Symbol") -> None:
+        self.symbol = symbol
+        self._document = json.loads(symbol.tojson())
+        self._names = {node["name"] for node in self._document["nodes"] if node["op"] != "null"}
+        self._has_marks = any(MIRROR_ATTR in (node.get("attrs") or {})
+                              for node in self._document["nodes"])
+        self._arguments = symbol.list_arguments()
+        self._outputs = symbol.list_outputs()
+        self._auxiliary = symbol.list_auxiliary_states()
+
+    def build(self, mirrored: AbstractSet[str]) -> "mx.sym.Symbol":
+        """A copy of the symbol whose operators in ``mirrored`` carry ``force_mirroring``.
+
+        Operators not in ``mirrored`` lose any ``force_mirroring`` they had, so
+        the result is exactly the decision.  The empty decision on a symbol
+        without marks returns the user's symbol itself.
+
+        Raises
+        ------
+        ValueError
+            If ``mirrored`` names a node the symbol does not have.
+        """
+        unknown = set(mirrored) - self._names
+        if unknown:
+            raise ValueError(f"the plan names nodes the symbol does not have: {sorted(unknown)[:5]}")
+        if not mirrored and not self._has_marks:
+            return self.symbol
+        nodes = []
+        for node in self._document["nodes"]:
+            if node["op"] == "null":
+                nodes.append(node)
+                continue
+            attrs = dict(node.get("attrs") or {})
+            attrs.pop(MIRROR_ATTR, None)
+            if node["name"] in mirrored:
+                attrs[MIRROR_ATTR] = "True"
+            copy = dict(node)
+            if attrs:
+                copy["attrs"] = attrs
+            else:
+                copy.pop("attrs", None)
+            nodes.append(copy)
+        document = dict(self._document)
+        document["nodes"] = nodes
+        result = mx.sym.load_json(json.dumps(document))
+        if (result.list_arguments() != self._arguments or result.list_outputs() != self._outputs
+                or result.list_auxiliary_states() != self._auxiliary):
+            raise RuntimeError("applying a mirror plan changed the symbol's arguments, outputs or "
+                               "auxiliary states; please report this symbol")
+        return result
+
+
+def apply_decision(symbol: "mx.sym.Symbol", mirrored: AbstractSet[str]) -> "mx.sym.Symbol":
+    """One-off form of :meth:`MirrorTemplate.build`."""
+    return MirrorTemplate(symbol).build(mirrored)

@@ -1,0 +1,221 @@
+"""Symbol + input shapes -> :class:`~mxnet_mirror_hook.core.graph.Graph`."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from ..core.graph import Graph, Node, NodeKind
+from ..errors import ShapeError
+
+__all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR"]
+
+#: The attribute MXNet's gradient pass reads (``_set_attr(force_mirroring=...)`` writes it).
+MIRROR_ATTR = "__force_mirroring__"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Shape and dtype of one data or label input."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str = "float32"
+
+
+def _as_shape(name: str, shape: Any) -> Tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ShapeError(f"shape of input {name!r} must be a tuple of ints, got {shape!r}") from None
+    if not dims:
+        raise ShapeError(f"shape of input {name!r} is empty; give every dimension, batch first")
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ShapeError(
+                f"shape of input {name!r} must hold positive ints, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def normalize_inputs(shapes: Any, kind: str = "data") -> List[InputSpec]:
+    """Accept shapes as ``Module.bind`` does and return :class:`InputSpec` objects.
+
+    Parameters
+    ----------
+    shapes : list of DataDesc, list of (name, shape), dict of name -> shape, or None
+        Typically ``data_iter.provide_data``.
+    kind : str
+        ``"data"`` or ``"label"``, for error messages.
+
+    Raises
+    ------
+    ShapeError
+        For malformed entries or a name given twice.
+    """
+    if shapes is None:
+        return []
+    if isinstance(shapes, Mapping):
+        items: Iterable[Any] = list(shapes.items())
+    elif isinstance(shapes, (list, tuple)):
+        items = shapes
+    else:
+        raise ShapeError(f"{kind}_shapes must be a list of (name, shape) or DataDesc, got {shapes!r}")
+    specs: "OrderedDict[str, InputSpec]" = OrderedDict()
+    for item in items:
+        if isinstance(item, mx.io.DataDesc):
+            name, shape = item.name, item.shape
+            dtype = np.dtype(item.dtype).name
+        else:
+            try:
+                name, shape = item[0], item[1]
+            except (TypeError, IndexError, KeyError):
+                raise ShapeError(
+                    f"each entry of {kind}_shapes must be (name, shape) or a DataDesc, got {item!r}") from None
+            dtype = np.dtype(item[2]).name if len(item) > 2 and item[2] is not None else "float32"
+        if not isinstance(name, str):
+            raise ShapeError(f"input names in {kind}_shapes must be str, got {name!r}")
+        if name in specs:
+            raise ShapeError(f"input {name!r} is given twice in {kind}_shapes")
+        specs[name] = InputSpec(name, _as_shape(name, shape), dtype)
+    return list(specs.values())
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if "Error" in line or "Check failed" in line or "error" in line:
+            return line[:400]
+    return text.splitlines()[0][:400] if text else repr(error)
+
+
+def _infer(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> Tuple[list, list, list, list]:
+    shapes = {spec.name: spec.shape for spec in inputs}
+    types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
+    internals = symbol.get_internals()
+    try:
+        arg_shapes, out_shapes, aux_shapes = internals.infer_shape(**shapes)
+    except mx.base.MXNetError as error:
+        raise ShapeError(
+            f"MXNet cannot infer shapes from {shapes}: {_first_line(error)}. Check that every "
+            f"data and label shape has the rank and layout the symbol expects (batch first, "
+            f"e.g. NCHW).") from None
+    if arg_shapes is None or out_shapes is None or any(s is None for s in out_shapes):
+        raise ShapeError(
+            f"shapes {shapes} do not determine every shape of the symbol; give the shape of "
+            f"every input that is not a parameter (arguments: {symbol.list_arguments()})")
+    try:
+        _, out_types, _ = internals.infer_type(**types)
+    except mx.base.MXNetError as error:
+        raise ShapeError(f"MXNet cannot infer dtypes from {types}: {_first_line(error)}") from None
+    if out_types is None:
+        out_types = [np.float32] * len(out_shapes)
+    return arg_shapes, out_shapes, aux_shapes, [t if t is not None else np.float32 for t in out_types]
+
+
+def check_inputs(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> None:
+    """Raise :class:`ShapeError` when an input is not an argument of ``symbol``."""
+    arguments = symbol.list_arguments()
+    unknown = [spec.name for spec in inputs if spec.name not in arguments]
+    if unknown:
+        raise ShapeError(
+            f"inputs {unknown} are not arguments of the symbol; its arguments are {arguments}")
+
+
+def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
+                    input_names: Optional[Iterable[str]] = None) -> Graph:
+    """Build the forward graph of ``symbol`` at the given input shapes.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        The training symbol (with its loss).
+    inputs : sequence of InputSpec
+        Data and label shapes.
+    input_names : iterable of str, optional
+        Extra argument names that are per-batch inputs (labels whose shape
+        MXNet infers); by default the label inputs of loss operators.
+
+    Returns
+    -------
+    Graph
+
+    Raises
+    ------
+    ShapeError
+        When shapes are missing, of the wrong rank, or contradict the symbol.
+    """
+    check_inputs(symbol, inputs)
+    internals = symbol.get_internals()
+    output_names = internals.list_outputs()
+    _, out_shapes, _, out_types = _infer(symbol, inputs)
+    document = json.loads(symbol.tojson())
+    json_nodes = document["nodes"]
+
+    # Group the internal outputs by the node that produces them; both lists
+    # come from the same depth-first traversal, so their orders agree.
+    per_node: List[List[int]] = []
+    cursor = 0
+    for json_node in json_nodes:
+        indices = []
+        while cursor < len(output_names) and internals[cursor].name == json_node["name"]:
+            indices.append(cursor)
+            cursor += 1
+            if json_node["op"] == "null":
+                break
+        per_node.append(indices)
+    if cursor != len(output_names):
+        raise RuntimeError("internal outputs and JSON nodes disagree; please report this symbol")
+
+    given = {spec.name for spec in inputs}
+    arguments = set(symbol.list_arguments())
+    auxiliary = set(symbol.list_auxiliary_states())
+    nodes: List[Node] = []
+    for json_node, indices in zip(json_nodes, per_node):
+        name, op = json_node["name"], json_node["op"]
+        if op == "null":
+            if name in auxiliary:
+                kind = NodeKind.AUX
+            elif name in given:
+                kind = NodeKind.INPUT
+            elif name in arguments:
+                kind = NodeKind.PARAM
+            else:
+                kind = NodeKind.PARAM
+        else:
+            kind = NodeKind.OP
+        attrs = dict(json_node.get("attrs", json_node.get("attr", json_node.get("param", {}))) or {})
+        shapes = [tuple(out_shapes[i]) for i in indices]
+        itemsize = np.dtype(out_types[indices[0]]).itemsize if indices else 4
+        node_inputs = [(int(entry[0]), int(entry[1])) for entry in json_node.get("inputs", [])]
+        nodes.append(Node(name, op, kind, node_inputs, shapes, itemsize, attrs))
+    graph = Graph(nodes, [(int(h[0]), int(h[1])) for h in document["heads"]])
+    extra = set(input_names) if input_names is not None else {
+        graph.nodes[i].name for i in graph.label_input_indices()}
+    for node in graph.nodes:
+        if node.kind is NodeKind.PARAM and node.name in extra:
+            node.kind = NodeKind.INPUT
+    return graph
+
+
+def structure_hash(symbol: "mx.sym.Symbol") -> str:
+    """A hash of the symbol's structure, ignoring mirroring attributes.
+
+    Two symbols with the same operators, parameters, names and user attributes
+    (``mirror_stage`` included) hash the same, whatever plan was applied.
+    """
+    import hashlib
+
+    document = json.loads(symbol.tojson())
+    for node in document["nodes"]:
+        attrs = node.get("attrs")
+        if attrs:
+            attrs.pop(MIRROR_ATTR, None)
+    document.pop("attrs", None)  # holds the MXNet version that saved it
+    canonical = json.dumps({"nodes": document["nodes"], "heads": document["heads"],
+                            "arg_nodes": document.get("arg_nodes")}, sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,0 +1,247 @@
+"""``plan_mirror``: plan, measure and cache a mirroring decision for a symbol."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import mxnet as mx
+import numpy as np
+
+from .cache import PlanCache, PlanKey, get_cache
+from .core.budget import BudgetLike, parse_budget
+from .core.cost import recompute_overhead
+from .core.graph import Graph, NodeKind
+from .core.planners import get_planner
+from .errors import ShapeError
+from .mx.apply import MirrorTemplate
+from .mx.convert import InputSpec, normalize_inputs, structure_hash, symbol_to_graph
+from .mx.measure import planned_mb, to_context
+
+__all__ = ["MirrorPlan", "plan_mirror"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MirrorPlan:
+    """A mirroring plan for one symbol at one set of input shapes.
+
+    Attributes
+    ----------
+    symbol : mx.sym.Symbol
+        The symbol to bind: the user's, with ``force_mirroring`` on the
+        recomputed nodes.
+    baseline_mb : float
+        MXNet's planned memory of the unmirrored symbol.
+    planned_mb : float
+        MXNet's planned memory of :attr:`symbol` (never above ``baseline_mb``).
+    mirrored : tuple of str
+        Recomputed nodes, in topological order.
+    planner : str
+        Name of the planner that made the plan.
+    overhead : float
+        Estimated extra compute as a fraction of one plain training iteration.
+    budget : str
+        The budget the plan was made for.
+    context : str
+        Device type the memory was measured on.
+    kept_count : int
+        Operators whose outputs are not recomputed.
+    planning_seconds : float
+        Time spent planning (or loading from the cache).
+    from_cache : bool
+        Whether the decision came from the plan cache.
+    candidates : list of dict
+        Every measured candidate: ``label``, ``planned_mb``, ``overhead``,
+        ``mirrored_count`` (empty for plans from the cache).
+    """
+
+    symbol: Any
+    baseline_mb: float
+    planned_mb: float
+    mirrored: Tuple[str, ...]
+    planner: str
+    overhead: float
+    budget: str = "auto"
+    context: str = "cpu"
+    kept_count: int = 0
+    planning_seconds: float = 0.0
+    from_cache: bool = False
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """``planned_mb / baseline_mb`` (1.0 when nothing was saved)."""
+        return self.planned_mb / self.baseline_mb if self.baseline_mb else 1.0
+
+    @property
+    def saved_mb(self) -> float:
+        """Memory saved against the unmirrored plan."""
+        return self.baseline_mb - self.planned_mb
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe summary (without the symbol)."""
+        return {
+            "baseline_mb": self.baseline_mb, "planned_mb": self.planned_mb, "ratio": self.ratio,
+            "overhead": self.overhead, "planner": self.planner, "budget": self.budget,
+            "context": self.context, "mirrored": list(self.mirrored),
+            "mirrored_count": len(self.mirrored), "kept_count": self.kept_count,
+            "planning_seconds": self.planning_seconds, "from_cache": self.from_cache,
+            "candidates": self.candidates,
+        }
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}]: "
+                f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
+                f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
+                f"{self.overhead:.1%}, {'cached' if self.from_cache else 'planned'} in "
+                f"{self.planning_seconds:.2f} s")
+
+    def __repr__(self) -> str:
+        return f"<MirrorPlan {self.summary()}>"
+
+
+def grad_req_for(symbol: "mx.sym.Symbol", graph: Graph, grad_req: Union[str, Dict[str, str]],
+                 fixed_param_names: Iterable[str], inputs_need_grad: bool) -> Dict[str, str]:
+    """Per-argument gradient requests, as ``DataParallelExecutorGroup`` makes them."""
+    fixed = set(fixed_param_names or ())
+    requests: Dict[str, str] = {}
+    for name in symbol.list_arguments():
+        if isinstance(grad_req, dict):
+            request = grad_req.get(name, "null")
+        elif graph.node(name).kind is NodeKind.INPUT:
+            request = grad_req if inputs_need_grad else "null"
+        else:
+            request = grad_req
+        requests[name] = "null" if name in fixed else request
+    return requests
+
+
+def _validate_grad_req(grad_req: Union[str, Dict[str, str]]) -> None:
+    allowed = ("write", "add", "null", "inplace")
+    values = grad_req.values() if isinstance(grad_req, dict) else [grad_req]
+    for value in values:
+        if value not in allowed:
+            raise ValueError(f"grad_req must be one of {allowed} (or a dict of them), got {grad_req!r}")
+
+
+def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
+                planner: str = "auto", memory_budget: BudgetLike = None,
+                ctx: Union[None, str, "mx.Context"] = None,
+                cache_dir: Union[None, str, bool] = None,
+                grad_req: Union[str, Dict[str, str]] = "write",
+                fixed_param_names: Optional[Sequence[str]] = None,
+                inputs_need_grad: bool = False) -> MirrorPlan:
+    """Plan which forward nodes to recompute during backward.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        The training symbol, loss included.
+    data_shapes : list of DataDesc or (name, shape), or dict
+        Input shapes as ``Module.bind`` takes them (per device).
+    label_shapes : same as data_shapes, optional
+        Label shapes; labels MXNet can infer may be left out.
+    planner : str
+        A registered planner (``'auto'``, ``'memonger'``, ``'none'``).
+    memory_budget : None, 'min', float, int or str
+        See :func:`~mxnet_mirror_hook.core.budget.parse_budget`.
+    ctx : mx.Context or str, optional
+        Where to measure the plan (CPU by default; ``mx.gpu()`` for cuDNN's figures).
+    cache_dir : str, None or False
+        Plan cache directory (``None``: the default; ``False``: memory only).
+    grad_req : str or dict
+        Gradient request of the parameters, as in ``Module.bind``.
+    fixed_param_names : list of str, optional
+        Parameters that get no gradient.
+    inputs_need_grad : bool
+        Whether data inputs get gradients.
+
+    Returns
+    -------
+    MirrorPlan
+        Never worse than the unmirrored symbol: when nothing beats it, the
+        plan is the unmirrored symbol.
+
+    Raises
+    ------
+    TypeError
+        For a symbol, budget or planner of the wrong type.
+    ShapeError
+        For shapes that do not fit the symbol.
+    UnknownPlannerError
+        For an unknown planner name.
+    BudgetError
+        For a budget that makes no sense; ``BudgetUnreachableError`` when no
+        plan fits it.
+    """
+    started = time.perf_counter()
+    if not isinstance(symbol, mx.sym.Symbol):
+        raise TypeError(f"symbol must be an mx.sym.Symbol, got {type(symbol).__name__}")
+    chosen_planner = get_planner(planner)
+    budget = parse_budget(memory_budget)
+    _validate_grad_req(grad_req)
+    context = to_context(ctx)
+    inputs = normalize_inputs(data_shapes, "data") + normalize_inputs(label_shapes, "label")
+    if not inputs:
+        raise ShapeError("data_shapes is empty; give at least the shape of the data input, "
+                         "e.g. [('data', (32, 3, 224, 224))]")
+    names = [spec.name for spec in inputs]
+    if len(set(names)) != len(names):
+        raise ShapeError(f"an input appears in both data_shapes and label_shapes: {names}")
+    graph = symbol_to_graph(symbol, inputs)
+    requests = grad_req_for(symbol, graph, grad_req, fixed_param_names or (), inputs_need_grad)
+    if all(req == "null" for req in requests.values()):
+        raise ValueError("nothing in this symbol gets a gradient (every parameter is fixed or "
+                         "grad_req is 'null'); mirroring only helps training: bind it plainly")
+
+    shapes = {spec.name: spec.shape for spec in inputs}
+    types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
+    all_inputs = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
+    for node in graph.nodes:  # labels MXNet inferred take part in the key too
+        if node.kind is NodeKind.INPUT and node.name not in shapes:
+            all_inputs.append((node.name, tuple(node.output_shapes[0]), "float32"))
+    key = PlanKey(structure=structure_hash(symbol), inputs=tuple(sorted(all_inputs)),
+                  grad_req=tuple(sorted(requests.items())), planner=planner, budget=budget.key,
+                  mxnet_version=mx.__version__, context=context.device_type)
+    cache: PlanCache = get_cache(cache_dir)
+    template = MirrorTemplate(symbol)
+
+    cached = cache.get(key)
+    if cached is not None:
+        if all(name in graph for name in cached["mirrored"]):
+            plan = MirrorPlan(
+                symbol=template.build(frozenset(cached["mirrored"])),
+                baseline_mb=float(cached["baseline_mb"]), planned_mb=float(cached["planned_mb"]),
+                mirrored=tuple(cached["mirrored"]), planner=planner,
+                overhead=float(cached["overhead"]), budget=str(budget), context=context.device_type,
+                kept_count=len(graph.op_nodes) - len(cached["mirrored"]),
+                planning_seconds=time.perf_counter() - started, from_cache=True)
+            logger.info("%s", plan.summary())
+            return plan
+        logger.warning("plan cache: entry names nodes this symbol lacks; planning again")
+        cache.forget(key)
+
+    def measure(mirrored: frozenset) -> float:
+        return planned_mb(template.build(mirrored), context, shapes, types, requests)
+
+    outcome = chosen_planner.plan(graph, budget, measure)
+    chosen = outcome.chosen
+    order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
+    plan = MirrorPlan(
+        symbol=template.build(chosen.decision.mirrored), baseline_mb=outcome.baseline_mb,
+        planned_mb=chosen.planned_mb, mirrored=tuple(order), planner=planner,
+        overhead=recompute_overhead(graph, order), budget=str(budget),
+        context=context.device_type, kept_count=len(graph.op_nodes) - len(order),
+        planning_seconds=time.perf_counter() - started, from_cache=False,
+        candidates=[{"label": c.decision.label, "planned_mb": c.planned_mb,
+                     "overhead": c.overhead, "mirrored_count": len(c.decision.mirrored)}
+                    for c in outcome.candidates])
+    cache.put(key, {"mirrored": list(order), "baseline_mb": plan.baseline_mb,
+                    "planned_mb": plan.planned_mb, "overhead": plan.overhead,
+                    "label": chosen.decision.label})
+    logger.info("%s", plan.summary())
+    return plan
