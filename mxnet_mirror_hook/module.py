@@ -191,3 +191,16 @@ class MirroredModule(mx.mod.Module):
         if load_optimizer_states:
             module._preload_opt_states = "%s-%04d.states" % (prefix, epoch)
         return module
+
+    def _sync_params_from_devices(self) -> None:
+        """Copy parameters from the devices, after pending writes have finished.
+
+        # NOTE [ reading BatchNorm statistics ]
+        # With MXNet 1.9.1's MKLDNN BatchNorm, copying the moving statistics
+        # right after training can read values that the engine has not yet
+        # written (seen with a plain Module too: two identical runs disagree
+        # unless ``mx.nd.waitall()`` comes first).  Waiting here makes
+        # ``get_params`` and checkpoints exact.
+        """
+        mx.nd.waitall()
+        super()._sync_params_from_devices()

@@ -11,7 +11,10 @@ import numpy as np
 
 from ..errors import MeasurementError
 
-__all__ = ["planned_mb", "parse_planned_mb", "resident_bytes", "to_context"]
+__all__ = ["planned_mb", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
+           "MEASURE_MODE_ENV"]
+
+MEASURE_MODE_ENV = "MXNET_MIRROR_HOOK_MEASURE"
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +58,34 @@ def planned_mb(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, 
                grad_req: Union[str, Dict[str, str]] = "write") -> float:
     """Bind ``symbol`` and return MXNet's planned intermediate memory in MB.
 
+    The bind happens in a recycled worker process (see NOTE [ why
+    measurements run in a worker process ] in :mod:`.worker`), unless the
+    symbol has ``Custom`` operators or ``$MXNET_MIRROR_HOOK_MEASURE`` is
+    ``inprocess``.  Parameters and errors are those of
+    :func:`planned_mb_in_process`.
+    """
+    import os
+
+    in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
+    text = symbol.tojson()
+    if in_process or '"op": "Custom"' in text:
+        return planned_mb_in_process(symbol, ctx, shapes, type_dict, grad_req)
+    from .worker import get_worker
+
+    request = {"symbol": text, "shapes": {k: list(v) for k, v in shapes.items()},
+               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
+               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
+    return get_worker().measure(request)
+
+
+def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+                          type_dict: Optional[Mapping[str, np.dtype]] = None,
+                          grad_req: Union[str, Dict[str, str]] = "write") -> float:
+    """Bind ``symbol`` in this process and return MXNet's planned memory in MB.
+
     The executor is released and the cyclic garbage collector run before
-    returning: an MXNet 1.9 Executor is only freed by the cyclic collector,
-    and a planner that binds in a loop would otherwise grow by the size of
-    every plan it measured.
+    returning, which frees the executor's Python objects (MXNet 1.9 still
+    keeps some native memory per bind; :func:`planned_mb` avoids that).
 
     Parameters
     ----------
@@ -79,11 +106,12 @@ def planned_mb(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, 
         If MXNet refuses the bind.
     """
     try:
-        executor = symbol.simple_bind(ctx=ctx, grad_req=grad_req, type_dict=dict(type_dict or {}),
-                                      **dict(shapes))
-    except mx.base.MXNetError as error:
-        raise MeasurementError(f"MXNet could not bind the symbol on {ctx}: "
-                               f"{str(error).strip().splitlines()[0][:400]}") from None
+        # An empty type_dict makes MXNet drop its float32 default: pass None then.
+        executor = symbol.simple_bind(ctx=ctx, grad_req=grad_req, type_dict=dict(type_dict) or None
+                                      if type_dict else None, **dict(shapes))
+    except (mx.base.MXNetError, RuntimeError) as error:  # simple_bind re-raises as RuntimeError
+        lines = [line for line in str(error).splitlines() if "Error" in line] or [str(error)]
+        raise MeasurementError(f"MXNet could not bind the symbol on {ctx}: {lines[-1][:400]}") from None
     try:
         text = executor.debug_str()
     finally:

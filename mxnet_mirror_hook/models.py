@@ -1,0 +1,147 @@
+"""Symbols used by the examples, tests, benchmark and CLI.
+
+All are built locally from code: nothing is downloaded.  ``gluon_symbol``
+builds a gluoncv model (random weights) and traces it to a symbol.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mxnet as mx
+
+__all__ = ["preact_resnet_cifar", "memonger_resnet", "small_resnet", "gluon_symbol",
+           "default_image_size"]
+
+
+def _conv_bn_relu(data, num_filter, kernel, stride, pad, name, act=True):
+    conv = mx.sym.Convolution(data, num_filter=num_filter, kernel=kernel, stride=stride, pad=pad,
+                              no_bias=True, name=f"{name}_conv")
+    out = mx.sym.BatchNorm(conv, fix_gamma=False, eps=2e-5, momentum=0.9, name=f"{name}_bn")
+    return mx.sym.Activation(out, act_type="relu", name=f"{name}_relu") if act else out
+
+
+def small_resnet(num_blocks: int = 3, channels: int = 8, num_classes: int = 10) -> "mx.sym.Symbol":
+    """A small residual network with BatchNorm, for tests (input N x 3 x H x W)."""
+    data = mx.sym.var("data")
+    body = _conv_bn_relu(data, channels, (3, 3), (1, 1), (1, 1), "stem")
+    for block in range(num_blocks):
+        name = f"block{block}"
+        branch = _conv_bn_relu(body, channels, (3, 3), (1, 1), (1, 1), f"{name}_a")
+        branch = _conv_bn_relu(branch, channels, (3, 3), (1, 1), (1, 1), f"{name}_b", act=False)
+        body = mx.sym.Activation(branch + body, act_type="relu", name=f"{name}_out")
+    pool = mx.sym.Pooling(body, global_pool=True, kernel=(1, 1), pool_type="avg", name="pool")
+    flat = mx.sym.Flatten(pool, name="flatten")
+    fc = mx.sym.FullyConnected(flat, num_hidden=num_classes, name="fc")
+    return mx.sym.SoftmaxOutput(fc, name="softmax")
+
+
+def _preact_bottleneck(data, num_filter, stride, dim_match, name, mark_stage):
+    bn1 = mx.sym.BatchNorm(data, fix_gamma=False, eps=2e-5, momentum=0.9, name=f"{name}_bn1")
+    act1 = mx.sym.Activation(bn1, act_type="relu", name=f"{name}_relu1")
+    conv1 = mx.sym.Convolution(act1, num_filter=num_filter // 4, kernel=(1, 1), no_bias=True,
+                               name=f"{name}_conv1")
+    bn2 = mx.sym.BatchNorm(conv1, fix_gamma=False, eps=2e-5, momentum=0.9, name=f"{name}_bn2")
+    act2 = mx.sym.Activation(bn2, act_type="relu", name=f"{name}_relu2")
+    conv2 = mx.sym.Convolution(act2, num_filter=num_filter // 4, kernel=(3, 3), stride=stride,
+                               pad=(1, 1), no_bias=True, name=f"{name}_conv2")
+    bn3 = mx.sym.BatchNorm(conv2, fix_gamma=False, eps=2e-5, momentum=0.9, name=f"{name}_bn3")
+    act3 = mx.sym.Activation(bn3, act_type="relu", name=f"{name}_relu3")
+    conv3 = mx.sym.Convolution(act3, num_filter=num_filter, kernel=(1, 1), no_bias=True,
+                               name=f"{name}_conv3")
+    if dim_match:
+        shortcut = data
+    else:
+        shortcut = mx.sym.Convolution(act1, num_filter=num_filter, kernel=(1, 1), stride=stride,
+                                      no_bias=True, name=f"{name}_sc")
+    if mark_stage:
+        shortcut._set_attr(mirror_stage="True")
+    return mx.sym.elemwise_add(conv3, shortcut, name=f"{name}_plus")
+
+
+def preact_resnet_cifar(depth: int = 1001, num_classes: int = 10,
+                        mark_stages: bool = False) -> "mx.sym.Symbol":
+    """Pre-activation bottleneck ResNet for 32x32 inputs (He et al., 2016).
+
+    ``depth = 9 n + 2``; 1001 gives 333 bottleneck units (1000 weighted layers).
+    With ``mark_stages`` the shortcuts carry ``mirror_stage`` marks as in the
+    memonger's example.
+    """
+    if (depth - 2) % 9:
+        raise ValueError(f"depth must be 9 n + 2 (e.g. 164, 1001), got {depth}")
+    units = (depth - 2) // 9
+    filters = (16, 64, 128, 256)
+    data = mx.sym.var("data")
+    body = mx.sym.Convolution(data, num_filter=filters[0], kernel=(3, 3), pad=(1, 1), no_bias=True,
+                              name="conv0")
+    for stage in range(3):
+        for unit in range(units):
+            stride = (1, 1) if stage == 0 or unit > 0 else (2, 2)
+            body = _preact_bottleneck(body, filters[stage + 1], stride, unit > 0,
+                                      f"stage{stage + 1}_unit{unit + 1}", mark_stages)
+    bn = mx.sym.BatchNorm(body, fix_gamma=False, eps=2e-5, momentum=0.9, name="bn_final")
+    relu = mx.sym.Activation(bn, act_type="relu", name="relu_final")
+    pool = mx.sym.Pooling(relu, global_pool=True, kernel=(8, 8), pool_type="avg", name="pool_final")
+    fc = mx.sym.FullyConnected(mx.sym.Flatten(pool), num_hidden=num_classes, name="fc")
+    return mx.sym.SoftmaxOutput(fc, name="softmax")
+
+
+def memonger_resnet(num_layers: int = 50, num_classes: int = 1000) -> "mx.sym.Symbol":
+    """An ImageNet pre-activation ResNet annotated as in the memonger's example.
+
+    The shortcut of every unit carries ``mirror_stage='True'``, which is what
+    the seed's search needs.
+    """
+    units = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
+             152: [3, 8, 36, 3]}.get(num_layers)
+    if units is None:
+        raise ValueError(f"num_layers must be one of 18, 34, 50, 101, 152; got {num_layers}")
+    filters = (64, 256, 512, 1024, 2048)
+    data = mx.sym.var("data")
+    body = _conv_bn_relu(data, filters[0], (7, 7), (2, 2), (3, 3), "stem")
+    body = mx.sym.Pooling(body, kernel=(3, 3), stride=(2, 2), pad=(1, 1), pool_type="max",
+                          name="stem_pool")
+    for stage, count in enumerate(units):
+        for unit in range(count):
+            stride = (1, 1) if stage == 0 or unit > 0 else (2, 2)
+            body = _preact_bottleneck(body, filters[stage + 1], stride, unit > 0,
+                                      f"stage{stage + 1}_unit{unit + 1}", True)
+    bn = mx.sym.BatchNorm(body, fix_gamma=False, eps=2e-5, momentum=0.9, name="bn_final")
+    relu = mx.sym.Activation(bn, act_type="relu", name="relu_final")
+    pool = mx.sym.Pooling(relu, global_pool=True, kernel=(7, 7), pool_type="avg", name="pool_final")
+    fc = mx.sym.FullyConnected(mx.sym.Flatten(pool), num_hidden=num_classes, name="fc")
+    return mx.sym.SoftmaxOutput(fc, name="softmax")
+
+
+def default_image_size(network: str) -> int:
+    """Input side length a gluoncv classification network expects."""
+    return 299 if "inception" in network else 224
+
+
+def gluon_symbol(network: str, classes: int = 1000, loss: bool = True,
+                 **model_kwargs) -> Tuple["mx.sym.Symbol", "mx.gluon.HybridBlock"]:
+    """A gluoncv model (random weights, nothing downloaded) traced to a symbol.
+
+    Parameters
+    ----------
+    network : str
+        A gluoncv model-zoo name (``resnet50_v1b``, ``inceptionv3``...).
+    classes : int
+        Output classes.
+    loss : bool
+        Append ``SoftmaxOutput(name='softmax')`` (label ``softmax_label``).
+
+    Returns
+    -------
+    (mx.sym.Symbol, HybridBlock)
+        The symbol and the block it came from.
+    """
+    from gluoncv.model_zoo import get_model
+
+    block = get_model(network, pretrained=False, classes=classes, **model_kwargs)
+    block.initialize()
+    block.hybridize()
+    out = block(mx.sym.var("data"))
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    symbol = mx.sym.SoftmaxOutput(out, name="softmax") if loss else out
+    return symbol, block

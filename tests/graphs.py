@@ -1,0 +1,62 @@
+"""Tiny hand-built forward graphs for the core tests (no MXNet)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
+
+
+class GraphBuilder:
+    """Adds nodes in topological order; shapes are (batch, channels, h, w)."""
+
+    def __init__(self) -> None:
+        self.nodes: List[Node] = []
+
+    def _add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def input(self, name: str, shape=(1, 1024, 16, 16)) -> int:
+        return self._add(Node(name, "null", NodeKind.INPUT, [], [tuple(shape)]))
+
+    def param(self, name: str, shape=(1024,)) -> int:
+        return self._add(Node(name, "null", NodeKind.PARAM, [], [tuple(shape)]))
+
+    def op(self, name: str, op: str, inputs: Sequence[int], shape=(1, 1024, 16, 16),
+           attrs: Optional[Dict[str, str]] = None, with_weight: bool = False) -> int:
+        sources = list(inputs)
+        if with_weight:
+            sources.append(self.param(f"{name}_w", (16, 16, 3, 3)))
+        return self._add(Node(name, op, NodeKind.OP, [(s, 0) for s in sources], [tuple(shape)],
+                              4, dict(attrs or {})))
+
+    def build(self, *heads: int) -> Graph:
+        return Graph(self.nodes, [(h, 0) for h in (heads or (len(self.nodes) - 1,))])
+
+
+def chain(length: int, shape=(1, 1024, 16, 16), stage_every: int = 0) -> Graph:
+    """data -> relu_0 -> ... -> relu_{n-1} -> loss (one MB per activation by default)."""
+    builder = GraphBuilder()
+    last = builder.input("data", shape)
+    for i in range(length):
+        attrs = {"mirror_stage": "True"} if stage_every and i % stage_every == stage_every - 1 else {}
+        last = builder.op(f"relu{i}", "Activation", [last], shape, attrs)
+    label = builder.input("label", (shape[0],))
+    builder.op("loss", "SoftmaxOutput", [last, label], shape)
+    return builder.build()
+
+
+def residual(blocks: int, shape=(1, 1024, 16, 16)) -> Graph:
+    """Residual blocks: out = relu(conv(relu(conv(x))) + x)."""
+    builder = GraphBuilder()
+    last = builder.op("stem", "Convolution", [builder.input("data", shape)], shape,
+                      {"kernel": "(3, 3)"}, with_weight=True)
+    for b in range(blocks):
+        a = builder.op(f"b{b}_conv1", "Convolution", [last], shape, {"kernel": "(3, 3)"}, True)
+        a = builder.op(f"b{b}_relu1", "Activation", [a], shape)
+        a = builder.op(f"b{b}_conv2", "Convolution", [a], shape, {"kernel": "(3, 3)"}, True)
+        s = builder.op(f"b{b}_add", "elemwise_add", [a, last], shape)
+        last = builder.op(f"b{b}_out", "Activation", [s], shape)
+    label = builder.input("label", (shape[0],))
+    builder.op("loss", "SoftmaxOutput", [last, label], shape)
+    return builder.build()

@@ -1,0 +1,38 @@
+"""Training helpers shared by the equivalence tests."""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+
+def batches(count: int, data_shape: Tuple[int, ...], classes: int, seed: int = 1):
+    """Deterministic synthetic batches."""
+    rng = np.random.RandomState(seed)
+    return [mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, data_shape))],
+                            [mx.nd.array(rng.randint(0, classes, data_shape[0]))])
+            for _ in range(count)]
+
+
+def train(module: mx.mod.Module, data_shape: Tuple[int, ...], classes: int, steps: int = 3,
+          seed: int = 0, optimizer_params: Dict = None) -> Tuple[dict, dict]:
+    """Bind, initialise deterministically, train ``steps`` SGD steps; return (args, auxs)."""
+    mx.random.seed(seed)
+    np.random.seed(seed)
+    module.bind([("data", data_shape)], [("softmax_label", (data_shape[0],))])
+    module.init_params(mx.init.Xavier(magnitude=2.0))
+    module.init_optimizer(optimizer="sgd", optimizer_params=optimizer_params or {
+        "learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4})
+    for batch in batches(steps, data_shape, classes):
+        module.forward_backward(batch)
+        module.update()
+    mx.nd.waitall()
+    args, auxs = module.get_params()
+    return ({k: v.asnumpy() for k, v in args.items()}, {k: v.asnumpy() for k, v in auxs.items()})
+
+
+def max_difference(left: Dict[str, np.ndarray], right: Dict[str, np.ndarray]) -> float:
+    """Largest absolute difference over arrays with the same names (names must match)."""
+    assert sorted(left) == sorted(right)
+    return max(float(np.abs(left[k] - right[k]).max()) for k in left)
