@@ -28,7 +28,8 @@ def small_resnet(num_blocks: int = 3, channels: int = 8, num_classes: int = 10) 
         name = f"block{block}"
         branch = _conv_bn_relu(body, channels, (3, 3), (1, 1), (1, 1), f"{name}_a")
         branch = _conv_bn_relu(branch, channels, (3, 3), (1, 1), (1, 1), f"{name}_b", act=False)
-        body = mx.sym.Activation(branch + body, act_type="relu", name=f"{name}_out")
+        body = mx.sym.Activation(mx.sym.elemwise_add(branch, body, name=f"{name}_add"),
+                                 act_type="relu", name=f"{name}_out")
     pool = mx.sym.Pooling(body, global_pool=True, kernel=(1, 1), pool_type="avg", name="pool")
     flat = mx.sym.Flatten(pool, name="flatten")
     fc = mx.sym.FullyConnected(flat, num_hidden=num_classes, name="fc")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -98,16 +99,23 @@ def _infer(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> Tuple[list, 
     types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
     internals = symbol.get_internals()
     try:
-        arg_shapes, out_shapes, aux_shapes = internals.infer_shape(**shapes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MXNet warns, then returns None; we raise instead
+            arg_shapes, out_shapes, aux_shapes = internals.infer_shape(**shapes)
     except mx.base.MXNetError as error:
         raise ShapeError(
             f"MXNet cannot infer shapes from {shapes}: {_first_line(error)}. Check that every "
             f"data and label shape has the rank and layout the symbol expects (batch first, "
             f"e.g. NCHW).") from None
     if arg_shapes is None or out_shapes is None or any(s is None for s in out_shapes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            partial, _, _ = symbol.infer_shape_partial(**shapes)
+        unknown = [name for name, shape in zip(symbol.list_arguments(), partial or [])
+                   if not shape or 0 in shape]
         raise ShapeError(
-            f"shapes {shapes} do not determine every shape of the symbol; give the shape of "
-            f"every input that is not a parameter (arguments: {symbol.list_arguments()})")
+            f"cannot infer the shapes of {unknown[:6]}{' ...' if len(unknown) > 6 else ''} from "
+            f"{shapes}; give the shape of every data and label input in data_shapes/label_shapes")
     try:
         _, out_types, _ = internals.infer_type(**types)
     except mx.base.MXNetError as error:

@@ -1,0 +1,143 @@
+"""The plan cache: hits across processes, and robustness to bad entries and directories."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mxnet_mirror_hook import plan_mirror
+from mxnet_mirror_hook.cache import CACHE_FORMAT, PlanCache, get_cache
+from mxnet_mirror_hook.models import small_resnet
+
+DATA = [("data", (8, 3, 64, 64))]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entries(directory):
+    return sorted(p for p in os.listdir(directory) if p.startswith("plan-"))
+
+
+def test_second_plan_comes_from_memory_and_disk(isolated_cache):
+    symbol = small_resnet(4, 16)
+    first = plan_mirror(symbol, DATA)
+    assert not first.from_cache
+    assert len(_entries(isolated_cache)) == 1
+    second = plan_mirror(symbol, DATA)
+    assert second.from_cache and second.mirrored == first.mirrored
+    assert second.planned_mb == first.planned_mb and second.baseline_mb == first.baseline_mb
+
+
+def test_cache_hit_in_a_new_process_needs_no_bind(isolated_cache):
+    symbol = small_resnet(4, 16)
+    first = plan_mirror(symbol, DATA)
+    script = textwrap.dedent(f"""
+        import json, time
+        from mxnet_mirror_hook import plan_mirror
+        from mxnet_mirror_hook.models import small_resnet
+        import mxnet_mirror_hook.mx.measure as measure
+        def refuse(*args, **kwargs):
+            raise AssertionError("a cached plan must not bind")
+        measure.planned_mb = refuse
+        import mxnet_mirror_hook.plan as plan_module
+        plan_module.planned_mb = refuse
+        plan = plan_mirror(small_resnet(4, 16), {DATA!r})
+        print(json.dumps([plan.from_cache, list(plan.mirrored), plan.planning_seconds]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr
+    from_cache, mirrored, seconds = json.loads(result.stdout.strip().splitlines()[-1])
+    assert from_cache and mirrored == list(first.mirrored)
+    assert seconds < 0.5
+
+
+def test_key_depends_on_shapes_budget_and_planner(isolated_cache):
+    symbol = small_resnet(4, 16)
+    plan_mirror(symbol, DATA)
+    plan_mirror(symbol, [("data", (4, 3, 64, 64))])
+    plan_mirror(symbol, DATA, memory_budget="min")
+    plan_mirror(symbol, DATA, planner="none")
+    assert len(_entries(isolated_cache)) == 4
+
+
+@pytest.mark.parametrize("damage", ["{not json", json.dumps({"format": "other/9", "plan": {}}),
+                                    "", "\x00\x01binary"])
+def test_corrupt_or_foreign_entry_is_ignored_with_a_warning_and_replaced(isolated_cache, caplog,
+                                                                         damage):
+    symbol = small_resnet(4, 16)
+    first = plan_mirror(symbol, DATA)
+    (entry,) = _entries(isolated_cache)
+    with open(os.path.join(isolated_cache, entry), "w") as handle:
+        handle.write(damage)
+    get_cache(None)._memory.clear()
+    with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
+        again = plan_mirror(symbol, DATA)
+    assert not again.from_cache and again.mirrored == first.mirrored
+    assert "ignoring" in caplog.text
+    with open(os.path.join(isolated_cache, entry)) as handle:
+        assert json.load(handle)["format"] == CACHE_FORMAT  # rewritten whole
+
+
+def test_entry_naming_nodes_the_symbol_lacks_is_replanned(isolated_cache, caplog):
+    symbol = small_resnet(4, 16)
+    plan_mirror(symbol, DATA)
+    (entry,) = _entries(isolated_cache)
+    path = os.path.join(isolated_cache, entry)
+    with open(path) as handle:
+        document = json.load(handle)
+    document["plan"]["mirrored"] = ["ghost_node"]
+    with open(path, "w") as handle:
+        json.dump(document, handle)
+    get_cache(None)._memory.clear()
+    with caplog.at_level(logging.WARNING):
+        again = plan_mirror(symbol, DATA)
+    assert not again.from_cache and "ghost_node" not in again.mirrored
+    assert "lacks" in caplog.text
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits")
+def test_unwritable_directory_degrades_to_memory_only(tmp_path, caplog):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        probe = locked / "probe"
+        try:
+            probe.write_text("x")
+            probe.unlink()
+            pytest.skip("running as a user that ignores permission bits")
+        except OSError:
+            pass
+        with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
+            first = plan_mirror(small_resnet(4, 16), DATA, cache_dir=str(locked))
+            second = plan_mirror(small_resnet(4, 16), DATA, cache_dir=str(locked))
+        assert "memory only" in caplog.text
+        assert second.from_cache and second.mirrored == first.mirrored
+    finally:
+        locked.chmod(0o700)
+
+
+def test_directory_that_cannot_be_created_degrades_to_memory_only(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
+        cache = PlanCache(str(blocker / "sub"))
+    assert not cache.on_disk and "memory only" in caplog.text
+
+
+def test_memory_level_is_bounded_lru():
+    from mxnet_mirror_hook.cache import PlanKey
+
+    cache = PlanCache(None, max_memory_entries=3)
+    keys = [PlanKey("s", (("data", (i,), "float32"),), (), "auto", "auto", "1.9.1", "cpu")
+            for i in range(5)]
+    plan = {"mirrored": [], "baseline_mb": 1.0, "planned_mb": 1.0, "overhead": 0.0}
+    for key in keys:
+        cache.put(key, plan)
+    assert len(cache) == 3
+    assert cache.get(keys[0]) is None and cache.get(keys[4]) == plan

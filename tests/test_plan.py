@@ -1,0 +1,123 @@
+"""plan_mirror: results, never-worse, budgets, and errors on bad input."""
+from __future__ import annotations
+
+import mxnet as mx
+import pytest
+
+from mxnet_mirror_hook import (BudgetError, BudgetUnreachableError, ShapeError,
+                               UnknownPlannerError, plan_mirror)
+from mxnet_mirror_hook.models import preact_resnet_cifar, small_resnet
+from mxnet_mirror_hook.mx.convert import MIRROR_ATTR
+
+DATA = [("data", (16, 3, 64, 64))]
+LABEL = [("softmax_label", (16,))]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return small_resnet(num_blocks=4, channels=16)
+
+
+def test_auto_plan_reduces_measured_memory_and_reports_its_fields(resnet):
+    plan = plan_mirror(resnet, DATA, LABEL)
+    assert plan.planner == "auto" and plan.context == "cpu"
+    assert plan.planned_mb < 0.6 * plan.baseline_mb
+    assert plan.mirrored and plan.kept_count > 0
+    assert 0 < plan.overhead <= 0.34
+    flagged = {n for n, a in plan.symbol.attr_dict().items() if a.get(MIRROR_ATTR) == "True"}
+    assert flagged == set(plan.mirrored)
+    assert plan.symbol.list_arguments() == resnet.list_arguments()
+    assert any(c["label"] == "unmirrored" and c["planned_mb"] == plan.baseline_mb
+               for c in plan.candidates)
+    assert plan.to_dict()["mirrored_count"] == len(plan.mirrored)
+
+
+def test_label_shapes_may_be_left_for_mxnet_to_infer(resnet):
+    assert plan_mirror(resnet, DATA).planned_mb == plan_mirror(resnet, DATA, LABEL).planned_mb
+
+
+def test_none_planner_returns_the_unmirrored_symbol(resnet):
+    plan = plan_mirror(resnet, DATA, LABEL, planner="none")
+    assert plan.mirrored == () and plan.planned_mb == plan.baseline_mb and plan.overhead == 0
+    assert plan.symbol is resnet
+
+
+def test_seed_planner_on_unmarked_symbol_is_never_worse_than_baseline(resnet):
+    plan = plan_mirror(resnet, DATA, LABEL, planner="memonger")
+    assert plan.planned_mb == plan.baseline_mb and plan.mirrored == ()
+    # The seed's only candidate recomputes everything, which saves nothing and costs a forward:
+    mirrored_all = [c for c in plan.candidates if c["label"] == "threshold=0MB"]
+    assert mirrored_all and mirrored_all[0]["planned_mb"] >= plan.baseline_mb
+    assert mirrored_all[0]["overhead"] > 0.3
+
+
+def test_seed_planner_uses_user_stage_marks():
+    symbol = preact_resnet_cifar(depth=56, mark_stages=True)
+    plan = plan_mirror(symbol, [("data", (64, 3, 32, 32))], planner="memonger")
+    assert plan.planned_mb < 0.7 * plan.baseline_mb
+
+
+def test_budget_fraction_is_respected_and_impossible_budget_names_the_minimum(resnet):
+    loose = plan_mirror(resnet, DATA, LABEL, memory_budget=0.9)
+    assert loose.planned_mb <= 0.9 * loose.baseline_mb
+    minimum = plan_mirror(resnet, DATA, LABEL, memory_budget="min")
+    assert minimum.planned_mb <= loose.planned_mb
+    assert loose.overhead <= minimum.overhead
+    with pytest.raises(BudgetUnreachableError) as error:
+        plan_mirror(resnet, DATA, LABEL, memory_budget="1MB")
+    assert error.value.min_reachable_mb == minimum.planned_mb
+    assert f"{minimum.planned_mb:.0f} MB" in str(error.value)
+
+
+def test_wrong_rank_shape_raises_shape_error_not_mxnet_error(resnet):
+    with pytest.raises(ShapeError, match="rank"):
+        plan_mirror(resnet, [("data", (16, 64, 64))], LABEL)
+
+
+def test_mismatched_label_shape_raises_shape_error(resnet):
+    with pytest.raises(ShapeError):
+        plan_mirror(resnet, DATA, [("softmax_label", (15, 3))])
+
+
+def test_missing_data_shape_raises_shape_error(resnet):
+    with pytest.raises(ShapeError, match="data_shapes is empty"):
+        plan_mirror(resnet, [], None)
+    with pytest.raises(ShapeError, match=r"cannot infer the shapes of \['data'"):
+        plan_mirror(resnet, [("softmax_label", (16,))], None)
+
+
+def test_unknown_planner_and_bad_budgets_are_rejected_before_any_bind(resnet):
+    with pytest.raises(UnknownPlannerError, match="auto"):
+        plan_mirror(resnet, DATA, LABEL, planner="fastest")
+    with pytest.raises(BudgetError):
+        plan_mirror(resnet, DATA, LABEL, memory_budget=-2)
+    with pytest.raises(TypeError):
+        plan_mirror(resnet, DATA, LABEL, memory_budget=[1])
+    with pytest.raises(TypeError, match="mx.sym.Symbol"):
+        plan_mirror("resnet.json", DATA, LABEL)
+    with pytest.raises(ValueError, match="grad_req"):
+        plan_mirror(resnet, DATA, LABEL, grad_req="sometimes")
+
+
+def test_symbol_with_nothing_to_train_is_refused(resnet):
+    params = [a for a in resnet.list_arguments() if a not in ("data", "softmax_label")]
+    with pytest.raises(ValueError, match="nothing in this symbol gets a gradient"):
+        plan_mirror(resnet, DATA, LABEL, fixed_param_names=params)
+
+
+def test_dropout_is_never_in_a_plan():
+    x = mx.sym.var("data")
+    for i in range(6):
+        x = mx.sym.FullyConnected(x, num_hidden=1024, name=f"fc{i}")
+        x = mx.sym.Activation(x, act_type="relu", name=f"relu{i}")
+        x = mx.sym.Dropout(x, p=0.3, name=f"drop{i}")
+    symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=10, name="out"),
+                                  name="softmax")
+    plan = plan_mirror(symbol, [("data", (256, 1024))])
+    assert not any(name.startswith("drop") for name in plan.mirrored)
+
+
+def test_deep_network_plan_is_fast_and_saves_most_memory():
+    symbol = preact_resnet_cifar(depth=164)
+    plan = plan_mirror(symbol, [("data", (64, 3, 32, 32))], cache_dir=False)
+    assert plan.planned_mb < 0.35 * plan.baseline_mb
