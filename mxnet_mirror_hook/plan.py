@@ -17,7 +17,7 @@ from .core.planners import get_planner
 from .errors import ShapeError
 from .mx.apply import MirrorTemplate
 from .mx.convert import InputSpec, normalize_inputs, structure_hash, symbol_to_graph
-from .mx.measure import planned_mb, to_context
+from .mx.measure import planned_mb_many, prestart_workers, to_context
 
 __all__ = ["MirrorPlan", "plan_mirror"]
 
@@ -102,6 +102,25 @@ class MirrorPlan:
 
     def __repr__(self) -> str:
         return f"<MirrorPlan {self.summary()}>"
+
+
+class _BindMeasure:
+    """The planners' measurement callback: decision -> MXNet's planned MB.
+
+    ``many`` measures several decisions at once (in parallel worker processes).
+    """
+
+    def __init__(self, template: MirrorTemplate, context: "mx.Context", shapes: Dict[str, tuple],
+                 types: Dict[str, Any], requests: Dict[str, str]) -> None:
+        self.template, self.context = template, context
+        self.shapes, self.types, self.requests = shapes, types, requests
+
+    def __call__(self, mirrored: frozenset) -> float:
+        return self.many([mirrored])[0]
+
+    def many(self, decisions: Sequence[frozenset]) -> List[float]:
+        texts = [self.template.build_json(d) for d in decisions]
+        return planned_mb_many(texts, self.context, self.shapes, self.types, self.requests)
 
 
 def grad_req_for(symbol: "mx.sym.Symbol", graph: Graph, grad_req: Union[str, Dict[str, str]],
@@ -225,9 +244,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         logger.warning("plan cache: entry names nodes this symbol lacks; planning again")
         cache.forget(key)
 
-    def measure(mirrored: frozenset) -> float:
-        return planned_mb(template.build(mirrored), context, shapes, types, requests)
-
+    prestart_workers()  # they import MXNet while the parent checks the cache
+    measure = _BindMeasure(template, context, shapes, types, requests)
     outcome = chosen_planner.plan(graph, budget, measure)
     chosen = outcome.chosen
     order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]

@@ -9,11 +9,11 @@ reports how it compares with measured iteration times.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Tuple
 
 from .graph import Graph, Node, NodeKind
 
-__all__ = ["forward_cost", "iteration_cost", "recompute_overhead", "BACKWARD_TO_FORWARD"]
+__all__ = ["forward_cost", "node_costs", "iteration_cost", "recompute_overhead", "BACKWARD_TO_FORWARD"]
 
 #: A backward pass costs about twice its forward pass (gradients of inputs and of weights).
 BACKWARD_TO_FORWARD = 2.0
@@ -95,10 +95,18 @@ def forward_cost(graph: Graph, node: Node) -> float:
     return out * _PER_ELEMENT.get(op, 1.0)
 
 
+def node_costs(graph: Graph) -> Dict[str, float]:
+    """:func:`forward_cost` of every operator, computed once per graph."""
+    cached = getattr(graph, "_forward_costs", None)
+    if cached is None:
+        cached = {node.name: forward_cost(graph, node) for node in graph.op_nodes}
+        graph._forward_costs = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def iteration_cost(graph: Graph) -> float:
     """Estimated operations of one plain training iteration (forward and backward)."""
-    forward = sum(forward_cost(graph, node) for node in graph.op_nodes)
-    return forward * (1.0 + BACKWARD_TO_FORWARD)
+    return sum(node_costs(graph).values()) * (1.0 + BACKWARD_TO_FORWARD)
 
 
 def recompute_overhead(graph: Graph, mirrored: Iterable[str]) -> float:
@@ -119,6 +127,6 @@ def recompute_overhead(graph: Graph, mirrored: Iterable[str]) -> float:
     total = iteration_cost(graph)
     if total <= 0:
         return 0.0
-    extra = sum(forward_cost(graph, graph.node(name)) for name in mirrored
-                if graph.node(name).can_mirror)
+    costs = node_costs(graph)
+    extra = sum(costs.get(name, 0.0) for name in mirrored if graph.node(name).can_mirror)
     return extra / total

@@ -30,23 +30,14 @@ class MirrorTemplate:
         self._outputs = symbol.list_outputs()
         self._auxiliary = symbol.list_auxiliary_states()
 
-    def build(self, mirrored: AbstractSet[str]) -> "mx.sym.Symbol":
-        """A copy of the symbol whose operators in ``mirrored`` carry ``force_mirroring``.
-
-        Operators not in ``mirrored`` lose any ``force_mirroring`` they had, so
-        the result is exactly the decision.  The empty decision on a symbol
-        without marks returns the user's symbol itself.
-
-        Raises
-        ------
-        ValueError
-            If ``mirrored`` names a node the symbol does not have.
-        """
+    def _check(self, mirrored: AbstractSet[str]) -> None:
         unknown = set(mirrored) - self._names
         if unknown:
             raise ValueError(f"the plan names nodes the symbol does not have: {sorted(unknown)[:5]}")
-        if not mirrored and not self._has_marks:
-            return self.symbol
+
+    def build_json(self, mirrored: AbstractSet[str]) -> str:
+        """The JSON text of :meth:`build`'s symbol, without parsing it into MXNet."""
+        self._check(mirrored)
         nodes = []
         for node in self._document["nodes"]:
             if node["op"] == "null":
@@ -64,7 +55,24 @@ class MirrorTemplate:
             nodes.append(copy)
         document = dict(self._document)
         document["nodes"] = nodes
-        result = mx.sym.load_json(json.dumps(document))
+        return json.dumps(document)
+
+    def build(self, mirrored: AbstractSet[str]) -> "mx.sym.Symbol":
+        """A copy of the symbol whose operators in ``mirrored`` carry ``force_mirroring``.
+
+        Operators not in ``mirrored`` lose any ``force_mirroring`` they had, so
+        the result is exactly the decision.  The empty decision on a symbol
+        without marks returns the user's symbol itself.
+
+        Raises
+        ------
+        ValueError
+            If ``mirrored`` names a node the symbol does not have.
+        """
+        self._check(mirrored)
+        if not mirrored and not self._has_marks:
+            return self.symbol
+        result = mx.sym.load_json(self.build_json(mirrored))
         if (result.list_arguments() != self._arguments or result.list_outputs() != self._outputs
                 or result.list_auxiliary_states() != self._auxiliary):
             raise RuntimeError("applying a mirror plan changed the symbol's arguments, outputs or "

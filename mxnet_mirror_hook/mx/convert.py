@@ -134,6 +134,61 @@ def check_inputs(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> None:
             f"inputs {unknown} are not arguments of the symbol; its arguments are {arguments}")
 
 
+def _outputs_per_node(json_nodes: List[Dict[str, Any]],
+                      output_names: List[str]) -> Optional[List[List[int]]]:
+    """Group the internal outputs by producing node, from their names.
+
+    Internal outputs are listed in the JSON's node order (both come from the
+    same depth-first traversal); a variable's output is its name, an
+    operator's are ``<node>_<output>``.  Returns ``None`` if the names do not
+    follow that pattern.
+    """
+    per_node: List[List[int]] = []
+    cursor = 0
+    for position, node in enumerate(json_nodes):
+        name = node["name"]
+        if cursor >= len(output_names):
+            return None
+        if node["op"] == "null":
+            if output_names[cursor] != name:
+                return None
+            per_node.append([cursor])
+            cursor += 1
+            continue
+        prefix = name + "_"
+        if not output_names[cursor].startswith(prefix):
+            return None
+        indices = [cursor]
+        cursor += 1
+        following = json_nodes[position + 1] if position + 1 < len(json_nodes) else None
+        while cursor < len(output_names) and output_names[cursor].startswith(prefix):
+            if following is not None and (
+                    output_names[cursor] == following["name"] if following["op"] == "null"
+                    else output_names[cursor].startswith(following["name"] + "_")):
+                break
+            indices.append(cursor)
+            cursor += 1
+        per_node.append(indices)
+    return per_node if cursor == len(output_names) else None
+
+
+def _outputs_per_node_slow(json_nodes: List[Dict[str, Any]], internals: "mx.sym.Symbol",
+                           count: int) -> List[List[int]]:
+    per_node: List[List[int]] = []
+    cursor = 0
+    for json_node in json_nodes:
+        indices = []
+        while cursor < count and internals[cursor].name == json_node["name"]:
+            indices.append(cursor)
+            cursor += 1
+            if json_node["op"] == "null":
+                break
+        per_node.append(indices)
+    if cursor != count:
+        raise RuntimeError("internal outputs and JSON nodes disagree; please report this symbol")
+    return per_node
+
+
 def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
                     input_names: Optional[Iterable[str]] = None) -> Graph:
     """Build the forward graph of ``symbol`` at the given input shapes.
@@ -164,20 +219,9 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
     document = json.loads(symbol.tojson())
     json_nodes = document["nodes"]
 
-    # Group the internal outputs by the node that produces them; both lists
-    # come from the same depth-first traversal, so their orders agree.
-    per_node: List[List[int]] = []
-    cursor = 0
-    for json_node in json_nodes:
-        indices = []
-        while cursor < len(output_names) and internals[cursor].name == json_node["name"]:
-            indices.append(cursor)
-            cursor += 1
-            if json_node["op"] == "null":
-                break
-        per_node.append(indices)
-    if cursor != len(output_names):
-        raise RuntimeError("internal outputs and JSON nodes disagree; please report this symbol")
+    per_node = _outputs_per_node(json_nodes, output_names)
+    if per_node is None:  # unusual output names: ask MXNet node by node (slower)
+        per_node = _outputs_per_node_slow(json_nodes, internals, len(output_names))
 
     given = {spec.name for spec in inputs}
     arguments = set(symbol.list_arguments())

@@ -4,14 +4,14 @@ from __future__ import annotations
 import gc
 import logging
 import re
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import mxnet as mx
 import numpy as np
 
 from ..errors import MeasurementError
 
-__all__ = ["planned_mb", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
+__all__ = ["planned_mb", "planned_mb_many", "prestart_workers", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
            "MEASURE_MODE_ENV"]
 
 MEASURE_MODE_ENV = "MXNET_MIRROR_HOOK_MEASURE"
@@ -53,29 +53,54 @@ def to_context(ctx: Union[None, str, "mx.Context"]) -> "mx.Context":
     raise TypeError(f"ctx must be an mx.Context or 'cpu'/'gpu[:N]', got {ctx!r}")
 
 
-def planned_mb(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+def planned_mb(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shapes: Mapping[str, tuple],
                type_dict: Optional[Mapping[str, np.dtype]] = None,
                grad_req: Union[str, Dict[str, str]] = "write") -> float:
-    """Bind ``symbol`` and return MXNet's planned intermediate memory in MB.
+    """Bind ``symbol`` (a Symbol or its JSON text) and return MXNet's planned memory in MB.
 
-    The bind happens in a recycled worker process (see NOTE [ why
-    measurements run in a worker process ] in :mod:`.worker`), unless the
-    symbol has ``Custom`` operators or ``$MXNET_MIRROR_HOOK_MEASURE`` is
-    ``inprocess``.  Parameters and errors are those of
-    :func:`planned_mb_in_process`.
+    See :func:`planned_mb_many`.
+    """
+    return planned_mb_many([symbol], ctx, shapes, type_dict, grad_req)[0]
+
+
+def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Context",
+                    shapes: Mapping[str, tuple], type_dict: Optional[Mapping[str, np.dtype]] = None,
+                    grad_req: Union[str, Dict[str, str]] = "write") -> List[float]:
+    """MXNet's planned memory of several symbols with the same inputs, in MB.
+
+    The binds happen in recycled worker processes, in parallel (see NOTE [ why
+    measurements run in a worker process ] in :mod:`.worker`), unless a
+    symbol has ``Custom`` operators (registered in this process only) or
+    ``$MXNET_MIRROR_HOOK_MEASURE`` is ``inprocess``.
+
+    Raises
+    ------
+    MeasurementError
+        If MXNet refuses a bind or a worker dies.
     """
     import os
 
+    texts = [s if isinstance(s, str) else s.tojson() for s in symbols]
     in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
-    text = symbol.tojson()
-    if in_process or '"op": "Custom"' in text:
-        return planned_mb_in_process(symbol, ctx, shapes, type_dict, grad_req)
-    from .worker import get_worker
+    if in_process or any('"op": "Custom"' in text for text in texts):
+        return [planned_mb_in_process(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
+                for text in texts]
+    from .worker import get_pool
 
-    request = {"symbol": text, "shapes": {k: list(v) for k, v in shapes.items()},
-               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
-               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
-    return get_worker().measure(request)
+    common = {"shapes": {k: list(v) for k, v in shapes.items()},
+              "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
+              "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
+    return get_pool().measure_many([dict(common, symbol=text) for text in texts])
+
+
+def prestart_workers() -> None:
+    """Start the measuring processes early, unless measurements run in-process."""
+    import os
+
+    if os.environ.get(MEASURE_MODE_ENV, "worker").lower() != "inprocess":
+        from .worker import get_pool
+
+        get_pool().start()
 
 
 def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],

@@ -26,9 +26,10 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["MeasureWorker", "get_worker", "shutdown_worker", "WORKER_MAX_MB_ENV"]
+__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "shutdown_workers", "WORKER_MAX_MB_ENV",
+           "WORKERS_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ class MeasureWorker:
             process.kill()
             process.wait()
 
+    def start(self) -> None:
+        """Start the child now (it imports MXNet while the caller works on)."""
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = self._start()
+
     def measure(self, request: Mapping[str, Any]) -> float:
         """Send one request and return the planned MB.
 
@@ -118,27 +125,93 @@ class MeasureWorker:
             self._stop()
 
 
-_WORKER: Optional[MeasureWorker] = None
-_WORKER_LOCK = threading.Lock()
+WORKERS_ENV = "MXNET_MIRROR_HOOK_WORKERS"
 
 
-def get_worker() -> MeasureWorker:
-    """The process-wide worker (started lazily)."""
-    global _WORKER
-    with _WORKER_LOCK:
-        if _WORKER is None:
-            _WORKER = MeasureWorker()
-        return _WORKER
+class WorkerPool:
+    """A few :class:`MeasureWorker` processes measuring independent candidates in parallel.
+
+    Parameters
+    ----------
+    size : int, optional
+        Number of processes (default ``$MXNET_MIRROR_HOOK_WORKERS`` or
+        ``min(2, cpu_count)``); each bind is single-threaded graph work.
+    """
+
+    def __init__(self, size: Optional[int] = None) -> None:
+        if size is None:
+            size = int(os.environ.get(WORKERS_ENV, min(2, os.cpu_count() or 1)))
+        self.workers = [MeasureWorker() for _ in range(max(1, size))]
+
+    def measure_many(self, requests: List[Mapping[str, Any]]) -> List[float]:
+        """Measure every request; results in request order.
+
+        Raises
+        ------
+        MeasurementError
+            The first error any request met (the others still finish).
+        """
+        count = min(len(self.workers), len(requests))
+        if count <= 1:
+            return [self.workers[0].measure(request) for request in requests]
+        results: List[Optional[float]] = [None] * len(requests)
+        errors: List[BaseException] = []
+
+        def drain(position: int) -> None:
+            worker = self.workers[position]
+            for index in range(position, len(requests), count):
+                try:
+                    results[index] = worker.measure(requests[index])
+                except BaseException as error:  # re-raised in the caller's thread
+                    errors.append(error)
+                    return
+
+        threads = [threading.Thread(target=drain, args=(p,), daemon=True) for p in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return [float(r) for r in results]  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        """Start every worker process without waiting for it."""
+        for worker in self.workers:
+            worker.start()
+
+    @property
+    def restarts(self) -> int:
+        """Restarts over all workers."""
+        return sum(w.restarts for w in self.workers)
+
+    def close(self) -> None:
+        """Stop every worker process."""
+        for worker in self.workers:
+            worker.close()
 
 
-def shutdown_worker() -> None:
-    """Stop the process-wide worker (it restarts on the next measurement)."""
-    with _WORKER_LOCK:
-        if _WORKER is not None:
-            _WORKER.close()
+_POOL: Optional[WorkerPool] = None
+_POOL_LOCK = threading.Lock()
 
 
-atexit.register(shutdown_worker)
+def get_pool() -> WorkerPool:
+    """The process-wide pool (its processes start lazily)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = WorkerPool()
+        return _POOL
+
+
+def shutdown_workers() -> None:
+    """Stop the process-wide workers (they restart on the next measurement)."""
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.close()
+
+
+atexit.register(shutdown_workers)
 
 
 def _serve() -> int:

@@ -58,25 +58,26 @@ class AutoPlanner(Planner):
     def plan(self, graph: Graph, budget: Budget, measure: MeasureFn) -> PlanOutcome:
         stages = auto_stages(graph)
         evaluator = CandidateEvaluator(graph, measure)
-        baseline = evaluator.evaluate(Decision(frozenset(), "unmirrored"))
+        unmirrored = Decision(frozenset(), "unmirrored")
         if not stages:
-            return evaluator.outcome(budget, baseline)
+            return evaluator.outcome(budget, evaluator.evaluate(unmirrored))
         unit_shift = unit_shift_for(graph)
         unit = "MB" if unit_shift == MB_SHIFT else "KB"
-        measured: List[tuple] = []
-        for threshold, result in search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift):
-            candidate = evaluator.evaluate(Decision(result.mirrored, f"threshold={threshold}{unit}"))
-            measured.append((threshold, candidate.planned_mb))
+        searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
+        results = evaluator.evaluate_many(
+            [unmirrored] + [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched])
+        baseline = results[0]
+        measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:])]
         thresholds = sorted({t for t, _ in measured})
         best_threshold = min(measured, key=lambda item: (item[1], item[0]))[0]
         position = thresholds.index(best_threshold)
         low = thresholds[position - 1] if position > 0 else max(best_threshold // 2, 0)
         high = thresholds[position + 1] if position + 1 < len(thresholds) else best_threshold * 2 + 1
-        span = high - low
+        refined = []
         for k in range(1, self.refine_steps + 1):
-            threshold = low + span * k // (self.refine_steps + 1)
-            if threshold in thresholds:
-                continue
-            result = threshold_plan(graph, threshold << unit_shift, stages)
-            evaluator.evaluate(Decision(result.mirrored, f"threshold={threshold}{unit}(refined)"))
+            threshold = low + (high - low) * k // (self.refine_steps + 1)
+            if threshold not in thresholds:
+                result = threshold_plan(graph, threshold << unit_shift, stages)
+                refined.append(Decision(result.mirrored, f"threshold={threshold}{unit}(refined)"))
+        evaluator.evaluate_many(refined)
         return evaluator.outcome(budget, baseline)

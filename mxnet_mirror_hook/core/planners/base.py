@@ -92,9 +92,8 @@ class Planner:
         PlanOutcome
         """
         evaluator = CandidateEvaluator(graph, measure)
-        baseline = evaluator.evaluate(Decision(frozenset(), "unmirrored"))
-        for decision in self.propose(graph):
-            evaluator.evaluate(decision)
+        baseline = evaluator.evaluate_many([Decision(frozenset(), "unmirrored")]
+                                           + self.propose(graph))[0]
         return evaluator.outcome(budget, baseline)
 
 
@@ -109,17 +108,34 @@ class CandidateEvaluator:
 
     def evaluate(self, decision: Decision) -> Candidate:
         """The candidate for ``decision``, measuring it only the first time."""
-        effective = frozenset(name for name in decision.mirrored if self.graph.node(name).can_mirror)
-        if effective in self._seen:
-            return self._seen[effective]
-        planned_mb = float(self._measure(effective))
-        candidate = Candidate(Decision(effective, decision.label), planned_mb,
-                              recompute_overhead(self.graph, effective))
-        logger.debug("candidate %s: %.0f MB, overhead %.3f", decision.label, planned_mb,
-                     candidate.overhead)
-        self._seen[effective] = candidate
-        self.candidates.append(candidate)
-        return candidate
+        return self.evaluate_many([decision])[0]
+
+    def evaluate_many(self, decisions: Sequence[Decision]) -> List[Candidate]:
+        """Candidates for ``decisions``; new ones are measured together.
+
+        When the measurement callback has a ``many`` method (the MXNet one
+        does) the new decisions go to it in one call, which may bind them in
+        parallel.
+        """
+        graph = self.graph
+        effective = [Decision(frozenset(n for n in d.mirrored if graph.node(n).can_mirror), d.label)
+                     for d in decisions]
+        fresh: Dict[FrozenSet[str], Decision] = {}
+        for decision in effective:
+            if decision.mirrored not in self._seen and decision.mirrored not in fresh:
+                fresh[decision.mirrored] = decision
+        if fresh:
+            many = getattr(self._measure, "many", None)
+            keys = list(fresh)
+            measured = many(keys) if many is not None else [self._measure(k) for k in keys]
+            for key, planned_mb in zip(keys, measured):
+                candidate = Candidate(fresh[key], float(planned_mb),
+                                      recompute_overhead(graph, key))
+                logger.debug("candidate %s: %.0f MB, overhead %.3f", candidate.decision.label,
+                             candidate.planned_mb, candidate.overhead)
+                self._seen[key] = candidate
+                self.candidates.append(candidate)
+        return [self._seen[d.mirrored] for d in effective]
 
     def outcome(self, budget: Budget, baseline: Candidate) -> PlanOutcome:
         """Choose among everything measured so far."""
