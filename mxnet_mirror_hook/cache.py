@@ -23,10 +23,10 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
-__all__ = ["PlanKey", "PlanCache", "default_cache_dir", "get_cache", "CACHE_FORMAT"]
+__all__ = ["PlanKey", "PlanCache", "grad_req_digest", "default_cache_dir", "get_cache", "CACHE_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class PlanKey:
         Hash of the symbol's structure (:func:`~.mx.convert.structure_hash`).
     inputs : tuple of (name, shape, dtype)
         Per-device input shapes and dtypes, sorted by name.
-    grad_req : tuple of (name, req)
-        Which arguments get gradients.
+    grad_req : str
+        Digest of which arguments get gradients (:func:`grad_req_digest`).
     planner : str
         Planner name.
     budget : str
@@ -66,7 +66,7 @@ class PlanKey:
 
     structure: str
     inputs: Tuple[Tuple[str, Tuple[int, ...], str], ...]
-    grad_req: Tuple[Tuple[str, str], ...]
+    grad_req: str
     planner: str
     budget: str
     mxnet_version: str
@@ -74,16 +74,26 @@ class PlanKey:
 
     def as_json(self) -> Dict[str, Any]:
         """A JSON-safe form of the key."""
-        data = asdict(self)
-        data["inputs"] = [[name, list(shape), dtype] for name, shape, dtype in self.inputs]
-        data["grad_req"] = [list(item) for item in self.grad_req]
-        return data
+        return {"structure": self.structure,
+                "inputs": [[name, list(shape), dtype] for name, shape, dtype in self.inputs],
+                "grad_req": self.grad_req, "planner": self.planner, "budget": self.budget,
+                "mxnet_version": self.mxnet_version, "context": self.context}
 
     @property
     def digest(self) -> str:
         """A short hex digest naming the entry on disk."""
-        text = json.dumps(self.as_json(), sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            text = json.dumps(self.as_json(), sort_keys=True)
+            cached = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+            object.__setattr__(self, "_digest", cached)
+        return cached
+
+
+def grad_req_digest(requests: Dict[str, str]) -> str:
+    """A short digest of per-argument gradient requests (they can number thousands)."""
+    text = json.dumps(sorted(requests.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class PlanCache:

@@ -1,6 +1,7 @@
 """``plan_mirror``: plan, measure and cache a mirroring decision for a symbol."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import mxnet as mx
 import numpy as np
 
-from .cache import PlanCache, PlanKey, get_cache
+from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
 from .core.budget import BudgetLike, parse_budget
 from .core.cost import recompute_overhead
 from .core.graph import Graph, NodeKind
@@ -211,7 +212,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     names = [spec.name for spec in inputs]
     if len(set(names)) != len(names):
         raise ShapeError(f"an input appears in both data_shapes and label_shapes: {names}")
-    graph = symbol_to_graph(symbol, inputs)
+    document = json.loads(symbol.tojson())  # parsed once, shared below
+    graph = symbol_to_graph(symbol, inputs, document=document)
     requests = grad_req_for(symbol, graph, grad_req, fixed_param_names or (), inputs_need_grad)
     if all(req == "null" for req in requests.values()):
         raise ValueError("nothing in this symbol gets a gradient (every parameter is fixed or "
@@ -223,11 +225,11 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     for node in graph.nodes:  # labels MXNet inferred take part in the key too
         if node.kind is NodeKind.INPUT and node.name not in shapes:
             all_inputs.append((node.name, tuple(node.output_shapes[0]), "float32"))
-    key = PlanKey(structure=structure_hash(symbol), inputs=tuple(sorted(all_inputs)),
-                  grad_req=tuple(sorted(requests.items())), planner=planner, budget=budget.key,
+    key = PlanKey(structure=structure_hash(symbol, document), inputs=tuple(sorted(all_inputs)),
+                  grad_req=grad_req_digest(requests), planner=planner, budget=budget.key,
                   mxnet_version=mx.__version__, context=context.device_type)
     cache: PlanCache = get_cache(cache_dir)
-    template = MirrorTemplate(symbol)
+    template = MirrorTemplate(symbol, document)
 
     cached = cache.get(key)
     if cached is not None:

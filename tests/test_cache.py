@@ -134,7 +134,7 @@ def test_memory_level_is_bounded_lru():
     from mxnet_mirror_hook.cache import PlanKey
 
     cache = PlanCache(None, max_memory_entries=3)
-    keys = [PlanKey("s", (("data", (i,), "float32"),), (), "auto", "auto", "1.9.1", "cpu")
+    keys = [PlanKey("s", (("data", (i,), "float32"),), "g", "auto", "auto", "1.9.1", "cpu")
             for i in range(5)]
     plan = {"mirrored": [], "baseline_mb": 1.0, "planned_mb": 1.0, "overhead": 0.0}
     for key in keys:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import AbstractSet
+from typing import AbstractSet, Any, Dict, Optional
 
 import mxnet as mx
 
@@ -18,11 +18,13 @@ class MirrorTemplate:
     ----------
     symbol : mx.sym.Symbol
         The user's symbol; it is never modified.
+    document : dict, optional
+        ``json.loads(symbol.tojson())``, when the caller has it (read only).
     """
 
-    def __init__(self, symbol: "mx.sym.Symbol") -> None:
+    def __init__(self, symbol: "mx.sym.Symbol", document: Optional[Dict[str, Any]] = None) -> None:
         self.symbol = symbol
-        self._document = json.loads(symbol.tojson())
+        self._document = document if document is not None else json.loads(symbol.tojson())
         self._names = {node["name"] for node in self._document["nodes"] if node["op"] != "null"}
         self._has_marks = any(MIRROR_ATTR in (node.get("attrs") or {})
                               for node in self._document["nodes"])

@@ -190,7 +190,8 @@ def _outputs_per_node_slow(json_nodes: List[Dict[str, Any]], internals: "mx.sym.
 
 
 def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
-                    input_names: Optional[Iterable[str]] = None) -> Graph:
+                    input_names: Optional[Iterable[str]] = None,
+                    document: Optional[Dict[str, Any]] = None) -> Graph:
     """Build the forward graph of ``symbol`` at the given input shapes.
 
     Parameters
@@ -202,6 +203,8 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
     input_names : iterable of str, optional
         Extra argument names that are per-batch inputs (labels whose shape
         MXNet infers); by default the label inputs of loss operators.
+    document : dict, optional
+        ``json.loads(symbol.tojson())``, when the caller has it already.
 
     Returns
     -------
@@ -216,7 +219,8 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
     internals = symbol.get_internals()
     output_names = internals.list_outputs()
     _, out_shapes, _, out_types = _infer(symbol, inputs)
-    document = json.loads(symbol.tojson())
+    if document is None:
+        document = json.loads(symbol.tojson())
     json_nodes = document["nodes"]
 
     per_node = _outputs_per_node(json_nodes, output_names)
@@ -254,20 +258,23 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
     return graph
 
 
-def structure_hash(symbol: "mx.sym.Symbol") -> str:
+def structure_hash(symbol: "mx.sym.Symbol", document: Optional[Dict[str, Any]] = None) -> str:
     """A hash of the symbol's structure, ignoring mirroring attributes.
 
     Two symbols with the same operators, parameters, names and user attributes
     (``mirror_stage`` included) hash the same, whatever plan was applied.
+    ``document`` is ``json.loads(symbol.tojson())`` when the caller has it.
     """
     import hashlib
 
-    document = json.loads(symbol.tojson())
+    if document is None:
+        document = json.loads(symbol.tojson())
+    nodes = []
     for node in document["nodes"]:
         attrs = node.get("attrs")
-        if attrs:
-            attrs.pop(MIRROR_ATTR, None)
-    document.pop("attrs", None)  # holds the MXNet version that saved it
-    canonical = json.dumps({"nodes": document["nodes"], "heads": document["heads"],
+        if attrs and MIRROR_ATTR in attrs:
+            node = dict(node, attrs={k: v for k, v in attrs.items() if k != MIRROR_ATTR})
+        nodes.append(node)
+    canonical = json.dumps({"nodes": nodes, "heads": document["heads"],
                             "arg_nodes": document.get("arg_nodes")}, sort_keys=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
