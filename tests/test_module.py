@@ -93,22 +93,43 @@ def test_checkpoint_holds_the_users_symbol_and_loads_in_both_modules(symbol, tmp
         np.testing.assert_array_equal(loaded_args[name].asnumpy(), saved_args[name].asnumpy())
 
 
-def test_fit_score_and_predict_match_module(symbol):
+class SyncedModule(mx.mod.Module):
+    """The plain reference, with MXNet 1.9.1's stale BatchNorm read fixed as MirroredModule does.
+
+    ``Module.fit`` copies parameters off the devices and back at each epoch end;
+    with MKLDNN BatchNorm that copy can read moving statistics the engine has
+    not yet written, so two identical plain runs in one process disagree
+    (see NOTE [ reading BatchNorm statistics ] in module.py).
+    """
+
+    def _sync_params_from_devices(self):
+        mx.nd.waitall()
+        super()._sync_params_from_devices()
+
+
+def test_reference_module_with_the_sync_fix_is_reproducible(symbol):
+    """Documents the MXNet race that SyncedModule and MirroredModule work around."""
+    predictions = [_fit_and_predict(cls, symbol)[1] for cls in (SyncedModule, SyncedModule)]
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+
+
+def _fit_and_predict(cls, symbol):
     rng = np.random.RandomState(3)
     data = rng.uniform(-1, 1, (16,) + SHAPE[1:]).astype("float32")
     labels = rng.randint(0, CLASSES, 16).astype("float32")
-    outcomes = []
-    for cls in (mx.mod.Module, MirroredModule):
-        iterator = mx.io.NDArrayIter(data, labels, batch_size=SHAPE[0], label_name="softmax_label")
-        module = cls(symbol)
-        mx.random.seed(0)
-        module.fit(iterator, num_epoch=1, optimizer_params={"learning_rate": 0.05},
-                   initializer=mx.init.Xavier(magnitude=2.0))
-        score = dict(module.score(iterator, "acc"))["accuracy"]
-        predictions = module.predict(iterator).asnumpy()
-        outcomes.append((score, predictions))
-    assert outcomes[0][0] == outcomes[1][0]
-    np.testing.assert_allclose(outcomes[0][1], outcomes[1][1], atol=1e-6)
+    iterator = mx.io.NDArrayIter(data, labels, batch_size=SHAPE[0], label_name="softmax_label")
+    module = cls(symbol)
+    mx.random.seed(0)
+    module.fit(iterator, num_epoch=1, optimizer_params={"learning_rate": 0.05},
+               initializer=mx.init.Xavier(magnitude=2.0))
+    return dict(module.score(iterator, "acc"))["accuracy"], module.predict(iterator).asnumpy()
+
+
+def test_fit_score_and_predict_match_module(symbol):
+    (score_plain, plain), (score_mirrored, mirrored) = [
+        _fit_and_predict(cls, symbol) for cls in (SyncedModule, MirroredModule)]
+    assert score_plain == score_mirrored
+    np.testing.assert_allclose(plain, mirrored, atol=1e-6)
 
 
 def test_several_contexts_plan_for_the_per_device_batch(symbol):

@@ -138,7 +138,8 @@ def test_measuring_many_binds_keeps_both_processes_bounded():
         worker.close()
     assert results == [first] * 12
     growth_mb = (resident_bytes() - before) / 2 ** 20
-    assert growth_mb < 30, f"planning process grew {growth_mb:.0f} MB over 12 binds"
+    # In-process, these 12 binds would keep ~500 MB (see the test above).
+    assert growth_mb < 100, f"planning process grew {growth_mb:.0f} MB over 12 binds"
     assert worker.restarts >= 1                      # the child was recycled...
     assert worker.last_resident_mb < 400 + 150       # ...before it grew far past its limit
 
