@@ -62,6 +62,8 @@ class PlanKey:
         MXNet version (its memory planner may change).
     context : str
         ``'cpu'`` or ``'gpu'``.
+    keep_ops : tuple of str
+        Operator types the plan must not recompute.
     """
 
     structure: str
@@ -71,13 +73,15 @@ class PlanKey:
     budget: str
     mxnet_version: str
     context: str
+    keep_ops: Tuple[str, ...] = ()
 
     def as_json(self) -> Dict[str, Any]:
         """A JSON-safe form of the key."""
         return {"structure": self.structure,
                 "inputs": [[name, list(shape), dtype] for name, shape, dtype in self.inputs],
                 "grad_req": self.grad_req, "planner": self.planner, "budget": self.budget,
-                "mxnet_version": self.mxnet_version, "context": self.context}
+                "mxnet_version": self.mxnet_version, "context": self.context,
+                "keep_ops": list(self.keep_ops)}
 
     @property
     def digest(self) -> str:

@@ -34,6 +34,13 @@ def per_device_descs(descs: Optional[Sequence[DataDesc]], contexts: Sequence["mx
     return result
 
 
+def _grad_req_mapping(symbol: "mx.sym.Symbol", grad_req: Any) -> Union[str, Dict[str, str]]:
+    """``Module.bind``'s grad_req (str, list in argument order, or dict) for ``plan_mirror``."""
+    if isinstance(grad_req, (list, tuple)):
+        return dict(zip(symbol.list_arguments(), grad_req))
+    return grad_req
+
+
 class MirroredModule(mx.mod.Module):
     """An ``mx.mod.Module`` that trains in less memory by recomputing forward nodes.
 
@@ -58,6 +65,8 @@ class MirroredModule(mx.mod.Module):
     cost_ctx : mx.Context, optional
         Where plans are measured; CPU by default (a CPU bind plans the same
         graph without allocating it).
+    keep_ops : iterable of str, optional
+        Operator types never to recompute (their outputs are kept).
 
     Attributes
     ----------
@@ -73,7 +82,8 @@ class MirroredModule(mx.mod.Module):
                  state_names: Optional[List[str]] = None, group2ctxs: Any = None,
                  compression_params: Any = None, *, planner: str = "auto",
                  memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
-                 cost_ctx: Optional["mx.Context"] = None) -> None:
+                 cost_ctx: Optional["mx.Context"] = None,
+                 keep_ops: Optional[Sequence[str]] = None) -> None:
         get_planner(planner)             # reject a bad name now, not at the first bind
         parse_budget(memory_budget)      # likewise for the budget
         super().__init__(symbol, data_names=data_names, label_names=label_names, logger=logger,
@@ -84,6 +94,7 @@ class MirroredModule(mx.mod.Module):
         self._memory_budget = memory_budget
         self._cache_dir = cache_dir
         self._cost_ctx = cost_ctx
+        self._keep_ops = frozenset(keep_ops or ())
         self._user_symbol = symbol
         self.mirror_plan: Optional[MirrorPlan] = None
 
@@ -96,8 +107,9 @@ class MirroredModule(mx.mod.Module):
             per_device_descs(label_shapes, self._context, self._work_load_list) or None,
             planner=self._planner_name, memory_budget=self._memory_budget,
             ctx=self._cost_ctx, cache_dir=self._cache_dir,
-            grad_req=grad_req if isinstance(grad_req, (str, dict)) else "write",
-            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad)
+            grad_req=_grad_req_mapping(self._user_symbol, grad_req),
+            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad,
+            keep_ops=self._keep_ops)
 
     def _needs_plan(self, for_training: bool, grad_req: Any) -> bool:
         if not for_training:
@@ -106,6 +118,8 @@ class MirroredModule(mx.mod.Module):
             return grad_req != "null"
         if isinstance(grad_req, dict):
             return any(v != "null" for v in grad_req.values())
+        if isinstance(grad_req, (list, tuple)):
+            return any(v != "null" for v in grad_req)
         return True
 
     def bind(self, data_shapes: Any, label_shapes: Any = None, for_training: bool = True,

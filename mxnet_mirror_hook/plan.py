@@ -154,7 +154,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 cache_dir: Union[None, str, bool] = None,
                 grad_req: Union[str, Dict[str, str]] = "write",
                 fixed_param_names: Optional[Sequence[str]] = None,
-                inputs_need_grad: bool = False) -> MirrorPlan:
+                inputs_need_grad: bool = False,
+                keep_ops: Optional[Iterable[str]] = None) -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -179,6 +180,11 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         Parameters that get no gradient.
     inputs_need_grad : bool
         Whether data inputs get gradients.
+    keep_ops : iterable of str, optional
+        Operator types never to recompute (their outputs are kept).  Dropout
+        and BatchNorm variants that update statistics in their forward call
+        are never recomputed in any case (see NOTE [ BatchNorm recomputed ] in
+        :mod:`.mx.apply`).
 
     Returns
     -------
@@ -213,7 +219,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     if len(set(names)) != len(names):
         raise ShapeError(f"an input appears in both data_shapes and label_shapes: {names}")
     document = json.loads(symbol.tojson())  # parsed once, shared below
-    graph = symbol_to_graph(symbol, inputs, document=document)
+    kept_ops = tuple(sorted(set(keep_ops or ())))
+    graph = symbol_to_graph(symbol, inputs, document=document, keep_ops=kept_ops)
     requests = grad_req_for(symbol, graph, grad_req, fixed_param_names or (), inputs_need_grad)
     if all(req == "null" for req in requests.values()):
         raise ValueError("nothing in this symbol gets a gradient (every parameter is fixed or "
@@ -227,7 +234,7 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
             all_inputs.append((node.name, tuple(node.output_shapes[0]), "float32"))
     key = PlanKey(structure=structure_hash(symbol, document), inputs=tuple(sorted(all_inputs)),
                   grad_req=grad_req_digest(requests), planner=planner, budget=budget.key,
-                  mxnet_version=mx.__version__, context=context.device_type)
+                  mxnet_version=mx.__version__, context=context.device_type, keep_ops=kept_ops)
     cache: PlanCache = get_cache(cache_dir)
     template = MirrorTemplate(symbol, document)
 

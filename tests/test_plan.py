@@ -121,3 +121,21 @@ def test_deep_network_plan_is_fast_and_saves_most_memory():
     symbol = preact_resnet_cifar(depth=164)
     plan = plan_mirror(symbol, [("data", (64, 3, 32, 32))], cache_dir=False)
     assert plan.planned_mb < 0.35 * plan.baseline_mb
+
+
+def test_recomputed_batchnorm_uses_mxnets_own_kernel_and_others_keep_theirs(resnet):
+    plan = plan_mirror(resnet, DATA, LABEL)
+    attrs = plan.symbol.attr_dict()
+    recomputed_bn = [n for n in plan.mirrored if n.endswith("_bn")]
+    assert recomputed_bn
+    for name in recomputed_bn:
+        assert attrs[name].get("cudnn_off") == "True"
+    for name, node_attrs in attrs.items():
+        if name.endswith("_bn") and name not in plan.mirrored:
+            assert node_attrs.get("cudnn_off") != "True"
+
+
+def test_keep_ops_are_never_recomputed(resnet):
+    plan = plan_mirror(resnet, DATA, LABEL, keep_ops=["Activation"])
+    ops = {n["name"]: n["op"] for n in __import__("json").loads(resnet.tojson())["nodes"]}
+    assert plan.mirrored and all(ops[name] != "Activation" for name in plan.mirrored)

@@ -14,10 +14,14 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
 
-#: Operators MXNet's gradient pass never recomputes, whatever the attributes say
-#: (``need_mirror`` in ``src/executor/graph_executor.cc``): a recomputed Dropout
-#: would draw a new mask and change the gradients.
-NEVER_MIRRORED_OPS = frozenset({"Dropout"})
+#: Operators never recomputed.  MXNet itself never recomputes Dropout (a new
+#: mask would change the gradients; ``need_mirror`` in
+#: ``src/executor/graph_executor.cc``).  The BatchNorm variants listed update
+#: their moving statistics in the forward call (or are not known not to), so
+#: a recomputed copy would update them twice; plain ``BatchNorm`` is safe and
+#: handled in :mod:`mxnet_mirror_hook.mx.apply`.
+NEVER_MIRRORED_OPS = frozenset({"Dropout", "CuDNNBatchNorm", "BatchNorm_v1",
+                                "_contrib_SyncBatchNorm", "SyncBatchNorm"})
 
 #: Loss operators whose second input is a label, not something to differentiate.
 LOSS_OPS = frozenset({"SoftmaxOutput", "LinearRegressionOutput", "LogisticRegressionOutput",
@@ -53,6 +57,9 @@ class Node:
         Bytes per element of the outputs (4 for float32, 2 for float16).
     attrs : dict of str to str
         Operator parameters and user attributes (``mirror_stage``...).
+    pinned : bool
+        Never recompute this node (set for operators that are unsafe to run
+        twice on the target device, such as cuDNN BatchNorm).
     """
 
     name: str
@@ -62,6 +69,7 @@ class Node:
     output_shapes: List[Tuple[int, ...]] = field(default_factory=list)
     itemsize: int = 4
     attrs: Dict[str, str] = field(default_factory=dict)
+    pinned: bool = False
 
     @property
     def is_variable(self) -> bool:
@@ -86,7 +94,7 @@ class Node:
     @property
     def can_mirror(self) -> bool:
         """Whether MXNet would recompute this node if asked to."""
-        return self.kind is NodeKind.OP and self.op not in NEVER_MIRRORED_OPS
+        return self.kind is NodeKind.OP and self.op not in NEVER_MIRRORED_OPS and not self.pinned
 
     @property
     def mirror_stage(self) -> Optional[str]:

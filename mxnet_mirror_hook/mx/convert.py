@@ -191,7 +191,8 @@ def _outputs_per_node_slow(json_nodes: List[Dict[str, Any]], internals: "mx.sym.
 
 def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
                     input_names: Optional[Iterable[str]] = None,
-                    document: Optional[Dict[str, Any]] = None) -> Graph:
+                    document: Optional[Dict[str, Any]] = None,
+                    keep_ops: Iterable[str] = ()) -> Graph:
     """Build the forward graph of ``symbol`` at the given input shapes.
 
     Parameters
@@ -205,6 +206,8 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
         MXNet infers); by default the label inputs of loss operators.
     document : dict, optional
         ``json.loads(symbol.tojson())``, when the caller has it already.
+    keep_ops : iterable of str
+        Operator types never to recompute (their nodes are ``pinned``).
 
     Returns
     -------
@@ -227,6 +230,7 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
     if per_node is None:  # unusual output names: ask MXNet node by node (slower)
         per_node = _outputs_per_node_slow(json_nodes, internals, len(output_names))
 
+    keep = frozenset(keep_ops)
     given = {spec.name for spec in inputs}
     arguments = set(symbol.list_arguments())
     auxiliary = set(symbol.list_auxiliary_states())
@@ -248,7 +252,8 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
         shapes = [tuple(out_shapes[i]) for i in indices]
         itemsize = np.dtype(out_types[indices[0]]).itemsize if indices else 4
         node_inputs = [(int(entry[0]), int(entry[1])) for entry in json_node.get("inputs", [])]
-        nodes.append(Node(name, op, kind, node_inputs, shapes, itemsize, attrs))
+        nodes.append(Node(name, op, kind, node_inputs, shapes, itemsize, attrs,
+                          pinned=op in keep))
     graph = Graph(nodes, [(int(h[0]), int(h[1])) for h in document["heads"]])
     extra = set(input_names) if input_names is not None else {
         graph.nodes[i].name for i in graph.label_input_indices()}

@@ -1,0 +1,48 @@
+"""GPU checks: run only where mxnet-cu112 and a GPU are present (skipped in CI)."""
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from mxnet_mirror_hook import MirroredModule, plan_mirror
+from mxnet_mirror_hook.models import small_resnet
+from tests.helpers import train
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpus() -> int:
+    try:
+        return mx.context.num_gpus()
+    except mx.base.MXNetError:
+        return 0
+
+
+requires_gpu = pytest.mark.skipif(_gpus() == 0, reason="needs a GPU and the mxnet-cu112 build")
+
+
+@requires_gpu
+def test_mirrored_batchnorm_updates_moving_statistics_once_on_the_gpu():
+    """A cuDNN BatchNorm recomputed in backward would update its statistics twice;
+    recomputed BatchNorm runs MXNet's own kernel instead (NOTE [ BatchNorm recomputed ])."""
+    symbol = small_resnet(num_blocks=4, channels=16)
+    shape = (8, 3, 64, 64)
+    plain_args, plain_auxs = train(mx.mod.Module(symbol, context=mx.gpu()), shape, 10)
+    module = MirroredModule(symbol, context=mx.gpu())
+    args, auxs = train(module, shape, 10)
+    assert any(name.endswith("_bn") for name in module.mirror_plan.mirrored)
+    for name in plain_auxs:  # a double update would be off by ~10% after 3 steps
+        np.testing.assert_allclose(auxs[name], plain_auxs[name], rtol=1e-3, atol=1e-4)
+    for name in plain_args:  # cuDNN and MXNet's kernel round differently
+        np.testing.assert_allclose(args[name], plain_args[name], rtol=1e-3, atol=1e-4)
+
+
+@requires_gpu
+def test_gpu_measured_plan_is_close_to_the_cpu_plan():
+    symbol = small_resnet(num_blocks=4, channels=16)
+    data = [("data", (32, 3, 64, 64))]
+    on_cpu = plan_mirror(symbol, data, cache_dir=False)
+    on_gpu = plan_mirror(symbol, data, ctx=mx.gpu(), cache_dir=False)
+    assert on_gpu.planned_mb < on_gpu.baseline_mb
+    assert abs(on_gpu.planned_mb - on_cpu.planned_mb) <= 0.25 * on_cpu.planned_mb
