@@ -59,6 +59,25 @@ def _preact_bottleneck(data, num_filter, stride, dim_match, name, mark_stage):
     return mx.sym.elemwise_add(conv3, shortcut, name=f"{name}_plus")
 
 
+def _preact_stages(body, units_per_stage, filters, mark_stages):
+    """Stages of pre-activation bottleneck units; the first unit of later stages halves the size."""
+    for stage, count in enumerate(units_per_stage):
+        for unit in range(count):
+            stride = (1, 1) if stage == 0 or unit > 0 else (2, 2)
+            body = _preact_bottleneck(body, filters[stage + 1], stride, unit > 0,
+                                      f"stage{stage + 1}_unit{unit + 1}", mark_stages)
+    return body
+
+
+def _preact_head(body, num_classes):
+    """Final BatchNorm, ReLU, global average pooling, classifier and softmax loss."""
+    bn = mx.sym.BatchNorm(body, fix_gamma=False, eps=2e-5, momentum=0.9, name="bn_final")
+    relu = mx.sym.Activation(bn, act_type="relu", name="relu_final")
+    pool = mx.sym.Pooling(relu, global_pool=True, kernel=(1, 1), pool_type="avg", name="pool_final")
+    fc = mx.sym.FullyConnected(mx.sym.Flatten(pool), num_hidden=num_classes, name="fc")
+    return mx.sym.SoftmaxOutput(fc, name="softmax")
+
+
 def preact_resnet_cifar(depth: int = 1001, num_classes: int = 10,
                         mark_stages: bool = False) -> "mx.sym.Symbol":
     """Pre-activation bottleneck ResNet for 32x32 inputs (He et al., 2016).
@@ -74,16 +93,8 @@ def preact_resnet_cifar(depth: int = 1001, num_classes: int = 10,
     data = mx.sym.var("data")
     body = mx.sym.Convolution(data, num_filter=filters[0], kernel=(3, 3), pad=(1, 1), no_bias=True,
                               name="conv0")
-    for stage in range(3):
-        for unit in range(units):
-            stride = (1, 1) if stage == 0 or unit > 0 else (2, 2)
-            body = _preact_bottleneck(body, filters[stage + 1], stride, unit > 0,
-                                      f"stage{stage + 1}_unit{unit + 1}", mark_stages)
-    bn = mx.sym.BatchNorm(body, fix_gamma=False, eps=2e-5, momentum=0.9, name="bn_final")
-    relu = mx.sym.Activation(bn, act_type="relu", name="relu_final")
-    pool = mx.sym.Pooling(relu, global_pool=True, kernel=(8, 8), pool_type="avg", name="pool_final")
-    fc = mx.sym.FullyConnected(mx.sym.Flatten(pool), num_hidden=num_classes, name="fc")
-    return mx.sym.SoftmaxOutput(fc, name="softmax")
+    body = _preact_stages(body, [units] * 3, filters, mark_stages)
+    return _preact_head(body, num_classes)
 
 
 def memonger_resnet(num_layers: int = 50, num_classes: int = 1000) -> "mx.sym.Symbol":
@@ -101,16 +112,8 @@ def memonger_resnet(num_layers: int = 50, num_classes: int = 1000) -> "mx.sym.Sy
     body = _conv_bn_relu(data, filters[0], (7, 7), (2, 2), (3, 3), "stem")
     body = mx.sym.Pooling(body, kernel=(3, 3), stride=(2, 2), pad=(1, 1), pool_type="max",
                           name="stem_pool")
-    for stage, count in enumerate(units):
-        for unit in range(count):
-            stride = (1, 1) if stage == 0 or unit > 0 else (2, 2)
-            body = _preact_bottleneck(body, filters[stage + 1], stride, unit > 0,
-                                      f"stage{stage + 1}_unit{unit + 1}", True)
-    bn = mx.sym.BatchNorm(body, fix_gamma=False, eps=2e-5, momentum=0.9, name="bn_final")
-    relu = mx.sym.Activation(bn, act_type="relu", name="relu_final")
-    pool = mx.sym.Pooling(relu, global_pool=True, kernel=(7, 7), pool_type="avg", name="pool_final")
-    fc = mx.sym.FullyConnected(mx.sym.Flatten(pool), num_hidden=num_classes, name="fc")
-    return mx.sym.SoftmaxOutput(fc, name="softmax")
+    body = _preact_stages(body, units, filters, True)
+    return _preact_head(body, num_classes)
 
 
 def default_image_size(network: str) -> int:

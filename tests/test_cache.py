@@ -141,3 +141,25 @@ def test_memory_level_is_bounded_lru():
         cache.put(key, plan)
     assert len(cache) == 3
     assert cache.get(keys[0]) is None and cache.get(keys[4]) == plan
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"),
+                                   OSError(28, "No space left on device")])
+def test_failed_write_degrades_to_memory_only_without_leaving_a_partial_file(
+        isolated_cache, monkeypatch, caplog, error):
+    """Root ignores permission bits, so the failure is injected where the write happens."""
+    import mxnet_mirror_hook.cache as cache_module
+
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        raise error
+
+    monkeypatch.setattr(cache_module.os, "replace", failing_replace)
+    with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
+        first = plan_mirror(small_resnet(4, 16), DATA)
+        second = plan_mirror(small_resnet(4, 16), DATA)
+    monkeypatch.setattr(cache_module.os, "replace", real_replace)
+    assert "memory only" in caplog.text
+    assert second.from_cache and second.mirrored == first.mirrored
+    assert os.listdir(isolated_cache) == []  # no entry, no temporary file left behind
