@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "mxnet_mirror_hook.plan/1"
 ENV_CACHE_DIR = "MXNET_MIRROR_HOOK_CACHE_DIR"
+ENV_MEMORY_ENTRIES = "MXNET_MIRROR_HOOK_CACHE_ENTRIES"
+ENV_DISK_ENTRIES = "MXNET_MIRROR_HOOK_CACHE_MAX_FILES"
+DEFAULT_MEMORY_ENTRIES = 128
+DEFAULT_DISK_ENTRIES = 2000
 
 
 def default_cache_dir() -> str:
@@ -107,13 +111,24 @@ class PlanCache:
     ----------
     directory : str or None
         Where entries are stored; ``None`` keeps them in memory only.
-    max_memory_entries : int
-        Entries kept in memory, least recently used dropped first.
+    max_memory_entries : int, optional
+        Entries kept in memory, least recently used dropped first (default
+        ``$MXNET_MIRROR_HOOK_CACHE_ENTRIES`` or 128).
+    max_disk_entries : int, optional
+        Files kept on disk, oldest dropped first (default
+        ``$MXNET_MIRROR_HOOK_CACHE_MAX_FILES`` or 2000; an entry is a few KB
+        to a few hundred KB).
     """
 
-    def __init__(self, directory: Optional[str], max_memory_entries: int = 128) -> None:
+    def __init__(self, directory: Optional[str], max_memory_entries: Optional[int] = None,
+                 max_disk_entries: Optional[int] = None) -> None:
         self.directory = directory
-        self.max_memory_entries = max_memory_entries
+        self.max_memory_entries = max(1, int(max_memory_entries if max_memory_entries is not None
+                                             else os.environ.get(ENV_MEMORY_ENTRIES,
+                                                                 DEFAULT_MEMORY_ENTRIES)))
+        self.max_disk_entries = max(1, int(max_disk_entries if max_disk_entries is not None
+                                           else os.environ.get(ENV_DISK_ENTRIES,
+                                                               DEFAULT_DISK_ENTRIES)))
         self._memory: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
         self._lock = threading.Lock()
         self._disk_ok = directory is not None
@@ -181,6 +196,10 @@ class PlanCache:
             logger.warning("plan cache: ignoring %s: malformed plan; planning again", path)
             return None
         self._remember(digest, plan)
+        try:
+            os.utime(path)  # eviction drops the least recently used files
+        except OSError:
+            pass
         return plan
 
     def put(self, key: PlanKey, plan: Dict[str, Any]) -> None:
@@ -204,11 +223,37 @@ class PlanCache:
         except OSError as error:
             self._disable_disk(f"cannot write to {self.directory!r}: {error}")
         finally:
-            if temporary is not None:
+            if temporary is not None:  # also on KeyboardInterrupt: never leave a partial file
                 try:
                     os.unlink(temporary)
                 except OSError:
                     pass
+        self._trim_disk()
+
+    def _trim_disk(self) -> None:
+        """Drop the oldest entry files beyond ``max_disk_entries``."""
+        if self.directory is None or not self._disk_ok:
+            return
+        try:
+            names = [n for n in os.listdir(self.directory)
+                     if n.startswith("plan-") and n.endswith(".json")]
+            if len(names) <= self.max_disk_entries:
+                return
+            paths = [os.path.join(self.directory, n) for n in names]
+            ages = []
+            for path in paths:
+                try:
+                    ages.append((os.path.getmtime(path), path))
+                except OSError:
+                    continue
+            ages.sort()
+            for _, path in ages[:len(ages) - self.max_disk_entries]:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        except OSError:
+            pass
 
     def forget(self, key: PlanKey) -> None:
         """Drop ``key`` from memory and disk (used when an entry proves unusable)."""

@@ -111,8 +111,12 @@ class MirroredModule(mx.mod.Module):
             fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad,
             keep_ops=self._keep_ops)
 
-    def _needs_plan(self, for_training: bool, grad_req: Any) -> bool:
+    def _needs_plan(self, for_training: bool, grad_req: Any, inputs_need_grad: bool) -> bool:
+        """Whether a bind computes any gradient (else mirroring cannot help)."""
         if not for_training:
+            return False
+        trainable = [n for n in self._param_names if n not in set(self._fixed_param_names or ())]
+        if not trainable and not inputs_need_grad:
             return False
         if isinstance(grad_req, str):
             return grad_req != "null"
@@ -135,7 +139,7 @@ class MirroredModule(mx.mod.Module):
         self.inputs_need_grad = inputs_need_grad
         bound_symbol = self._user_symbol
         plan = None
-        if self._needs_plan(for_training, grad_req):
+        if self._needs_plan(for_training, grad_req, inputs_need_grad):
             descs_data, descs_label = mx.module.base_module._parse_data_desc(
                 self.data_names, self.label_names, data_shapes, label_shapes)
             plan = self._plan_for(descs_data, descs_label, grad_req)

@@ -56,6 +56,7 @@ class MeasureWorker:
         self.last_resident_mb = 0.0
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
+        self._sequence = 0
 
     def _start(self) -> subprocess.Popen:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,12 +66,15 @@ class MeasureWorker:
             [sys.executable, "-m", "mxnet_mirror_hook.mx.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
 
-    def _stop(self) -> None:
+    def _stop(self, kill: bool = False) -> None:
         process, self._process = self._process, None
         if process is None:
             return
         try:
-            process.stdin.close()
+            if kill:
+                process.kill()
+            else:
+                process.stdin.close()
             process.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             process.kill()
@@ -92,23 +96,34 @@ class MeasureWorker:
         """
         from ..errors import MeasurementError
 
-        line = json.dumps(request) + "\n"
         with self._lock:
+            self._sequence += 1
+            line = json.dumps(dict(request, id=self._sequence)) + "\n"
             if self._process is None or self._process.poll() is not None:
                 self._process = self._start()
             try:
-                self._process.stdin.write(line)
-                self._process.stdin.flush()
-                answer = self._process.stdout.readline()
-            except (BrokenPipeError, OSError):
-                answer = ""
+                try:
+                    self._process.stdin.write(line)
+                    self._process.stdin.flush()
+                    answer = self._process.stdout.readline()
+                except (BrokenPipeError, OSError):
+                    answer = ""
+            except BaseException:
+                # Interrupted between request and reply (KeyboardInterrupt...): the
+                # child may still answer, and that answer must never be taken for
+                # the next request's.  Drop the child.
+                self._stop(kill=True)
+                raise
             if not answer:
                 code = self._process.poll()
-                self._stop()
+                self._stop(kill=True)
                 raise MeasurementError(
                     f"the measuring process died while binding (exit code {code}); MXNet may have "
                     f"crashed on this symbol. Set MXNET_MIRROR_HOOK_MEASURE=inprocess to see its error")
             reply = json.loads(answer)
+            if reply.get("id") != self._sequence:
+                self._stop(kill=True)
+                raise MeasurementError("the measuring process answered out of turn; it was restarted")
             if not reply.get("ok"):
                 raise MeasurementError(reply.get("error", "unknown error in the measuring process"))
             self.measurements += 1
@@ -236,6 +251,10 @@ def _serve() -> int:
             reply = {"ok": False, "error": str(error)}
         except Exception as error:  # report anything else rather than dying silently
             reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        try:
+            reply["id"] = json.loads(line).get("id")
+        except ValueError:
+            reply["id"] = None
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     return 0
