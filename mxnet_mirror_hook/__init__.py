@@ -11,9 +11,12 @@ from .core.budget import parse_budget
 from .core.planners import list_planners, register_planner
 from .plan import MirrorPlan, plan_mirror
 from .module import MirroredModule
+from .bucketing import MirroredBucketingModule
+from .runner import add_arguments, from_args, mirrored_modules
 
 __all__ = [
-    "__version__", "MirroredModule", "MirrorPlan", "plan_mirror", "list_planners",
+    "__version__", "MirroredModule", "MirroredBucketingModule", "MirrorPlan", "add_arguments",
+    "from_args", "mirrored_modules", "plan_mirror", "list_planners",
     "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
     "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "CacheError",
 ]

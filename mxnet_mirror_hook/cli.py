@@ -7,7 +7,10 @@ import logging
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "parse_shape"]
+__all__ = ["main", "build_parser", "parse_shape", "SUBCOMMANDS"]
+
+#: Subcommands of ``mxnet-mirror``; ``python -m mxnet_mirror_hook`` runs a script otherwise.
+SUBCOMMANDS = ("plan", "report")
 
 logger = logging.getLogger(__name__)
 

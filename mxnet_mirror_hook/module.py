@@ -193,8 +193,8 @@ class MirroredModule(mx.mod.Module):
         """The user's symbol (the bound one is ``mirror_plan.symbol``)."""
         return self._user_symbol
 
-    @staticmethod
-    def load(prefix: str, epoch: int, load_optimizer_states: bool = False,
+    @classmethod
+    def load(cls, prefix: str, epoch: int, load_optimizer_states: bool = False,
              **kwargs: Any) -> "MirroredModule":
         """Create a ``MirroredModule`` from a checkpoint (as ``Module.load``).
 
@@ -202,7 +202,7 @@ class MirroredModule(mx.mod.Module):
         ``cache_dir``, ``cost_ctx``) are accepted besides ``Module``'s.
         """
         symbol, args, auxs = mx.model.load_checkpoint(prefix, epoch)
-        module = MirroredModule(symbol=symbol, **kwargs)
+        module = cls(symbol=symbol, **kwargs)
         module._arg_params = args
         module._aux_params = auxs
         module.params_initialized = True
