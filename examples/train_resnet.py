@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""Train a gluoncv classification network with MirroredModule (or plain Module).
+"""Train a gluoncv classification network with memory mirroring (or without, to compare).
 
 Synthetic data by default: nothing is downloaded, weights start random.
 
-    python examples/train_resnet.py --network resnet50_v1b --batch-size 32 --mirror
-    python examples/train_resnet.py --network inceptionv3 --no-mirror
+    python examples/train_resnet.py --network resnet50_v1b --batch-size 32
+    python examples/train_resnet.py --network inceptionv3 --mode gluon --no-mirror
+    python examples/train_resnet.py --rec train.rec --memory-budget 0.6
+    python examples/train_resnet.py --network resnet152_v1b --find-max-batch 16GB
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from typing import Dict, Iterator, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
+from mxnet import autograd, gluon
 
-from mxnet_mirror_hook import MirroredModule
+from mxnet_mirror_hook import MirroredModule, parse_budget, plan_mirror
+from mxnet_mirror_hook.gluon import MirroredTrainer
 from mxnet_mirror_hook.models import default_image_size, gluon_symbol
 
 log = logging.getLogger("train_resnet")
@@ -24,8 +30,10 @@ log = logging.getLogger("train_resnet")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="resnet50_v1b",
-                        help="gluoncv model name (resnet50_v1b, resnet152_v1b, inceptionv3, "
-                             "densenet121, mobilenetv2_1.0, ...)")
+                        help="gluoncv model: resnet50_v1b, resnet152_v1b, inceptionv3, "
+                             "densenet121, mobilenetv2_1.0, ...")
+    parser.add_argument("--mode", choices=("module", "gluon"), default="module",
+                        help="train with (Mirrored)Module or with Gluon (MirroredTrainer)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=None,
                         help="input side (default 224, 299 for Inception)")
@@ -34,12 +42,147 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mirror", dest="mirror", action="store_true", default=True,
                         help="recompute forward nodes during backward (default)")
     parser.add_argument("--no-mirror", dest="mirror", action="store_false",
-                        help="train with a plain mx.mod.Module")
+                        help="train without mirroring, to compare")
     parser.add_argument("--planner", default="auto")
-    parser.add_argument("--memory-budget", default=None)
+    parser.add_argument("--memory-budget", default=None,
+                        help="'min', a fraction of the plain memory (0.6), or a size (4GB)")
+    parser.add_argument("--rec", default=None,
+                        help="a RecordIO file of images (ImageRecordIter) instead of synthetic data")
+    parser.add_argument("--find-max-batch", default=None, metavar="BUDGET",
+                        help="report the largest batch whose planned memory fits BUDGET "
+                             "(e.g. 16GB), with and without mirroring, and exit")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids; CPU when empty")
     parser.add_argument("--lr", type=float, default=0.01)
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------- data
+def batches(args, size: int) -> Iterator[Tuple[mx.nd.NDArray, mx.nd.NDArray]]:
+    """Endless (data, label) batches from a RecordIO file or synthetic."""
+    if args.rec:
+        records = mx.io.ImageRecordIter(path_imgrec=args.rec, data_shape=(3, size, size),
+                                        batch_size=args.batch_size, shuffle=True, rand_mirror=True,
+                                        round_batch=True)
+        while True:
+            records.reset()
+            for batch in records:
+                yield batch.data[0], batch.label[0]
+    rng = np.random.RandomState(0)
+    pool = [(mx.nd.array(rng.uniform(-1, 1, (args.batch_size, 3, size, size))),
+             mx.nd.array(rng.randint(0, args.classes, args.batch_size))) for _ in range(2)]
+    while True:
+        yield from pool
+
+
+def progress(done: int, total: int, seconds: float, loss: float) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                     f"{seconds:.2f} s/it loss {loss:.3f}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------- max batch
+def parameter_mb(symbol: mx.sym.Symbol, shape: Tuple[int, ...]) -> float:
+    """Weights and their gradients, in MB (MXNet's planned figure excludes them)."""
+    arg_shapes, _, aux_shapes = symbol.infer_shape(data=shape)
+    names = symbol.list_arguments()
+    weights = sum(int(np.prod(s)) for n, s in zip(names, arg_shapes)
+                  if n not in ("data", "softmax_label"))
+    aux = sum(int(np.prod(s)) for s in aux_shapes)
+    return (2 * weights + aux) * 4 / 2 ** 20
+
+
+def find_max_batch(args, symbol: mx.sym.Symbol, size: int) -> Dict[str, int]:
+    """Largest batch whose planned memory plus parameters fits the budget."""
+    budget = parse_budget(args.find_max_batch)
+    if budget.kind != "bytes":
+        raise SystemExit("--find-max-batch wants a size such as 16GB")
+    limit_mb = budget.value / 2 ** 20
+    params_mb = parameter_mb(symbol, (1, 3, size, size))
+
+    def fits(batch: int, mirrored: bool) -> bool:
+        plan = plan_mirror(symbol, [("data", (batch, 3, size, size))],
+                           planner=args.planner if mirrored else "none",
+                           memory_budget="min" if mirrored else None)
+        return plan.planned_mb + params_mb <= limit_mb
+
+    found = {}
+    for mirrored in (False, True):
+        low, high = 0, 1
+        while fits(high, mirrored):
+            low, high = high, high * 2
+            if high > 1 << 16:
+                break
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle, mirrored) else (low, middle)
+        found["mirrored" if mirrored else "plain"] = low
+    log.info("largest batch within %s (parameters and gradients %.0f MB included): plain %d, "
+             "mirrored %d", args.find_max_batch, params_mb, found["plain"], found["mirrored"])
+    return found
+
+
+# ---------------------------------------------------------------------- train
+def train_module(args, symbol, contexts, data_iter, size) -> Tuple[Optional[object], list, list]:
+    if args.mirror:
+        module = MirroredModule(symbol, context=contexts, planner=args.planner,
+                                memory_budget=args.memory_budget)
+    else:
+        module = mx.mod.Module(symbol, context=contexts)
+    module.bind([("data", (args.batch_size, 3, size, size))], [("softmax_label", (args.batch_size,))])
+    module.init_params(mx.init.Xavier(magnitude=2.0))
+    module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": args.lr,
+                                                             "momentum": 0.9, "wd": 1e-4})
+    metric = mx.metric.create("ce")
+    times, losses = [], []
+    for step in range(args.num_batches):
+        data, label = next(data_iter)
+        tick = time.perf_counter()
+        module.forward_backward(mx.io.DataBatch([data], [label]))
+        module.update()
+        metric.reset()
+        module.update_metric(metric, [label])
+        mx.nd.waitall()
+        times.append(time.perf_counter() - tick)
+        losses.append(metric.get()[1])
+        progress(step + 1, args.num_batches, times[-1], losses[-1])
+    return getattr(module, "mirror_plan", None), times, losses
+
+
+def train_gluon(args, contexts, data_iter) -> Tuple[Optional[object], list, list]:
+    from gluoncv.model_zoo import get_model
+
+    net = get_model(args.network, pretrained=False, classes=args.classes)
+    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=contexts)
+    net.hybridize()
+    loss = gluon.loss.SoftmaxCrossEntropyLoss()
+    optimizer = {"learning_rate": args.lr, "momentum": 0.9, "wd": 1e-4}
+    trainer = (MirroredTrainer(net, loss, "sgd", optimizer, context=contexts,
+                               memory_budget=args.memory_budget, planner=args.planner)
+               if args.mirror else gluon.Trainer(net.collect_params(), "sgd", optimizer))
+    times, losses = [], []
+    for step in range(args.num_batches):
+        data, label = next(data_iter)
+        tick = time.perf_counter()
+        if args.mirror:
+            value = trainer.step(data, label)
+        else:
+            parts = gluon.utils.split_and_load(data, contexts)
+            targets = gluon.utils.split_and_load(label, contexts)
+            with autograd.record():
+                per_sample = [loss(net(x), y) for x, y in zip(parts, targets)]
+            for l in per_sample:
+                l.backward()
+            trainer.step(data.shape[0])
+            value = sum(float(l.sum().asscalar()) for l in per_sample) / data.shape[0]
+        mx.nd.waitall()
+        times.append(time.perf_counter() - tick)
+        losses.append(value)
+        progress(step + 1, args.num_batches, times[-1], value)
+    return getattr(trainer, "mirror_plan", None), times, losses
 
 
 def main(argv=None) -> dict:
@@ -47,53 +190,28 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     size = args.image_size or default_image_size(args.network)
     contexts = [mx.gpu(int(i)) for i in args.gpus.split(",") if i.strip()] or [mx.cpu()]
-    symbol, _ = gluon_symbol(args.network, classes=args.classes)
-
-    rng = np.random.RandomState(0)
-    samples = args.batch_size * 2
-    data = rng.uniform(-1, 1, (samples, 3, size, size)).astype("float32")
-    labels = rng.randint(0, args.classes, samples).astype("float32")
-    train_iter = mx.io.NDArrayIter(data, labels, args.batch_size, shuffle=False,
-                                   last_batch_handle="roll_over", label_name="softmax_label")
-
-    if args.mirror:
-        module = MirroredModule(symbol, context=contexts, planner=args.planner,
-                                memory_budget=args.memory_budget)
+    if args.find_max_batch:
+        symbol, _ = gluon_symbol(args.network, classes=args.classes)
+        return find_max_batch(args, symbol, size)
+    data_iter = batches(args, size)
+    if args.mode == "module":
+        symbol, _ = gluon_symbol(args.network, classes=args.classes)
+        plan, times, losses = train_module(args, symbol, contexts, data_iter, size)
     else:
-        module = mx.mod.Module(symbol, context=contexts)
-    module.bind(train_iter.provide_data, train_iter.provide_label)
-    plan = getattr(module, "mirror_plan", None)  # the library logs its summary at INFO
-    module.init_params(mx.init.Xavier(magnitude=2.0))
-    module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": args.lr,
-                                                             "momentum": 0.9, "wd": 1e-4})
-    metric = mx.metric.create("ce")
-    done, timed, started = 0, 0.0, None
-    while done < args.num_batches:
-        train_iter.reset()
-        for batch in train_iter:
-            if done >= args.num_batches:
-                break
-            tick = time.perf_counter()
-            module.forward_backward(batch)
-            module.update()
-            module.update_metric(metric, batch.label)
-            mx.nd.waitall()
-            elapsed = time.perf_counter() - tick
-            if done > 0:  # the first iteration includes one-off setup
-                timed += elapsed
-            done += 1
-            log.info("iter %d/%d  %.2f s  %s=%.3f", done, args.num_batches, elapsed,
-                     *metric.get())
-    throughput = (args.batch_size * (done - 1) / timed) if done > 1 and timed > 0 else float("nan")
+        plan, times, losses = train_gluon(args, contexts, data_iter)
+    steady = times[1:] or times  # the first iteration includes one-off setup
+    throughput = args.batch_size * len(steady) / sum(steady)
     summary = {
-        "network": args.network, "batch_size": args.batch_size, "image_size": size,
-        "mirror": args.mirror, "iterations": done, "samples_per_second": throughput,
+        "network": args.network, "mode": args.mode, "batch_size": args.batch_size,
+        "image_size": size, "mirror": args.mirror, "iterations": len(times),
+        "samples_per_second": throughput, "final_loss": losses[-1],
         "baseline_mb": plan.baseline_mb if plan else None,
         "planned_mb": plan.planned_mb if plan else None,
     }
-    log.info("summary: %s, %s, %.1f samples/s%s", args.network,
-             "mirrored" if args.mirror else "plain", throughput,
-             f", memory plan {plan.baseline_mb:.0f} -> {plan.planned_mb:.0f} MB" if plan else "")
+    log.info("summary: %s (%s, %s), batch %d, %.1f samples/s, loss %.3f%s", args.network,
+             args.mode, "mirrored" if args.mirror else "plain", args.batch_size, throughput,
+             losses[-1], f", memory plan {plan.baseline_mb:.0f} -> {plan.planned_mb:.0f} MB "
+             f"({plan.ratio:.2f}x)" if plan else "")
     return summary
 
 

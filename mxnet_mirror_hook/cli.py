@@ -51,11 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("-o", "--output", default=None,
                       help="also save the mirrored symbol to this JSON file")
+    report = commands.add_parser("report", help="draw live memory along one iteration (PNG)")
+    report.add_argument("symbol", help="SYMBOL.json")
+    report.add_argument("--shape", action="append", type=parse_shape, required=True,
+                        metavar="NAME=D1,D2,...", help="shape of a data or label input (repeat)")
+    report.add_argument("--planner", default="auto", choices=list_planners())
+    report.add_argument("--budget", default=None, help="memory budget, as for plan")
+    report.add_argument("--no-cache", action="store_true", help="do not use the disk cache")
+    report.add_argument("-o", "--output", default="mirror-report.png", help="PNG to write")
     return parser
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    """The ``plan`` command."""
+def _load_and_plan(args: argparse.Namespace):
+    """Load the symbol and plan it; ``(symbol, plan)``, or ``None`` after logging why."""
     import mxnet as mx
 
     from .errors import MirrorHookError
@@ -65,14 +73,40 @@ def run_plan(args: argparse.Namespace) -> int:
         symbol = mx.sym.load(args.symbol)
     except (OSError, mx.base.MXNetError) as error:
         logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
-        return 2
+        return None
     try:
         plan = plan_mirror(symbol, list(args.shape), planner=args.planner,
-                           memory_budget=args.budget, ctx=args.ctx,
-                           cache_dir=False if args.no_cache else args.cache_dir)
+                           memory_budget=args.budget, ctx=getattr(args, "ctx", None),
+                           cache_dir=False if args.no_cache else getattr(args, "cache_dir", None))
     except (MirrorHookError, ValueError, TypeError) as error:
         logger.error("%s", error)
+        return None
+    return symbol, plan
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """The ``report`` command."""
+    import os
+
+    from .mx.convert import normalize_inputs, symbol_to_graph
+    from .report import draw_report
+
+    loaded = _load_and_plan(args)
+    if loaded is None:
         return 2
+    symbol, plan = loaded
+    graph = symbol_to_graph(symbol, normalize_inputs(list(args.shape)))
+    draw_report(graph, plan, os.path.basename(args.symbol), args.output)
+    sys.stdout.write(f"{args.output}: {plan.summary()}\n")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """The ``plan`` command."""
+    loaded = _load_and_plan(args)
+    if loaded is None:
+        return 2
+    _, plan = loaded
     if args.output:
         plan.symbol.save(args.output)
     if args.json:
@@ -102,6 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "report":
+        return run_report(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
