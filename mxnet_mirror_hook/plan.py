@@ -229,9 +229,10 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     shapes = {spec.name: spec.shape for spec in inputs}
     types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
     all_inputs = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
-    for node in graph.nodes:  # labels MXNet inferred take part in the key too
+    for node in graph.nodes:  # labels MXNet inferred are bound and keyed like given ones
         if node.kind is NodeKind.INPUT and node.name not in shapes:
             all_inputs.append((node.name, tuple(node.output_shapes[0]), "float32"))
+            shapes[node.name] = tuple(node.output_shapes[0])
     key = PlanKey(structure=structure_hash(symbol, document), inputs=tuple(sorted(all_inputs)),
                   grad_req=grad_req_digest(requests), planner=planner, budget=budget.key,
                   mxnet_version=mx.__version__, context=context.device_type, keep_ops=kept_ops)

@@ -233,3 +233,57 @@ def test_cut_points_match_brute_force_on_random_dags(graph):
     expected = [n.name for i, n in enumerate(graph.nodes)
                 if region[i] and _all_paths_pass(graph, n.name)]
     assert graph.cut_points() == expected
+
+
+# ------------------------------------------------------------------ frontier cuts
+def lstm_like(steps=8):
+    """Two tensors (h, c) cross every step boundary together: no single-node cut points."""
+    b = GraphBuilder()
+    h = b.op("h0", "Activation", [b.input("data")])
+    c = b.op("c0", "Activation", [h])
+    for t in range(1, steps + 1):
+        gates = b.op(f"gates{t}", "FullyConnected", [h], with_weight=True)
+        mixed = b.op(f"mix{t}", "elemwise_add", [gates, c])
+        c = b.op(f"c{t}", "Activation", [mixed])
+        h = b.op(f"h{t}", "elemwise_mul", [c, gates])
+    label = b.input("label", (1,))
+    b.op("loss", "SoftmaxOutput", [h, label])
+    return b.build()
+
+
+def test_recurrent_graph_has_no_single_cut_points_but_small_frontiers():
+    from mxnet_mirror_hook.core.planners.frontier import frontiers
+
+    graph = lstm_like()
+    assert [n for n in graph.cut_points() if n.startswith(("mix", "gates"))] == []
+    found = frontiers(graph, 2)
+    crossing = [{graph.nodes[i].name for i in f.nodes} for f in found]
+    assert {"h3", "c3"} in crossing
+
+
+def test_auto_falls_back_to_frontier_cuts_on_recurrent_graphs():
+    graph = lstm_like(16)
+    outcome = get_planner("auto").plan(graph, parse_budget(None), model_measure(graph))
+    assert outcome.chosen.planned_mb < 0.7 * outcome.baseline_mb
+    assert "frontier" in outcome.chosen.decision.label
+
+
+def test_candidates_mxnet_refuses_are_skipped_but_a_refused_baseline_fails():
+    from mxnet_mirror_hook.errors import MeasurementError
+
+    graph = residual(4)
+    honest = model_measure(graph)
+
+    def picky(mirrored):
+        if len(mirrored) % 2:  # refuse some candidates, as MXNet's bind sometimes does
+            raise MeasurementError("refused")
+        return honest(mirrored)
+
+    outcome = get_planner("auto").plan(graph, parse_budget(None), picky)
+    assert all(len(c.decision.mirrored) % 2 == 0 for c in outcome.candidates)
+
+    def refuses_all(mirrored):
+        raise MeasurementError("refused")
+
+    with pytest.raises(MeasurementError):
+        get_planner("auto").plan(graph, parse_budget(None), refuses_all)

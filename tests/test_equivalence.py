@@ -173,10 +173,7 @@ def test_mirrored_training_equals_plain_training(architecture, planner):
     symbol, data_shape, label_shape = ARCHITECTURES[architecture]()
     plan = assert_same_training(symbol, data_shape, label_shape, planner)
     assert plan.planned_mb <= plan.baseline_mb or planner == RANDOM_PLANNER
-    if planner == RANDOM_PLANNER or architecture != "lstm":
-        # (the h and c of an LSTM step cross each step boundary together: without
-        # single-node cut points the auto planner may keep everything)
-        assert plan.mirrored, "this case must recompute something to mean anything"
+    assert plan.mirrored, "this case must recompute something to mean anything"
     assert not any(name.startswith("drop") for name in plan.mirrored)
 
 

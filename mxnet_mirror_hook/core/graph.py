@@ -94,7 +94,11 @@ class Node:
     @property
     def can_mirror(self) -> bool:
         """Whether MXNet would recompute this node if asked to."""
-        return self.kind is NodeKind.OP and self.op not in NEVER_MIRRORED_OPS and not self.pinned
+        # Operators without inputs (zeros for an RNN's begin state, random draws) cost
+        # nothing to keep, and MXNet cannot infer the shape of their recomputed copy
+        # when it came from their consumers.
+        return (self.kind is NodeKind.OP and self.op not in NEVER_MIRRORED_OPS
+                and not self.pinned and bool(self.inputs))
 
     @property
     def mirror_stage(self) -> Optional[str]:

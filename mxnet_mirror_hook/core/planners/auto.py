@@ -12,7 +12,9 @@
 #
 # After the seed's grid, the planner refines around the best threshold it
 # measured (the bracket between its neighbours), which costs a few more binds
-# and can only lower the result.
+# and can only lower the result.  When single-node cuts save less than 30%,
+# it also searches cuts where several tensors cross together
+# (NOTE [ frontier cuts ] in frontier.py).
 """
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ from ..budget import Budget
 from ..graph import Graph
 from . import register_planner
 from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
+from .frontier import frontier_decisions
 from .memonger import MB_SHIFT, search_thresholds, threshold_plan, user_stages
+
+#: Below this fraction of the baseline, single-node cuts are good enough.
+FRONTIER_FALLBACK_RATIO = 0.7
 
 __all__ = ["AutoPlanner", "auto_stages"]
 
@@ -51,23 +57,28 @@ class AutoPlanner(Planner):
 
     name = "auto"
 
-    def __init__(self, ntrial: int = 6, refine_steps: int = 4) -> None:
+    def __init__(self, ntrial: int = 6, refine_steps: int = 4, max_frontier: int = 8) -> None:
         self.ntrial = ntrial
         self.refine_steps = refine_steps
+        self.max_frontier = max_frontier
 
     def plan(self, graph: Graph, budget: Budget, measure: MeasureFn) -> PlanOutcome:
         stages = auto_stages(graph)
         evaluator = CandidateEvaluator(graph, measure)
         unmirrored = Decision(frozenset(), "unmirrored")
         if not stages:
-            return evaluator.outcome(budget, evaluator.evaluate(unmirrored))
+            baseline = evaluator.evaluate_many(
+                [unmirrored] + frontier_decisions(graph, self.max_frontier, self.ntrial))[0]
+            return evaluator.outcome(budget, baseline)
         unit_shift = unit_shift_for(graph)
         unit = "MB" if unit_shift == MB_SHIFT else "KB"
         searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
         results = evaluator.evaluate_many(
             [unmirrored] + [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched])
         baseline = results[0]
-        measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:])]
+        measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:]) if c is not None]
+        if not measured:
+            return evaluator.outcome(budget, baseline)
         thresholds = sorted({t for t, _ in measured})
         best_threshold = min(measured, key=lambda item: (item[1], item[0]))[0]
         position = thresholds.index(best_threshold)
@@ -80,4 +91,9 @@ class AutoPlanner(Planner):
                 result = threshold_plan(graph, threshold << unit_shift, stages)
                 refined.append(Decision(result.mirrored, f"threshold={threshold}{unit}(refined)"))
         evaluator.evaluate_many(refined)
+        best = min(c.planned_mb for c in evaluator.candidates)
+        if best > FRONTIER_FALLBACK_RATIO * baseline.planned_mb:
+            # Single-node cuts saved little (an unrolled RNN, long skips): try cuts
+            # where several tensors cross together (NOTE [ frontier cuts ]).
+            evaluator.evaluate_many(frontier_decisions(graph, self.max_frontier, self.ntrial))
         return evaluator.outcome(budget, baseline)

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
-from ...errors import BudgetUnreachableError
+from ...errors import BudgetUnreachableError, MeasurementError
 from ..budget import Budget
 from ..cost import recompute_overhead
 from ..graph import Graph
@@ -106,16 +106,17 @@ class CandidateEvaluator:
         self._seen: Dict[FrozenSet[str], Candidate] = {}
         self.candidates: List[Candidate] = []
 
-    def evaluate(self, decision: Decision) -> Candidate:
+    def evaluate(self, decision: Decision) -> Optional[Candidate]:
         """The candidate for ``decision``, measuring it only the first time."""
         return self.evaluate_many([decision])[0]
 
-    def evaluate_many(self, decisions: Sequence[Decision]) -> List[Candidate]:
-        """Candidates for ``decisions``; new ones are measured together.
+    def evaluate_many(self, decisions: Sequence[Decision]) -> List[Optional[Candidate]]:
+        """Candidates for ``decisions``, in order; new ones are measured together.
 
         When the measurement callback has a ``many`` method (the MXNet one
         does) the new decisions go to it in one call, which may bind them in
-        parallel.
+        parallel.  A decision MXNet refuses to bind is skipped with a warning
+        and comes back as ``None``; a refused unmirrored graph raises.
         """
         graph = self.graph
         effective = [Decision(frozenset(n for n in d.mirrored if graph.node(n).can_mirror), d.label)
@@ -125,17 +126,40 @@ class CandidateEvaluator:
             if decision.mirrored not in self._seen and decision.mirrored not in fresh:
                 fresh[decision.mirrored] = decision
         if fresh:
-            many = getattr(self._measure, "many", None)
             keys = list(fresh)
-            measured = many(keys) if many is not None else [self._measure(k) for k in keys]
+            measured = self._measure_all(keys, [fresh[k].label for k in keys])
             for key, planned_mb in zip(keys, measured):
+                if planned_mb is None:
+                    continue
                 candidate = Candidate(fresh[key], float(planned_mb),
                                       recompute_overhead(graph, key))
                 logger.debug("candidate %s: %.0f MB, overhead %.3f", candidate.decision.label,
                              candidate.planned_mb, candidate.overhead)
                 self._seen[key] = candidate
                 self.candidates.append(candidate)
-        return [self._seen[d.mirrored] for d in effective]
+        return [self._seen.get(d.mirrored) for d in effective]
+
+    def _measure_all(self, keys: List[FrozenSet[str]], labels: List[str]) -> List[Optional[float]]:
+        """Measure ``keys``; a candidate MXNet refuses gets ``None`` (with a warning).
+
+        The unmirrored graph is never refused silently: if it fails, so does planning.
+        """
+        many = getattr(self._measure, "many", None)
+        try:
+            return list(many(keys)) if many is not None else [self._measure(k) for k in keys]
+        except MeasurementError:
+            if len(keys) == 1 and not keys[0]:
+                raise
+        results: List[Optional[float]] = []
+        for key, label in zip(keys, labels):
+            try:
+                results.append(float(self._measure(key)))
+            except MeasurementError as error:
+                if not key:
+                    raise
+                logger.warning("skipping candidate %s: %s", label, error)
+                results.append(None)
+        return results
 
     def outcome(self, budget: Budget, baseline: Candidate) -> PlanOutcome:
         """Choose among everything measured so far."""
