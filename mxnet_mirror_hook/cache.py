@@ -68,6 +68,8 @@ class PlanKey:
         ``'cpu'`` or ``'gpu'``.
     keep_ops : tuple of str
         Operator types the plan must not recompute.
+    plugin_version : str
+        mxnet-mirror-hook's version (its planners and rules may change).
     """
 
     structure: str
@@ -78,6 +80,7 @@ class PlanKey:
     mxnet_version: str
     context: str
     keep_ops: Tuple[str, ...] = ()
+    plugin_version: str = ""
 
     def as_json(self) -> Dict[str, Any]:
         """A JSON-safe form of the key."""
@@ -85,7 +88,7 @@ class PlanKey:
                 "inputs": [[name, list(shape), dtype] for name, shape, dtype in self.inputs],
                 "grad_req": self.grad_req, "planner": self.planner, "budget": self.budget,
                 "mxnet_version": self.mxnet_version, "context": self.context,
-                "keep_ops": list(self.keep_ops)}
+                "keep_ops": list(self.keep_ops), "plugin_version": self.plugin_version}
 
     @property
     def digest(self) -> str:

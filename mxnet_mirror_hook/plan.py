@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import mxnet as mx
 import numpy as np
 
+from ._version import __version__
 from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
 from .core.budget import BudgetLike, parse_budget
 from .core.cost import recompute_overhead
@@ -235,13 +236,14 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
             shapes[node.name] = tuple(node.output_shapes[0])
     key = PlanKey(structure=structure_hash(symbol, document), inputs=tuple(sorted(all_inputs)),
                   grad_req=grad_req_digest(requests), planner=planner, budget=budget.key,
-                  mxnet_version=mx.__version__, context=context.device_type, keep_ops=kept_ops)
+                  mxnet_version=mx.__version__, context=context.device_type, keep_ops=kept_ops,
+                  plugin_version=__version__)
     cache: PlanCache = get_cache(cache_dir)
     template = MirrorTemplate(symbol, document)
 
     cached = cache.get(key)
     if cached is not None:
-        if all(name in graph for name in cached["mirrored"]):
+        if all(name in graph and graph.node(name).can_mirror for name in cached["mirrored"]):
             plan = MirrorPlan(
                 symbol=template.build(frozenset(cached["mirrored"])),
                 baseline_mb=float(cached["baseline_mb"]), planned_mb=float(cached["planned_mb"]),
@@ -251,7 +253,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 planning_seconds=time.perf_counter() - started, from_cache=True)
             logger.info("%s", plan.summary())
             return plan
-        logger.warning("plan cache: entry names nodes this symbol lacks; planning again")
+        logger.warning("plan cache: entry names nodes this symbol lacks or that may no longer be "
+                       "recomputed; planning again")
         cache.forget(key)
 
     prestart_workers()  # they import MXNet while the parent checks the cache

@@ -100,6 +100,30 @@ def test_entry_naming_nodes_the_symbol_lacks_is_replanned(isolated_cache, caplog
     assert "lacks" in caplog.text
 
 
+def test_entry_recomputing_a_node_the_rules_now_forbid_is_replanned(isolated_cache, caplog):
+    symbol = small_resnet(4, 16)
+    first = plan_mirror(symbol, DATA)
+    (entry,) = _entries(isolated_cache)
+    path = os.path.join(isolated_cache, entry)
+    with open(path) as handle:
+        document = json.load(handle)
+    kept = [n for n in ("block0_a_conv", "stem_conv") if n not in first.mirrored]
+    document["plan"]["mirrored"] = list(first.mirrored) + kept
+    with open(path, "w") as handle:
+        json.dump(document, handle)
+    get_cache(None)._memory.clear()
+    # keep_ops changes the key, so simulate an old entry under the new key instead:
+    again = plan_mirror(symbol, DATA)
+    assert again.from_cache  # still valid: convolutions may be recomputed
+    document["plan"]["mirrored"].append("softmax_label")  # a variable can never be recomputed
+    with open(path, "w") as handle:
+        json.dump(document, handle)
+    get_cache(None)._memory.clear()
+    with caplog.at_level(logging.WARNING):
+        third = plan_mirror(symbol, DATA)
+    assert not third.from_cache and "no longer" in caplog.text
+
+
 @pytest.mark.skipif(os.name != "posix", reason="permission bits")
 def test_unwritable_directory_degrades_to_memory_only(tmp_path, caplog):
     locked = tmp_path / "locked"

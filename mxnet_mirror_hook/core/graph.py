@@ -20,8 +20,12 @@ __all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
 #: their moving statistics in the forward call (or are not known not to), so
 #: a recomputed copy would update them twice; plain ``BatchNorm`` is safe and
 #: handled in :mod:`mxnet_mirror_hook.mx.apply`.
+#: ``Embedding`` binds when recomputed but its kernel then fails in forward
+#: (``Check failed: req[embedding::kOut] == kWriteTo``, MXNet 1.9.1, seen on a
+#: bucketed LSTM language model); its output is small, so it is always kept.
 NEVER_MIRRORED_OPS = frozenset({"Dropout", "CuDNNBatchNorm", "BatchNorm_v1",
-                                "_contrib_SyncBatchNorm", "SyncBatchNorm"})
+                                "_contrib_SyncBatchNorm", "SyncBatchNorm",
+                                "Embedding", "_contrib_SparseEmbedding"})
 
 #: Loss operators whose second input is a label, not something to differentiate.
 LOSS_OPS = frozenset({"SoftmaxOutput", "LinearRegressionOutput", "LogisticRegressionOutput",
