@@ -12,7 +12,9 @@
 #
 # After the seed's grid, the planner refines around the best threshold it
 # measured (the bracket between its neighbours), which costs a few more binds
-# and can only lower the result.  When single-node cuts save less than 30%,
+# and can only lower the result.  The selective decisions (keep expensive
+# outputs, recompute cheap ones: MXNet's own MXNET_BACKWARD_DO_MIRROR rule) are
+# measured alongside.  When single-node cuts save less than 30%,
 # it also searches cuts where several tensors cross together
 # (NOTE [ frontier cuts ] in frontier.py).
 """
@@ -25,6 +27,7 @@ from ..graph import Graph
 from . import register_planner
 from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
 from .frontier import frontier_decisions
+from .selective import selective_decisions
 from .memonger import MB_SHIFT, search_thresholds, threshold_plan, user_stages
 
 #: Below this fraction of the baseline, single-node cuts are good enough.
@@ -68,13 +71,15 @@ class AutoPlanner(Planner):
         unmirrored = Decision(frozenset(), "unmirrored")
         if not stages:
             baseline = evaluator.evaluate_many(
-                [unmirrored] + frontier_decisions(graph, self.max_frontier, self.ntrial))[0]
+                [unmirrored] + selective_decisions(graph)
+                + frontier_decisions(graph, self.max_frontier, self.ntrial))[0]
             return evaluator.outcome(budget, baseline)
         unit_shift = unit_shift_for(graph)
         unit = "MB" if unit_shift == MB_SHIFT else "KB"
         searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
         results = evaluator.evaluate_many(
-            [unmirrored] + [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched])
+            [unmirrored] + [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
+            + selective_decisions(graph))
         baseline = results[0]
         measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:]) if c is not None]
         if not measured:
