@@ -21,15 +21,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kvstore", ["dist_sync", "dist_device_sync"])
-def test_two_workers_train_a_mirrored_model_to_identical_parameters(kvstore, tmp_path):
+@pytest.mark.parametrize("kvstore, surface", [("dist_sync", "module"),
+                                              ("dist_device_sync", "module"),
+                                              ("dist_sync", "gluon")])
+def test_two_workers_train_a_mirrored_model_to_identical_parameters(kvstore, surface, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, DMLC_PS_ROOT_URI="127.0.0.1",
                DMLC_PS_ROOT_PORT=str(_free_port()), DMLC_NUM_SERVER="1", DMLC_NUM_WORKER="2",
                DMLC_INTERFACE="lo", PS_VERBOSE="0")
     roles = [("scheduler", [sys.executable, "-c", "import mxnet"]),
              ("server", [sys.executable, "-c", "import mxnet"]),
-             ("worker", [sys.executable, WORKER, kvstore, str(tmp_path)]),
-             ("worker", [sys.executable, WORKER, kvstore, str(tmp_path)])]
+             ("worker", [sys.executable, WORKER, kvstore, str(tmp_path), surface]),
+             ("worker", [sys.executable, WORKER, kvstore, str(tmp_path), surface])]
     processes = [subprocess.Popen(command, env=dict(env, DMLC_ROLE=role), cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for role, command in roles]
