@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "parse_shape", "SUBCOMMANDS"]
 

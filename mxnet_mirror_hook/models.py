@@ -5,7 +5,7 @@ builds a gluoncv model (random weights) and traces it to a symbol.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import mxnet as mx
 

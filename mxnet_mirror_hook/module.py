@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import mxnet as mx
 from mxnet.module.executor_group import _split_input_slice
@@ -173,9 +173,8 @@ class MirroredModule(mx.mod.Module):
             return
         logger.info("new input shapes need a different mirror plan; rebinding executors")
         if self.params_initialized:
-            self._sync_params_from_devices()
-        optimizer_state = (self._optimizer, self._kvstore, self._update_on_kvstore,
-                           self._updater, self.optimizer_initialized)
+            self._sync_params_from_devices()  # Module.bind copies them into the new executors
+        # Module.bind keeps the optimizer, updater and kvstore; only executors are new.
         self._symbol = plan.symbol
         try:
             super().bind(descs_data, descs_label, for_training=self.for_training,
@@ -183,8 +182,6 @@ class MirroredModule(mx.mod.Module):
                          grad_req=self._grad_req)
         finally:
             self._symbol = self._user_symbol
-        (self._optimizer, self._kvstore, self._update_on_kvstore, self._updater,
-         self.optimizer_initialized) = optimizer_state
         self.mirror_plan = plan
 
     # --------------------------------------------------------------- checkpoint

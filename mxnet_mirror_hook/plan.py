@@ -18,7 +18,7 @@ from .core.graph import Graph, NodeKind
 from .core.planners import get_planner
 from .errors import ShapeError
 from .mx.apply import MirrorTemplate
-from .mx.convert import InputSpec, normalize_inputs, structure_hash, symbol_to_graph
+from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
 from .mx.measure import planned_mb_many, prestart_workers, to_context
 
 __all__ = ["MirrorPlan", "plan_mirror"]

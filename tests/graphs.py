@@ -1,7 +1,7 @@
 """Tiny hand-built forward graphs for the core tests (no MXNet)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
 

@@ -1,7 +1,7 @@
 """Training helpers shared by the equivalence tests."""
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -36,3 +36,17 @@ def max_difference(left: Dict[str, np.ndarray], right: Dict[str, np.ndarray]) ->
     """Largest absolute difference over arrays with the same names (names must match)."""
     assert sorted(left) == sorted(right)
     return max(float(np.abs(left[k] - right[k]).max()) for k in left)
+
+
+class SyncedModule(mx.mod.Module):
+    """The plain reference, with MXNet 1.9.1's stale BatchNorm read fixed as MirroredModule does.
+
+    ``Module.fit`` copies parameters off the devices and back at each epoch end;
+    with MKLDNN BatchNorm that copy can read moving statistics the engine has
+    not yet written, so two identical plain runs in one process disagree
+    (see NOTE [ reading BatchNorm statistics ] in module.py).
+    """
+
+    def _sync_params_from_devices(self):
+        mx.nd.waitall()
+        super()._sync_params_from_devices()

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import mxnet as mx
 import pytest
 
 from mxnet_mirror_hook.cli import main

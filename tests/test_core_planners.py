@@ -1,7 +1,6 @@
 """Planners, budgets and the cost model on hand-built graphs (no MXNet)."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 from hypothesis import given, settings, strategies as st

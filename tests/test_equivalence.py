@@ -8,7 +8,7 @@ that recomputes a random half of the graph exercises decisions no heuristic make
 from __future__ import annotations
 
 import random
-from typing import Dict, Tuple
+from typing import Dict
 
 import mxnet as mx
 import numpy as np
@@ -19,6 +19,7 @@ from mxnet_mirror_hook import MirroredModule, plan_mirror
 from mxnet_mirror_hook.core.planners import _REGISTRY, register_planner
 from mxnet_mirror_hook.core.planners.base import CandidateEvaluator, Decision, Planner
 from mxnet_mirror_hook.models import small_resnet
+from tests.helpers import SyncedModule
 
 RANDOM_PLANNER = "test-random-half"
 
@@ -41,14 +42,6 @@ class RandomHalfPlanner(Planner):
 
 if RANDOM_PLANNER not in _REGISTRY:
     register_planner(RANDOM_PLANNER)(RandomHalfPlanner)
-
-
-class SyncedModule(mx.mod.Module):
-    """Plain Module with MXNet 1.9.1's stale BatchNorm read fixed (see test_module.py)."""
-
-    def _sync_params_from_devices(self):
-        mx.nd.waitall()
-        super()._sync_params_from_devices()
 
 
 # ----------------------------------------------------------------- architectures

@@ -8,7 +8,6 @@ import sys
 import textwrap
 import threading
 
-import mxnet as mx
 import pytest
 
 from mxnet_mirror_hook import MirroredModule, plan_mirror

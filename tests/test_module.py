@@ -8,7 +8,7 @@ import pytest
 from mxnet_mirror_hook import MirroredModule, ShapeError, UnknownPlannerError, plan_mirror
 from mxnet_mirror_hook.models import small_resnet
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR
-from tests.helpers import batches, max_difference, train
+from tests.helpers import SyncedModule, batches, max_difference, train
 
 SHAPE = (8, 3, 64, 64)
 CLASSES = 10
@@ -91,20 +91,6 @@ def test_checkpoint_holds_the_users_symbol_and_loads_in_both_modules(symbol, tmp
     saved_args, _ = module.get_params()
     for name in saved_args:
         np.testing.assert_array_equal(loaded_args[name].asnumpy(), saved_args[name].asnumpy())
-
-
-class SyncedModule(mx.mod.Module):
-    """The plain reference, with MXNet 1.9.1's stale BatchNorm read fixed as MirroredModule does.
-
-    ``Module.fit`` copies parameters off the devices and back at each epoch end;
-    with MKLDNN BatchNorm that copy can read moving statistics the engine has
-    not yet written, so two identical plain runs in one process disagree
-    (see NOTE [ reading BatchNorm statistics ] in module.py).
-    """
-
-    def _sync_params_from_devices(self):
-        mx.nd.waitall()
-        super()._sync_params_from_devices()
 
 
 def test_reference_module_with_the_sync_fix_is_reproducible(symbol):

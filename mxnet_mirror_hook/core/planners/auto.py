@@ -20,7 +20,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 from ..budget import Budget
 from ..graph import Graph

@@ -17,10 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import FrozenSet, List, Tuple
 
-from ..budget import Budget
 from ..graph import Graph, NodeKind
 from . import register_planner
-from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
+from .base import Decision, Planner
 
 __all__ = ["Frontier", "frontiers", "frontier_plan", "FrontierPlanner"]
 
