@@ -19,7 +19,7 @@ from .core.planners import get_planner
 from .errors import ShapeError
 from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
-from .mx.measure import planned_mb_many, prestart_workers, to_context
+from .mx.measure import planned_mb_many, to_context
 
 __all__ = ["MirrorPlan", "plan_mirror"]
 
@@ -241,38 +241,38 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     cache: PlanCache = get_cache(cache_dir)
     template = MirrorTemplate(symbol, document)
 
+    def finish(mirrored: Sequence[str], baseline_mb: float, planned_mb: float, overhead: float,
+               from_cache: bool, candidates: Optional[List[Dict[str, Any]]] = None) -> MirrorPlan:
+        """The plan for a decision, whether just planned or from the cache."""
+        plan = MirrorPlan(
+            symbol=template.build(frozenset(mirrored)), baseline_mb=baseline_mb,
+            planned_mb=planned_mb, mirrored=tuple(mirrored), planner=planner, overhead=overhead,
+            budget=str(budget), context=context.device_type,
+            kept_count=len(graph.op_nodes) - len(mirrored),
+            planning_seconds=time.perf_counter() - started, from_cache=from_cache,
+            candidates=candidates or [])
+        logger.info("%s", plan.summary())
+        return plan
+
     cached = cache.get(key)
     if cached is not None:
         if all(name in graph and graph.node(name).can_mirror for name in cached["mirrored"]):
-            plan = MirrorPlan(
-                symbol=template.build(frozenset(cached["mirrored"])),
-                baseline_mb=float(cached["baseline_mb"]), planned_mb=float(cached["planned_mb"]),
-                mirrored=tuple(cached["mirrored"]), planner=planner,
-                overhead=float(cached["overhead"]), budget=str(budget), context=context.device_type,
-                kept_count=len(graph.op_nodes) - len(cached["mirrored"]),
-                planning_seconds=time.perf_counter() - started, from_cache=True)
-            logger.info("%s", plan.summary())
-            return plan
+            return finish(cached["mirrored"], float(cached["baseline_mb"]),
+                          float(cached["planned_mb"]), float(cached["overhead"]), from_cache=True)
         logger.warning("plan cache: entry names nodes this symbol lacks or that may no longer be "
                        "recomputed; planning again")
         cache.forget(key)
 
-    prestart_workers()  # they import MXNet while the parent checks the cache
     measure = _BindMeasure(template, context, shapes, types, requests)
     outcome = chosen_planner.plan(graph, budget, measure)
     chosen = outcome.chosen
     order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
-    plan = MirrorPlan(
-        symbol=template.build(chosen.decision.mirrored), baseline_mb=outcome.baseline_mb,
-        planned_mb=chosen.planned_mb, mirrored=tuple(order), planner=planner,
-        overhead=recompute_overhead(graph, order), budget=str(budget),
-        context=context.device_type, kept_count=len(graph.op_nodes) - len(order),
-        planning_seconds=time.perf_counter() - started, from_cache=False,
-        candidates=[{"label": c.decision.label, "planned_mb": c.planned_mb,
-                     "overhead": c.overhead, "mirrored_count": len(c.decision.mirrored)}
-                    for c in outcome.candidates])
+    plan = finish(order, outcome.baseline_mb, chosen.planned_mb,
+                  recompute_overhead(graph, order), from_cache=False,
+                  candidates=[{"label": c.decision.label, "planned_mb": c.planned_mb,
+                               "overhead": c.overhead, "mirrored_count": len(c.decision.mirrored)}
+                              for c in outcome.candidates])
     cache.put(key, {"mirrored": list(order), "baseline_mb": plan.baseline_mb,
                     "planned_mb": plan.planned_mb, "overhead": plan.overhead,
                     "label": chosen.decision.label})
-    logger.info("%s", plan.summary())
     return plan

@@ -7,6 +7,17 @@ import mxnet as mx
 import numpy as np
 
 
+def dropout_mlp(layers: int, hidden: int = 1024, classes: int = 10) -> "mx.sym.Symbol":
+    """Dense, ReLU and Dropout layers (``fc<i>``, ``relu<i>``, ``drop<i>``), then a classifier."""
+    x = mx.sym.var("data")
+    for i in range(layers):
+        x = mx.sym.FullyConnected(x, num_hidden=hidden, name=f"fc{i}")
+        x = mx.sym.Activation(x, act_type="relu", name=f"relu{i}")
+        x = mx.sym.Dropout(x, p=0.3, name=f"drop{i}")
+    x = mx.sym.FullyConnected(x, num_hidden=classes, name="out")
+    return mx.sym.SoftmaxOutput(x, name="softmax")
+
+
 def batches(count: int, data_shape: Tuple[int, ...], classes: int, seed: int = 1):
     """Deterministic synthetic batches."""
     rng = np.random.RandomState(seed)

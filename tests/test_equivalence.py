@@ -19,7 +19,7 @@ from mxnet_mirror_hook import MirroredModule, plan_mirror
 from mxnet_mirror_hook.core.planners import _REGISTRY, register_planner
 from mxnet_mirror_hook.core.planners.base import CandidateEvaluator, Decision, Planner
 from mxnet_mirror_hook.models import small_resnet
-from tests.helpers import SyncedModule
+from tests.helpers import SyncedModule, dropout_mlp
 
 RANDOM_PLANNER = "test-random-half"
 
@@ -105,13 +105,7 @@ def unet_like():
 
 
 def mlp_with_dropout():
-    x = mx.sym.var("data")
-    for i in range(4):
-        x = mx.sym.FullyConnected(x, num_hidden=1024, name=f"fc{i}")
-        x = mx.sym.Activation(x, act_type="relu", name=f"relu{i}")
-        x = mx.sym.Dropout(x, p=0.3, name=f"drop{i}")
-    x = mx.sym.FullyConnected(x, num_hidden=10, name="out")
-    return mx.sym.SoftmaxOutput(x, name="softmax"), (256, 1024), (256,)
+    return dropout_mlp(4), (256, 1024), (256,)
 
 
 def residual():

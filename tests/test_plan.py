@@ -1,13 +1,13 @@
 """plan_mirror: results, never-worse, budgets, and errors on bad input."""
 from __future__ import annotations
 
-import mxnet as mx
 import pytest
 
 from mxnet_mirror_hook import (BudgetError, BudgetUnreachableError, ShapeError,
                                UnknownPlannerError, plan_mirror)
 from mxnet_mirror_hook.models import preact_resnet_cifar, small_resnet
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR
+from tests.helpers import dropout_mlp
 
 DATA = [("data", (16, 3, 64, 64))]
 LABEL = [("softmax_label", (16,))]
@@ -106,14 +106,7 @@ def test_symbol_with_nothing_to_train_is_refused(resnet):
 
 
 def test_dropout_is_never_in_a_plan():
-    x = mx.sym.var("data")
-    for i in range(6):
-        x = mx.sym.FullyConnected(x, num_hidden=1024, name=f"fc{i}")
-        x = mx.sym.Activation(x, act_type="relu", name=f"relu{i}")
-        x = mx.sym.Dropout(x, p=0.3, name=f"drop{i}")
-    symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=10, name="out"),
-                                  name="softmax")
-    plan = plan_mirror(symbol, [("data", (256, 1024))])
+    plan = plan_mirror(dropout_mlp(6), [("data", (256, 1024))])
     assert not any(name.startswith("drop") for name in plan.mirrored)
 
 

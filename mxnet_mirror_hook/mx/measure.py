@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import MeasurementError
 
-__all__ = ["planned_mb", "planned_mb_many", "prestart_workers", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
+__all__ = ["planned_mb", "planned_mb_many", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
            "MEASURE_MODE_ENV"]
 
 MEASURE_MODE_ENV = "MXNET_MIRROR_HOOK_MEASURE"
@@ -91,16 +91,6 @@ def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Con
               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
     return get_pool().measure_many([dict(common, symbol=text) for text in texts])
-
-
-def prestart_workers() -> None:
-    """Start the measuring processes early, unless measurements run in-process."""
-    import os
-
-    if os.environ.get(MEASURE_MODE_ENV, "worker").lower() != "inprocess":
-        from .worker import get_pool
-
-        get_pool().start()
 
 
 def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],

@@ -80,12 +80,6 @@ class MeasureWorker:
             process.kill()
             process.wait()
 
-    def start(self) -> None:
-        """Start the child now (it imports MXNet while the caller works on)."""
-        with self._lock:
-            if self._process is None or self._process.poll() is not None:
-                self._process = self._start()
-
     def measure(self, request: Mapping[str, Any]) -> float:
         """Send one request and return the planned MB.
 
@@ -189,11 +183,6 @@ class WorkerPool:
         if errors:
             raise errors[0]
         return [float(r) for r in results]  # type: ignore[arg-type]
-
-    def start(self) -> None:
-        """Start every worker process without waiting for it."""
-        for worker in self.workers:
-            worker.start()
 
     @property
     def restarts(self) -> int:

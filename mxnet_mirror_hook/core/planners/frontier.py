@@ -13,13 +13,13 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import FrozenSet, List, Tuple
 
 from ..graph import Graph, NodeKind
 from . import register_planner
 from .base import Decision, Planner
+from .memonger import seed_threshold_sequence
 
 __all__ = ["Frontier", "frontiers", "frontier_plan", "FrontierPlanner"]
 
@@ -87,24 +87,16 @@ def frontier_plan(graph: Graph, threshold_bytes: int, candidates: List[Frontier]
 
 
 def frontier_decisions(graph: Graph, max_frontier: int, ntrial: int = 6) -> List[Decision]:
-    """The seed's threshold sequence (three guesses, then a grid), over frontier cuts."""
+    """The seed's threshold sequence (in bytes) over frontier cuts."""
     candidates = frontiers(graph, max_frontier)
     if not candidates:
         return []
-    decisions: List[Decision] = []
-    threshold, smallest = 0, None
-    for _ in range(3):
-        mirrored, segment, saved = frontier_plan(graph, threshold, candidates)
-        decisions.append(Decision(mirrored, f"frontier<={max_frontier},threshold={threshold >> 10}KB"))
-        smallest = segment if smallest is None else min(smallest, segment)
-        threshold = int(math.sqrt(saved * segment / 2))
-    step = int((threshold * math.sqrt(2) - smallest) / ntrial)
-    if step > 0:
-        for k in range(1, ntrial + 1):
-            value = smallest + k * step
-            mirrored, _, _ = frontier_plan(graph, value, candidates)
-            decisions.append(Decision(mirrored, f"frontier<={max_frontier},threshold={value >> 10}KB"))
-    return decisions
+
+    def apply(threshold_bytes: int) -> Tuple[FrozenSet[str], int, int]:
+        return frontier_plan(graph, threshold_bytes, candidates)
+
+    return [Decision(mirrored, f"frontier<={max_frontier},threshold={threshold >> 10}KB")
+            for threshold, mirrored in seed_threshold_sequence(apply, ntrial, unit_shift=0)]
 
 
 @register_planner("frontier")

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Mapping, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Tuple, TypeVar
 
 from ..graph import Graph, NodeKind
 from . import register_planner
 from .base import Decision, Planner
 
-__all__ = ["ThresholdResult", "threshold_plan", "search_thresholds", "MemongerPlanner", "user_stages"]
+__all__ = ["ThresholdResult", "threshold_plan", "seed_threshold_sequence", "search_thresholds", "MemongerPlanner", "user_stages"]
 
 MB_SHIFT = 20
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -108,53 +109,64 @@ def threshold_plan(graph: Graph, threshold_bytes: int, stages: Mapping[str, str]
     return ThresholdResult(mirrored, tuple(kept), max_segment, saved)
 
 
-def search_thresholds(graph: Graph, stages: Mapping[str, str], ntrial: int = 6,
-                      nbegin: int = 3, unit_shift: int = MB_SHIFT) -> List[Tuple[int, ThresholdResult]]:
-    """The thresholds the seed's search tries, with the plan of each.
+def seed_threshold_sequence(apply: Callable[[int], Tuple[R, int, int]], ntrial: int = 6,
+                            nbegin: int = 3, unit_shift: int = MB_SHIFT) -> List[Tuple[int, R]]:
+    """The seed's search sequence over any threshold heuristic.
 
-    The sequence depends only on the graph, not on measurements, so the
-    planner can measure them in any order.
+    Threshold 0 first, then ``nbegin - 1`` guesses ``sqrt(saved * segment / 2)``
+    from the previous plan, then ``ntrial`` evenly spaced thresholds from the
+    smallest segment seen to ``sqrt(2)`` times the last guess.  The sequence
+    depends only on the graph, not on measurements, so a planner can measure
+    the plans in any order.
 
     Parameters
     ----------
-    graph : Graph
-        The forward graph.
-    stages : mapping of str to str
-        Stage labels, as for :func:`threshold_plan`.
+    apply : callable
+        ``apply(threshold_bytes) -> (plan, max_segment_bytes, saved_bytes)``.
     ntrial : int
-        Grid steps after the three first guesses (the seed's ``ntrial``).
+        Grid steps after the first guesses (the seed's ``ntrial``).
     nbegin : int
-        Number of refined first guesses (the seed's 3).
+        Number of first guesses (the seed's 3).
     unit_shift : int
         Thresholds are whole multiples of ``1 << unit_shift`` bytes: 20 (MB) as
-        in the seed; smaller graphs are searched in KB (10).
+        in the seed, 10 (KB) for small graphs, 0 for bytes.
 
     Returns
     -------
-    list of (int, ThresholdResult)
+    list of (int, plan)
         Threshold in units, and the plan it gives.
     """
-    tried: List[Tuple[int, ThresholdResult]] = []
+    tried: List[Tuple[int, R]] = []
     threshold = 0
     min_threshold = None
     for _ in range(nbegin):
-        result = threshold_plan(graph, threshold << unit_shift, stages)
-        tried.append((threshold, result))
-        saved_mb = result.saved_bytes >> unit_shift
-        local_mb = result.max_segment_bytes >> unit_shift
-        guess = int(math.sqrt(saved_mb * local_mb / 2))
-        if min_threshold is None or local_mb < min_threshold:
-            min_threshold = local_mb
-        threshold = guess
+        plan, segment_bytes, saved_bytes = apply(threshold << unit_shift)
+        tried.append((threshold, plan))
+        saved = saved_bytes >> unit_shift
+        local = segment_bytes >> unit_shift
+        if min_threshold is None or local < min_threshold:
+            min_threshold = local
+        threshold = int(math.sqrt(saved * local / 2))
     assert min_threshold is not None
-    max_threshold = threshold * math.sqrt(2)
-    step = int((max_threshold - min_threshold) / ntrial)
-    threshold = min_threshold + step
+    step = int((threshold * math.sqrt(2) - min_threshold) / ntrial)
     if step > 0:
-        for _ in range(ntrial):
-            tried.append((threshold, threshold_plan(graph, threshold << unit_shift, stages)))
-            threshold += step
+        for k in range(1, ntrial + 1):
+            value = min_threshold + k * step
+            tried.append((value, apply(value << unit_shift)[0]))
     return tried
+
+
+def search_thresholds(graph: Graph, stages: Mapping[str, str], ntrial: int = 6,
+                      nbegin: int = 3, unit_shift: int = MB_SHIFT) -> List[Tuple[int, ThresholdResult]]:
+    """The thresholds the seed's search tries over stage nodes, with the plan of each.
+
+    See :func:`seed_threshold_sequence`; ``stages`` are as for :func:`threshold_plan`.
+    """
+    def apply(threshold_bytes: int) -> Tuple[ThresholdResult, int, int]:
+        result = threshold_plan(graph, threshold_bytes, stages)
+        return result, result.max_segment_bytes, result.saved_bytes
+
+    return seed_threshold_sequence(apply, ntrial, nbegin, unit_shift)
 
 
 def threshold_decisions(graph: Graph, stages: Mapping[str, str], ntrial: int = 6) -> List[Decision]:
