@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 __all__ = ["main", "build_parser", "parse_shape", "SUBCOMMANDS"]
 
 #: Subcommands of ``mxnet-mirror``; ``python -m mxnet_mirror_hook`` runs a script otherwise.
-SUBCOMMANDS = ("plan", "report")
+SUBCOMMANDS = ("plan", "report", "pareto")
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--budget", default=None, help="memory budget, as for plan")
     report.add_argument("--no-cache", action="store_true", help="do not use the disk cache")
     report.add_argument("-o", "--output", default="mirror-report.png", help="PNG to write")
+    pareto = commands.add_parser(
+        "pareto", help="memory against recomputation for our plans, the seed's and "
+        "MXNET_BACKWARD_DO_MIRROR=1 (CSV and PNG)")
+    pareto.add_argument("symbol", help="SYMBOL.json")
+    pareto.add_argument("--shape", action="append", type=parse_shape, required=True,
+                        metavar="NAME=D1,D2,...", help="shape of a data or label input (repeat)")
+    pareto.add_argument("--measure", action="store_true",
+                        help="also time training iterations on the CPU (our front, the seed's best, "
+                        "MXNET_BACKWARD_DO_MIRROR=1) against the plain symbol")
+    pareto.add_argument("--repeats", type=int, default=3, help="timed iterations per plan")
+    pareto.add_argument("--csv", default="pareto.csv", help="CSV to write")
+    pareto.add_argument("--png", default="pareto.png", help="PNG to write")
     return parser
 
 
@@ -101,6 +113,42 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pareto(args: argparse.Namespace) -> int:
+    """The ``pareto`` command."""
+    import os
+
+    import mxnet as mx
+
+    from .errors import MirrorHookError
+    from .pareto import draw_pareto, pareto_points, write_csv
+
+    if args.repeats < 1:
+        logger.error("--repeats must be at least 1, got %d", args.repeats)
+        return 2
+    try:
+        symbol = mx.sym.load(args.symbol)
+    except (OSError, mx.base.MXNetError) as error:
+        logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
+        return 2
+    try:
+        points = pareto_points(symbol, list(args.shape), measure_time=args.measure,
+                               repeats=args.repeats)
+    except (MirrorHookError, ValueError, TypeError) as error:
+        logger.error("%s", error)
+        return 2
+    write_csv(points, args.csv)
+    draw_pareto(points, os.path.basename(args.symbol), args.png)
+    lines = [f"{'source':<28} {'MB':>8} {'x base':>7} {'est.':>7} {'meas.':>7}  label"]
+    for point in points:
+        measured = "" if point.measured_overhead is None else f"{point.measured_overhead:.1%}"
+        mark = "*" if point.on_front else " "
+        lines.append(f"{point.source:<28} {point.planned_mb:>8.1f} {point.ratio:>7.2f} "
+                     f"{point.estimated_overhead:>7.1%} {measured:>7} {mark}{point.label}")
+    lines.append(f"(* = on our Pareto front)  wrote {args.csv} and {args.png}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """The ``plan`` command."""
     loaded = _load_and_plan(args)
@@ -138,6 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_plan(args)
     if args.command == "report":
         return run_report(args)
+    if args.command == "pareto":
+        return run_pareto(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

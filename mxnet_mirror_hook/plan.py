@@ -21,7 +21,7 @@ from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
 from .mx.measure import planned_mb_many, to_context
 
-__all__ = ["MirrorPlan", "plan_mirror"]
+__all__ = ["MirrorPlan", "plan_mirror", "prepare_planning", "PlanningSetup"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,62 @@ def _validate_grad_req(grad_req: Union[str, Dict[str, str]]) -> None:
             raise ValueError(f"grad_req must be one of {allowed} (or a dict of them), got {grad_req!r}")
 
 
+@dataclass
+class PlanningSetup:
+    """Everything planning needs from a symbol and its inputs (see :func:`prepare_planning`)."""
+
+    graph: Graph
+    template: MirrorTemplate
+    measure: "_BindMeasure"
+    context: Any
+    document: Dict[str, Any]
+    requests: Dict[str, str]
+    all_inputs: List[Tuple[str, Tuple[int, ...], Any]]
+    kept_ops: Tuple[str, ...]
+
+
+def prepare_planning(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
+                     ctx: Union[None, str, "mx.Context"] = None,
+                     grad_req: Union[str, Dict[str, str]] = "write",
+                     fixed_param_names: Optional[Sequence[str]] = None,
+                     inputs_need_grad: bool = False,
+                     keep_ops: Optional[Iterable[str]] = None) -> PlanningSetup:
+    """Check a symbol and its inputs and build the graph, template and measurement callback.
+
+    Parameters are as for :func:`plan_mirror`; the errors too.
+    """
+    if not isinstance(symbol, mx.sym.Symbol):
+        raise TypeError(f"symbol must be an mx.sym.Symbol, got {type(symbol).__name__}")
+    _validate_grad_req(grad_req)
+    context = to_context(ctx)
+    inputs = normalize_inputs(data_shapes, "data") + normalize_inputs(label_shapes, "label")
+    if not inputs:
+        raise ShapeError("data_shapes is empty; give at least the shape of the data input, "
+                         "e.g. [('data', (32, 3, 224, 224))]")
+    names = [spec.name for spec in inputs]
+    if len(set(names)) != len(names):
+        raise ShapeError(f"an input appears in both data_shapes and label_shapes: {names}")
+    document = json.loads(symbol.tojson())  # parsed once, shared below
+    kept_ops = tuple(sorted(set(keep_ops or ())))
+    graph = symbol_to_graph(symbol, inputs, document=document, keep_ops=kept_ops)
+    requests = grad_req_for(symbol, graph, grad_req, fixed_param_names or (), inputs_need_grad)
+    if all(req == "null" for req in requests.values()):
+        raise ValueError("nothing in this symbol gets a gradient (every parameter is fixed or "
+                         "grad_req is 'null'); mirroring only helps training: bind it plainly")
+    shapes = {spec.name: spec.shape for spec in inputs}
+    types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
+    all_inputs = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
+    for node in graph.nodes:  # labels MXNet inferred are bound and keyed like given ones
+        if node.kind is NodeKind.INPUT and node.name not in shapes:
+            all_inputs.append((node.name, tuple(node.output_shapes[0]), "float32"))
+            shapes[node.name] = tuple(node.output_shapes[0])
+    template = MirrorTemplate(symbol, document)
+    return PlanningSetup(graph=graph, template=template,
+                         measure=_BindMeasure(template, context, shapes, types, requests),
+                         context=context, document=document, requests=requests,
+                         all_inputs=all_inputs, kept_ops=kept_ops)
+
+
 def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
                 planner: str = "auto", memory_budget: BudgetLike = None,
                 ctx: Union[None, str, "mx.Context"] = None,
@@ -206,40 +262,17 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         plan fits it.
     """
     started = time.perf_counter()
-    if not isinstance(symbol, mx.sym.Symbol):
-        raise TypeError(f"symbol must be an mx.sym.Symbol, got {type(symbol).__name__}")
     chosen_planner = get_planner(planner)
     budget = parse_budget(memory_budget)
-    _validate_grad_req(grad_req)
-    context = to_context(ctx)
-    inputs = normalize_inputs(data_shapes, "data") + normalize_inputs(label_shapes, "label")
-    if not inputs:
-        raise ShapeError("data_shapes is empty; give at least the shape of the data input, "
-                         "e.g. [('data', (32, 3, 224, 224))]")
-    names = [spec.name for spec in inputs]
-    if len(set(names)) != len(names):
-        raise ShapeError(f"an input appears in both data_shapes and label_shapes: {names}")
-    document = json.loads(symbol.tojson())  # parsed once, shared below
-    kept_ops = tuple(sorted(set(keep_ops or ())))
-    graph = symbol_to_graph(symbol, inputs, document=document, keep_ops=kept_ops)
-    requests = grad_req_for(symbol, graph, grad_req, fixed_param_names or (), inputs_need_grad)
-    if all(req == "null" for req in requests.values()):
-        raise ValueError("nothing in this symbol gets a gradient (every parameter is fixed or "
-                         "grad_req is 'null'); mirroring only helps training: bind it plainly")
-
-    shapes = {spec.name: spec.shape for spec in inputs}
-    types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
-    all_inputs = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
-    for node in graph.nodes:  # labels MXNet inferred are bound and keyed like given ones
-        if node.kind is NodeKind.INPUT and node.name not in shapes:
-            all_inputs.append((node.name, tuple(node.output_shapes[0]), "float32"))
-            shapes[node.name] = tuple(node.output_shapes[0])
-    key = PlanKey(structure=structure_hash(symbol, document), inputs=tuple(sorted(all_inputs)),
-                  grad_req=grad_req_digest(requests), planner=planner, budget=budget.key,
-                  mxnet_version=mx.__version__, context=context.device_type, keep_ops=kept_ops,
-                  plugin_version=__version__)
+    setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=ctx, grad_req=grad_req,
+                             fixed_param_names=fixed_param_names,
+                             inputs_need_grad=inputs_need_grad, keep_ops=keep_ops)
+    graph, template, context = setup.graph, setup.template, setup.context
+    key = PlanKey(structure=structure_hash(symbol, setup.document),
+                  inputs=tuple(sorted(setup.all_inputs)), grad_req=grad_req_digest(setup.requests),
+                  planner=planner, budget=budget.key, mxnet_version=mx.__version__,
+                  context=context.device_type, keep_ops=setup.kept_ops, plugin_version=__version__)
     cache: PlanCache = get_cache(cache_dir)
-    template = MirrorTemplate(symbol, document)
 
     def finish(mirrored: Sequence[str], baseline_mb: float, planned_mb: float, overhead: float,
                from_cache: bool, candidates: Optional[List[Dict[str, Any]]] = None) -> MirrorPlan:
@@ -263,8 +296,7 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                        "recomputed; planning again")
         cache.forget(key)
 
-    measure = _BindMeasure(template, context, shapes, types, requests)
-    outcome = chosen_planner.plan(graph, budget, measure)
+    outcome = chosen_planner.plan(graph, budget, setup.measure)
     chosen = outcome.chosen
     order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
     plan = finish(order, outcome.baseline_mb, chosen.planned_mb,

@@ -72,3 +72,45 @@ def test_module_entry_point_runs(symbol_file):
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["planned_mb"] > 0
+
+
+def _rows(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_pareto_writes_csv_and_png_with_ours_the_seed_and_mxnets_rule(symbol_file, tmp_path, capsys):
+    csv_path, png_path = str(tmp_path / "p.csv"), str(tmp_path / "p.png")
+    assert main(["pareto", symbol_file, "--shape", "data=8,3,32,32", "--csv", csv_path,
+                 "--png", png_path]) == 0
+    rows = _rows(csv_path)
+    sources = {row["source"] for row in rows}
+    assert sources == {"ours", "seed, raw symbol", "seed, cut-point stages",
+                       "MXNET_BACKWARD_DO_MIRROR=1"}
+    ours = [row for row in rows if row["source"] == "ours"]
+    front = [row for row in ours if row["on_front"] == "True"]
+    # The front runs from no recomputation (the baseline) to less memory at more overhead.
+    assert any(float(row["estimated_overhead"]) == 0.0 for row in front)
+    assert min(float(r["planned_mb"]) for r in front) < max(float(r["planned_mb"]) for r in front)
+    by_memory = sorted(front, key=lambda r: float(r["planned_mb"]))
+    overheads = [float(r["estimated_overhead"]) for r in by_memory]
+    assert overheads == sorted(overheads, reverse=True)
+    assert all(row["measured_overhead"] == "" for row in rows)
+    with open(png_path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "Pareto front" in capsys.readouterr().out
+
+
+def test_pareto_measure_times_the_front_against_the_plain_symbol(symbol_file, tmp_path):
+    csv_path = str(tmp_path / "p.csv")
+    assert main(["pareto", symbol_file, "--shape", "data=4,3,32,32", "--measure", "--repeats", "1",
+                 "--csv", csv_path, "--png", str(tmp_path / "p.png")]) == 0
+    rows = _rows(csv_path)
+    timed = [row for row in rows if row["measured_overhead"] != ""]
+    assert any(row["source"] == "MXNET_BACKWARD_DO_MIRROR=1" for row in timed)
+    assert any(row["source"] == "ours" and row["on_front"] == "True" and int(row["mirrored_count"])
+               for row in timed)
+    for row in timed:
+        assert float(row["measured_overhead"]) > -0.9  # a time ratio, not garbage

@@ -24,12 +24,17 @@ class Budget:
     """A parsed memory budget.
 
     Exactly one of the forms is set: ``kind == 'auto'`` (no budget: the lowest
-    memory the planner finds), ``'min'``, ``'fraction'`` (of the unmirrored
+    memory whose estimated overhead stays within one extra forward pass), ``'min'``, ``'fraction'`` (of the unmirrored
     plan) or ``'bytes'``.
     """
 
     kind: str
     value: float = 0.0
+
+    @property
+    def is_limit(self) -> bool:
+        """Whether the budget is a fixed limit (a fraction or a size)."""
+        return self.kind in ("fraction", "bytes")
 
     def limit_mb(self, baseline_mb: float) -> Optional[float]:
         """The budget in MB for a symbol whose unmirrored plan is ``baseline_mb``.

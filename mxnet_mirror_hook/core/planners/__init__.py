@@ -58,4 +58,5 @@ from . import none as _none  # noqa: E402,F401
 from . import memonger as _memonger  # noqa: E402,F401
 from . import frontier as _frontier  # noqa: E402,F401
 from . import selective as _selective  # noqa: E402,F401
+from . import dp as _dp  # noqa: E402,F401
 from . import auto as _auto  # noqa: E402,F401

@@ -14,7 +14,9 @@
 # measured (the bracket between its neighbours), which costs a few more binds
 # and can only lower the result.  The selective decisions (keep expensive
 # outputs, recompute cheap ones: MXNet's own MXNET_BACKWARD_DO_MIRROR rule) are
-# measured alongside.  When single-node cuts save less than 30%,
+# measured alongside, and so are the dynamic programs of dp.py: the least-memory
+# one always, the least-compute sweep when the budget is a fixed limit (then the
+# cheapest plan that fits wins).  When single-node cuts save less than 30%,
 # it also searches cuts where several tensors cross together
 # (NOTE [ frontier cuts ] in frontier.py).
 """
@@ -26,12 +28,16 @@ from ..budget import Budget
 from ..graph import Graph
 from . import register_planner
 from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
+from .dp import least_compute_decisions, least_memory_decisions
 from .frontier import frontier_decisions
 from .selective import selective_decisions
 from .memonger import MB_SHIFT, search_thresholds, threshold_plan, user_stages
 
 #: Below this fraction of the baseline, single-node cuts are good enough.
 FRONTIER_FALLBACK_RATIO = 0.7
+#: Modelled memory levels (fractions of the unmirrored model) of the least-compute
+#: sweep, run when the budget is a fixed limit.
+SWEEP_FRACTIONS = (0.3, 0.45, 0.6, 0.75, 0.9)
 
 __all__ = ["AutoPlanner", "auto_stages"]
 
@@ -69,9 +75,14 @@ class AutoPlanner(Planner):
         stages = auto_stages(graph)
         evaluator = CandidateEvaluator(graph, measure)
         unmirrored = Decision(frozenset(), "unmirrored")
+        programs = least_memory_decisions(graph)
+        if budget.is_limit:
+            # A fixed limit: the cheapest plan under it may keep whole stretches
+            # (NOTE [ the cut-set chain ] in dp.py); trace the Pareto curve.
+            programs += least_compute_decisions(graph, SWEEP_FRACTIONS)
         if not stages:
             baseline = evaluator.evaluate_many(
-                [unmirrored] + selective_decisions(graph)
+                [unmirrored] + selective_decisions(graph) + programs
                 + frontier_decisions(graph, self.max_frontier, self.ntrial))[0]
             return evaluator.outcome(budget, baseline)
         unit_shift = unit_shift_for(graph)
@@ -79,9 +90,10 @@ class AutoPlanner(Planner):
         searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
         results = evaluator.evaluate_many(
             [unmirrored] + [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
-            + selective_decisions(graph))
+            + selective_decisions(graph) + programs)
         baseline = results[0]
-        measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:]) if c is not None]
+        measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:len(searched) + 1])
+                    if c is not None]
         if not measured:
             return evaluator.outcome(budget, baseline)
         thresholds = sorted({t for t, _ in measured})

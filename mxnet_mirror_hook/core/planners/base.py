@@ -7,12 +7,16 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 from ...errors import BudgetUnreachableError, MeasurementError
 from ..budget import Budget
-from ..cost import recompute_overhead
+from ..cost import BACKWARD_TO_FORWARD, recompute_overhead
 from ..graph import Graph
 
-__all__ = ["Decision", "Candidate", "PlanOutcome", "MeasureFn", "Planner", "select_candidate"]
+__all__ = ["Decision", "Candidate", "PlanOutcome", "MeasureFn", "Planner", "select_candidate",
+           "ONE_FORWARD"]
 
 logger = logging.getLogger(__name__)
+
+#: Estimated overhead of one extra forward pass, as a fraction of a plain iteration.
+ONE_FORWARD = 1.0 / (1.0 + BACKWARD_TO_FORWARD)
 
 #: Measures a decision: names of recomputed nodes -> planned MB (MXNet's figure).
 MeasureFn = Callable[[FrozenSet[str]], float]
@@ -170,9 +174,13 @@ class CandidateEvaluator:
 def select_candidate(candidates: Sequence[Candidate], budget: Budget, baseline_mb: float) -> Candidate:
     """Choose a candidate for a budget.
 
-    With no fixed limit (``'auto'``, ``'min'``) the lowest memory wins, ties going
-    to the smaller overhead.  With a limit, the smallest overhead among the
-    candidates that fit wins, ties going to the lower memory.
+    ``'min'``: the lowest memory wins, ties going to the smaller overhead.
+    ``'auto'`` (no budget): the same among the candidates whose estimated
+    overhead is at most one extra forward pass (:data:`ONE_FORWARD`).  MXNet
+    replays each mirrored node at most once, so every plan of these planners
+    meets that bound; it matters for planners that could recompute more.
+    With a limit, the smallest overhead among the candidates that fit wins,
+    ties going to the lower memory.
 
     Raises
     ------
@@ -185,7 +193,10 @@ def select_candidate(candidates: Sequence[Candidate], budget: Budget, baseline_m
         raise ValueError("no candidate to choose from")
     limit: Optional[float] = budget.limit_mb(baseline_mb)
     if limit is None:
-        return min(candidates, key=lambda c: (c.planned_mb, c.overhead, len(c.decision.mirrored)))
+        pool = list(candidates)
+        if budget.kind == "auto":
+            pool = [c for c in candidates if c.overhead <= ONE_FORWARD + 1e-9] or pool
+        return min(pool, key=lambda c: (c.planned_mb, c.overhead, len(c.decision.mirrored)))
     fitting = [c for c in candidates if c.planned_mb <= limit]
     if not fitting:
         raise BudgetUnreachableError(limit, min(c.planned_mb for c in candidates), baseline_mb)

@@ -1,0 +1,97 @@
+"""Which forward outputs the backward pass reads.
+
+# NOTE [ what backward keeps ]
+# MXNet frees a forward output as soon as its last forward consumer has run
+# unless some gradient operator reads it.  Which ones do is fixed per operator
+# by its gradient function (``FGradient`` in ``src/operator/``): a convolution's
+# gradient reads its input, ReLU's reads its output, an addition's reads
+# neither.  Counting every activation (as the seed's model does) overstates
+# the unmirrored plan of a ResNet-50 by half (4.6 GB modelled, 2.9 GB planned);
+# counting only the outputs read by backward comes within 15% of it.  Unknown
+# operators are assumed to read both their inputs and their outputs, which can
+# only overstate memory.
+#
+# Under mirroring (MXNet 1.9, ``src/nnvm/gradient.cc``) the gradient of a
+# mirrored node is built on its recomputed copy, and reads recomputed inputs;
+# the gradient of a node that is NOT mirrored reads the ORIGINAL outputs of its
+# inputs, mirrored or not.  So recomputing a ReLU whose consumer is a kept
+# convolution frees nothing: the convolution's gradient still holds the
+# forward ReLU output.  This is why "keep the convolutions, recompute the
+# cheap operators" (MXNET_BACKWARD_DO_MIRROR=1) saves nothing on ResNets in
+# MXNet 1.9 (bench/RESULTS.md), and why a cut at a convolution's output also
+# keeps that convolution's input.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from .graph import Graph, NodeKind
+
+__all__ = ["READS_INPUTS", "READS_OUTPUT", "READS_NOTHING", "read_by_backward", "gradient_reads_inputs"]
+
+#: Gradient reads the operator's data inputs (not its output).
+READS_INPUTS = frozenset({
+    "Convolution", "Deconvolution", "FullyConnected", "BatchNorm", "LayerNorm", "InstanceNorm",
+    "GroupNorm", "elemwise_mul", "broadcast_mul", "_mul", "_Mul", "elemwise_div", "broadcast_div",
+    "_div", "Embedding", "dot", "batch_dot", "linalg_gemm2", "LeakyReLU", "square", "sqrt",
+    "exp", "log", "_mul_scalar", "mean", "sum", "max", "min",
+})
+#: Gradient reads the operator's own output.
+READS_OUTPUT = frozenset({
+    "Activation", "relu", "sigmoid", "tanh", "softmax", "log_softmax", "SoftmaxOutput",
+    "SoftmaxActivation", "LinearRegressionOutput", "LogisticRegressionOutput",
+})
+#: Gradient reads both (max pooling routes the gradient by comparing them).
+READS_BOTH = frozenset({"Pooling", "RNN"})
+#: Gradient reads neither: additions, copies, reshapes, concatenation, slicing.
+READS_NOTHING = frozenset({
+    "elemwise_add", "elemwise_sub", "broadcast_add", "broadcast_sub", "_plus", "_Plus", "_add",
+    "_minus", "_sub", "add_n", "ElementWiseSum", "_plus_scalar", "_minus_scalar", "Flatten",
+    "flatten", "Reshape", "reshape", "expand_dims", "transpose", "SwapAxis", "Concat", "concat",
+    "SliceChannel", "split", "slice", "slice_axis", "crop", "Crop", "identity", "_copy",
+    "BlockGrad", "stop_gradient", "Cast", "cast", "zeros_like", "ones_like", "_zeros", "_ones",
+    "squeeze", "UpSampling", "Pad", "pad", "Dropout",
+})
+
+_MASKS_ONLY = frozenset({"Dropout"})  # reads its mask, a second output MXNet keeps for it
+
+
+def gradient_reads_inputs(op: str) -> bool:
+    """Whether the gradient of ``op`` reads its data inputs (unknown operators: yes)."""
+    if op in _MASKS_ONLY or op in READS_NOTHING:
+        return False
+    return op in READS_INPUTS or op in READS_BOTH or op not in READS_OUTPUT
+
+
+def read_by_backward(graph: Graph) -> List[bool]:
+    """For each node, whether some gradient operator reads its output.
+
+    Parameters
+    ----------
+    graph : Graph
+        The forward graph.
+
+    Returns
+    -------
+    list of bool
+        ``True`` for operator outputs that stay alive from forward to
+        backward in an unmirrored plan; variables are ``False`` (MXNet does
+        not count them in its plan).
+    """
+    read = [False] * len(graph.nodes)
+    for position, node in enumerate(graph.nodes):
+        if node.kind is not NodeKind.OP:
+            continue
+        op = node.op
+        if op in READS_NOTHING and op not in _MASKS_ONLY:
+            continue
+        if op in _MASKS_ONLY:
+            read[position] = True
+            continue
+        if op in READS_OUTPUT or op in READS_BOTH or op not in READS_INPUTS:
+            read[position] = True
+        if op in READS_INPUTS or op in READS_BOTH or op not in READS_OUTPUT:
+            for source, _ in node.inputs:
+                if graph.nodes[source].kind is NodeKind.OP:
+                    read[source] = True
+    return read

@@ -1,0 +1,412 @@
+"""Dynamic programs over the sequence of cut sets: least memory, or least recomputation under a limit.
+
+# NOTE [ the cut-set chain ]
+# Walk the forward graph in topological order.  A cut is a position together
+# with its frontier: the tensors produced at or before it that are read after
+# it (one tensor at a cut point, several across residual blocks, h and c of
+# every layer in an unrolled RNN).  A plan is an increasing sequence of cuts
+# splitting the graph into segments, and for each segment a mode:
+#
+#   recompute  every operator in it is mirrored except the frontier at its
+#              end (which the next segments are recomputed from) and the
+#              operators MXNet never recomputes;
+#   keep       nothing in it is mirrored.
+#
+# Backward visits segments last to first.  While it works on segment s, the
+# tensors kept by the segments before s are alive (they are read later), and so
+# is s's working set: for a recomputed segment the replayed outputs that
+# backward reads, for a kept one those outputs were kept anyway; plus gradient
+# buffers, modelled as ``grad_factor`` times the largest tensor in s.  So with
+# K(s) the bytes kept before s,
+#
+#     peak = max over s of  K(s) + need(s) + grad_factor * largest(s)
+#
+# and the recomputation is the forward cost of the mirrored operators.  Both are
+# functions of the plan only through per-segment terms and the running sum K,
+# which gives two exact programs:
+#
+#   least memory   For a limit M, the least K reachable at each cut is all that
+#                  matters (a smaller K never hurts later segments), so one
+#                  forward pass over the cuts decides whether M is reachable;
+#                  a binary search on M finds the least one.
+#   least compute  For a limit M, keep at each cut the Pareto set of (K, cost)
+#                  labels and relax them forward; the cheapest label at the end
+#                  is optimal.  On big graphs the sets are thinned to
+#                  ``max_labels`` evenly spread ones (then near-optimal).
+#
+# This generalises Chen's one-level checkpointing (every segment recomputed,
+# equal segments) to unequal segments, multi-tensor cuts and kept stretches;
+# it is MXNet's recomputation model (each mirrored node is replayed once, a
+# segment at a time), not Rotor's multi-level one.  MXNet's allocator decides
+# the real figure, so the planners measure these plans rather than trust the
+# model (tests/test_core_dp.py checks the programs against brute force).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import FrozenSet, List, Optional, Sequence, Tuple
+
+from ..cost import node_costs
+from ..graph import Graph, NodeKind
+from ..liveness import gradient_reads_inputs, read_by_backward
+from . import register_planner
+from .base import Decision, Planner
+from .frontier import frontiers
+
+__all__ = ["Segment", "CutChain", "build_cut_chain", "evaluate_schedule", "min_peak_schedule",
+           "min_cost_schedule", "schedule_decision", "least_memory_decisions",
+           "least_compute_decisions", "DPPlanner"]
+
+#: Gradient buffers alive while one segment is processed, in units of its largest tensor.
+DEFAULT_GRAD_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a plan: it ends at cut ``end`` (an index into the chain) and is
+    recomputed or kept."""
+
+    end: int
+    recompute: bool
+
+
+@dataclass
+class CutChain:
+    """The data the programs read: candidate cuts and per-position prefix sums.
+
+    Index 0 of :attr:`positions` is a virtual cut before the first node and the
+    last index a virtual cut after the last one; both have empty frontiers.
+    """
+
+    graph: Graph
+    positions: List[int]
+    frontier: List[Tuple[int, ...]]
+    grad_factor: float
+    op_bytes: List[int]
+    read: List[bool]
+    mirrorable: List[bool]
+    reads_inputs: List[bool]
+    cost: List[float]
+    need_prefix: List[int]
+    pinned_prefix: List[int]
+    cost_prefix: List[float]
+
+    @property
+    def end(self) -> int:
+        """Index of the virtual final cut."""
+        return len(self.positions) - 1
+
+    # -------------------------------------------------------- segment terms
+    def need(self, i: int, j: int) -> int:
+        """Bytes read by backward among the outputs of segment (i, j]."""
+        return self.need_prefix[self.positions[j] + 1] - self.need_prefix[self.positions[i] + 1]
+
+    def largest(self, i: int, j: int) -> int:
+        """Largest output in segment (i, j]."""
+        low, high = self.positions[i] + 1, self.positions[j] + 1
+        return max(self.op_bytes[low:high], default=0)
+
+    def kept_after(self, i: int, j: int, recompute: bool) -> int:
+        """Bytes that segment (i, j] adds to the kept set."""
+        start = self.positions[i]
+        if recompute:
+            pinned = self.pinned_prefix[self.positions[j] + 1] - self.pinned_prefix[start + 1]
+            frontier = self.frontier[j]
+            crossing = sum(self.op_bytes[x] for x in frontier
+                           if x > start and not (self.read[x] and not self.mirrorable[x]))
+            # A kept frontier node whose gradient reads its inputs keeps their
+            # forward outputs too (NOTE [ what backward keeps ] in liveness.py).
+            held = {source for x in frontier if x > start and self.reads_inputs[x]
+                    for source, _ in self.graph.nodes[x].inputs
+                    if source > start and self.mirrorable[source] and source not in frontier}
+            return pinned + crossing + sum(self.op_bytes[y] for y in held)
+        unread = sum(self.op_bytes[x] for x in self.frontier[j] if x > start and not self.read[x])
+        return self.need(i, j) + unread
+
+    def recompute_cost(self, i: int, j: int) -> float:
+        """Forward cost of the operators segment (i, j] mirrors when recomputed."""
+        start = self.positions[i]
+        total = self.cost_prefix[self.positions[j] + 1] - self.cost_prefix[start + 1]
+        return total - sum(self.cost[x] for x in self.frontier[j] if x > start and self.mirrorable[x])
+
+
+def build_cut_chain(graph: Graph, max_frontier: int = 2, max_cuts: int = 400,
+                    grad_factor: float = DEFAULT_GRAD_FACTOR) -> CutChain:
+    """The cut-set chain of ``graph``.
+
+    Parameters
+    ----------
+    graph : Graph
+        The forward graph.
+    max_frontier : int
+        Largest number of tensors crossing a candidate cut.
+    max_cuts : int
+        Cap on candidate cuts; past it the cuts with the fewest crossing bytes
+        are taken, evenly spread over the graph, so planning time stays bounded.
+    grad_factor : float
+        Gradient buffers per segment, in units of its largest tensor.
+
+    Returns
+    -------
+    CutChain
+    """
+    found = frontiers(graph, max_frontier)
+    if len(found) > max_cuts:
+        # Keep evenly spread cuts, preferring the cheaper of each neighbourhood.
+        stride = len(found) / max_cuts
+        picked = []
+        for k in range(max_cuts):
+            window = found[int(k * stride):max(int((k + 1) * stride), int(k * stride) + 1)]
+            picked.append(min(window, key=lambda f: (f.crossing_bytes, f.position)))
+        found = picked
+    size = len(graph.nodes)
+    read = read_by_backward(graph)
+    op_bytes = [n.planned_bytes if n.kind is NodeKind.OP else 0 for n in graph.nodes]
+    mirrorable = [n.can_mirror for n in graph.nodes]
+    costs = node_costs(graph)
+    cost = [costs.get(n.name, 0.0) if n.can_mirror else 0.0 for n in graph.nodes]
+    need_prefix, pinned_prefix, cost_prefix = [0] * (size + 1), [0] * (size + 1), [0.0] * (size + 1)
+    for position in range(size):
+        need = op_bytes[position] if read[position] else 0
+        need_prefix[position + 1] = need_prefix[position] + need
+        pinned_prefix[position + 1] = pinned_prefix[position] + (0 if mirrorable[position] else need)
+        cost_prefix[position + 1] = cost_prefix[position] + cost[position]
+    return CutChain(
+        graph=graph, positions=[-1] + [f.position for f in found] + [size - 1],
+        frontier=[()] + [tuple(sorted(f.nodes)) for f in found] + [()],
+        grad_factor=grad_factor, op_bytes=op_bytes, read=read, mirrorable=mirrorable,
+        reads_inputs=[n.kind is NodeKind.OP and gradient_reads_inputs(n.op) for n in graph.nodes],
+        cost=cost,
+        need_prefix=need_prefix, pinned_prefix=pinned_prefix, cost_prefix=cost_prefix)
+
+
+def evaluate_schedule(chain: CutChain, schedule: Sequence[Segment]) -> Tuple[float, float]:
+    """Modelled ``(peak bytes, recomputation cost)`` of a schedule (NOTE [ the cut-set chain ]).
+
+    Raises
+    ------
+    ValueError
+        If the segments do not run through increasing cuts to the end.
+    """
+    kept = 0.0
+    peak = 0.0
+    cost = 0.0
+    start = 0
+    for segment in schedule:
+        if segment.end <= start:
+            raise ValueError("segments must end at increasing cuts")
+        added = chain.kept_after(start, segment.end, segment.recompute)
+        work = chain.grad_factor * chain.largest(start, segment.end)
+        if segment.recompute:
+            peak = max(peak, kept + chain.need(start, segment.end) + work)
+            cost += chain.recompute_cost(start, segment.end)
+        else:
+            peak = max(peak, kept + added + work)
+        kept += added
+        start = segment.end
+    if start != chain.end:
+        raise ValueError("the last segment must end at the final cut")
+    return peak, cost
+
+
+def _reachable(chain: CutChain, limit: float) -> Optional[List[Segment]]:
+    """A schedule with modelled peak <= ``limit`` and the least kept bytes, or ``None``."""
+    count = len(chain.positions)
+    best_kept = [math.inf] * count
+    parent: List[Optional[Tuple[int, bool]]] = [None] * count
+    best_kept[0] = 0.0
+    for i in range(count - 1):
+        kept = best_kept[i]
+        if kept == math.inf:
+            continue
+        largest = 0
+        for j in range(i + 1, count):
+            largest = max(largest, max(chain.op_bytes[chain.positions[j - 1] + 1:chain.positions[j] + 1],
+                                       default=0))
+            need = chain.need(i, j)
+            floor = kept + need + chain.grad_factor * largest
+            if floor > limit:
+                break  # need and largest only grow with j
+            for recompute in (True, False):
+                added = chain.kept_after(i, j, recompute)
+                peak = floor if recompute else floor + added - need
+                if peak <= limit and kept + added < best_kept[j]:
+                    best_kept[j] = kept + added
+                    parent[j] = (i, recompute)
+    if best_kept[count - 1] == math.inf:
+        return None
+    schedule: List[Segment] = []
+    j = count - 1
+    while j:
+        previous = parent[j]
+        assert previous is not None
+        schedule.append(Segment(j, previous[1]))
+        j = previous[0]
+    return schedule[::-1]
+
+
+def min_peak_schedule(chain: CutChain, resolution: int = 1 << 20) -> Tuple[float, List[Segment]]:
+    """The schedule with the least modelled peak, to within ``resolution`` bytes.
+
+    Returns
+    -------
+    (float, list of Segment)
+        The least reachable limit found and a schedule within it.
+    """
+    everything = [Segment(chain.end, False)]
+    high = evaluate_schedule(chain, everything)[0]
+    best = everything
+    low = 0.0
+    while high - low > resolution:
+        middle = (low + high) / 2
+        found = _reachable(chain, middle)
+        if found is None:
+            low = middle
+        else:
+            high, best = middle, found
+    return evaluate_schedule(chain, best)[0], best
+
+
+def min_cost_schedule(chain: CutChain, limit: float,
+                      max_labels: Optional[int] = 32) -> Optional[List[Segment]]:
+    """The schedule with the least recomputation whose modelled peak is within ``limit``.
+
+    Parameters
+    ----------
+    chain : CutChain
+        From :func:`build_cut_chain`.
+    limit : float
+        Peak bytes allowed.
+    max_labels : int or None
+        Pareto labels kept per cut; ``None`` keeps all (exact, possibly slow).
+
+    Returns
+    -------
+    list of Segment, or None when no schedule fits.
+    """
+    count = len(chain.positions)
+    # A label: (kept bytes, cost, parent label, segment ending here).
+    labels: List[List[tuple]] = [[] for _ in range(count)]
+    labels[0] = [(0.0, 0.0, None, None)]
+    for i in range(count - 1):
+        current = _pareto(labels[i], max_labels)
+        labels[i] = current
+        if not current:
+            continue
+        least_kept = current[0][0]
+        largest = 0
+        for j in range(i + 1, count):
+            largest = max(largest, max(chain.op_bytes[chain.positions[j - 1] + 1:chain.positions[j] + 1],
+                                       default=0))
+            need = chain.need(i, j)
+            work = chain.grad_factor * largest
+            if least_kept + need + work > limit:
+                break
+            for recompute in (True, False):
+                added = chain.kept_after(i, j, recompute)
+                extra = chain.recompute_cost(i, j) if recompute else 0.0
+                for label in current:
+                    kept = label[0]
+                    peak = kept + need + work if recompute else kept + added + work
+                    if peak <= limit:
+                        labels[j].append((kept + added, label[1] + extra, label, Segment(j, recompute)))
+    final = labels[count - 1]
+    if not final:
+        return None
+    label = min(final, key=lambda item: (item[1], item[0]))
+    schedule: List[Segment] = []
+    while label[3] is not None:
+        schedule.append(label[3])
+        label = label[2]
+    return schedule[::-1]
+
+
+def _pareto(labels: List[tuple], max_labels: Optional[int]) -> List[tuple]:
+    """Labels not beaten on both kept bytes and cost, by increasing kept bytes."""
+    front: List[tuple] = []
+    for label in sorted(labels, key=lambda item: (item[0], item[1])):
+        if not front or label[1] < front[-1][1]:
+            front.append(label)
+    if max_labels is not None and len(front) > max_labels:
+        step = (len(front) - 1) / (max_labels - 1)
+        front = [front[round(k * step)] for k in range(max_labels)]
+    return front
+
+
+def schedule_decision(chain: CutChain, schedule: Sequence[Segment]) -> FrozenSet[str]:
+    """Names of the operators a schedule recomputes."""
+    nodes = chain.graph.nodes
+    mirrored = []
+    start = 0
+    for segment in schedule:
+        if segment.recompute:
+            crossing = set(chain.frontier[segment.end])
+            for position in range(chain.positions[start] + 1, chain.positions[segment.end] + 1):
+                if chain.mirrorable[position] and position not in crossing:
+                    mirrored.append(nodes[position].name)
+        start = segment.end
+    return frozenset(mirrored)
+
+
+#: (max_frontier, grad_factor) variants of the least-memory program.  The model
+#: misses parts of MXNet's allocator (block reuse, in-place sharing), so several
+#: nearby optima are measured; on ResNet-50, Inception-v3 and DenseNet-121 the
+#: best of these beats the seed's search with cut-point stages (bench/RESULTS.md).
+LEAST_MEMORY_VARIANTS = ((1, 0.5), (1, 1.0), (2, 0.0), (2, 0.5))
+
+
+def least_memory_decisions(graph: Graph, variants: Sequence[Tuple[int, float]] = LEAST_MEMORY_VARIANTS,
+                           max_cuts: int = 400) -> List[Decision]:
+    """Decisions of :func:`min_peak_schedule` for each ``(max_frontier, grad_factor)`` variant,
+    without duplicates."""
+    decisions: List[Decision] = []
+    seen = set()
+    for max_frontier, grad_factor in variants:
+        chain = build_cut_chain(graph, max_frontier, max_cuts, grad_factor)
+        least, schedule = min_peak_schedule(chain)
+        decision = schedule_decision(chain, schedule)
+        if decision and decision not in seen:
+            seen.add(decision)
+            decisions.append(Decision(decision, f"dp least memory (frontier<={max_frontier}, "
+                                                f"grad x{grad_factor:g}: {least / 2**20:.0f} MB model)"))
+    return decisions
+
+
+def least_compute_decisions(graph: Graph, fractions: Sequence[float], max_frontier: int = 2,
+                            max_cuts: int = 150, max_labels: int = 8) -> List[Decision]:
+    """Least-recomputation decisions within ``fractions`` of the modelled unmirrored peak.
+
+    These trace the memory/compute Pareto curve between the least-memory plan
+    and no mirroring; the chain is coarser than for the least-memory program so
+    that a sweep stays within a second on a 1000-layer network.
+    """
+    chain = build_cut_chain(graph, max_frontier, max_cuts)
+    baseline = evaluate_schedule(chain, [Segment(chain.end, False)])[0]
+    decisions: List[Decision] = []
+    seen = set()
+    for fraction in fractions:
+        found = min_cost_schedule(chain, baseline * fraction, max_labels)
+        if found is None:
+            continue
+        decision = schedule_decision(chain, found)
+        if decision and decision not in seen:
+            seen.add(decision)
+            decisions.append(Decision(decision, f"dp least compute within {fraction:.2f} x model"))
+    return decisions
+
+
+@register_planner("dp")
+class DPPlanner(Planner):
+    """Least-memory and least-compute dynamic programs over cut sets (NOTE [ the cut-set chain ])."""
+
+    name = "dp"
+
+    def __init__(self, max_frontier: int = 2,
+                 fractions: Sequence[float] = (0.3, 0.45, 0.6, 0.75, 0.9)) -> None:
+        self.max_frontier = max_frontier
+        self.fractions = tuple(fractions)
+
+    def propose(self, graph: Graph) -> List[Decision]:
+        return (least_memory_decisions(graph)
+                + least_compute_decisions(graph, self.fractions, self.max_frontier))

@@ -1,0 +1,112 @@
+"""Measured CPU time of one training iteration (forward and backward) of a bound symbol."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import statistics
+import time
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import mxnet as mx
+import numpy as np
+
+__all__ = ["iteration_seconds", "measured_overheads", "environment"]
+
+logger = logging.getLogger(__name__)
+
+
+def _bind(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+          grad_req: Union[str, Dict[str, str]], seed: int) -> "mx.executor.Executor":
+    executor = symbol.simple_bind(ctx=ctx, grad_req=grad_req, **dict(shapes))
+    generator = np.random.RandomState(seed)
+    for name, array in executor.arg_dict.items():
+        if name in shapes:
+            # Labels and data: values in [0, 1) work as class indices rounded down too.
+            array[:] = generator.uniform(0, 1, array.shape)
+        else:
+            array[:] = generator.normal(0, 0.01, array.shape)
+    return executor
+
+
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block (MXNet reads some at bind time)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _step(executor: "mx.executor.Executor") -> float:
+    started = time.perf_counter()
+    executor.forward(is_train=True)
+    executor.backward()
+    mx.nd.waitall()
+    return time.perf_counter() - started
+
+
+def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, tuple],
+                      ctx: "mx.Context" = None, grad_req: Union[str, Dict[str, str]] = "write",
+                      repeats: int = 5, warmup: int = 2,
+                      bind_env: Optional[Sequence[Mapping[str, str]]] = None) -> List[float]:
+    """Median seconds per training iteration of each symbol, measured side by side.
+
+    The executors are bound together and stepped in turn, round after round,
+    so that a noisy shared machine slows them alike; compare the ratios, not
+    the seconds.
+
+    Parameters
+    ----------
+    symbols : sequence of mx.sym.Symbol
+        Symbols with the same inputs (a plain one and its mirrored variants).
+    shapes : mapping of str to tuple
+        Input shapes, labels included.
+    ctx : mx.Context, optional
+        Where to run (CPU by default).
+    grad_req : str or dict
+        As for ``simple_bind``.
+    repeats : int
+        Timed rounds.
+    warmup : int
+        Untimed rounds first.
+    bind_env : sequence of mapping, optional
+        Environment variables to set while binding each symbol (for example
+        ``MXNET_BACKWARD_DO_MIRROR=1``).
+
+    Returns
+    -------
+    list of float
+    """
+    ctx = ctx or mx.cpu()
+    executors = []
+    for index, symbol in enumerate(symbols):
+        with environment(bind_env[index] if bind_env else {}):
+            executors.append(_bind(symbol, ctx, shapes, grad_req, seed=0))
+    times: List[List[float]] = [[] for _ in executors]
+    try:
+        for round_index in range(warmup + repeats):
+            for index, executor in enumerate(executors):
+                seconds = _step(executor)
+                if round_index >= warmup:
+                    times[index].append(seconds)
+    finally:
+        del executors
+        gc.collect()
+    return [statistics.median(samples) for samples in times]
+
+
+def measured_overheads(plain: "mx.sym.Symbol", mirrored: Sequence["mx.sym.Symbol"],
+                       shapes: Mapping[str, tuple], **kwargs) -> List[float]:
+    """Measured extra time of each mirrored symbol over ``plain``, as a fraction (0.1 = 10%)."""
+    seconds = iteration_seconds([plain] + list(mirrored), shapes, **kwargs)
+    base = seconds[0]
+    logger.info("plain iteration %.3f s; mirrored %s", base, ", ".join(f"{s:.3f}" for s in seconds[1:]))
+    return [s / base - 1.0 for s in seconds[1:]]
