@@ -25,9 +25,10 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxnet_mirror_hook import MirroredModule, memonger, plan_mirror  # noqa: E402
-from mxnet_mirror_hook.models import default_image_size, gluon_symbol, preact_resnet_cifar  # noqa: E402
+from mxnet_mirror_hook.models import default_image_size, gluon_symbol, preact_resnet_cifar, unet  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
 from mxnet_mirror_hook.mx.measure import planned_mb_in_process  # noqa: E402
+from mxnet_mirror_hook.mx.timing import iteration_seconds  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -65,21 +66,68 @@ def do_mirror_mb(symbol, shapes):
         del os.environ["MXNET_BACKWARD_DO_MIRROR"]
 
 
-def bench_model(name, symbol, shapes):
-    started = time.perf_counter()
-    plan = plan_mirror(symbol, list(shapes.items()), cache_dir=False)
-    planning = time.perf_counter() - started
-    seed_raw = memonger.get_cost(memonger.search_plan(symbol, ctx=mx.cpu(), **shapes),
-                                 ctx=mx.cpu(), **shapes)
+BUDGETS = (("min", "min"), ("default", None), ("0.6", 0.6))
+
+
+def seed_cut_symbol(symbol, shapes):
+    """The seed's search with cut-point stages: the mirrored symbol it returns."""
     staged = with_cut_point_stages(symbol, shapes)
-    seed_cut = memonger.get_cost(memonger.search_plan(staged, ctx=mx.cpu(), **shapes),
-                                 ctx=mx.cpu(), **shapes)
-    row = {"model": name, "shape": "x".join(map(str, shapes["data"])),
-           "baseline": plan.baseline_mb, "seed_raw": seed_raw, "do_mirror": do_mirror_mb(symbol, shapes),
-           "seed_cut": seed_cut, "ours": plan.planned_mb, "overhead": plan.overhead,
-           "planning_s": planning, "mirrored": len(plan.mirrored), "kept": plan.kept_count}
+    return memonger.search_plan(staged, ctx=mx.cpu(), **shapes)
+
+
+def bench_model(name, symbol, shapes):
+    """Memory of every approach at one input shape, and our planning time per budget."""
+    row = {"model": name, "shape": "x".join(map(str, shapes["data"]))}
+    for key, budget in BUDGETS:
+        started = time.perf_counter()
+        try:
+            plan = plan_mirror(symbol, list(shapes.items()), memory_budget=budget, cache_dir=False)
+        except ValueError as error:  # an unreachable budget is a result too
+            log.warning("%s at budget %s: %s", name, key, error)
+            row[key] = None
+            continue
+        row[key] = {"mb": plan.planned_mb, "overhead": plan.overhead,
+                    "planning_s": time.perf_counter() - started}
+        row["baseline"] = plan.baseline_mb
+    row["seed_raw"] = memonger.get_cost(memonger.search_plan(symbol, ctx=mx.cpu(), **shapes),
+                                        ctx=mx.cpu(), **shapes)
+    row["seed_cut"] = memonger.get_cost(seed_cut_symbol(symbol, shapes), ctx=mx.cpu(), **shapes)
+    row["do_mirror"] = do_mirror_mb(symbol, shapes)
     log.info("%s", row)
     return row
+
+
+def overhead_check(name, symbol, shapes, repeats=3):
+    """Estimated against measured CPU overhead of our plans ('min' and 0.6) and the seed's.
+
+    Plans are made for the (small) timing shapes; plain and mirrored executors
+    are stepped in turn in one process.
+    """
+    plans = {key: plan_mirror(symbol, list(shapes.items()), memory_budget=budget, cache_dir=False)
+             for key, budget in BUDGETS if key != "default"}
+    seed = seed_cut_symbol(symbol, shapes)
+    graph = symbol_to_graph(symbol, normalize_inputs(list(shapes.items())))
+    seed_mirrored = frozenset(n.name for n in graph.op_nodes
+                              if n.name in set(_forced(seed)))
+    from mxnet_mirror_hook.core.cost import recompute_overhead
+
+    symbols = [symbol, plans["min"].symbol, plans["0.6"].symbol, seed]
+    seconds = iteration_seconds(symbols, shapes, repeats=repeats)
+    result = {"model": name, "shape": "x".join(map(str, shapes["data"])), "plain_s": seconds[0]}
+    for key, index in (("min", 1), ("0.6", 2)):
+        result[key] = {"estimated": plans[key].overhead, "measured": seconds[index] / seconds[0] - 1,
+                       "mb": plans[key].planned_mb}
+    result["seed"] = {"estimated": recompute_overhead(graph, seed_mirrored),
+                      "measured": seconds[3] / seconds[0] - 1}
+    log.info("%s", result)
+    return result
+
+
+def _forced(symbol):
+    """Names of the nodes a symbol marks ``force_mirroring``."""
+    document = json.loads(symbol.tojson())
+    return [node["name"] for node in document["nodes"]
+            if node.get("attrs", {}).get("__force_mirroring__") in ("True", "true", "1")]
 
 
 def cached_rebind_seconds(cache_dir):
@@ -139,14 +187,16 @@ def bind_growth_mb():
 
 
 def iteration_ratio(network="resnet50_v1b", batch=8, size=224, iterations=6):
-    """CPU iteration time, mirrored / plain, measured alternately in one run."""
+    """CPU iteration time of MirroredModule training at each budget against plain Module,
+    measured alternately in one run."""
     symbol, _ = gluon_symbol(network)
     rng = np.random.RandomState(0)
     batch_data = mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, (batch, 3, size, size)))],
                                  [mx.nd.array(rng.randint(0, 1000, batch))])
     modules = {}
-    for label, module in (("plain", mx.mod.Module(symbol)),
-                          ("mirrored", MirroredModule(symbol, cache_dir=False))):
+    for label, module in [("plain", mx.mod.Module(symbol))] + [
+            (key, MirroredModule(symbol, cache_dir=False, memory_budget=budget))
+            for key, budget in BUDGETS if key != "default"]:
         module.bind([("data", (batch, 3, size, size))], [("softmax_label", (batch,))])
         module.init_params(mx.init.Xavier())
         module.init_optimizer(optimizer_params={"learning_rate": 0.01, "momentum": 0.9})
@@ -155,7 +205,7 @@ def iteration_ratio(network="resnet50_v1b", batch=8, size=224, iterations=6):
             module.update()
         mx.nd.waitall()
         modules[label] = module
-    times = {"plain": [], "mirrored": []}
+    times = {label: [] for label in modules}
     for _ in range(iterations):
         for label, module in modules.items():
             tick = time.perf_counter()
@@ -163,13 +213,21 @@ def iteration_ratio(network="resnet50_v1b", batch=8, size=224, iterations=6):
             module.update()
             mx.nd.waitall()
             times[label].append(time.perf_counter() - tick)
-    plain, mirrored = np.median(times["plain"]), np.median(times["mirrored"])
-    return {"network": network, "batch": batch, "plain_s": plain, "mirrored_s": mirrored,
-            "ratio": mirrored / plain, "estimated": modules["mirrored"].mirror_plan.overhead,
-            "iterations": iterations}
+    plain = float(np.median(times["plain"]))
+    return {"network": network, "batch": batch, "plain_s": plain, "iterations": iterations,
+            "budgets": {label: {"s": float(np.median(times[label])),
+                                "ratio": float(np.median(times[label])) / plain,
+                                "estimated": modules[label].mirror_plan.overhead,
+                                "mb": modules[label].mirror_plan.planned_mb,
+                                "baseline_mb": modules[label].mirror_plan.baseline_mb}
+                        for label in modules if label != "plain"}}
 
 
-def write_results(rows, rebind, timing, growth, path):
+def _mb(entry):
+    return "unreachable" if entry is None else f"{entry['mb']:.0f}"
+
+
+def write_results(rows, checks, rebind, timing, growth, path):
     lines = [
         "# Benchmark results",
         "",
@@ -179,31 +237,87 @@ def write_results(rows, rebind, timing, growth, path):
         "(`Total N MB allocated`, intermediate storage for forward and backward, excluding "
         "weights and gradients), measured by a CPU bind.",
         "",
-        "## Planned memory (MB), batch 32 for ImageNet models and the LSTM, 64 for the CIFAR ResNet",
+        "## Planned memory (MB), batch 32 for ImageNet models and the LSTM, 64 for the CIFAR "
+        "ResNet, 16 for the U-Net",
         "",
-        "| model | input | baseline | seed search, raw symbol | `MXNET_BACKWARD_DO_MIRROR=1` "
-        "| seed search, cut-point stages | ours (`auto`) | ours / baseline | ours / seed cut-point "
-        "| est. overhead | planning s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | input | baseline | seed, raw symbol | `DO_MIRROR=1` | seed, cut-point stages "
+        "| ours `'min'` | ours default | ours `0.6` (est. overhead) | min / baseline "
+        "| min / seed cut-point | est. overhead at min | planning s (min / default / 0.6) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        low = r["min"]
+        point6 = r["0.6"]
+        point6_text = (_mb(point6) if point6 is None
+                       else f"{point6['mb']:.0f} ({point6['overhead']:.1%})")
+        seconds = " / ".join("-" if r[k] is None else f"{r[k]['planning_s']:.1f}"
+                             for k in ("min", "default", "0.6"))
         lines.append(
             f"| {r['model']} | {r['shape']} | {r['baseline']:.0f} | {r['seed_raw']:.0f} | "
-            f"{r['do_mirror']:.0f} | {r['seed_cut']:.0f} | **{r['ours']:.0f}** | "
-            f"{r['ours'] / r['baseline']:.2f} | {r['ours'] / r['seed_cut']:.2f} | "
-            f"{r['overhead']:.1%} | {r['planning_s']:.1f} |")
+            f"{r['do_mirror']:.0f} | {r['seed_cut']:.0f} | **{_mb(low)}** | {_mb(r['default'])} | "
+            f"{point6_text} | {low['mb'] / r['baseline']:.2f} | {low['mb'] / r['seed_cut']:.2f} | "
+            f"{low['overhead']:.1%} | {seconds} |")
     lines += [
         "",
-        "- *seed search, raw symbol*: the seed's `search_plan` on the symbol as gluoncv makes it "
+        "- *seed, raw symbol*: the seed's `search_plan` on the symbol as gluoncv makes it "
         "(no `mirror_stage` marks), as a new user would run it; above baseline means it made "
         "memory worse.",
-        "- *seed search, cut-point stages*: the same search after marking every node that all "
-        "paths from data to loss pass through (an unrolled LSTM has almost none: h and c cross "
-        "every step boundary together; ours then also searches cuts where a few tensors cross).",
+        "- *`DO_MIRROR=1`*: MXNet's own `MXNET_BACKWARD_DO_MIRROR=1` (keeps convolutions, dense "
+        "layers and concatenations, recomputes the rest). In MXNet 1.9 the gradient of a kept "
+        "node reads the forward outputs of its inputs, so recomputing a ReLU that feeds a kept "
+        "convolution frees nothing (NOTE [ what backward keeps ] in `core/liveness.py`).",
+        "- *seed, cut-point stages*: the same search after marking every node that all "
+        "paths from data to loss pass through (what a careful memonger user would mark by hand).",
+        "- *ours*: `plan_mirror` with `memory_budget='min'`, `None` (the default: lowest memory "
+        "within one extra forward pass; MXNet replays each mirrored node at most once, so every "
+        "plan qualifies and it equals `'min'`) and `0.6` (the least estimated recomputation "
+        "under 0.6 x baseline, from the least-compute dynamic program).",
         "- *est. overhead*: the cost model's extra compute as a fraction of one plain training "
         "iteration (one extra forward pass is about 33%).",
         "- *planning s*: cold planning time of `plan_mirror` (cache disabled), including the "
-        "start of the measuring worker process.",
+        "start of the measuring worker processes.",
+        "",
+        "## Cost model against measured CPU time",
+        "",
+        "Plans made for these (smaller) inputs; plain, ours at `'min'`, ours at `0.6` and the "
+        f"seed's (cut-point stages) executors stepped in turn in one process, medians of "
+        f"{checks[0]['repeats'] if checks else 0} rounds after 2 warm-up rounds. Overhead = "
+        "extra time of a forward+backward iteration over the plain one.",
+        "",
+        "| model | input | plain s/iter | ours min: est. / measured | ours 0.6: est. / measured "
+        "| seed cut-point: est. / measured |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    errors = []
+    for c in checks:
+        cells = []
+        for key in ("min", "0.6", "seed"):
+            cells.append(f"{c[key]['estimated']:.1%} / {c[key]['measured']:.1%}")
+            errors.append(c[key]["measured"] - c[key]["estimated"])
+        lines.append(f"| {c['model']} | {c['shape']} | {c['plain_s']:.3f} | " + " | ".join(cells) + " |")
+    if errors:
+        mean_abs = sum(abs(e) for e in errors) / len(errors)
+        lines += ["", f"Measured minus estimated overhead over the {len(errors)} plans: mean "
+                  f"{sum(errors) / len(errors):+.1%}, mean absolute {mean_abs:.1%}. "
+                  "The model counts operations; on a CPU memory-bound operators (BatchNorm, "
+                  "ReLU) and re-materialising tensors cost more than their share of operations, "
+                  "and timing noise on a shared 2-core machine is a few percent."]
+    lines += [
+        "",
+        "## Training iteration time at each budget (MirroredModule against Module)",
+        "",
+        f"{timing['network']}, batch {timing['batch']}, CPU: plain Module and MirroredModule at "
+        f"each budget trained (forward, backward, SGD update) in turn in one process; medians of "
+        f"{timing['iterations']} iterations after two warm-up iterations. Plain: "
+        f"{timing['plain_s']:.3f} s/iter.",
+        "",
+        "| budget | planned MB (baseline) | est. overhead | s/iter | measured / plain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, entry in timing["budgets"].items():
+        lines.append(f"| {label} | {entry['mb']:.0f} ({entry['baseline_mb']:.0f}) | "
+                     f"{entry['estimated']:.1%} | {entry['s']:.3f} | {entry['ratio']:.2f} |")
+    lines += [
         "",
         "## Cached re-bind in a new process (1001-layer CIFAR ResNet, batch 64)",
         "",
@@ -226,47 +340,52 @@ def write_results(rows, rebind, timing, growth, path):
         "MXNet 1.9.1 keeps native memory per bind that no Python-side release frees; how much "
         "varies with the machine's state (50-80 MB per bind usually, much less in rare runs).",
         "",
-        "## CPU iteration time, mirrored / plain",
-        "",
-        "| network | batch | plain s/iter | mirrored s/iter | ratio | estimated overhead |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| {timing['network']} | {timing['batch']} | {timing['plain_s']:.3f} | "
-        f"{timing['mirrored_s']:.3f} | {timing['ratio']:.2f} | {timing['estimated']:.1%} |",
-        "",
-        f"Medians of {timing['iterations']} iterations each, plain and mirrored alternating in "
-        "one process after two warm-up iterations; the machine is shared, so read the ratio, not "
-        "the seconds.",
-        "",
     ]
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
 
 
+MODELS = GLUON_MODELS + ["preact_resnet1001", "lstm_2x512_t100", "unet"]
+
+
+def model_and_shapes(name, batch=None):
+    """A bench model and its input shapes (``batch`` overrides the default batch)."""
+    if name == "preact_resnet1001":
+        return preact_resnet_cifar(1001), {"data": (batch or 64, 3, 32, 32)}
+    if name == "lstm_2x512_t100":
+        return unrolled_lstm(), {"data": (batch or 32, 100, 512)}
+    if name == "unet":
+        b = batch or 16
+        return unet(), {"data": (b, 3, 256, 256), "softmax_label": (b, 256, 256)}
+    size = default_image_size(name)
+    return gluon_symbol(name)[0], {"data": (batch or 32, 3, size, size)}
+
+
+#: Batch sizes for the CPU timing runs (small enough for a 2-core machine).
+TIMING_BATCH = {"preact_resnet1001": 8, "lstm_2x512_t100": 32, "unet": 2}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*",
-                        default=GLUON_MODELS + ["preact_resnet1001", "lstm_2x512_t100"])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--timing-models", nargs="*", default=MODELS)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("mxnet_mirror_hook").setLevel(logging.WARNING)
-    rows = []
-    for name in args.models:
-        if name == "preact_resnet1001":
-            symbol, shapes = preact_resnet_cifar(1001), {"data": (64, 3, 32, 32)}
-        elif name == "lstm_2x512_t100":
-            symbol, shapes = unrolled_lstm(), {"data": (32, 100, 512)}
-        else:
-            symbol, _ = gluon_symbol(name)
-            size = default_image_size(name)
-            shapes = {"data": (args.batch, 3, size, size)}
-        rows.append(bench_model(name, symbol, shapes))
+    rows = [bench_model(name, *model_and_shapes(name)) for name in args.models]
+    checks = []
+    for name in args.timing_models:
+        check = overhead_check(name, *model_and_shapes(name, TIMING_BATCH.get(name, 4)),
+                               repeats=args.repeats)
+        check["repeats"] = args.repeats
+        checks.append(check)
+    timing = iteration_ratio()
     with tempfile.TemporaryDirectory() as cache_dir:
         rebind = cached_rebind_seconds(cache_dir)
-    timing = iteration_ratio()
     growth = bind_growth_mb()
-    write_results(rows, rebind, timing, growth, args.output)
+    write_results(rows, checks, rebind, timing, growth, args.output)
     log.info("wrote %s", args.output)
 
 

@@ -116,6 +116,35 @@ def memonger_resnet(num_layers: int = 50, num_classes: int = 1000) -> "mx.sym.Sy
     return _preact_head(body, num_classes)
 
 
+def unet(depth: int = 4, base_filters: int = 32, num_classes: int = 2) -> "mx.sym.Symbol":
+    """A U-Net (Ronneberger et al., 2015) for per-pixel classification, with long skips.
+
+    Each level has two 3x3 conv-BatchNorm-ReLU layers; the encoder's output at
+    each level is concatenated into the decoder at the same level, so the
+    largest activations cross most of the network.  Input ``data`` is
+    (N, 3, H, W) with H and W divisible by ``2 ** depth``; label
+    ``softmax_label`` is (N, H, W).
+    """
+    def double_conv(data, filters, name):
+        data = _conv_bn_relu(data, filters, (3, 3), (1, 1), (1, 1), f"{name}_a")
+        return _conv_bn_relu(data, filters, (3, 3), (1, 1), (1, 1), f"{name}_b")
+
+    x = mx.sym.var("data")
+    skips = []
+    for level in range(depth):
+        x = double_conv(x, base_filters << level, f"down{level}")
+        skips.append(x)
+        x = mx.sym.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type="max", name=f"pool{level}")
+    x = double_conv(x, base_filters << depth, "bottom")
+    for level in reversed(range(depth)):
+        x = mx.sym.Deconvolution(x, num_filter=base_filters << level, kernel=(2, 2), stride=(2, 2),
+                                 name=f"up{level}")
+        x = mx.sym.Concat(x, skips[level], dim=1, name=f"skip{level}")
+        x = double_conv(x, base_filters << level, f"dec{level}")
+    x = mx.sym.Convolution(x, num_filter=num_classes, kernel=(1, 1), name="classifier")
+    return mx.sym.SoftmaxOutput(x, multi_output=True, name="softmax")
+
+
 def default_image_size(network: str) -> int:
     """Input side length a gluoncv classification network expects."""
     return 299 if "inception" in network else 224

@@ -23,7 +23,7 @@ from .core.planners.base import CandidateEvaluator
 from .core.planners.memonger import threshold_decisions, user_stages
 from .core.planners.selective import selective_decisions
 from .mx.measure import planned_mb_in_process
-from .mx.timing import environment, measured_overheads
+from .mx.timing import environment, iteration_seconds
 from .plan import prepare_planning
 
 __all__ = ["ParetoPoint", "pareto_points", "mark_front", "write_csv", "draw_pareto"]
@@ -114,7 +114,7 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
     ours = [p for p in points if p.source == "ours"]
     mark_front(ours)
     if measure_time:
-        _measure_times(setup, points)
+        _measure_times(setup, points, repeats)
     points.sort(key=lambda p: (p.source != "ours", p.source, p.planned_mb, p.estimated_overhead))
     return points
 
@@ -125,7 +125,7 @@ def _point(source: str, decision: Decision, planned_mb: float, baseline_mb: floa
                        None, len(decision.mirrored), False, decision.mirrored)
 
 
-def _measure_times(setup, points: List[ParetoPoint]) -> None:
+def _measure_times(setup, points: List[ParetoPoint], repeats: int) -> None:
     """Time the interesting points against the plain symbol (one run, side by side)."""
     chosen = [p for p in points if p.source == "ours" and p.on_front and p.mirrored]
     for source in ("seed, raw symbol", "seed, cut-point stages"):
@@ -138,9 +138,8 @@ def _measure_times(setup, points: List[ParetoPoint]) -> None:
     symbols = [template.build(p.mirrored) for p in chosen] + [plain for _ in do_mirror]
     envs = [{}] + [{} for _ in chosen] + [DO_MIRROR for _ in do_mirror]
     shapes = setup.measure.shapes
-    from .mx.timing import iteration_seconds
-
-    seconds = iteration_seconds([plain] + symbols, shapes, grad_req=setup.requests, bind_env=envs)
+    seconds = iteration_seconds([plain] + symbols, shapes, grad_req=setup.requests,
+                                repeats=repeats, bind_env=envs)
     for point, value in zip(chosen + do_mirror, seconds[1:]):
         point.measured_overhead = value / seconds[0] - 1.0
     for point in points:

@@ -69,6 +69,19 @@ def test_budget_fraction_is_respected_and_impossible_budget_names_the_minimum(re
     assert f"{minimum.planned_mb:.0f} MB" in str(error.value)
 
 
+def test_planner_choice_follows_the_budget(resnet):
+    minimum = plan_mirror(resnet, DATA, LABEL, memory_budget="min")
+    default = plan_mirror(resnet, DATA, LABEL)
+    # Default: lowest memory within one extra forward pass, which every plan meets here.
+    assert default.planned_mb == minimum.planned_mb and default.overhead <= 1 / 3 + 1e-9
+    limited = plan_mirror(resnet, DATA, LABEL, memory_budget=0.75)
+    assert limited.planned_mb <= 0.75 * limited.baseline_mb
+    # A fixed limit runs the least-compute program and recomputes less than 'min' does.
+    assert any(c["label"].startswith("dp least compute") for c in limited.candidates)
+    assert not any(c["label"].startswith("dp least compute") for c in minimum.candidates)
+    assert limited.overhead < minimum.overhead
+
+
 def test_wrong_rank_shape_raises_shape_error_not_mxnet_error(resnet):
     with pytest.raises(ShapeError, match="rank"):
         plan_mirror(resnet, [("data", (16, 64, 64))], LABEL)

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import mxnet as mx
 import numpy as np
 
-__all__ = ["iteration_seconds", "measured_overheads", "environment"]
+__all__ = ["iteration_seconds", "environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,3 @@ def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, t
         del executors
         gc.collect()
     return [statistics.median(samples) for samples in times]
-
-
-def measured_overheads(plain: "mx.sym.Symbol", mirrored: Sequence["mx.sym.Symbol"],
-                       shapes: Mapping[str, tuple], **kwargs) -> List[float]:
-    """Measured extra time of each mirrored symbol over ``plain``, as a fraction (0.1 = 10%)."""
-    seconds = iteration_seconds([plain] + list(mirrored), shapes, **kwargs)
-    base = seconds[0]
-    logger.info("plain iteration %.3f s; mirrored %s", base, ", ".join(f"{s:.3f}" for s in seconds[1:]))
-    return [s / base - 1.0 for s in seconds[1:]]
