@@ -103,22 +103,31 @@ def overhead_check(name, symbol, shapes, repeats=3):
     Plans are made for the (small) timing shapes; plain and mirrored executors
     are stepped in turn in one process.
     """
-    plans = {key: plan_mirror(symbol, list(shapes.items()), memory_budget=budget, cache_dir=False)
-             for key, budget in BUDGETS if key != "default"}
+    plans = {}
+    for key, budget in BUDGETS:
+        if key == "default":
+            continue
+        try:
+            plans[key] = plan_mirror(symbol, list(shapes.items()), memory_budget=budget,
+                                     cache_dir=False)
+        except ValueError as error:  # unreachable at this budget
+            log.warning("%s at budget %s: %s", name, key, error)
     seed = seed_cut_symbol(symbol, shapes)
     graph = symbol_to_graph(symbol, normalize_inputs(list(shapes.items())))
-    seed_mirrored = frozenset(n.name for n in graph.op_nodes
-                              if n.name in set(_forced(seed)))
+    forced = set(_forced(seed))
+    seed_mirrored = frozenset(n.name for n in graph.op_nodes if n.name in forced)
     from mxnet_mirror_hook.core.cost import recompute_overhead
 
-    symbols = [symbol, plans["min"].symbol, plans["0.6"].symbol, seed]
+    keys = list(plans)
+    symbols = [symbol] + [plans[key].symbol for key in keys] + [seed]
     seconds = iteration_seconds(symbols, shapes, repeats=repeats)
-    result = {"model": name, "shape": "x".join(map(str, shapes["data"])), "plain_s": seconds[0]}
-    for key, index in (("min", 1), ("0.6", 2)):
+    result = {"model": name, "shape": "x".join(map(str, shapes["data"])), "plain_s": seconds[0],
+              "min": None, "0.6": None}
+    for index, key in enumerate(keys, start=1):
         result[key] = {"estimated": plans[key].overhead, "measured": seconds[index] / seconds[0] - 1,
                        "mb": plans[key].planned_mb}
     result["seed"] = {"estimated": recompute_overhead(graph, seed_mirrored),
-                      "measured": seconds[3] / seconds[0] - 1}
+                      "measured": seconds[-1] / seconds[0] - 1}
     log.info("%s", result)
     return result
 
@@ -292,6 +301,9 @@ def write_results(rows, checks, rebind, timing, growth, path):
     for c in checks:
         cells = []
         for key in ("min", "0.6", "seed"):
+            if c[key] is None:
+                cells.append("unreachable")
+                continue
             cells.append(f"{c[key]['estimated']:.1%} / {c[key]['measured']:.1%}")
             errors.append(c[key]["measured"] - c[key]["estimated"])
         lines.append(f"| {c['model']} | {c['shape']} | {c['plain_s']:.3f} | " + " | ".join(cells) + " |")

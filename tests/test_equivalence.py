@@ -141,9 +141,10 @@ def train_and_capture(module, data_shape, label_shape, steps=3, classes=10):
             grads)
 
 
-def assert_same_training(symbol, data_shape, label_shape, planner, tolerance=1e-6):
+def assert_same_training(symbol, data_shape, label_shape, planner, tolerance=1e-6,
+                         memory_budget=None):
     plain = train_and_capture(SyncedModule(symbol), data_shape, label_shape)
-    module = MirroredModule(symbol, planner=planner, cache_dir=False)
+    module = MirroredModule(symbol, planner=planner, cache_dir=False, memory_budget=memory_budget)
     mirrored = train_and_capture(module, data_shape, label_shape)
     for what, left, right in zip(("parameter", "statistic", "gradient"), plain, mirrored):
         assert sorted(left) == sorted(right)
@@ -162,6 +163,15 @@ def test_mirrored_training_equals_plain_training(architecture, planner):
     assert plan.planned_mb <= plan.baseline_mb or planner == RANDOM_PLANNER
     assert plan.mirrored, "this case must recompute something to mean anything"
     assert not any(name.startswith("drop") for name in plan.mirrored)
+
+
+@pytest.mark.parametrize("architecture", ["residual", "inception", "densenet"])
+def test_least_compute_plans_under_a_budget_train_identically(architecture):
+    """A fixed budget picks a plan with kept and recomputed stretches (the dp program)."""
+    symbol, data_shape, label_shape = ARCHITECTURES[architecture]()
+    plan = assert_same_training(symbol, data_shape, label_shape, "dp", memory_budget=0.8)
+    assert plan.planned_mb <= 0.8 * plan.baseline_mb
+    assert plan.mirrored
 
 
 # ------------------------------------------------------------- random graphs
