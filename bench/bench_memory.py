@@ -298,6 +298,7 @@ def write_results(rows, checks, rebind, timing, growth, path):
         "|---|---|---:|---:|---:|---:|",
     ]
     errors = []
+    gaps = []
     for c in checks:
         cells = []
         for key in ("min", "0.6", "seed"):
@@ -306,14 +307,16 @@ def write_results(rows, checks, rebind, timing, growth, path):
                 continue
             cells.append(f"{c[key]['estimated']:.1%} / {c[key]['measured']:.1%}")
             errors.append(c[key]["measured"] - c[key]["estimated"])
+            gaps.append((abs(errors[-1]), errors[-1], c["model"], key))
         lines.append(f"| {c['model']} | {c['shape']} | {c['plain_s']:.3f} | " + " | ".join(cells) + " |")
     if errors:
         mean_abs = sum(abs(e) for e in errors) / len(errors)
         lines += ["", f"Measured minus estimated overhead over the {len(errors)} plans: mean "
-                  f"{sum(errors) / len(errors):+.1%}, mean absolute {mean_abs:.1%}. "
-                  "The model counts operations; on a CPU memory-bound operators (BatchNorm, "
-                  "ReLU) and re-materialising tensors cost more than their share of operations, "
-                  "and timing noise on a shared 2-core machine is a few percent."]
+                  f"{sum(errors) / len(errors):+.1%}, mean absolute {mean_abs:.1%}; largest gaps: "
+                  + ", ".join(f"{model} at {key} ({gap:+.1%})"
+                              for _, gap, model, key in sorted(gaps, reverse=True)[:3])
+                  + ". The model counts operations, not time; single timings on this shared "
+                  "2-core machine vary by a few percent."]
     lines += [
         "",
         "## Training iteration time at each budget (MirroredModule against Module)",
