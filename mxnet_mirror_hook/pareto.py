@@ -18,8 +18,9 @@ import mxnet as mx
 from .core.budget import parse_budget
 from .core.cost import recompute_overhead
 from .core.planners import Decision, get_planner
-from .core.planners.auto import auto_stages
+from .core.planners.auto import SWEEP_FRACTIONS, auto_stages
 from .core.planners.base import CandidateEvaluator
+from .core.planners.dp import least_compute_decisions
 from .core.planners.memonger import threshold_decisions, user_stages
 from .core.planners.selective import selective_decisions
 from .mx.measure import planned_mb_in_process
@@ -86,10 +87,17 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
     """
     setup = prepare_planning(symbol, data_shapes, label_shapes)
     graph = setup.graph
-    outcome = get_planner("auto").plan(graph, parse_budget(1.0), setup.measure)
+    # Everything 'auto' measures for the least memory, plus the least-compute sweep
+    # it runs under a fixed limit.
+    outcome = get_planner("auto").plan(graph, parse_budget("min"), setup.measure)
     baseline = outcome.baseline_mb
     points = [_point("ours", c.decision, c.planned_mb, baseline, c.overhead)
               for c in outcome.candidates]
+    known = {c.decision.mirrored for c in outcome.candidates}
+    sweep = [d for d in least_compute_decisions(graph, SWEEP_FRACTIONS) if d.mirrored not in known]
+    for decision, candidate in zip(sweep, CandidateEvaluator(graph, setup.measure).evaluate_many(sweep)):
+        if candidate is not None:
+            points.append(_point("ours", decision, candidate.planned_mb, baseline, candidate.overhead))
     if include_seed:
         seed = CandidateEvaluator(graph, setup.measure)
         for source, stages in (("seed, raw symbol", user_stages(graph)),

@@ -171,3 +171,56 @@ def test_unknown_operators_are_assumed_to_read_everything():
     assert gradient_reads_inputs("Convolution")
     assert not gradient_reads_inputs("Activation")
     assert not gradient_reads_inputs("elemwise_add")
+
+
+# ------------------------------------------------------------ linearising for cuts
+def projections_first(steps=10):
+    """An RNN listed as MXNet's JSON lists an unrolled LSTM: every input projection first."""
+    b = GraphBuilder()
+    data = b.input("data")
+    split = b.op("split", "SliceChannel", [data])
+    projections = [b.op(f"proj{t}", "FullyConnected", [split], with_weight=True)
+                   for t in reversed(range(steps))][::-1]
+    h = b.op("h0", "Activation", [projections[0]])
+    c = b.op("c0", "Activation", [h])
+    for t in range(1, steps):
+        gates = b.op(f"gates{t}", "elemwise_add", [projections[t], h])
+        mixed = b.op(f"mix{t}", "elemwise_add", [gates, c])
+        c = b.op(f"c{t}", "Activation", [mixed])
+        h = b.op(f"h{t}", "elemwise_mul", [c, gates])
+    b.op("loss", "SoftmaxOutput", [h, b.input("label", (1,))])
+    return b.build()
+
+
+def test_late_order_is_topological_and_keeps_every_node():
+    graph = projections_first()
+    late = graph.as_late_as_possible()
+    assert sorted(n.name for n in late.nodes) == sorted(n.name for n in graph.nodes)
+    for position, node in enumerate(late.nodes):
+        assert all(source < position for source, _ in node.inputs)
+        original = graph.node(node.name)
+        assert [late.nodes[s].name for s, _ in node.inputs] == \
+            [graph.nodes[s].name for s, _ in original.inputs]
+    # Each projection now sits next to the step that reads it.
+    assert late.index("proj5") > late.index("h3")
+
+
+def test_late_order_turns_projection_first_rnns_into_small_cuts():
+    from mxnet_mirror_hook.core.planners.frontier import frontiers
+
+    def cut_after_step_2(g):
+        return any("h2" in {g.nodes[i].name for i in f.nodes} for f in frontiers(g, 4))
+
+    graph = projections_first(12)
+    # In the JSON order the later projections cross every early step boundary.
+    assert not cut_after_step_2(graph)
+    assert cut_after_step_2(graph.as_late_as_possible())
+    decisions = least_memory_decisions(graph, ((3, 0.5),))
+    assert decisions and decisions[0].mirrored
+
+
+def test_chains_keep_their_order():
+    graph = residual(3)
+    assert graph.as_late_as_possible() is graph or \
+        [n.name for n in graph.as_late_as_possible().nodes if n.kind is NodeKind.OP] == \
+        [n.name for n in graph.op_nodes]

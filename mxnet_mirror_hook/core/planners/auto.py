@@ -14,21 +14,25 @@
 # measured (the bracket between its neighbours), which costs a few more binds
 # and can only lower the result.  The selective decisions (keep expensive
 # outputs, recompute cheap ones: MXNet's own MXNET_BACKWARD_DO_MIRROR rule) are
-# measured alongside, and so are the dynamic programs of dp.py: the least-memory
-# one always, the least-compute sweep when the budget is a fixed limit (then the
-# cheapest plan that fits wins).  When single-node cuts save less than 30%,
-# it also searches cuts where several tensors cross together
-# (NOTE [ frontier cuts ] in frontier.py).
+# measured only when everything else saves less than 30% (unrolled RNNs, where
+# they help; on CNNs MXNet 1.9 keeps the inputs of the kept convolutions anyway,
+# NOTE [ what backward keeps ] in liveness.py), together with cuts where several
+# tensors cross together: the seed's heuristic over them (NOTE [ frontier cuts ]
+# in frontier.py) and the least-memory program with up to 8 crossing tensors.  The dynamic
+# programs of dp.py are measured with the seed's grid: the least-memory one
+# always, the least-compute sweep when the budget is a fixed limit (then the
+# cheapest plan that fits wins).
 """
 from __future__ import annotations
 
 from typing import Dict
 
 from ..budget import Budget
+from ..cost import recompute_overhead
 from ..graph import Graph
 from . import register_planner
 from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
-from .dp import least_compute_decisions, least_memory_decisions
+from .dp import WIDE_FRONTIER_VARIANTS, least_compute_decisions, least_memory_decisions
 from .frontier import frontier_decisions
 from .selective import selective_decisions
 from .memonger import MB_SHIFT, search_thresholds, threshold_plan, user_stages
@@ -66,7 +70,7 @@ class AutoPlanner(Planner):
 
     name = "auto"
 
-    def __init__(self, ntrial: int = 6, refine_steps: int = 4, max_frontier: int = 8) -> None:
+    def __init__(self, ntrial: int = 6, refine_steps: int = 2, max_frontier: int = 8) -> None:
         self.ntrial = ntrial
         self.refine_steps = refine_steps
         self.max_frontier = max_frontier
@@ -83,14 +87,23 @@ class AutoPlanner(Planner):
         if not stages:
             baseline = evaluator.evaluate_many(
                 [unmirrored] + selective_decisions(graph) + programs
+                + least_memory_decisions(graph, WIDE_FRONTIER_VARIANTS)
                 + frontier_decisions(graph, self.max_frontier, self.ntrial))[0]
             return evaluator.outcome(budget, baseline)
         unit_shift = unit_shift_for(graph)
         unit = "MB" if unit_shift == MB_SHIFT else "KB"
         searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
-        results = evaluator.evaluate_many(
-            [unmirrored] + [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
-            + selective_decisions(graph) + programs)
+        grid = [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
+        if budget.is_limit:
+            # The seed's plans recompute nearly the whole forward pass; when a
+            # plan of the programs already fits with less estimated recomputation
+            # than any of them, none of them can be chosen: skip their binds.
+            baseline = evaluator.evaluate_many([unmirrored] + programs)[0]
+            limit = budget.limit_mb(baseline.planned_mb)
+            fitting = [c.overhead for c in evaluator.candidates if c.planned_mb <= limit]
+            if fitting and min(fitting) < min(recompute_overhead(graph, d.mirrored) for d in grid):
+                return evaluator.outcome(budget, baseline)
+        results = evaluator.evaluate_many([unmirrored] + grid + programs)
         baseline = results[0]
         measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:len(searched) + 1])
                     if c is not None]
@@ -112,5 +125,7 @@ class AutoPlanner(Planner):
         if best > FRONTIER_FALLBACK_RATIO * baseline.planned_mb:
             # Single-node cuts saved little (an unrolled RNN, long skips): try cuts
             # where several tensors cross together (NOTE [ frontier cuts ]).
-            evaluator.evaluate_many(frontier_decisions(graph, self.max_frontier, self.ntrial))
+            evaluator.evaluate_many(selective_decisions(graph)
+                                    + least_memory_decisions(graph, WIDE_FRONTIER_VARIANTS)
+                                    + frontier_decisions(graph, self.max_frontier, self.ntrial))
         return evaluator.outcome(budget, baseline)

@@ -44,7 +44,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from ..cost import node_costs
@@ -91,6 +91,29 @@ class CutChain:
     need_prefix: List[int]
     pinned_prefix: List[int]
     cost_prefix: List[float]
+    # Per cut, the frontier terms when the segment starts before every node they
+    # involve (the common case; see _precompute).
+    settled: List[int] = field(default_factory=list)
+    crossing_full: List[int] = field(default_factory=list)
+    unread_full: List[int] = field(default_factory=list)
+    frontier_cost_full: List[float] = field(default_factory=list)
+
+    def _precompute(self) -> None:
+        """Fill the fast-path fields: a segment starting before ``settled[j]`` sees all of cut j's
+        frontier nodes and their held inputs inside it."""
+        nodes = self.graph.nodes
+        for frontier in self.frontier:
+            involved = list(frontier)
+            held = {source for x in frontier if self.reads_inputs[x]
+                    for source, _ in nodes[x].inputs
+                    if self.mirrorable[source] and source not in frontier}
+            involved += list(held)
+            self.settled.append(min(involved, default=len(nodes)))
+            self.crossing_full.append(
+                sum(self.op_bytes[x] for x in frontier if not (self.read[x] and not self.mirrorable[x]))
+                + sum(self.op_bytes[y] for y in held))
+            self.unread_full.append(sum(self.op_bytes[x] for x in frontier if not self.read[x]))
+            self.frontier_cost_full.append(sum(self.cost[x] for x in frontier if self.mirrorable[x]))
 
     @property
     def end(self) -> int:
@@ -110,6 +133,11 @@ class CutChain:
     def kept_after(self, i: int, j: int, recompute: bool) -> int:
         """Bytes that segment (i, j] adds to the kept set."""
         start = self.positions[i]
+        if start < self.settled[j]:
+            if recompute:
+                return (self.pinned_prefix[self.positions[j] + 1] - self.pinned_prefix[start + 1]
+                        + self.crossing_full[j])
+            return self.need(i, j) + self.unread_full[j]
         if recompute:
             pinned = self.pinned_prefix[self.positions[j] + 1] - self.pinned_prefix[start + 1]
             frontier = self.frontier[j]
@@ -128,6 +156,8 @@ class CutChain:
         """Forward cost of the operators segment (i, j] mirrors when recomputed."""
         start = self.positions[i]
         total = self.cost_prefix[self.positions[j] + 1] - self.cost_prefix[start + 1]
+        if start < self.settled[j]:
+            return total - self.frontier_cost_full[j]
         return total - sum(self.cost[x] for x in self.frontier[j] if x > start and self.mirrorable[x])
 
 
@@ -151,6 +181,7 @@ def build_cut_chain(graph: Graph, max_frontier: int = 2, max_cuts: int = 400,
     -------
     CutChain
     """
+    graph = graph.as_late_as_possible()  # NOTE [ linearising for cuts ] in graph.py
     found = frontiers(graph, max_frontier)
     if len(found) > max_cuts:
         # Keep evenly spread cuts, preferring the cheaper of each neighbourhood.
@@ -172,13 +203,15 @@ def build_cut_chain(graph: Graph, max_frontier: int = 2, max_cuts: int = 400,
         need_prefix[position + 1] = need_prefix[position] + need
         pinned_prefix[position + 1] = pinned_prefix[position] + (0 if mirrorable[position] else need)
         cost_prefix[position + 1] = cost_prefix[position] + cost[position]
-    return CutChain(
+    chain = CutChain(
         graph=graph, positions=[-1] + [f.position for f in found] + [size - 1],
         frontier=[()] + [tuple(sorted(f.nodes)) for f in found] + [()],
         grad_factor=grad_factor, op_bytes=op_bytes, read=read, mirrorable=mirrorable,
         reads_inputs=[n.kind is NodeKind.OP and gradient_reads_inputs(n.op) for n in graph.nodes],
         cost=cost,
         need_prefix=need_prefix, pinned_prefix=pinned_prefix, cost_prefix=cost_prefix)
+    chain._precompute()
+    return chain
 
 
 def evaluate_schedule(chain: CutChain, schedule: Sequence[Segment]) -> Tuple[float, float]:
@@ -246,8 +279,12 @@ def _reachable(chain: CutChain, limit: float) -> Optional[List[Segment]]:
     return schedule[::-1]
 
 
-def min_peak_schedule(chain: CutChain, resolution: int = 1 << 20) -> Tuple[float, List[Segment]]:
+def min_peak_schedule(chain: CutChain, resolution: Optional[float] = None
+                      ) -> Tuple[float, List[Segment]]:
     """The schedule with the least modelled peak, to within ``resolution`` bytes.
+
+    The default resolution is 1 MB or 0.1% of the unmirrored peak, whichever is
+    larger (the model is not closer than that to MXNet's figure anyway).
 
     Returns
     -------
@@ -258,6 +295,8 @@ def min_peak_schedule(chain: CutChain, resolution: int = 1 << 20) -> Tuple[float
     high = evaluate_schedule(chain, everything)[0]
     best = everything
     low = 0.0
+    if resolution is None:
+        resolution = max(float(1 << 20), high / 1000)
     while high - low > resolution:
         middle = (low + high) / 2
         found = _reachable(chain, middle)
@@ -354,6 +393,9 @@ def schedule_decision(chain: CutChain, schedule: Sequence[Segment]) -> FrozenSet
 #: nearby optima are measured; on ResNet-50, Inception-v3 and DenseNet-121 the
 #: best of these beats the seed's search with cut-point stages (bench/RESULTS.md).
 LEAST_MEMORY_VARIANTS = ((1, 0.5), (1, 1.0), (2, 0.0), (2, 0.5))
+#: Variants for graphs whose cuts need several tensors (an unrolled 2-layer LSTM
+#: needs h and c of both layers and the input sequence: 5).
+WIDE_FRONTIER_VARIANTS = ((8, 0.5), (8, 2.0))
 
 
 def least_memory_decisions(graph: Graph, variants: Sequence[Tuple[int, float]] = LEAST_MEMORY_VARIANTS,
