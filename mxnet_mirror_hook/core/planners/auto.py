@@ -79,11 +79,10 @@ class AutoPlanner(Planner):
         stages = auto_stages(graph)
         evaluator = CandidateEvaluator(graph, measure)
         unmirrored = Decision(frozenset(), "unmirrored")
-        programs = least_memory_decisions(graph)
-        if budget.is_limit:
-            # A fixed limit: the cheapest plan under it may keep whole stretches
-            # (NOTE [ the cut-set chain ] in dp.py); trace the Pareto curve.
-            programs += least_compute_decisions(graph, SWEEP_FRACTIONS)
+        # A fixed limit: the cheapest plan under it may keep whole stretches
+        # (NOTE [ the cut-set chain ] in dp.py); trace the Pareto curve.
+        sweep = least_compute_decisions(graph, SWEEP_FRACTIONS) if budget.is_limit else []
+        programs = sweep + least_memory_decisions(graph)
         if not stages:
             baseline = evaluator.evaluate_many(
                 [unmirrored] + selective_decisions(graph) + programs
@@ -95,13 +94,15 @@ class AutoPlanner(Planner):
         searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
         grid = [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
         if budget.is_limit:
-            # The seed's plans recompute nearly the whole forward pass; when a
-            # plan of the programs already fits with less estimated recomputation
-            # than any of them, none of them can be chosen: skip their binds.
-            baseline = evaluator.evaluate_many([unmirrored] + programs)[0]
+            # The seed's plans and the least-memory programs recompute nearly the
+            # whole forward pass; when a plan of the sweep already fits with less
+            # estimated recomputation than any of them, none of them can be
+            # chosen: skip their binds.
+            baseline = evaluator.evaluate_many([unmirrored] + sweep)[0]
             limit = budget.limit_mb(baseline.planned_mb)
             fitting = [c.overhead for c in evaluator.candidates if c.planned_mb <= limit]
-            if fitting and min(fitting) < min(recompute_overhead(graph, d.mirrored) for d in grid):
+            heavy = grid + programs[len(sweep):]
+            if fitting and min(fitting) < min(recompute_overhead(graph, d.mirrored) for d in heavy):
                 return evaluator.outcome(budget, baseline)
         results = evaluator.evaluate_many([unmirrored] + grid + programs)
         baseline = results[0]
