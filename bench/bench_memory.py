@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 from mxnet_mirror_hook import MirroredModule, memonger, plan_mirror  # noqa: E402
 from mxnet_mirror_hook.models import default_image_size, gluon_symbol, preact_resnet_cifar, unet  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
-from mxnet_mirror_hook.mx.measure import planned_mb_in_process  # noqa: E402
+from mxnet_mirror_hook.mx.convert import MIRROR_ATTR  # noqa: E402
+from mxnet_mirror_hook.mx.measure import builtin_mirror_mb  # noqa: E402
 from mxnet_mirror_hook.mx.timing import iteration_seconds  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -57,15 +58,6 @@ def with_cut_point_stages(symbol, shapes):
     return mx.sym.load_json(json.dumps(document))
 
 
-def do_mirror_mb(symbol, shapes):
-    """MXNet's built-in heuristic: MXNET_BACKWARD_DO_MIRROR=1 (read by each bind)."""
-    os.environ["MXNET_BACKWARD_DO_MIRROR"] = "1"
-    try:
-        return planned_mb_in_process(symbol, mx.cpu(), shapes)
-    finally:
-        del os.environ["MXNET_BACKWARD_DO_MIRROR"]
-
-
 BUDGETS = (("min", "min"), ("default", None), ("0.6", 0.6))
 
 
@@ -92,7 +84,7 @@ def bench_model(name, symbol, shapes):
     row["seed_raw"] = memonger.get_cost(memonger.search_plan(symbol, ctx=mx.cpu(), **shapes),
                                         ctx=mx.cpu(), **shapes)
     row["seed_cut"] = memonger.get_cost(seed_cut_symbol(symbol, shapes), ctx=mx.cpu(), **shapes)
-    row["do_mirror"] = do_mirror_mb(symbol, shapes)
+    row["do_mirror"] = builtin_mirror_mb(symbol, mx.cpu(), shapes)
     log.info("%s", row)
     return row
 
@@ -114,8 +106,8 @@ def overhead_check(name, symbol, shapes, repeats=3):
             log.warning("%s at budget %s: %s", name, key, error)
     seed = seed_cut_symbol(symbol, shapes)
     graph = symbol_to_graph(symbol, normalize_inputs(list(shapes.items())))
-    forced = set(_forced(seed))
-    seed_mirrored = frozenset(n.name for n in graph.op_nodes if n.name in forced)
+    seed_mirrored = frozenset(name for name, attrs in seed.attr_dict().items()
+                              if attrs.get(MIRROR_ATTR) == "True")
     from mxnet_mirror_hook.core.cost import recompute_overhead
 
     keys = list(plans)
@@ -130,13 +122,6 @@ def overhead_check(name, symbol, shapes, repeats=3):
                       "measured": seconds[-1] / seconds[0] - 1}
     log.info("%s", result)
     return result
-
-
-def _forced(symbol):
-    """Names of the nodes a symbol marks ``force_mirroring``."""
-    document = json.loads(symbol.tojson())
-    return [node["name"] for node in document["nodes"]
-            if node.get("attrs", {}).get("__force_mirroring__") in ("True", "true", "1")]
 
 
 def cached_rebind_seconds(cache_dir):

@@ -23,16 +23,13 @@ from .core.planners.base import CandidateEvaluator
 from .core.planners.dp import least_compute_decisions
 from .core.planners.memonger import threshold_decisions, user_stages
 from .core.planners.selective import selective_decisions
-from .mx.measure import planned_mb_in_process
-from .mx.timing import environment, iteration_seconds
+from .mx.measure import DO_MIRROR_ENV, builtin_mirror_mb
+from .mx.timing import iteration_seconds
 from .plan import prepare_planning
 
 __all__ = ["ParetoPoint", "pareto_points", "mark_front", "write_csv", "draw_pareto"]
 
 logger = logging.getLogger(__name__)
-
-DO_MIRROR = {"MXNET_BACKWARD_DO_MIRROR": "1"}
-
 
 @dataclass
 class ParetoPoint:
@@ -109,10 +106,8 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
                     seen.add(decision.mirrored)
                     points.append(_point(source, decision, candidate.planned_mb, baseline,
                                          candidate.overhead))
-        with environment(DO_MIRROR):
-            do_mirror_mb = planned_mb_in_process(setup.template.build(frozenset()), setup.context,
-                                                 setup.measure.shapes, setup.measure.types,
-                                                 setup.requests)
+        do_mirror_mb = builtin_mirror_mb(setup.template.build(frozenset()), setup.context,
+                                         setup.measure.shapes, setup.measure.types, setup.requests)
         # MXNet's rule recomputes what our "selective, BatchNorm kept" decision names.
         rule = selective_decisions(graph)[1]
         points.append(ParetoPoint("MXNET_BACKWARD_DO_MIRROR=1", "MXNet's need_mirror rule",
@@ -144,7 +139,7 @@ def _measure_times(setup, points: List[ParetoPoint], repeats: int) -> None:
     template = setup.template
     plain = template.build(frozenset())
     symbols = [template.build(p.mirrored) for p in chosen] + [plain for _ in do_mirror]
-    envs = [{}] + [{} for _ in chosen] + [DO_MIRROR for _ in do_mirror]
+    envs = [{}] + [{} for _ in chosen] + [DO_MIRROR_ENV for _ in do_mirror]
     shapes = setup.measure.shapes
     seconds = iteration_seconds([plain] + symbols, shapes, grad_req=setup.requests,
                                 repeats=repeats, bind_env=envs)

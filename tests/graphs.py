@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
+from hypothesis import strategies as st
+
 from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
 
 
@@ -60,3 +62,19 @@ def residual(blocks: int, shape=(1, 1024, 16, 16)) -> Graph:
     label = builder.input("label", (shape[0],))
     builder.op("loss", "SoftmaxOutput", [last, label], shape)
     return builder.build()
+
+
+@st.composite
+def random_dags(draw, max_size: int = 9, max_fan_in: int = 3, ops: Sequence[str] = ("Activation",),
+                elements: Sequence[int] = (4, 4)) -> Graph:
+    """Random DAGs over one input: 2..``max_size`` operators drawn from ``ops``, each reading
+    1..``max_fan_in`` earlier nodes, with outputs of ``elements[0]..elements[1]`` floats."""
+    size = draw(st.integers(2, max_size))
+    nodes = [Node("data", "null", NodeKind.INPUT, [], [(1, 4)])]
+    for i in range(1, size + 1):
+        fan_in = draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=max_fan_in, unique=True))
+        op = draw(st.sampled_from(list(ops)))
+        count = draw(st.integers(*elements))
+        attrs = {"kernel": "(3, 3)"} if op == "Convolution" else {}
+        nodes.append(Node(f"n{i}", op, NodeKind.OP, [(j, 0) for j in fan_in], [(1, count)], 4, attrs))
+    return Graph(nodes, [(size, 0)])

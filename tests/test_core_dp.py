@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mxnet_mirror_hook.core.budget import parse_budget
-from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
+from mxnet_mirror_hook.core.graph import NodeKind
 from mxnet_mirror_hook.core.liveness import gradient_reads_inputs, read_by_backward
 from mxnet_mirror_hook.core.planners import Candidate, Decision, get_planner, select_candidate
 from mxnet_mirror_hook.core.planners.base import ONE_FORWARD
@@ -16,25 +16,15 @@ from mxnet_mirror_hook.core.planners.dp import (Segment, build_cut_chain, evalua
                                                 least_compute_decisions, least_memory_decisions,
                                                 min_cost_schedule, min_peak_schedule,
                                                 schedule_decision)
-from tests.graphs import GraphBuilder, residual
+from tests.graphs import GraphBuilder, random_dags, residual
 from tests.test_core_planners import lstm_like, model_measure
 
 OPS = ["Activation", "Convolution", "BatchNorm", "elemwise_add", "Pooling", "Dropout", "Flatten"]
 
 
-@st.composite
-def random_graphs(draw):
+def random_graphs():
     """Random DAGs of up to 8 operators with mixed operator types and sizes."""
-    size = draw(st.integers(2, 8))
-    nodes = [Node("data", "null", NodeKind.INPUT, [], [(1, 4)])]
-    for i in range(1, size + 1):
-        fan_in = draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=2, unique=True))
-        op = draw(st.sampled_from(OPS))
-        elements = draw(st.integers(1, 64))
-        attrs = {"kernel": "(3, 3)"} if op == "Convolution" else {}
-        nodes.append(Node(f"n{i}", op, NodeKind.OP, [(j, 0) for j in fan_in], [(1, elements)],
-                          4, attrs))
-    return Graph(nodes, [(size, 0)])
+    return random_dags(max_size=8, max_fan_in=2, ops=OPS, elements=(1, 64))
 
 
 def all_schedules(chain):

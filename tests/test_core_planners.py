@@ -3,18 +3,18 @@ from __future__ import annotations
 
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from mxnet_mirror_hook.core.budget import Budget, parse_budget
 from mxnet_mirror_hook.core.cost import forward_cost, iteration_cost, recompute_overhead
-from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
+from mxnet_mirror_hook.core.graph import Node, NodeKind
 from mxnet_mirror_hook.core.memory import estimate_planned_bytes, mirrored_segments
 from mxnet_mirror_hook.core.planners import (Candidate, Decision, get_planner, list_planners,
                                              select_candidate)
 from mxnet_mirror_hook.core.planners.auto import auto_stages
 from mxnet_mirror_hook.core.planners.memonger import search_thresholds, threshold_plan, user_stages
 from mxnet_mirror_hook.errors import BudgetError, BudgetUnreachableError, UnknownPlannerError
-from tests.graphs import GraphBuilder, chain, residual
+from tests.graphs import GraphBuilder, chain, random_dags, residual
 
 MB = 1 << 20
 
@@ -203,16 +203,6 @@ def test_memory_model_counts_kept_outputs_plus_largest_segment():
 
 
 # ------------------------------------------------------------- property: cut points
-@st.composite
-def random_dags(draw):
-    size = draw(st.integers(2, 9))
-    nodes = [Node("data", "null", NodeKind.INPUT, [], [(1, 4)])]
-    for i in range(1, size + 1):
-        fan_in = draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=3, unique=True))
-        nodes.append(Node(f"n{i}", "Activation", NodeKind.OP, [(j, 0) for j in fan_in], [(1, 4)]))
-    return Graph(nodes, [(size, 0)])
-
-
 def _all_paths_pass(graph, name):
     """Brute force: does removing ``name`` disconnect data from the output?"""
     blocked = graph.index(name)

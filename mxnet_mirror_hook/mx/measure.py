@@ -1,10 +1,12 @@
 """The one place that binds a symbol and reads MXNet's planned memory."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import re
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import mxnet as mx
 import numpy as np
@@ -12,9 +14,11 @@ import numpy as np
 from ..errors import MeasurementError
 
 __all__ = ["planned_mb", "planned_mb_many", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
-           "MEASURE_MODE_ENV"]
+           "MEASURE_MODE_ENV", "DO_MIRROR_ENV", "environment", "builtin_mirror_mb"]
 
 MEASURE_MODE_ENV = "MXNET_MIRROR_HOOK_MEASURE"
+#: MXNet's own mirroring heuristic, read by every bind.
+DO_MIRROR_ENV = {"MXNET_BACKWARD_DO_MIRROR": "1"}
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +82,6 @@ def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Con
     MeasurementError
         If MXNet refuses a bind or a worker dies.
     """
-    import os
-
     texts = [s if isinstance(s, str) else s.tojson() for s in symbols]
     in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
     if in_process or any('"op": "Custom"' in text for text in texts):
@@ -135,6 +137,30 @@ def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Ma
     return parse_planned_mb(text)
 
 
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block (MXNet reads some at bind time)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def builtin_mirror_mb(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+                      type_dict: Optional[Mapping[str, np.dtype]] = None,
+                      grad_req: Union[str, Dict[str, str]] = "write") -> float:
+    """Planned MB of ``symbol`` under MXNet's own ``MXNET_BACKWARD_DO_MIRROR=1`` (bound in
+    this process, where the variable is set for the bind)."""
+    with environment(DO_MIRROR_ENV):
+        return planned_mb_in_process(symbol, ctx, shapes, type_dict, grad_req)
+
+
 def resident_bytes() -> int:
     """Resident memory of this process in bytes (Linux ``/proc``; 0 elsewhere)."""
     try:
@@ -142,6 +168,4 @@ def resident_bytes() -> int:
             pages = int(handle.read().split()[1])
     except (OSError, ValueError, IndexError):
         return 0
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,18 +1,18 @@
 """Measured CPU time of one training iteration (forward and backward) of a bound symbol."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-import os
 import statistics
 import time
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import mxnet as mx
 import numpy as np
 
-__all__ = ["iteration_seconds", "environment"]
+from .measure import environment
+
+__all__ = ["iteration_seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +28,6 @@ def _bind(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple
         else:
             array[:] = generator.normal(0, 0.01, array.shape)
     return executor
-
-
-@contextlib.contextmanager
-def environment(variables: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of a block (MXNet reads some at bind time)."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _step(executor: "mx.executor.Executor") -> float:

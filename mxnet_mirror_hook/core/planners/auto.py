@@ -82,7 +82,8 @@ class AutoPlanner(Planner):
         # A fixed limit: the cheapest plan under it may keep whole stretches
         # (NOTE [ the cut-set chain ] in dp.py); trace the Pareto curve.
         sweep = least_compute_decisions(graph, SWEEP_FRACTIONS) if budget.is_limit else []
-        programs = sweep + least_memory_decisions(graph)
+        least_memory = least_memory_decisions(graph)
+        programs = sweep + least_memory
         if not stages:
             baseline = evaluator.evaluate_many(
                 [unmirrored] + selective_decisions(graph) + programs
@@ -101,7 +102,7 @@ class AutoPlanner(Planner):
             baseline = evaluator.evaluate_many([unmirrored] + sweep)[0]
             limit = budget.limit_mb(baseline.planned_mb)
             fitting = [c.overhead for c in evaluator.candidates if c.planned_mb <= limit]
-            heavy = grid + programs[len(sweep):]
+            heavy = grid + least_memory
             if fitting and min(fitting) < min(recompute_overhead(graph, d.mirrored) for d in heavy):
                 return evaluator.outcome(budget, baseline)
         results = evaluator.evaluate_many([unmirrored] + grid + programs)

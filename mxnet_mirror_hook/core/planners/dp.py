@@ -114,18 +114,32 @@ class CutChain:
             self.pinned_at.append(self.pinned_prefix[position + 1])
             self.cost_at.append(self.cost_prefix[position + 1])
             previous = position
-        for frontier in self.frontier:
-            involved = list(frontier)
-            held = {source for x in frontier if self.reads_inputs[x]
-                    for source, _ in nodes[x].inputs
-                    if self.mirrorable[source] and source not in frontier}
-            involved += list(held)
-            self.settled.append(min(involved, default=len(nodes)))
-            self.crossing_full.append(
-                sum(self.op_bytes[x] for x in frontier if not (self.read[x] and not self.mirrorable[x]))
-                + sum(self.op_bytes[y] for y in held))
-            self.unread_full.append(sum(self.op_bytes[x] for x in frontier if not self.read[x]))
-            self.frontier_cost_full.append(sum(self.cost[x] for x in frontier if self.mirrorable[x]))
+        for j, frontier in enumerate(self.frontier):
+            held = self._held_inputs(j, -1)
+            self.settled.append(min(list(frontier) + list(held), default=len(nodes)))
+            crossing, unread, frontier_cost = self._frontier_terms(j, -1)
+            self.crossing_full.append(crossing)
+            self.unread_full.append(unread)
+            self.frontier_cost_full.append(frontier_cost)
+
+    def _held_inputs(self, j: int, start: int) -> set:
+        """Inputs produced after ``start`` that cut j's kept frontier holds alive: a kept
+        node whose gradient reads its inputs keeps their forward outputs too (NOTE [ what
+        backward keeps ] in liveness.py)."""
+        frontier = self.frontier[j]
+        return {source for x in frontier if x > start and self.reads_inputs[x]
+                for source, _ in self.graph.nodes[x].inputs
+                if source > start and self.mirrorable[source] and source not in frontier}
+
+    def _frontier_terms(self, j: int, start: int) -> Tuple[int, int, float]:
+        """For a segment from position ``start`` to cut j: bytes its frontier adds when the
+        segment is recomputed (held inputs included), its frontier bytes backward does not
+        read, and the forward cost of its mirrorable frontier nodes."""
+        inside = [x for x in self.frontier[j] if x > start]
+        crossing = (sum(self.op_bytes[x] for x in inside if not (self.read[x] and not self.mirrorable[x]))
+                    + sum(self.op_bytes[y] for y in self._held_inputs(j, start)))
+        unread = sum(self.op_bytes[x] for x in inside if not self.read[x])
+        return crossing, unread, sum(self.cost[x] for x in inside if self.mirrorable[x])
 
     @property
     def end(self) -> int:
@@ -146,22 +160,11 @@ class CutChain:
         """Bytes that segment (i, j] adds to the kept set."""
         start = self.positions[i]
         if start < self.settled[j]:
-            if recompute:
-                return (self.pinned_prefix[self.positions[j] + 1] - self.pinned_prefix[start + 1]
-                        + self.crossing_full[j])
-            return self.need(i, j) + self.unread_full[j]
+            crossing, unread = self.crossing_full[j], self.unread_full[j]
+        else:
+            crossing, unread, _ = self._frontier_terms(j, start)
         if recompute:
-            pinned = self.pinned_prefix[self.positions[j] + 1] - self.pinned_prefix[start + 1]
-            frontier = self.frontier[j]
-            crossing = sum(self.op_bytes[x] for x in frontier
-                           if x > start and not (self.read[x] and not self.mirrorable[x]))
-            # A kept frontier node whose gradient reads its inputs keeps their
-            # forward outputs too (NOTE [ what backward keeps ] in liveness.py).
-            held = {source for x in frontier if x > start and self.reads_inputs[x]
-                    for source, _ in self.graph.nodes[x].inputs
-                    if source > start and self.mirrorable[source] and source not in frontier}
-            return pinned + crossing + sum(self.op_bytes[y] for y in held)
-        unread = sum(self.op_bytes[x] for x in self.frontier[j] if x > start and not self.read[x])
+            return self.pinned_prefix[self.positions[j] + 1] - self.pinned_prefix[start + 1] + crossing
         return self.need(i, j) + unread
 
     def row(self, i: int, floor_limit: float):
@@ -194,7 +197,7 @@ class CutChain:
         total = self.cost_prefix[self.positions[j] + 1] - self.cost_prefix[start + 1]
         if start < self.settled[j]:
             return total - self.frontier_cost_full[j]
-        return total - sum(self.cost[x] for x in self.frontier[j] if x > start and self.mirrorable[x])
+        return total - self._frontier_terms(j, start)[2]
 
 
 def build_cut_chain(graph: Graph, max_frontier: int = 2, max_cuts: int = 400,
