@@ -265,7 +265,13 @@ def write_results(rows, checks, rebind, timing, growth, path):
         "- *ours*: `plan_mirror` with `memory_budget='min'`, `None` (the default: lowest memory "
         "within one extra forward pass; MXNet replays each mirrored node at most once, so every "
         "plan qualifies and it equals `'min'`) and `0.6` (the least estimated recomputation "
-        "under 0.6 x baseline, from the least-compute dynamic program).",
+        "under 0.6 x baseline, from the least-compute dynamic program). For `'min'` and the "
+        "default, candidates are ranked on the allocator model (MXNet's executed graph from one "
+        "unmirrored bind, nnvm's allocator replayed; NOTE [ replaying MXNet's memory plan ]) and "
+        "a 2-second search walks from the best; MXNet binds the searched plan and the two best "
+        "candidates and its figure decides. The search's end point depends on machine speed, so "
+        "'min' and the default can differ by a few MB from run to run. Graphs over 2000 "
+        "operators (the LSTM, the 1001-layer ResNet) bind every candidate instead.",
         "- *est. overhead*: the cost model's extra compute as a fraction of one plain training "
         "iteration (one extra forward pass is about 33%).",
         "- *planning s*: cold planning time of `plan_mirror` (cache disabled), including the "

@@ -18,7 +18,7 @@ import mxnet as mx
 from .core.budget import parse_budget
 from .core.cost import recompute_overhead
 from .core.planners import Decision, get_planner
-from .core.planners.auto import SWEEP_FRACTIONS, auto_stages
+from .core.planners.auto import SWEEP_FRACTIONS, AutoPlanner, auto_stages
 from .core.planners.base import CandidateEvaluator
 from .core.planners.dp import least_compute_decisions
 from .core.planners.memonger import threshold_decisions, user_stages
@@ -84,13 +84,17 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
     """
     setup = prepare_planning(symbol, data_shapes, label_shapes)
     graph = setup.graph
-    # Everything 'auto' measures for the least memory, plus the least-compute sweep
-    # it runs under a fixed limit.
-    outcome = get_planner("auto").plan(graph, parse_budget("min"), setup.measure)
-    baseline = outcome.baseline_mb
+    # Everything 'auto' binds for the least memory when it binds every candidate,
+    # what it binds after searching against the allocator model, and the
+    # least-compute sweep it runs under a fixed limit.
+    budget = parse_budget("min")
+    outcomes = [AutoPlanner(search_seconds=0).plan(graph, budget, setup.measure),
+                get_planner("auto").plan(graph, budget, setup.measure)]
+    baseline = outcomes[0].baseline_mb
+    candidates = {c.decision.mirrored: c for o in outcomes for c in o.candidates}
     points = [_point("ours", c.decision, c.planned_mb, baseline, c.overhead)
-              for c in outcome.candidates]
-    known = {c.decision.mirrored for c in outcome.candidates}
+              for c in candidates.values()]
+    known = set(candidates)
     sweep = [d for d in least_compute_decisions(graph, SWEEP_FRACTIONS) if d.mirrored not in known]
     for decision, candidate in zip(sweep, CandidateEvaluator(graph, setup.measure).evaluate_many(sweep)):
         if candidate is not None:

@@ -16,10 +16,11 @@ from .core.budget import BudgetLike, parse_budget
 from .core.cost import recompute_overhead
 from .core.graph import Graph, NodeKind
 from .core.planners import get_planner
-from .errors import ShapeError
+from .core.allocator import ExecutedGraph
+from .errors import MeasurementError, ShapeError
 from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
-from .mx.measure import planned_mb_many, to_context
+from .mx.measure import executed_graph, planned_mb_many, to_context
 
 __all__ = ["MirrorPlan", "plan_mirror", "prepare_planning", "PlanningSetup"]
 
@@ -109,20 +110,39 @@ class MirrorPlan:
 class _BindMeasure:
     """The planners' measurement callback: decision -> MXNet's planned MB.
 
-    ``many`` measures several decisions at once (in parallel worker processes).
+    ``many`` measures several decisions at once (in parallel worker processes);
+    ``executed_graph`` captures the unmirrored bind's executed graph for the
+    allocator model (None when MXNet's memory log cannot be read), and its
+    bind's figure answers the unmirrored measurement.
     """
 
     def __init__(self, template: MirrorTemplate, context: "mx.Context", shapes: Dict[str, tuple],
                  types: Dict[str, Any], requests: Dict[str, str]) -> None:
         self.template, self.context = template, context
         self.shapes, self.types, self.requests = shapes, types, requests
+        self._known: Dict[frozenset, float] = {}
 
     def __call__(self, mirrored: frozenset) -> float:
         return self.many([mirrored])[0]
 
     def many(self, decisions: Sequence[frozenset]) -> List[float]:
-        texts = [self.template.build_json(d) for d in decisions]
-        return planned_mb_many(texts, self.context, self.shapes, self.types, self.requests)
+        fresh = [d for d in decisions if d not in self._known]
+        if fresh:
+            texts = [self.template.build_json(d) for d in fresh]
+            measured = planned_mb_many(texts, self.context, self.shapes, self.types, self.requests)
+            self._known.update(zip(fresh, measured))
+        return [self._known[d] for d in decisions]
+
+    def executed_graph(self) -> Optional[ExecutedGraph]:
+        try:
+            graph = executed_graph(self.template.build_json(frozenset()), self.context,
+                                   self.shapes, self.types, self.requests)
+        except MeasurementError as error:
+            logger.info("no allocator model for this symbol (%s); every plan is bound", error)
+            return None
+        if graph.measured_mb is not None:
+            self._known[frozenset()] = graph.measured_mb
+        return graph
 
 
 def grad_req_for(symbol: "mx.sym.Symbol", graph: Graph, grad_req: Union[str, Dict[str, str]],

@@ -27,20 +27,28 @@ def _files(directory):
 def test_interrupt_during_planning_leaves_no_entry(isolated_cache, monkeypatch):
     import mxnet_mirror_hook.plan as plan_module
 
+    # The second bind of the plan is interrupted: the first is the capture of the
+    # executed graph (allocator model) or, without it, the unmirrored measurement.
     calls = {"n": 0}
     real = plan_module.planned_mb_many
+    real_capture = plan_module.executed_graph
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def counted(function):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return function(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(plan_module, "planned_mb_many", interrupted)
+    monkeypatch.setattr(plan_module, "planned_mb_many", counted(real))
+    monkeypatch.setattr(plan_module, "executed_graph", counted(real_capture))
     with pytest.raises(KeyboardInterrupt):
         plan_mirror(small_resnet(4, 16), DATA)
+    assert calls["n"] == 2
     assert _files(isolated_cache) == []
     monkeypatch.setattr(plan_module, "planned_mb_many", real)
+    monkeypatch.setattr(plan_module, "executed_graph", real_capture)
     plan = plan_mirror(small_resnet(4, 16), DATA)  # and planning works afterwards
     assert not plan.from_cache and plan.mirrored
 

@@ -23,9 +23,12 @@ __all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
 #: ``Embedding`` binds when recomputed but its kernel then fails in forward
 #: (``Check failed: req[embedding::kOut] == kWriteTo``, MXNet 1.9.1, seen on a
 #: bucketed LSTM language model); its output is small, so it is always kept.
+#: ``pick`` (Gluon's SoftmaxCrossEntropyLoss) fails the same way in backward
+#: when it is recomputed and its consumer is kept (``Check failed: req[0] ==
+#: kWriteTo``, MXNet 1.9.1; the error surfaces at the next synchronisation).
 NEVER_MIRRORED_OPS = frozenset({"Dropout", "CuDNNBatchNorm", "BatchNorm_v1",
                                 "_contrib_SyncBatchNorm", "SyncBatchNorm",
-                                "Embedding", "_contrib_SparseEmbedding"})
+                                "Embedding", "_contrib_SparseEmbedding", "pick"})
 
 #: Loss operators whose second input is a label, not something to differentiate.
 LOSS_OPS = frozenset({"SoftmaxOutput", "LinearRegressionOutput", "LogisticRegressionOutput",

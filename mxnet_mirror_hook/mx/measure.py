@@ -6,14 +6,17 @@ import gc
 import logging
 import os
 import re
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import mxnet as mx
 import numpy as np
 
 from ..errors import MeasurementError
 
-__all__ = ["planned_mb", "planned_mb_many", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.allocator import ExecutedGraph
+
+__all__ = ["planned_mb", "planned_mb_many", "executed_graph", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
            "MEASURE_MODE_ENV", "DO_MIRROR_ENV", "environment", "builtin_mirror_mb"]
 
 MEASURE_MODE_ENV = "MXNET_MIRROR_HOOK_MEASURE"
@@ -93,6 +96,36 @@ def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Con
               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
     return get_pool().measure_many([dict(common, symbol=text) for text in texts])
+
+
+def executed_graph(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shapes: Mapping[str, tuple],
+                   type_dict: Optional[Mapping[str, np.dtype]] = None,
+                   grad_req: Union[str, Dict[str, str]] = "write") -> "ExecutedGraph":
+    """MXNet's executed graph of a bind of ``symbol`` (NOTE [ replaying MXNet's memory plan ]).
+
+    Bound in a worker process like :func:`planned_mb_many` (in this process
+    under the same conditions); ``measured_mb`` holds the bind's planned MB.
+
+    Raises
+    ------
+    MeasurementError
+        If MXNet refuses the bind or its memory log cannot be read.
+    """
+    from ..core.allocator import ExecutedGraph
+    from .executed import capture_executed_graph
+
+    text = symbol if isinstance(symbol, str) else symbol.tojson()
+    in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
+    if in_process or '"op": "Custom"' in text:
+        return capture_executed_graph(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
+    from .worker import get_pool
+
+    request = {"shapes": {k: list(v) for k, v in shapes.items()},
+               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
+               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id], "symbol": text,
+               "capture": True}
+    reply = get_pool().workers[0].exchange(request)
+    return ExecutedGraph.from_dict(reply["executed"])
 
 
 def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],

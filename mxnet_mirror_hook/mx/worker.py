@@ -14,8 +14,10 @@
 # implementations are registered only in the user's process.
 
 Protocol: one JSON object per line each way.  Request: ``symbol`` (JSON text),
-``shapes``, ``types``, ``grad_req``, ``ctx`` ([device type, id]).  Reply:
-``{"ok": true, "mb": float, "rss": int}`` or ``{"ok": false, "error": str}``.
+``shapes``, ``types``, ``grad_req``, ``ctx`` ([device type, id]), optionally
+``capture: true``.  Reply: ``{"ok": true, "mb": float, "rss": int}`` (with
+``executed``, the executed graph's dict, when capturing) or
+``{"ok": false, "error": str}``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ __all__ = ["MeasureWorker", "WorkerPool", "get_pool", "shutdown_workers", "WORKE
 logger = logging.getLogger(__name__)
 
 WORKER_MAX_MB_ENV = "MXNET_MIRROR_HOOK_WORKER_MAX_MB"
+#: MXNet's switch for its memory-plan log (mirrored in mx/executed.py).
+VERBOSE_ENV = "MXNET_MEM_PLAN_VERBOSE_LOGGING"
 DEFAULT_WORKER_MAX_MB = 1536
 
 
@@ -62,6 +66,9 @@ class MeasureWorker:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+        # MXNet reads this once per process, at the first bind: set from the start,
+        # every bind logs its memory plan (to /dev/null, or to the capture's file).
+        env[VERBOSE_ENV] = "1"
         return subprocess.Popen(
             [sys.executable, "-m", "mxnet_mirror_hook.mx.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
@@ -82,6 +89,16 @@ class MeasureWorker:
 
     def measure(self, request: Mapping[str, Any]) -> float:
         """Send one request and return the planned MB.
+
+        Raises
+        ------
+        MeasurementError
+            If MXNet refused the bind or the worker died.
+        """
+        return float(self.exchange(request)["mb"])
+
+    def exchange(self, request: Mapping[str, Any]) -> Dict[str, Any]:
+        """Send one request and return the child's whole reply (``mb``, ``rss``, ``executed``...).
 
         Raises
         ------
@@ -126,7 +143,7 @@ class MeasureWorker:
                 logger.debug("measuring process at %.0f MB; restarting it", self.last_resident_mb)
                 self._stop()
                 self.restarts += 1
-            return float(reply["mb"])
+            return reply
 
     def close(self) -> None:
         """Stop the child process."""
@@ -233,9 +250,17 @@ def _serve() -> int:
             kind, index = request["ctx"]
             types = {k: np.dtype(v) for k, v in request.get("types", {}).items()}
             shapes = {k: tuple(v) for k, v in request["shapes"].items()}
-            mb = planned_mb_in_process(symbol, mx.Context(kind, index), shapes, types,
-                                       request["grad_req"])
-            reply: Dict[str, Any] = {"ok": True, "mb": mb, "rss": resident_bytes()}
+            ctx = mx.Context(kind, index)
+            reply: Dict[str, Any] = {"ok": True}
+            if request.get("capture"):
+                from .executed import capture_executed_graph
+
+                executed = capture_executed_graph(symbol, ctx, shapes, types, request["grad_req"])
+                reply["executed"] = executed.to_dict()
+                reply["mb"] = executed.measured_mb
+            else:
+                reply["mb"] = planned_mb_in_process(symbol, ctx, shapes, types, request["grad_req"])
+            reply["rss"] = resident_bytes()
         except MeasurementError as error:
             reply = {"ok": False, "error": str(error)}
         except Exception as error:  # report anything else rather than dying silently

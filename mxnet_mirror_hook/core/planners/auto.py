@@ -25,13 +25,16 @@
 """
 from __future__ import annotations
 
-from typing import Dict
+import logging
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
+from ...errors import BudgetUnreachableError
+from ..allocator import AllocatorModel, search_allocator_plan
 from ..budget import Budget
-from ..cost import recompute_overhead
+from ..cost import iteration_cost, node_costs, recompute_overhead
 from ..graph import Graph
 from . import register_planner
-from .base import CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
+from .base import ONE_FORWARD, CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
 from .dp import WIDE_FRONTIER_VARIANTS, least_compute_decisions, least_memory_decisions
 from .frontier import frontier_decisions
 from .selective import selective_decisions
@@ -43,7 +46,36 @@ FRONTIER_FALLBACK_RATIO = 0.7
 #: sweep, run when the budget is a fixed limit.
 SWEEP_FRACTIONS = (0.3, 0.45, 0.6, 0.75, 0.9)
 
-__all__ = ["AutoPlanner", "auto_stages"]
+#: Seconds the allocator-guided search may take (NOTE [ searching against the allocator ]).
+ALLOCATOR_SEARCH_SECONDS = 2.0
+#: Above this many forward operators a model evaluation (~20 us per executed
+#: operator) costs about as much as a bind in a worker: every candidate is bound.
+ALLOCATOR_MODEL_MAX_OPERATORS = 2000
+#: Plans the allocator model ranks best that are bound to confirm it, besides the searched one.
+CONFIRMED_BY_BIND = 2
+
+__all__ = ["AutoPlanner", "auto_stages", "allocator_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def allocator_model(measure: MeasureFn) -> Optional[AllocatorModel]:
+    """The allocator model of the unmirrored bind, if the measurement callback can capture it
+    (``measure.executed_graph()``) and the model reproduces MXNet's figure for it."""
+    capture = getattr(measure, "executed_graph", None)
+    executed = capture() if capture is not None else None
+    if executed is None:
+        return None
+    model = AllocatorModel(executed)
+    if not model.replays_capture():
+        logger.info("the allocator model does not replay MXNet's operator order for this symbol; "
+                    "binding every candidate instead")
+        return None
+    if executed.measured_mb is None or not model.agrees_with(executed.measured_mb):
+        logger.info("the allocator model gives %.0f MB for the unmirrored graph, MXNet %s MB; "
+                    "binding every candidate instead", model.planned_mb(), executed.measured_mb)
+        return None
+    return model
 
 
 def auto_stages(graph: Graph) -> Dict[str, str]:
@@ -70,14 +102,36 @@ class AutoPlanner(Planner):
 
     name = "auto"
 
-    def __init__(self, ntrial: int = 6, refine_steps: int = 2, max_frontier: int = 8) -> None:
+    def __init__(self, ntrial: int = 6, refine_steps: int = 2, max_frontier: int = 8,
+                 search_seconds: float = ALLOCATOR_SEARCH_SECONDS,
+                 search_evaluations: int = 100000) -> None:
         self.ntrial = ntrial
         self.refine_steps = refine_steps
         self.max_frontier = max_frontier
+        self.search_seconds = search_seconds
+        self.search_evaluations = search_evaluations
 
     def plan(self, graph: Graph, budget: Budget, measure: MeasureFn) -> PlanOutcome:
-        stages = auto_stages(graph)
         evaluator = CandidateEvaluator(graph, measure)
+        modelled = self.search_seconds > 0 and len(graph.op_nodes) <= ALLOCATOR_MODEL_MAX_OPERATORS
+        model = allocator_model(measure) if modelled and not budget.is_limit else None
+        if model is not None:
+            return self._plan_on_model(graph, budget, evaluator, model)
+        try:
+            return self._plan_measured(graph, budget, evaluator)
+        except BudgetUnreachableError:
+            # Nothing bound fits the limit: search against the allocator from the
+            # lowest plan measured, then choose again (raises if still nothing fits).
+            model = allocator_model(measure) if modelled else None
+            if model is None:
+                raise
+            best = min(evaluator.candidates, key=lambda c: (c.planned_mb, c.overhead))
+            evaluator.evaluate_many([self._search(graph, model, best.decision, None)])
+            return evaluator.outcome(budget, evaluator.candidates[0])
+
+    def _plan_measured(self, graph: Graph, budget: Budget, evaluator: CandidateEvaluator) -> PlanOutcome:
+        """Every candidate bound (no allocator model, or a fixed limit)."""
+        stages = auto_stages(graph)
         unmirrored = Decision(frozenset(), "unmirrored")
         # A fixed limit: the cheapest plan under it may keep whole stretches
         # (NOTE [ the cut-set chain ] in dp.py); trace the Pareto curve.
@@ -131,3 +185,97 @@ class AutoPlanner(Planner):
                                     + least_memory_decisions(graph, WIDE_FRONTIER_VARIANTS)
                                     + frontier_decisions(graph, self.max_frontier, self.ntrial))
         return evaluator.outcome(budget, baseline)
+
+    def _threshold_decisions(self, graph: Graph, stages: Dict[str, str],
+                             score) -> List[Decision]:
+        """The seed's grid over ``stages`` and a refinement around its best threshold by ``score``."""
+        unit_shift = unit_shift_for(graph)
+        unit = "MB" if unit_shift == MB_SHIFT else "KB"
+        searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
+        decisions = [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
+        if not searched:
+            return decisions
+        values = {t: score(d) for (t, _), d in zip(searched, decisions)}
+        thresholds = sorted(values)
+        best_threshold = min(thresholds, key=lambda t: (values[t], t))
+        position = thresholds.index(best_threshold)
+        low = thresholds[position - 1] if position > 0 else max(best_threshold // 2, 0)
+        high = thresholds[position + 1] if position + 1 < len(thresholds) else best_threshold * 2 + 1
+        for k in range(1, self.refine_steps + 1):
+            threshold = low + (high - low) * k // (self.refine_steps + 1)
+            if threshold not in values:
+                result = threshold_plan(graph, threshold << unit_shift, stages)
+                decisions.append(Decision(result.mirrored, f"threshold={threshold}{unit}(refined)"))
+        return decisions
+
+    def _plan_on_model(self, graph: Graph, budget: Budget, evaluator: CandidateEvaluator,
+                       model: AllocatorModel) -> PlanOutcome:
+        """Rank every candidate with the allocator model, search from the best, bind the few best.
+
+        NOTE [ replaying MXNet's memory plan ] in core/allocator.py: the model
+        gives MXNet's figure for any mirror set in milliseconds, so the seed's
+        grid and the programs are scored on it instead of bound; MXNet's bind
+        confirms only the searched plan and the ``CONFIRMED_BY_BIND`` best.
+        """
+        baseline = evaluator.evaluate(Decision(frozenset(), "unmirrored"))
+        cap = self._overhead_cap(graph, budget)
+        scored: Dict[FrozenSet[str], Tuple[float, Decision]] = {}
+
+        def score(decision: Decision) -> float:
+            key = frozenset(n for n in decision.mirrored if graph.node(n).can_mirror)
+            if key not in scored:
+                scored[key] = (model.planned_mb(key), Decision(key, decision.label))
+            return scored[key][0]
+
+        stages = auto_stages(graph)
+        for decision in (self._threshold_decisions(graph, stages, score) if stages else []) \
+                + least_memory_decisions(graph):
+            score(decision)
+        if not scored or min(v for v, _ in scored.values()) > FRONTIER_FALLBACK_RATIO * baseline.planned_mb:
+            for decision in (selective_decisions(graph)
+                             + least_memory_decisions(graph, WIDE_FRONTIER_VARIANTS)
+                             + frontier_decisions(graph, self.max_frontier, self.ntrial)):
+                score(decision)
+        ranked = sorted(((value, cap(key), len(key), decision.label), decision)
+                        for key, (value, decision) in scored.items() if cap(key) <= cap.limit)
+        if not ranked:
+            return evaluator.outcome(budget, baseline)
+        confirm = [decision for _, decision in ranked[:CONFIRMED_BY_BIND]]
+        confirm.insert(0, self._search(graph, model, confirm[0], cap))
+        for candidate in evaluator.evaluate_many(confirm):
+            if candidate is None:
+                continue
+            modelled = model.planned_mb(candidate.decision.mirrored)
+            if not model.agrees_with(candidate.planned_mb, candidate.decision.mirrored):
+                logger.info("allocator model and MXNet disagree on %s: %.0f MB modelled, %.0f bound",
+                            candidate.decision.label, modelled, candidate.planned_mb)
+        return evaluator.outcome(budget, baseline)
+
+    def _overhead_cap(self, graph: Graph, budget: Budget) -> "_OverheadCap":
+        return _OverheadCap(graph, ONE_FORWARD if budget.kind == "auto" else float("inf"))
+
+    def _search(self, graph: Graph, model: AllocatorModel, start: Decision,
+                cap: Optional["_OverheadCap"]) -> Decision:
+        """The allocator-guided search from ``start`` (NOTE [ searching against the allocator ])."""
+        movable = [n.name for n in graph.op_nodes if n.can_mirror]
+        accept = None if cap is None else (lambda mirrored: cap(mirrored) <= cap.limit)
+        result = search_allocator_plan(model, start.mirrored, movable, accept=accept,
+                                       time_limit=self.search_seconds,
+                                       max_evaluations=self.search_evaluations)
+        logger.debug("allocator search from %s: %d -> %d MB modelled in %d evaluations (%.1f s)",
+                     start.label, result.start_bytes >> 20, result.planned_bytes >> 20,
+                     result.evaluations, result.seconds)
+        return Decision(result.mirrored, f"allocator search from {start.label}")
+
+
+class _OverheadCap:
+    """Estimated overhead of a mirror set, and the most a budget allows."""
+
+    def __init__(self, graph: Graph, limit: float) -> None:
+        total = iteration_cost(graph)
+        self.costs = {name: cost / total for name, cost in node_costs(graph).items()} if total > 0 else {}
+        self.limit = limit + 1e-9
+
+    def __call__(self, mirrored: FrozenSet[str]) -> float:
+        costs = self.costs
+        return sum(costs.get(name, 0.0) for name in mirrored)
