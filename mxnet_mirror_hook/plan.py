@@ -138,7 +138,7 @@ class _BindMeasure:
             graph = executed_graph(self.template.build_json(frozenset()), self.context,
                                    self.shapes, self.types, self.requests)
         except MeasurementError as error:
-            logger.info("no allocator model for this symbol (%s); every plan is bound", error)
+            logger.warning("no allocator model for this symbol (%s); every plan is bound", error)
             return None
         if graph.measured_mb is not None:
             self._known[frozenset()] = graph.measured_mb

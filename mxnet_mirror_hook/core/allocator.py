@@ -37,7 +37,7 @@ import bisect
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["ExecutedNode", "ExecutedGraph", "AllocatorModel", "INPLACE_OPTIONS",
            "DEFAULT_MATCH_RANGE", "AllocatorSearchResult", "search_allocator_plan"]
@@ -66,10 +66,11 @@ INPLACE_IDENTITY = frozenset({"Flatten", "Reshape", "reshape", "flatten", "expan
 MIN_SEARCH_EVALUATIONS = 50
 #: The search stops after this many evaluations (or twice the movable nodes) without a gain.
 STALL_EVALUATIONS = 300
+#: Restarts (from the best plan, shaken) after stalls before the search gives up early.
+MAX_RESTARTS = 3
 #: Operators MXNet never mirrors, whatever their attributes say.
 NEVER_MIRRORED = frozenset({"Dropout"})
 
-_EXTERNAL = -1  # storage of variables and gradients (bound arrays, not planned)
 
 
 @dataclass(frozen=True)
@@ -173,52 +174,81 @@ class AllocatorModel:
                 self._owner[index] = owners[0]
         self._deps = [n.control_deps for n in nodes]
         self._base_deps = [[s for s, _ in n.inputs if s >= 0] + list(n.control_deps) for n in nodes]
+        # The backward walk starts after the whole forward pass: forward nodes are seen.
+        self._backward_deps = [[d for d in deps if d >= forward] for deps in self._base_deps]
+        # Dense entry ids: node v's output k is offsets[v] + k.
+        self._offsets: List[int] = []
+        total = 0
+        for sizes in self._sizes:
+            self._offsets.append(total)
+            total += len(sizes)
+        self._entry_count = total
         self._owned: List[List[int]] = [[] for _ in range(forward)]
         for index, owner in enumerate(self._owner):
             if owner >= 0:
                 self._owned[owner].append(index)
         heads = graph.outputs[:graph.num_heads]
-        self._heads = [self._key(v, k) for v, k in heads]
-        self._gradients = {self._key(v, k) for v, k in graph.outputs[graph.num_heads:]}
+        self._head_entries = [self._offsets[v] + k for v, k in heads]
+        self._gradient_flags = bytearray(self._entry_count)
+        for v, k in graph.outputs[graph.num_heads:]:
+            self._gradient_flags[self._offsets[v] + k] = 1
         self._roots = [v for v, _ in graph.outputs]
+        self._gradient_roots = [v for v, _ in graph.outputs[graph.num_heads:]]
         self._never = {i for i in range(forward) if nodes[i].op in NEVER_MIRRORED}
-
-    @staticmethod
-    def _key(node: int, output: int) -> int:
-        return node * 64 + output
 
     def _mirror_ids(self, mirrored: Iterable[str]) -> List[int]:
         index = self.forward_index
         return sorted(i for i in (index.get(n) for n in mirrored)
                       if i is not None and i not in self._never)
 
-    def schedule(self, mirrored: Iterable[str]) -> List[Tuple[str, Sequence[Tuple[int, int]], int]]:
+    def schedule(self, mirrored: Iterable[str], full: bool = False,
+                 ) -> List[Tuple[str, Sequence[Tuple[int, int]], int]]:
         """The executed graph of a mirror set: ``(op, inputs, node id)`` in MXNet's order.
 
-        Copies of mirrored nodes get ids after the unmirrored graph's nodes.
+        Copies of mirrored nodes get ids after the unmirrored graph's nodes.  The
+        forward pass comes first, unchanged (the heads' walk reaches every forward
+        node before any gradient); ``full=True`` walks it too instead of assuming so.
         """
+        copies = self._mirror_ids(mirrored)
+        return self._steps(copies, self._order(copies, full))
+
+    def _overrides(self, copies: Sequence[int], full: bool,
+                   ) -> Tuple[Dict[int, Sequence[Tuple[int, int]]], Dict[int, List[int]]]:
+        """Inputs and walk dependencies of the nodes mirroring changes: copies and the
+        backward nodes of mirrored nodes."""
         count = len(self._ops)
         forward = self.graph.num_forward
-        copies = self._mirror_ids(mirrored)
         remap = list(range(forward))
         for offset, f in enumerate(copies):
             remap[f] = count + offset
         base_inputs = self._inputs
+        floor = 0 if full else forward  # below it: forward nodes, already walked
         inputs_of: Dict[int, Sequence[Tuple[int, int]]] = {}
         deps_of: Dict[int, List[int]] = {}
         for offset, f in enumerate(copies):
             copied = [(remap[s] if s >= 0 else s, k) for s, k in base_inputs[f]]
             inputs_of[count + offset] = copied
-            deps_of[count + offset] = [s for s, _ in copied if s >= 0]
+            deps_of[count + offset] = [s for s, _ in copied if s >= floor]
             for b in self._owned[f]:
                 moved = [(remap[s] if 0 <= s < forward else s, k) for s, k in base_inputs[b]]
                 inputs_of[b] = moved
-                deps_of[b] = [s for s, _ in moved if s >= 0] + [
-                    remap[d] if d < forward else d for d in self._deps[b]]
-        base_deps = self._base_deps
-        order: List[int] = []
+                deps_of[b] = [s for s, _ in moved if s >= floor] + [
+                    d for d in (remap[d] if d < forward else d for d in self._deps[b]) if d >= floor]
+        return inputs_of, deps_of
+
+    def _order(self, copies: Sequence[int], full: bool = False) -> Tuple[List[int], Dict[int, Sequence[Tuple[int, int]]]]:
+        """nnvm's post-order walk from the graph outputs, inputs before control dependencies."""
+        count = len(self._ops)
+        forward = self.graph.num_forward
+        inputs_of, deps_of = self._overrides(copies, full)
         seen = bytearray(count + len(copies))
-        for root in self._roots:
+        if full:
+            base_deps, roots, order = self._base_deps, self._roots, []
+        else:
+            base_deps, roots = self._backward_deps, self._gradient_roots
+            order = list(range(forward))
+            seen[:forward] = b"\x01" * forward
+        for root in roots:
             if seen[root]:
                 continue
             seen[root] = 1
@@ -244,16 +274,33 @@ class AllocatorModel:
                     order.append(nodes_stack.pop())
                     deps_stack.pop()
                     positions.pop()
-        ops = self._ops
+        return order, inputs_of
+
+    def _steps(self, copies: Sequence[int], walked) -> List[Tuple[str, Sequence[Tuple[int, int]], int]]:
+        order, inputs_of = walked
+        count = len(self._ops)
+        ops, base_inputs = self._ops, self._inputs
         return [(ops[v] if v < count else ops[copies[v - count]],
                  inputs_of.get(v) or base_inputs[v], v) for v in order]
 
     def planned_bytes(self, mirrored: Iterable[str] = ()) -> int:
         """Bytes nnvm's greedy allocator plans for the graph with ``mirrored`` recomputed."""
-        mirrored = list(mirrored)
-        return _allocate(self.schedule(mirrored), self._sizes, len(self._ops),
-                         self._mirror_ids(mirrored), self._heads, self._gradients,
-                         self.graph.match_range)
+        copies = self._mirror_ids(mirrored)
+        order, inputs_of = self._order(copies)
+        count = len(self._ops)
+        offsets = list(self._offsets)
+        sizes = list(self._sizes)
+        total = self._entry_count
+        for f in copies:
+            offsets.append(total)
+            sizes.append(self._sizes[f])
+            total += len(self._sizes[f])
+        return _allocate(order, inputs_of, self._inputs, self._ops_of(copies), offsets, sizes,
+                         total, self._head_entries, self._gradient_flags, self.graph.match_range,
+                         count)
+
+    def _ops_of(self, copies: Sequence[int]) -> List[str]:
+        return self._ops + [self._ops[f] for f in copies]
 
     def planned_mb(self, mirrored: Iterable[str] = ()) -> float:
         """:meth:`planned_bytes` in MB, as MXNet prints it (whole MB, rounded down)."""
@@ -261,7 +308,7 @@ class AllocatorModel:
 
     def replays_capture(self) -> bool:
         """Whether replaying the unmirrored graph gives MXNet's own operator order back."""
-        return [v for _, _, v in self.schedule(())] == list(range(len(self._ops)))
+        return [v for _, _, v in self.schedule((), full=True)] == list(range(len(self._ops)))
 
     def agrees_with(self, measured_mb: float, mirrored: Iterable[str] = (),
                     tolerance: float = 0.01) -> bool:
@@ -270,55 +317,63 @@ class AllocatorModel:
         return abs(modelled - measured_mb) <= max(1.0, tolerance * measured_mb)
 
 
-def _allocate(schedule: Sequence[Tuple[str, Sequence[Tuple[int, int]], int]],
-              sizes: Sequence[Tuple[int, ...]], count: int, copy_sources: Sequence[int],
-              heads: Sequence[int], gradients: Set[int], match_range: int) -> int:
-    """nnvm's ``PlanMemory`` walk over ``schedule``; returns the total bytes of its blocks."""
-    references: Dict[int, int] = {}
-    get = references.get
-    for _, inputs, _ in schedule:
-        for s, k in inputs:
-            if s >= 0:
-                entry = s * 64 + k
-                references[entry] = get(entry, 0) + 1
+def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int]]],
+              base_inputs: Sequence[Sequence[Tuple[int, int]]], ops: Sequence[str],
+              offsets: Sequence[int], sizes: Sequence[Tuple[int, ...]], entry_count: int,
+              heads: Sequence[int], gradient_flags: bytearray, match_range: int, count: int) -> int:
+    """nnvm's ``PlanMemory`` walk over ``order``; returns the total bytes of its blocks.
+
+    Entries are dense ids (``offsets[node] + output``); a block id per entry,
+    ``-2`` for none yet, ``-1`` for bound arrays (variables, gradients).
+    """
+    references = [0] * entry_count
+    walked = []
+    for v in order:
+        inputs = inputs_of.get(v) or base_inputs[v]
+        entries = [offsets[s] + k if s >= 0 else -1 for s, k in inputs]
+        walked.append((v, inputs, entries))
+        for entry in entries:
+            if entry >= 0:
+                references[entry] += 1
     for entry in heads:
-        references[entry] = get(entry, 0) + 1
-    storage: Dict[int, int] = {}
+        references[entry] += 1
+    storage = [-2] * entry_count
     block_refs: List[int] = []
     blocks: List[int] = []
     free: List[Tuple[int, int]] = []
     insort, bisect_left = bisect.insort, bisect.bisect_left
     inplace_options = INPLACE_OPTIONS
-    for op, inputs, v in schedule:
-        out_sizes = sizes[v] if v < count else sizes[copy_sources[v - count]]
-        base = v * 64
+    for v, inputs, entries in walked:
+        out_sizes = sizes[v]
+        base = offsets[v]
+        op = ops[v]
         pairs = inplace_options.get(op)
         if pairs:
             identity = op in INPLACE_IDENTITY
             taken = []
             for position, out in pairs:
-                if position >= len(inputs) or out >= len(out_sizes) or position in taken:
+                if position >= len(entries) or out >= len(out_sizes) or position in taken:
                     continue
-                s, k = inputs[position]
+                source = entries[position]
                 out_entry = base + out
-                if s < 0 or out_entry in storage:
+                if source < 0 or storage[out_entry] != -2:
                     continue
-                block = storage.get(s * 64 + k, _EXTERNAL)
+                block = storage[source]
                 if block < 0 or not (block_refs[block] == 1 or identity):
                     continue
-                source_sizes = sizes[s] if s < count else sizes[copy_sources[s - count]]
-                if get(out_entry, 0) > 0 and source_sizes[k] == out_sizes[out]:
+                s, k = inputs[position]
+                if references[out_entry] > 0 and sizes[s][k] == out_sizes[out]:
                     taken.append(position)
                     storage[out_entry] = block
                     block_refs[block] += references[out_entry]
         if len(out_sizes) == 1:
-            wanted = [] if base in storage else [(out_sizes[0], base)]
+            wanted = [(out_sizes[0], base)] if storage[base] == -2 else []
         else:
             wanted = sorted(((out_sizes[k], base + k) for k in range(len(out_sizes))
-                             if base + k not in storage), reverse=True)
+                             if storage[base + k] == -2), reverse=True)
         for size, entry in wanted:
-            if entry in gradients:
-                storage[entry] = _EXTERNAL
+            if gradient_flags[entry] if entry < len(gradient_flags) else False:
+                storage[entry] = -1
                 continue
             block = -1
             if match_range:
@@ -334,18 +389,18 @@ def _allocate(schedule: Sequence[Tuple[str, Sequence[Tuple[int, int]], int]],
                 blocks.append(size)
                 block_refs.append(0)
             storage[entry] = block
-            block_refs[block] = get(entry, 0)
-        for s, k in inputs:
-            if s < 0:
+            block_refs[block] = references[entry]
+        for entry in entries:
+            if entry < 0:
                 continue
-            block = storage.get(s * 64 + k, _EXTERNAL)
+            block = storage[entry]
             if block < 0:
                 continue
             block_refs[block] -= 1
             if block_refs[block] == 0:
                 insort(free, (blocks[block], block))
         for k in range(len(out_sizes)):
-            block = storage.get(base + k, _EXTERNAL)
+            block = storage[base + k]
             if block >= 0 and block_refs[block] == 0:
                 insort(free, (blocks[block], block))
     return sum(blocks)
@@ -381,9 +436,10 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
     # node: flip it or a neighbour, or move the cut across it (keep its
     # producers instead of it, or its consumers).
     #
-    # It stops at the time limit, or when ``STALL_EVALUATIONS`` (or twice the
-    # movable nodes) evaluations in a row found nothing lower: small graphs
-    # finish in milliseconds.  Deterministic for a given ``seed`` and
+    # When ``STALL_EVALUATIONS`` (or twice the movable nodes) evaluations in a
+    # row found nothing lower, it restarts from the best plan with a few random
+    # flips; after ``MAX_RESTARTS`` such stalls it stops (small graphs finish in
+    # milliseconds), else at the time limit.  Deterministic for a given ``seed`` and
     # evaluation count; the time limit makes the end point depend on the
     # machine's speed.
 
@@ -437,8 +493,22 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
         return AllocatorSearchResult(best, best_bytes, start_bytes, evaluations, 0.0, history)
     patience = max(STALL_EVALUATIONS, 2 * len(names))
     last_gain = evaluations
-    while (evaluations < max_evaluations and evaluations - last_gain < patience
-           and time.perf_counter() - started < time_limit):
+    restarts = 0
+    while evaluations < max_evaluations and time.perf_counter() - started < time_limit:
+        if evaluations - last_gain >= patience:
+            # Stalled: start again from the best plan shaken by a few random flips.
+            restarts += 1
+            if restarts > MAX_RESTARTS:
+                break
+            shaken = set(best)
+            for name in rng.sample(names, min(len(names), 2 + restarts)):
+                shaken ^= {name}
+            frozen = frozenset(shaken)
+            if accept is None or accept(frozen):
+                current, current_bytes = frozen, model.planned_bytes(frozen)
+                evaluations += 1
+            last_gain = evaluations
+            continue
         candidate = set(current)
         kept = [n for n in names if n not in current]
         if kept and rng.random() < 0.5:

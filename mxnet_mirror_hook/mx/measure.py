@@ -103,8 +103,10 @@ def executed_graph(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shape
                    grad_req: Union[str, Dict[str, str]] = "write") -> "ExecutedGraph":
     """MXNet's executed graph of a bind of ``symbol`` (NOTE [ replaying MXNet's memory plan ]).
 
-    Bound in a worker process like :func:`planned_mb_many` (in this process
-    under the same conditions); ``measured_mb`` holds the bind's planned MB.
+    Bound in a worker process started with MXNet's memory-plan log on (in this
+    process under the conditions :func:`planned_mb_many` binds in it, which
+    fails unless this process was started with the log on); ``measured_mb``
+    holds the bind's planned MB.
 
     Raises
     ------
@@ -118,13 +120,14 @@ def executed_graph(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shape
     in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
     if in_process or '"op": "Custom"' in text:
         return capture_executed_graph(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
-    from .worker import get_pool
+    from .worker import get_capture_worker, get_pool
 
+    get_pool().warm()  # the measuring workers start while the graph is captured
     request = {"shapes": {k: list(v) for k, v in shapes.items()},
                "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
                "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id], "symbol": text,
                "capture": True}
-    reply = get_pool().workers[0].exchange(request)
+    reply = get_capture_worker().exchange(request)
     return ExecutedGraph.from_dict(reply["executed"])
 
 

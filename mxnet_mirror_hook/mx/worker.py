@@ -30,8 +30,8 @@ import sys
 import threading
 from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "shutdown_workers", "WORKER_MAX_MB_ENV",
-           "WORKERS_ENV"]
+__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers",
+           "WORKER_MAX_MB_ENV", "WORKERS_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,14 @@ class MeasureWorker:
     max_resident_mb : float, optional
         Restart the child after a measurement leaves it above this size
         (default ``$MXNET_MIRROR_HOOK_WORKER_MAX_MB`` or 1536).
+    verbose : bool
+        Start the child with MXNet's memory-plan log on, so it can capture
+        executed graphs (MXNet reads the switch once per process; it doubles
+        the time of a bind of a large graph, so measuring workers leave it off).
     """
 
-    def __init__(self, max_resident_mb: Optional[float] = None) -> None:
+    def __init__(self, max_resident_mb: Optional[float] = None, verbose: bool = False) -> None:
+        self.verbose = verbose
         if max_resident_mb is None:
             max_resident_mb = float(os.environ.get(WORKER_MAX_MB_ENV, DEFAULT_WORKER_MAX_MB))
         self.max_resident_mb = max_resident_mb
@@ -66,9 +71,10 @@ class MeasureWorker:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-        # MXNet reads this once per process, at the first bind: set from the start,
-        # every bind logs its memory plan (to /dev/null, or to the capture's file).
-        env[VERBOSE_ENV] = "1"
+        if self.verbose:
+            # MXNet reads this once per process, at the first bind: set from the start,
+            # every bind logs its memory plan (to /dev/null, or to the capture's file).
+            env[VERBOSE_ENV] = "1"
         return subprocess.Popen(
             [sys.executable, "-m", "mxnet_mirror_hook.mx.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
@@ -86,6 +92,12 @@ class MeasureWorker:
         except (OSError, subprocess.TimeoutExpired):
             process.kill()
             process.wait()
+
+    def warm(self) -> None:
+        """Start the child now (its MXNet import overlaps other work)."""
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = self._start()
 
     def measure(self, request: Mapping[str, Any]) -> float:
         """Send one request and return the planned MB.
@@ -201,6 +213,11 @@ class WorkerPool:
             raise errors[0]
         return [float(r) for r in results]  # type: ignore[arg-type]
 
+    def warm(self) -> None:
+        """Start every worker process now."""
+        for worker in self.workers:
+            worker.warm()
+
     @property
     def restarts(self) -> int:
         """Restarts over all workers."""
@@ -225,11 +242,25 @@ def get_pool() -> WorkerPool:
         return _POOL
 
 
+_CAPTURE: Optional[MeasureWorker] = None
+
+
+def get_capture_worker() -> MeasureWorker:
+    """The process-wide worker that captures executed graphs (memory-plan log on)."""
+    global _CAPTURE
+    with _POOL_LOCK:
+        if _CAPTURE is None:
+            _CAPTURE = MeasureWorker(verbose=True)
+        return _CAPTURE
+
+
 def shutdown_workers() -> None:
     """Stop the process-wide workers (they restart on the next measurement)."""
     with _POOL_LOCK:
         if _POOL is not None:
             _POOL.close()
+        if _CAPTURE is not None:
+            _CAPTURE.close()
 
 
 atexit.register(shutdown_workers)

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ...errors import BudgetUnreachableError
@@ -114,9 +115,16 @@ class AutoPlanner(Planner):
     def plan(self, graph: Graph, budget: Budget, measure: MeasureFn) -> PlanOutcome:
         evaluator = CandidateEvaluator(graph, measure)
         modelled = self.search_seconds > 0 and len(graph.op_nodes) <= ALLOCATOR_MODEL_MAX_OPERATORS
-        model = allocator_model(measure) if modelled and not budget.is_limit else None
-        if model is not None:
-            return self._plan_on_model(graph, budget, evaluator, model)
+        if modelled and not budget.is_limit:
+            # The capture (a bind in a worker process, which may have to start)
+            # runs while this thread computes the candidates it will score.
+            capture = _InBackground(lambda: allocator_model(measure))
+            stages = auto_stages(graph)
+            grid = self._grid(graph, stages) if stages else []
+            programs = least_memory_decisions(graph)
+            model = capture.result()
+            if model is not None:
+                return self._plan_on_model(graph, budget, evaluator, model, stages, grid, programs)
         try:
             return self._plan_measured(graph, budget, evaluator)
         except BudgetUnreachableError:
@@ -186,16 +194,22 @@ class AutoPlanner(Planner):
                                     + frontier_decisions(graph, self.max_frontier, self.ntrial))
         return evaluator.outcome(budget, baseline)
 
-    def _threshold_decisions(self, graph: Graph, stages: Dict[str, str],
-                             score) -> List[Decision]:
-        """The seed's grid over ``stages`` and a refinement around its best threshold by ``score``."""
+    def _grid(self, graph: Graph, stages: Dict[str, str]) -> List[Tuple[int, Decision]]:
+        """The seed's thresholds over ``stages`` and their decisions."""
         unit_shift = unit_shift_for(graph)
         unit = "MB" if unit_shift == MB_SHIFT else "KB"
-        searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
-        decisions = [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
-        if not searched:
+        return [(t, Decision(r.mirrored, f"threshold={t}{unit}"))
+                for t, r in search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)]
+
+    def _refined(self, graph: Graph, stages: Dict[str, str], grid: List[Tuple[int, Decision]],
+                 score) -> List[Decision]:
+        """``grid`` and a refinement around its best threshold by ``score``."""
+        decisions = [d for _, d in grid]
+        if not grid:
             return decisions
-        values = {t: score(d) for (t, _), d in zip(searched, decisions)}
+        unit_shift = unit_shift_for(graph)
+        unit = "MB" if unit_shift == MB_SHIFT else "KB"
+        values = {t: score(d) for t, d in grid}
         thresholds = sorted(values)
         best_threshold = min(thresholds, key=lambda t: (values[t], t))
         position = thresholds.index(best_threshold)
@@ -209,7 +223,8 @@ class AutoPlanner(Planner):
         return decisions
 
     def _plan_on_model(self, graph: Graph, budget: Budget, evaluator: CandidateEvaluator,
-                       model: AllocatorModel) -> PlanOutcome:
+                       model: AllocatorModel, stages: Dict[str, str],
+                       grid: List[Tuple[int, Decision]], programs: List[Decision]) -> PlanOutcome:
         """Rank every candidate with the allocator model, search from the best, bind the few best.
 
         NOTE [ replaying MXNet's memory plan ] in core/allocator.py: the model
@@ -227,9 +242,7 @@ class AutoPlanner(Planner):
                 scored[key] = (model.planned_mb(key), Decision(key, decision.label))
             return scored[key][0]
 
-        stages = auto_stages(graph)
-        for decision in (self._threshold_decisions(graph, stages, score) if stages else []) \
-                + least_memory_decisions(graph):
+        for decision in self._refined(graph, stages, grid, score) + programs:
             score(decision)
         if not scored or min(v for v, _ in scored.values()) > FRONTIER_FALLBACK_RATIO * baseline.planned_mb:
             for decision in (selective_decisions(graph)
@@ -262,7 +275,7 @@ class AutoPlanner(Planner):
         result = search_allocator_plan(model, start.mirrored, movable, accept=accept,
                                        time_limit=self.search_seconds,
                                        max_evaluations=self.search_evaluations)
-        logger.debug("allocator search from %s: %d -> %d MB modelled in %d evaluations (%.1f s)",
+        logger.info("allocator search from %s: %d -> %d MB modelled in %d evaluations (%.1f s)",
                      start.label, result.start_bytes >> 20, result.planned_bytes >> 20,
                      result.evaluations, result.seconds)
         return Decision(result.mirrored, f"allocator search from {start.label}")
@@ -279,3 +292,25 @@ class _OverheadCap:
     def __call__(self, mirrored: FrozenSet[str]) -> float:
         costs = self.costs
         return sum(costs.get(name, 0.0) for name in mirrored)
+
+
+class _InBackground:
+    """Runs a function in a thread; ``result()`` waits and returns (or raises) its outcome."""
+
+    def __init__(self, function) -> None:
+        self._outcome: list = []
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function) -> None:
+        try:
+            self._outcome.append((True, function()))
+        except BaseException as error:  # re-raised in the caller's thread
+            self._outcome.append((False, error))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._outcome[0]
+        if not ok:
+            raise value
+        return value
