@@ -281,10 +281,10 @@ def write_results(rows, checks, rebind, timing, growth, path, startup=None):
         "under 0.6 x baseline, from the least-compute dynamic program). For `'min'` and the "
         "default, candidates are ranked on the allocator model (MXNet's executed graph from one "
         "unmirrored bind, nnvm's allocator replayed; NOTE [ replaying MXNet's memory plan ]) and "
-        "a 2-second search walks from the best; MXNet binds the searched plan and the two best "
-        "candidates and its figure decides. The search's end point depends on machine speed, so "
-        "'min' and the default can differ by a few MB from run to run. Graphs over 2000 "
-        "operators (the LSTM, the 1001-layer ResNet) bind every candidate instead.",
+        "a search of a fixed number of evaluations (about 2 s here; the same plan on every "
+        "machine) walks from the best; MXNet binds the searched plan and the two best "
+        "candidates and its figure decides. Graphs over 2000 operators (the LSTM, the "
+        "1001-layer ResNet) bind every candidate instead.",
         "- *est. overhead*: the cost model's extra compute as a fraction of one plain training "
         "iteration (one extra forward pass is about 33%).",
         "- *planning s*: planning time of `plan_mirror` (cache disabled) in a process whose "

@@ -20,7 +20,8 @@ from .core.allocator import ExecutedGraph
 from .errors import MeasurementError, ShapeError
 from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
-from .mx.measure import executed_graph, planned_mb_many, to_context
+from .mx.measure import (MEASURE_MODE_ENV, executed_graph, measures_in_process, planned_mb_many,
+                         to_context)
 
 __all__ = ["MirrorPlan", "plan_mirror", "prepare_planning", "PlanningSetup"]
 
@@ -134,9 +135,13 @@ class _BindMeasure:
         return [self._known[d] for d in decisions]
 
     def executed_graph(self) -> Optional[ExecutedGraph]:
+        text = self.template.build_json(frozenset())
+        if measures_in_process(text):
+            logger.info("binding in this process (Custom operators or %s=inprocess): no allocator "
+                        "model, every plan is bound", MEASURE_MODE_ENV)
+            return None
         try:
-            graph = executed_graph(self.template.build_json(frozenset()), self.context,
-                                   self.shapes, self.types, self.requests)
+            graph = executed_graph(text, self.context, self.shapes, self.types, self.requests)
         except MeasurementError as error:
             logger.warning("no allocator model for this symbol (%s); every plan is bound", error)
             return None

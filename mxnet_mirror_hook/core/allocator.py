@@ -439,9 +439,10 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
     # When ``STALL_EVALUATIONS`` (or twice the movable nodes) evaluations in a
     # row found nothing lower, it restarts from the best plan with a few random
     # flips; after ``MAX_RESTARTS`` such stalls it stops (small graphs finish in
-    # milliseconds), else at the time limit.  Deterministic for a given ``seed`` and
-    # evaluation count; the time limit makes the end point depend on the
-    # machine's speed.
+    # milliseconds), else after ``max_evaluations`` or at the time limit.  The
+    # planner gives it an evaluation count and a generous time limit, so it is
+    # deterministic for a seed (the same plan on every machine and every
+    # distributed worker) unless a loaded machine hits the time limit.
 
     Parameters
     ----------

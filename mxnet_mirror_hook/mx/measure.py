@@ -16,7 +16,7 @@ from ..errors import MeasurementError
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.allocator import ExecutedGraph
 
-__all__ = ["planned_mb", "planned_mb_many", "executed_graph", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
+__all__ = ["planned_mb", "planned_mb_many", "executed_graph", "measures_in_process", "planned_mb_in_process", "parse_planned_mb", "resident_bytes", "to_context",
            "MEASURE_MODE_ENV", "DO_MIRROR_ENV", "environment", "builtin_mirror_mb"]
 
 MEASURE_MODE_ENV = "MXNET_MIRROR_HOOK_MEASURE"
@@ -86,8 +86,7 @@ def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Con
         If MXNet refuses a bind or a worker dies.
     """
     texts = [s if isinstance(s, str) else s.tojson() for s in symbols]
-    in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
-    if in_process or any('"op": "Custom"' in text for text in texts):
+    if any(measures_in_process(text) for text in texts):
         return [planned_mb_in_process(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
                 for text in texts]
     from .worker import get_pool
@@ -96,6 +95,13 @@ def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Con
               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
     return get_pool().measure_many([dict(common, symbol=text) for text in texts])
+
+
+def measures_in_process(symbol_json: str) -> bool:
+    """Whether a symbol is bound in this process: ``$MXNET_MIRROR_HOOK_MEASURE=inprocess``, or
+    ``Custom`` operators (registered in this process only)."""
+    return (os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
+            or '"op": "Custom"' in symbol_json)
 
 
 def executed_graph(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shapes: Mapping[str, tuple],
@@ -117,8 +123,7 @@ def executed_graph(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shape
     from .executed import capture_executed_graph
 
     text = symbol if isinstance(symbol, str) else symbol.tojson()
-    in_process = os.environ.get(MEASURE_MODE_ENV, "worker").lower() == "inprocess"
-    if in_process or '"op": "Custom"' in text:
+    if measures_in_process(text):
         return capture_executed_graph(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
     from .worker import get_capture_worker, get_pool
 

@@ -47,8 +47,14 @@ FRONTIER_FALLBACK_RATIO = 0.7
 #: sweep, run when the budget is a fixed limit.
 SWEEP_FRACTIONS = (0.3, 0.45, 0.6, 0.75, 0.9)
 
-#: Seconds the allocator-guided search may take (NOTE [ searching against the allocator ]).
-ALLOCATOR_SEARCH_SECONDS = 2.0
+#: Work of the allocator-guided search (NOTE [ searching against the allocator ]), in
+#: executed operators replayed: the evaluations it makes are this over the size of the
+#: starting plan's executed graph (2-3 s on the bench networks here, ~5 us per operator
+#: per evaluation).  A count, not a time, so every machine and every run plans the same
+#: (distributed workers too).
+ALLOCATOR_SEARCH_WORK = 600_000
+#: Seconds after which the search stops anyway (a very slow or loaded machine).
+ALLOCATOR_SEARCH_SECONDS = 6.0
 #: Above this many forward operators a model evaluation (~20 us per executed
 #: operator) costs about as much as a bind in a worker: every candidate is bound.
 ALLOCATOR_MODEL_MAX_OPERATORS = 2000
@@ -105,7 +111,7 @@ class AutoPlanner(Planner):
 
     def __init__(self, ntrial: int = 6, refine_steps: int = 2, max_frontier: int = 8,
                  search_seconds: float = ALLOCATOR_SEARCH_SECONDS,
-                 search_evaluations: int = 100000) -> None:
+                 search_evaluations: Optional[int] = None) -> None:
         self.ntrial = ntrial
         self.refine_steps = refine_steps
         self.max_frontier = max_frontier
@@ -272,9 +278,11 @@ class AutoPlanner(Planner):
         """The allocator-guided search from ``start`` (NOTE [ searching against the allocator ])."""
         movable = [n.name for n in graph.op_nodes if n.can_mirror]
         accept = None if cap is None else (lambda mirrored: cap(mirrored) <= cap.limit)
+        executed = len(model.graph.nodes) + len(start.mirrored)
+        evaluations = self.search_evaluations or max(100, ALLOCATOR_SEARCH_WORK // executed)
         result = search_allocator_plan(model, start.mirrored, movable, accept=accept,
                                        time_limit=self.search_seconds,
-                                       max_evaluations=self.search_evaluations)
+                                       max_evaluations=evaluations)
         logger.info("allocator search from %s: %d -> %d MB modelled in %d evaluations (%.1f s)",
                      start.label, result.start_bytes >> 20, result.planned_bytes >> 20,
                      result.evaluations, result.seconds)
