@@ -155,6 +155,9 @@ class MeasureWorker:
                 logger.debug("measuring process at %.0f MB; restarting it", self.last_resident_mb)
                 self._stop()
                 self.restarts += 1
+                # Start the replacement now: its MXNet import (about a second)
+                # overlaps the planner's own work instead of delaying the next bind.
+                self._process = self._start()
             return reply
 
     def close(self) -> None:
