@@ -155,9 +155,8 @@ class MeasureWorker:
                 logger.debug("measuring process at %.0f MB; restarting it", self.last_resident_mb)
                 self._stop()
                 self.restarts += 1
-                # Start the replacement now: its MXNet import (about a second)
-                # overlaps the planner's own work instead of delaying the next bind.
-                self._process = self._start()
+                # The replacement starts with the next request, not now: on two
+                # cores its MXNet import would slow the planner's own search.
             return reply
 
     def close(self) -> None:

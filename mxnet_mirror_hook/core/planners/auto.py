@@ -58,6 +58,10 @@ ALLOCATOR_SEARCH_SECONDS = 6.0
 #: Above this many forward operators a model evaluation (~20 us per executed
 #: operator) costs about as much as a bind in a worker: every candidate is bound.
 ALLOCATOR_MODEL_MAX_OPERATORS = 2000
+#: Least-memory programs scored on the allocator model (the search starts from the best
+#: candidate, so fewer variants are needed than when each is bound; these two were the
+#: best starts on the bench networks).
+MODELLED_LEAST_MEMORY_VARIANTS = ((1, 0.5), (2, 0.0))
 #: Plans the allocator model ranks best that are bound to confirm it, besides the searched one.
 CONFIRMED_BY_BIND = 2
 
@@ -127,7 +131,7 @@ class AutoPlanner(Planner):
             capture = _InBackground(lambda: allocator_model(measure))
             stages = auto_stages(graph)
             grid = self._grid(graph, stages) if stages else []
-            programs = least_memory_decisions(graph)
+            programs = least_memory_decisions(graph, MODELLED_LEAST_MEMORY_VARIANTS)
             model = capture.result()
             if model is not None:
                 return self._plan_on_model(graph, budget, evaluator, model, stages, grid, programs)
