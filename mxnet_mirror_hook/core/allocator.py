@@ -281,13 +281,12 @@ class AllocatorModel:
         count = len(self._ops)
         ops, base_inputs = self._ops, self._inputs
         return [(ops[v] if v < count else ops[copies[v - count]],
-                 inputs_of.get(v) or base_inputs[v], v) for v in order]
+                 inputs_of[v] if v in inputs_of else base_inputs[v], v) for v in order]
 
     def planned_bytes(self, mirrored: Iterable[str] = ()) -> int:
         """Bytes nnvm's greedy allocator plans for the graph with ``mirrored`` recomputed."""
         copies = self._mirror_ids(mirrored)
         order, inputs_of = self._order(copies)
-        count = len(self._ops)
         offsets = list(self._offsets)
         sizes = list(self._sizes)
         total = self._entry_count
@@ -296,8 +295,7 @@ class AllocatorModel:
             sizes.append(self._sizes[f])
             total += len(self._sizes[f])
         return _allocate(order, inputs_of, self._inputs, self._ops_of(copies), offsets, sizes,
-                         total, self._head_entries, self._gradient_flags, self.graph.match_range,
-                         count)
+                         total, self._head_entries, self._gradient_flags, self.graph.match_range)
 
     def _ops_of(self, copies: Sequence[int]) -> List[str]:
         return self._ops + [self._ops[f] for f in copies]
@@ -320,7 +318,7 @@ class AllocatorModel:
 def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int]]],
               base_inputs: Sequence[Sequence[Tuple[int, int]]], ops: Sequence[str],
               offsets: Sequence[int], sizes: Sequence[Tuple[int, ...]], entry_count: int,
-              heads: Sequence[int], gradient_flags: bytearray, match_range: int, count: int) -> int:
+              heads: Sequence[int], gradient_flags: bytearray, match_range: int) -> int:
     """nnvm's ``PlanMemory`` walk over ``order``; returns the total bytes of its blocks.
 
     Entries are dense ids (``offsets[node] + output``); a block id per entry,
@@ -329,7 +327,7 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
     references = [0] * entry_count
     walked = []
     for v in order:
-        inputs = inputs_of.get(v) or base_inputs[v]
+        inputs = inputs_of[v] if v in inputs_of else base_inputs[v]
         entries = [offsets[s] + k if s >= 0 else -1 for s, k in inputs]
         walked.append((v, inputs, entries))
         for entry in entries:

@@ -22,6 +22,12 @@
 # programs of dp.py are measured with the seed's grid: the least-memory one
 # always, the least-compute sweep when the budget is a fixed limit (then the
 # cheapest plan that fits wins).
+#
+# For 'min' and the default budget all of these are scored on the allocator
+# model instead of bound, when it reproduces MXNet for the unmirrored graph
+# (NOTE [ replaying MXNet's memory plan ] in core/allocator.py); a search
+# walks from the best one (NOTE [ searching against the allocator ]) and
+# MXNet binds only the searched plan and the two best candidates.
 """
 from __future__ import annotations
 
@@ -162,10 +168,8 @@ class AutoPlanner(Planner):
                 + least_memory_decisions(graph, WIDE_FRONTIER_VARIANTS)
                 + frontier_decisions(graph, self.max_frontier, self.ntrial))[0]
             return evaluator.outcome(budget, baseline)
-        unit_shift = unit_shift_for(graph)
-        unit = "MB" if unit_shift == MB_SHIFT else "KB"
-        searched = search_thresholds(graph, stages, self.ntrial, unit_shift=unit_shift)
-        grid = [Decision(r.mirrored, f"threshold={t}{unit}") for t, r in searched]
+        grid = self._grid(graph, stages)
+        grid_decisions = [d for _, d in grid]
         if budget.is_limit:
             # The seed's plans and the least-memory programs recompute nearly the
             # whole forward pass; when a plan of the sweep already fits with less
@@ -174,27 +178,17 @@ class AutoPlanner(Planner):
             baseline = evaluator.evaluate_many([unmirrored] + sweep)[0]
             limit = budget.limit_mb(baseline.planned_mb)
             fitting = [c.overhead for c in evaluator.candidates if c.planned_mb <= limit]
-            heavy = grid + least_memory
+            heavy = grid_decisions + least_memory
             if fitting and min(fitting) < min(recompute_overhead(graph, d.mirrored) for d in heavy):
                 return evaluator.outcome(budget, baseline)
-        results = evaluator.evaluate_many([unmirrored] + grid + programs)
+        results = evaluator.evaluate_many([unmirrored] + grid_decisions + programs)
         baseline = results[0]
-        measured = [(t, c.planned_mb) for (t, _), c in zip(searched, results[1:len(searched) + 1])
-                    if c is not None]
+        measured = {d.mirrored: c.planned_mb for d, c in zip(grid_decisions, results[1:]) if c is not None}
         if not measured:
             return evaluator.outcome(budget, baseline)
-        thresholds = sorted({t for t, _ in measured})
-        best_threshold = min(measured, key=lambda item: (item[1], item[0]))[0]
-        position = thresholds.index(best_threshold)
-        low = thresholds[position - 1] if position > 0 else max(best_threshold // 2, 0)
-        high = thresholds[position + 1] if position + 1 < len(thresholds) else best_threshold * 2 + 1
-        refined = []
-        for k in range(1, self.refine_steps + 1):
-            threshold = low + (high - low) * k // (self.refine_steps + 1)
-            if threshold not in thresholds:
-                result = threshold_plan(graph, threshold << unit_shift, stages)
-                refined.append(Decision(result.mirrored, f"threshold={threshold}{unit}(refined)"))
-        evaluator.evaluate_many(refined)
+        unbound = float("inf")
+        refined = self._refined(graph, stages, grid, lambda d: measured.get(d.mirrored, unbound))
+        evaluator.evaluate_many(refined[len(grid):])
         best = min(c.planned_mb for c in evaluator.candidates)
         if best > FRONTIER_FALLBACK_RATIO * baseline.planned_mb:
             # Single-node cuts saved little (an unrolled RNN, long skips): try cuts
