@@ -72,7 +72,6 @@ MAX_RESTARTS = 3
 NEVER_MIRRORED = frozenset({"Dropout"})
 
 
-
 @dataclass(frozen=True)
 class ExecutedNode:
     """One operator of MXNet's executed (forward+backward) graph.
@@ -311,8 +310,12 @@ class AllocatorModel:
     def agrees_with(self, measured_mb: float, mirrored: Iterable[str] = (),
                     tolerance: float = 0.01) -> bool:
         """Whether the model reproduces a measured bind within ``tolerance`` (relative)."""
-        modelled = self.planned_mb(mirrored)
-        return abs(modelled - measured_mb) <= max(1.0, tolerance * measured_mb)
+        return self.agrees(self.planned_mb(mirrored), measured_mb, tolerance)
+
+    @staticmethod
+    def agrees(modelled_mb: float, measured_mb: float, tolerance: float = 0.01) -> bool:
+        """Whether a modelled figure is within ``tolerance`` (relative, at least 1 MB) of MXNet's."""
+        return abs(modelled_mb - measured_mb) <= max(1.0, tolerance * measured_mb)
 
 
 def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int]]],

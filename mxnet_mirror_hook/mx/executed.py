@@ -25,7 +25,7 @@ __all__ = ["capture_executed_graph", "parse_executed_graph", "VERBOSE_ENV"]
 
 VERBOSE_ENV = "MXNET_MEM_PLAN_VERBOSE_LOGGING"
 
-_NODE = re.compile(r"exec_utils\.h:\d+\] node (\d+) (\S+)|exec_utils\.h:\d+: node (\d+) (\S+)")
+_NODE = re.compile(r"exec_utils\.h:\d+: node (\d+) (\S+)")
 _ENTRY = re.compile(r"(input|output) (\d+): \[([^\]]*)\] \(\d+ KB\)")
 _OP = re.compile(r"Op:([^,]+), Name=(.*)$")
 _REF = re.compile(r"\t(?:arg|cdep)\[\d+\]=(.*?)(?:\((\d+)\))?(?: version=\d+)?$")
@@ -65,7 +65,7 @@ def _parse_log(text: str) -> List[Tuple[str, List[int], List[Tuple[int, int]]]]:
     for line in text.splitlines():
         match = _NODE.search(line)
         if match:
-            op = match.group(2) or match.group(4)
+            op = match.group(2)
             current = None if op == "var" else (op, [], [])
             if current is not None:
                 steps.append(current)

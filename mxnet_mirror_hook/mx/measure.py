@@ -91,10 +91,17 @@ def planned_mb_many(symbols: Sequence[Union[str, "mx.sym.Symbol"]], ctx: "mx.Con
                 for text in texts]
     from .worker import get_pool
 
-    common = {"shapes": {k: list(v) for k, v in shapes.items()},
-              "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
-              "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
-    return get_pool().measure_many([dict(common, symbol=text) for text in texts])
+    return get_pool().measure_many([_worker_request(text, ctx, shapes, type_dict, grad_req)
+                                    for text in texts])
+
+
+def _worker_request(symbol_json: str, ctx: "mx.Context", shapes: Mapping[str, tuple],
+                    type_dict: Optional[Mapping[str, np.dtype]],
+                    grad_req: Union[str, Dict[str, str]], **extra) -> Dict[str, object]:
+    """One request to a worker process (protocol in :mod:`.worker`)."""
+    return {"symbol": symbol_json, "shapes": {k: list(v) for k, v in shapes.items()},
+            "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
+            "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id], **extra}
 
 
 def measures_in_process(symbol_json: str) -> bool:
@@ -128,11 +135,8 @@ def executed_graph(symbol: Union[str, "mx.sym.Symbol"], ctx: "mx.Context", shape
     from .worker import get_capture_worker, get_pool
 
     get_pool().warm()  # the measuring workers start while the graph is captured
-    request = {"shapes": {k: list(v) for k, v in shapes.items()},
-               "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
-               "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id], "symbol": text,
-               "capture": True}
-    reply = get_capture_worker().exchange(request)
+    reply = get_capture_worker().exchange(
+        _worker_request(text, ctx, shapes, type_dict, grad_req, capture=True))
     return ExecutedGraph.from_dict(reply["executed"])
 
 

@@ -38,7 +38,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 from ...errors import BudgetUnreachableError
 from ..allocator import AllocatorModel, search_allocator_plan
 from ..budget import Budget
-from ..cost import iteration_cost, node_costs, recompute_overhead
+from ..cost import recompute_overhead
 from ..graph import Graph
 from . import register_planner
 from .base import ONE_FORWARD, CandidateEvaluator, Decision, MeasureFn, Planner, PlanOutcome
@@ -237,14 +237,14 @@ class AutoPlanner(Planner):
         confirms only the searched plan and the ``CONFIRMED_BY_BIND`` best.
         """
         baseline = evaluator.evaluate(Decision(frozenset(), "unmirrored"))
-        cap = self._overhead_cap(graph, budget)
+        cap = self._overhead_cap(budget)
         scored: Dict[FrozenSet[str], Tuple[float, Decision]] = {}
 
         def score(decision: Decision) -> float:
-            key = frozenset(n for n in decision.mirrored if graph.node(n).can_mirror)
-            if key not in scored:
-                scored[key] = (model.planned_mb(key), Decision(key, decision.label))
-            return scored[key][0]
+            effective = evaluator.effective(decision)
+            if effective.mirrored not in scored:
+                scored[effective.mirrored] = (model.planned_mb(effective.mirrored), effective)
+            return scored[effective.mirrored][0]
 
         for decision in self._refined(graph, stages, grid, score) + programs:
             score(decision)
@@ -253,8 +253,9 @@ class AutoPlanner(Planner):
                              + least_memory_decisions(graph, WIDE_FRONTIER_VARIANTS)
                              + frontier_decisions(graph, self.max_frontier, self.ntrial)):
                 score(decision)
-        ranked = sorted(((value, cap(key), len(key), decision.label), decision)
-                        for key, (value, decision) in scored.items() if cap(key) <= cap.limit)
+        overhead = {key: recompute_overhead(graph, key) for key in scored}
+        ranked = sorted(((value, overhead[key], len(key), decision.label), decision)
+                        for key, (value, decision) in scored.items() if overhead[key] <= cap)
         if not ranked:
             return evaluator.outcome(budget, baseline)
         confirm = [decision for _, decision in ranked[:CONFIRMED_BY_BIND]]
@@ -263,19 +264,22 @@ class AutoPlanner(Planner):
             if candidate is None:
                 continue
             modelled = model.planned_mb(candidate.decision.mirrored)
-            if not model.agrees_with(candidate.planned_mb, candidate.decision.mirrored):
+            if not model.agrees(modelled, candidate.planned_mb):
                 logger.info("allocator model and MXNet disagree on %s: %.0f MB modelled, %.0f bound",
                             candidate.decision.label, modelled, candidate.planned_mb)
         return evaluator.outcome(budget, baseline)
 
-    def _overhead_cap(self, graph: Graph, budget: Budget) -> "_OverheadCap":
-        return _OverheadCap(graph, ONE_FORWARD if budget.kind == "auto" else float("inf"))
+    @staticmethod
+    def _overhead_cap(budget: Budget) -> float:
+        """The most estimated overhead a plan may have (``select_candidate``'s rule)."""
+        return ONE_FORWARD + 1e-9 if budget.kind == "auto" else float("inf")
 
     def _search(self, graph: Graph, model: AllocatorModel, start: Decision,
-                cap: Optional["_OverheadCap"]) -> Decision:
+                cap: Optional[float]) -> Decision:
         """The allocator-guided search from ``start`` (NOTE [ searching against the allocator ])."""
         movable = [n.name for n in graph.op_nodes if n.can_mirror]
-        accept = None if cap is None else (lambda mirrored: cap(mirrored) <= cap.limit)
+        bounded = cap is not None and cap != float("inf")
+        accept = (lambda mirrored: recompute_overhead(graph, mirrored) <= cap) if bounded else None
         executed = len(model.graph.nodes) + len(start.mirrored)
         evaluations = self.search_evaluations or max(100, ALLOCATOR_SEARCH_WORK // executed)
         result = search_allocator_plan(model, start.mirrored, movable, accept=accept,
@@ -285,19 +289,6 @@ class AutoPlanner(Planner):
                      start.label, result.start_bytes >> 20, result.planned_bytes >> 20,
                      result.evaluations, result.seconds)
         return Decision(result.mirrored, f"allocator search from {start.label}")
-
-
-class _OverheadCap:
-    """Estimated overhead of a mirror set, and the most a budget allows."""
-
-    def __init__(self, graph: Graph, limit: float) -> None:
-        total = iteration_cost(graph)
-        self.costs = {name: cost / total for name, cost in node_costs(graph).items()} if total > 0 else {}
-        self.limit = limit + 1e-9
-
-    def __call__(self, mirrored: FrozenSet[str]) -> float:
-        costs = self.costs
-        return sum(costs.get(name, 0.0) for name in mirrored)
 
 
 class _InBackground:

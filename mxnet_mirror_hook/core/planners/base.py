@@ -110,6 +110,12 @@ class CandidateEvaluator:
         self._seen: Dict[FrozenSet[str], Candidate] = {}
         self.candidates: List[Candidate] = []
 
+    def effective(self, decision: Decision) -> Decision:
+        """``decision`` without the nodes that may not be recomputed (what is measured)."""
+        graph = self.graph
+        return Decision(frozenset(n for n in decision.mirrored if graph.node(n).can_mirror),
+                        decision.label)
+
     def evaluate(self, decision: Decision) -> Optional[Candidate]:
         """The candidate for ``decision``, measuring it only the first time."""
         return self.evaluate_many([decision])[0]
@@ -123,8 +129,7 @@ class CandidateEvaluator:
         and comes back as ``None``; a refused unmirrored graph raises.
         """
         graph = self.graph
-        effective = [Decision(frozenset(n for n in d.mirrored if graph.node(n).can_mirror), d.label)
-                     for d in decisions]
+        effective = [self.effective(d) for d in decisions]
         fresh: Dict[FrozenSet[str], Decision] = {}
         for decision in effective:
             if decision.mirrored not in self._seen and decision.mirrored not in fresh:
