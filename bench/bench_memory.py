@@ -25,7 +25,7 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxnet_mirror_hook import MirroredModule, memonger, plan_mirror  # noqa: E402
-from mxnet_mirror_hook.models import default_image_size, gluon_symbol, preact_resnet_cifar, unet  # noqa: E402
+from mxnet_mirror_hook.testing.models import default_image_size, gluon_symbol, preact_resnet_cifar, unet  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR  # noqa: E402
 from mxnet_mirror_hook.mx.measure import builtin_mirror_mb  # noqa: E402
@@ -131,7 +131,7 @@ import time, json
 t0 = time.perf_counter()
 import mxnet as mx
 from mxnet_mirror_hook import MirroredModule
-from mxnet_mirror_hook.models import preact_resnet_cifar
+from mxnet_mirror_hook.testing.models import preact_resnet_cifar
 symbol = preact_resnet_cifar(1001)
 t1 = time.perf_counter()
 module = MirroredModule(symbol, cache_dir={cache_dir!r})

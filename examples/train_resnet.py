@@ -22,7 +22,7 @@ from mxnet import autograd, gluon
 
 from mxnet_mirror_hook import MirroredModule, parse_budget, plan_mirror
 from mxnet_mirror_hook.gluon import MirroredTrainer
-from mxnet_mirror_hook.models import default_image_size, gluon_symbol
+from mxnet_mirror_hook.testing.models import default_image_size, gluon_symbol
 
 log = logging.getLogger("train_resnet")
 

@@ -1,4 +1,4 @@
-"""One worker of the distributed test (run by tests/test_distributed.py, not by pytest).
+"""One worker of the distributed test (run by tests/api/test_distributed.py, not by pytest).
 
 Usage: python tests/dist_worker.py KVSTORE OUT_DIR [module|gluon].  The DMLC_* variables say where the
 scheduler is.  Trains a mirrored residual network for two epochs on this worker's own
@@ -13,7 +13,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mxnet_mirror_hook import MirroredModule  # noqa: E402
-from mxnet_mirror_hook.models import small_resnet  # noqa: E402
+from mxnet_mirror_hook.testing.models import small_resnet  # noqa: E402
 
 
 def train_gluon(kvstore_type: str, out_dir: str) -> None:

@@ -39,7 +39,7 @@
 # it is MXNet's recomputation model (each mirrored node is replayed once, a
 # segment at a time), not Rotor's multi-level one.  MXNet's allocator decides
 # the real figure, so the planners measure these plans rather than trust the
-# model (tests/test_core_dp.py checks the programs against brute force).
+# model (tests/core/test_dp.py checks the programs against brute force).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mxnet_mirror_hook import MirroredModule, plan_mirror
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 from tests.helpers import train
 
 pytestmark = pytest.mark.gpu

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from mxnet_mirror_hook import MirroredModule, plan_mirror
 from mxnet_mirror_hook.core.planners import _REGISTRY, register_planner
 from mxnet_mirror_hook.core.planners.base import CandidateEvaluator, Decision, Planner
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 from tests.helpers import SyncedModule, dropout_mlp
 
 RANDOM_PLANNER = "test-random-half"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mxnet_mirror_hook import MirroredModule, ShapeError, UnknownPlannerError, plan_mirror
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR
 from tests.helpers import SyncedModule, batches, max_difference, train
 

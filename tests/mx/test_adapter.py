@@ -8,7 +8,7 @@ import pytest
 
 from mxnet_mirror_hook.core.graph import NodeKind
 from mxnet_mirror_hook.errors import MeasurementError, ShapeError
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 from mxnet_mirror_hook.mx.apply import MirrorTemplate
 from mxnet_mirror_hook.mx.convert import (MIRROR_ATTR, normalize_inputs, structure_hash,
                                           symbol_to_graph)

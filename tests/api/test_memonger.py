@@ -10,12 +10,12 @@ import mxnet as mx
 import pytest
 
 from mxnet_mirror_hook import memonger
-from mxnet_mirror_hook.models import memonger_resnet
+from mxnet_mirror_hook.testing.models import memonger_resnet
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR
+from tests.paths import SHARED
 
 SHAPES = {"data": (32, 3, 224, 224)}
-SEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                    "seed", "memonger.py")
+SEED = os.path.join(SHARED, "seed", "memonger.py")
 
 
 @pytest.fixture(scope="module")

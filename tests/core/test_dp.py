@@ -17,7 +17,7 @@ from mxnet_mirror_hook.core.planners.dp import (Segment, build_cut_chain, evalua
                                                 min_cost_schedule, min_peak_schedule,
                                                 schedule_decision)
 from tests.graphs import GraphBuilder, random_dags, residual
-from tests.test_core_planners import lstm_like, model_measure
+from tests.core.test_planners import lstm_like, model_measure
 
 OPS = ["Activation", "Convolution", "BatchNorm", "elemwise_add", "Pooling", "Dropout", "Flatten"]
 

@@ -12,11 +12,11 @@ import pytest
 
 from mxnet_mirror_hook import MirroredModule, plan_mirror
 from mxnet_mirror_hook.cache import PlanCache, PlanKey, get_cache
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 from mxnet_mirror_hook.mx.measure import resident_bytes
 from mxnet_mirror_hook.mx.worker import MeasureWorker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import ROOT  # noqa: E402
 DATA = [("data", (8, 3, 64, 64))]
 
 
@@ -92,7 +92,7 @@ def test_interrupted_measurement_never_answers_the_next_request(monkeypatch):
 def test_two_processes_planning_the_same_key_write_one_whole_entry(isolated_cache):
     script = textwrap.dedent(f"""
         from mxnet_mirror_hook import plan_mirror
-        from mxnet_mirror_hook.models import small_resnet
+        from mxnet_mirror_hook.testing.models import small_resnet
         plan = plan_mirror(small_resnet(4, 16), {DATA!r}, cache_dir={str(isolated_cache)!r})
         print(len(plan.mirrored))
     """)

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from mxnet_mirror_hook.cli import main
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import ROOT  # noqa: E402
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 
 from mxnet_mirror_hook import (BudgetError, BudgetUnreachableError, ShapeError,
                                UnknownPlannerError, plan_mirror)
-from mxnet_mirror_hook.models import preact_resnet_cifar, small_resnet
+from mxnet_mirror_hook.testing.models import preact_resnet_cifar, small_resnet
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR
 from tests.helpers import dropout_mlp
 

@@ -12,10 +12,10 @@ import pytest
 
 from mxnet_mirror_hook import plan_mirror
 from mxnet_mirror_hook.cache import CACHE_FORMAT, PlanCache, get_cache
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 
 DATA = [("data", (8, 3, 64, 64))]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import ROOT  # noqa: E402
 
 
 def _entries(directory):
@@ -38,7 +38,7 @@ def test_cache_hit_in_a_new_process_needs_no_bind(isolated_cache):
     script = textwrap.dedent(f"""
         import json, time
         from mxnet_mirror_hook import plan_mirror
-        from mxnet_mirror_hook.models import small_resnet
+        from mxnet_mirror_hook.testing.models import small_resnet
         import mxnet_mirror_hook.mx.measure as measure
         def refuse(*args, **kwargs):
             raise AssertionError("a cached plan must not bind")

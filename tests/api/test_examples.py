@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from mxnet_mirror_hook.cli import main as cli_main
-from mxnet_mirror_hook.models import small_resnet
+from mxnet_mirror_hook.testing.models import small_resnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 SMALL = ["--network", "resnet18_v1b", "--batch-size", "4", "--image-size", "64",

@@ -14,13 +14,13 @@ import pytest
 from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, add_arguments, from_args
 from mxnet_mirror_hook.runner import mirrored_modules
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import ROOT  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     # An ordinary Module training script: it knows nothing about mirroring.
     import json, sys
     import mxnet as mx
-    from mxnet_mirror_hook.models import preact_resnet_cifar
+    from mxnet_mirror_hook.testing.models import preact_resnet_cifar
     symbol = preact_resnet_cifar(164)
     module = mx.mod.Module(symbol, context=mx.cpu())
     module.bind([("data", (32, 3, 32, 32))], [("softmax_label", (32,))])
