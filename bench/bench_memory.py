@@ -153,7 +153,8 @@ print(json.dumps({{"plan_s": module.mirror_plan.planning_seconds, "bind_s": t2 -
 LEAK_SCRIPT = """
 import json, sys
 import mxnet as mx
-from mxnet_mirror_hook.mx.measure import planned_mb, planned_mb_in_process, resident_bytes
+from mxnet_mirror_hook.mx.bind import planned_mb_in_process, resident_bytes
+from mxnet_mirror_hook.mx.measure import planned_mb
 x = mx.sym.var("data")
 for i in range(4):
     x = mx.sym.Activation(mx.sym.FullyConnected(x, num_hidden=2048, name="fc%d" % i),

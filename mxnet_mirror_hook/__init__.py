@@ -5,18 +5,19 @@ Public names are re-exported here explicitly; everything else is internal.
 from __future__ import annotations
 
 from ._version import __version__
-from .errors import (BudgetError, BudgetUnreachableError, CacheError, MeasurementError,
+from .errors import (BudgetError, BudgetUnreachableError, MeasurementError,
                      MirrorHookError, ShapeError, UnknownPlannerError)
 from .core.budget import parse_budget
 from .core.planners import list_planners, register_planner
+from .options import MirrorOptions
 from .plan import MirrorPlan, plan_mirror
 from .module import MirroredModule
 from .bucketing import MirroredBucketingModule
 from .runner import add_arguments, from_args, mirrored_modules
 
 __all__ = [
-    "__version__", "MirroredModule", "MirroredBucketingModule", "MirrorPlan", "add_arguments",
-    "from_args", "mirrored_modules", "plan_mirror", "list_planners",
+    "__version__", "MirrorOptions", "MirroredModule", "MirroredBucketingModule", "MirrorPlan",
+    "add_arguments", "from_args", "mirrored_modules", "plan_mirror", "list_planners",
     "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
-    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "CacheError",
+    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError",
 ]

@@ -6,9 +6,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import mxnet as mx
 
-from .core.budget import BudgetLike, parse_budget
-from .core.planners import get_planner
+from .core.budget import BudgetLike
 from .module import MirroredModule
+from .options import MirrorOptions
 from .plan import MirrorPlan
 
 __all__ = ["MirroredBucketingModule"]
@@ -25,7 +25,7 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
     sym_gen, default_bucket_key, logger, context, work_load_list,
     fixed_param_names, state_names, group2ctxs, compression_params
         As for ``mx.mod.BucketingModule``.
-    planner, memory_budget, cache_dir, cost_ctx, keep_ops
+    options, planner, memory_budget, cache_dir, cost_ctx, keep_ops
         As for :class:`MirroredModule`.
 
     Attributes
@@ -38,17 +38,18 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                  context: Any = mx.cpu(), work_load_list: Optional[list] = None,
                  fixed_param_names: Optional[list] = None, state_names: Optional[list] = None,
                  group2ctxs: Any = None, compression_params: Any = None, *,
-                 planner: str = "auto", memory_budget: BudgetLike = None,
-                 cache_dir: Union[None, str, bool] = None, cost_ctx: Optional["mx.Context"] = None,
+                 options: Optional[MirrorOptions] = None, planner: Optional[str] = None,
+                 memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
+                 cost_ctx: Optional["mx.Context"] = None,
                  keep_ops: Optional[Sequence[str]] = None) -> None:
-        get_planner(planner)
-        parse_budget(memory_budget)
+        mirror_options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
+                                              cache_dir=cache_dir, cost_ctx=cost_ctx,
+                                              keep_ops=keep_ops)
         super().__init__(sym_gen, default_bucket_key, logger=logger, context=context,
                          work_load_list=work_load_list, fixed_param_names=fixed_param_names,
                          state_names=state_names, group2ctxs=group2ctxs,
                          compression_params=compression_params)
-        self._mirror_options = dict(planner=planner, memory_budget=memory_budget,
-                                    cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops)
+        self.mirror_options = mirror_options
 
     @property
     def mirror_plans(self) -> Dict[Any, Optional[MirrorPlan]]:
@@ -62,7 +63,7 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                               fixed_param_names=self._fixed_param_names,
                               state_names=self._state_names, group2ctxs=self._group2ctxs,
                               compression_params=self._compression_params,
-                              **self._mirror_options)
+                              options=self.mirror_options)
 
     def bind(self, data_shapes: Any, label_shapes: Any = None, for_training: bool = True,
              inputs_need_grad: bool = False, force_rebind: bool = False,

@@ -26,24 +26,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
+from . import env
+
 __all__ = ["PlanKey", "PlanCache", "grad_req_digest", "default_cache_dir", "get_cache", "CACHE_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "mxnet_mirror_hook.plan/1"
-ENV_CACHE_DIR = "MXNET_MIRROR_HOOK_CACHE_DIR"
-ENV_MEMORY_ENTRIES = "MXNET_MIRROR_HOOK_CACHE_ENTRIES"
-ENV_DISK_ENTRIES = "MXNET_MIRROR_HOOK_CACHE_MAX_FILES"
-DEFAULT_MEMORY_ENTRIES = 128
-DEFAULT_DISK_ENTRIES = 2000
 
 
 def default_cache_dir() -> str:
     """``$MXNET_MIRROR_HOOK_CACHE_DIR``, else ``~/.cache/mxnet_mirror_hook``."""
-    configured = os.environ.get(ENV_CACHE_DIR)
-    if configured:
-        return configured
-    return os.path.join(os.path.expanduser("~"), ".cache", "mxnet_mirror_hook")
+    return env.cache_dir()
 
 
 @dataclass(frozen=True)
@@ -127,11 +121,9 @@ class PlanCache:
                  max_disk_entries: Optional[int] = None) -> None:
         self.directory = directory
         self.max_memory_entries = max(1, int(max_memory_entries if max_memory_entries is not None
-                                             else os.environ.get(ENV_MEMORY_ENTRIES,
-                                                                 DEFAULT_MEMORY_ENTRIES)))
+                                             else env.cache_entries()))
         self.max_disk_entries = max(1, int(max_disk_entries if max_disk_entries is not None
-                                           else os.environ.get(ENV_DISK_ENTRIES,
-                                                               DEFAULT_DISK_ENTRIES)))
+                                           else env.cache_max_files()))
         self._memory: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
         self._lock = threading.Lock()
         self._disk_ok = directory is not None
@@ -145,7 +137,7 @@ class PlanCache:
     def _disable_disk(self, why: str) -> None:
         if self._disk_ok:
             logger.warning("plan cache: %s; keeping plans in memory only (set %s or cache_dir= "
-                           "to a writable directory to keep them across runs)", why, ENV_CACHE_DIR)
+                           "to a writable directory to keep them across runs)", why, env.CACHE_DIR)
         self._disk_ok = False
 
     @property

@@ -13,7 +13,6 @@ __all__ = [
     "BudgetUnreachableError",
     "UnknownPlannerError",
     "MeasurementError",
-    "CacheError",
 ]
 
 
@@ -56,7 +55,3 @@ class UnknownPlannerError(MirrorHookError, ValueError):
 
 class MeasurementError(MirrorHookError, RuntimeError):
     """MXNet could not bind the symbol, or its memory report could not be read."""
-
-
-class CacheError(MirrorHookError, ValueError):
-    """A plan cache entry is unusable (corrupt, foreign, or stale)."""

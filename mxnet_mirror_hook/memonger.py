@@ -19,7 +19,8 @@ import mxnet as mx
 from .core.planners.memonger import search_thresholds, threshold_plan, user_stages
 from .mx.apply import MirrorTemplate
 from .mx.convert import InputSpec, symbol_to_graph
-from .mx.measure import planned_mb, to_context
+from .mx.bind import to_context
+from .mx.measure import planned_mb
 
 __all__ = ["make_mirror_plan", "get_cost", "search_plan"]
 

@@ -8,8 +8,8 @@ import mxnet as mx
 from mxnet.module.executor_group import _split_input_slice
 from mxnet.io import DataDesc
 
-from .core.budget import BudgetLike, parse_budget
-from .core.planners import get_planner
+from .core.budget import BudgetLike
+from .options import MirrorOptions
 from .plan import MirrorPlan, plan_mirror
 
 __all__ = ["MirroredModule"]
@@ -55,23 +55,20 @@ class MirroredModule(mx.mod.Module):
     symbol, data_names, label_names, logger, context, work_load_list,
     fixed_param_names, state_names, group2ctxs, compression_params
         As for ``mx.mod.Module``.
-    planner : str
-        A registered planner name (``'auto'`` by default).
-    memory_budget : None, 'min', float, int or str
-        See :func:`mxnet_mirror_hook.parse_budget`.
-    cache_dir : str, None or False
-        Plan cache directory (``None``: ``$MXNET_MIRROR_HOOK_CACHE_DIR`` or
-        ``~/.cache/mxnet_mirror_hook``; ``False``: memory only).
-    cost_ctx : mx.Context, optional
-        Where plans are measured; CPU by default (a CPU bind plans the same
-        graph without allocating it).
-    keep_ops : iterable of str, optional
-        Operator types never to recompute (their outputs are kept).
+    options : MirrorOptions, optional
+        The mirroring options in one object; the keyword arguments below
+        override its fields.
+    planner, memory_budget, cache_dir, cost_ctx, keep_ops
+        See :class:`~mxnet_mirror_hook.options.MirrorOptions` (``planner='auto'``,
+        ``memory_budget=None``: the lowest memory within about one extra
+        forward pass, plans measured on the CPU).
 
     Attributes
     ----------
     mirror_plan : MirrorPlan or None
         The plan of the last training bind.
+    mirror_options : MirrorOptions
+        The options every plan of this module is made with.
     """
 
     def __init__(self, symbol: "mx.sym.Symbol", data_names: Sequence[str] = ("data",),
@@ -80,21 +77,19 @@ class MirroredModule(mx.mod.Module):
                  work_load_list: Optional[List[float]] = None,
                  fixed_param_names: Optional[List[str]] = None,
                  state_names: Optional[List[str]] = None, group2ctxs: Any = None,
-                 compression_params: Any = None, *, planner: str = "auto",
-                 memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
-                 cost_ctx: Optional["mx.Context"] = None,
+                 compression_params: Any = None, *, options: Optional[MirrorOptions] = None,
+                 planner: Optional[str] = None, memory_budget: BudgetLike = None,
+                 cache_dir: Union[None, str, bool] = None, cost_ctx: Optional["mx.Context"] = None,
                  keep_ops: Optional[Sequence[str]] = None) -> None:
-        get_planner(planner)             # reject a bad name now, not at the first bind
-        parse_budget(memory_budget)      # likewise for the budget
+        # Validated now (a bad planner name or budget fails here, not at the first bind).
+        mirror_options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
+                                              cache_dir=cache_dir, cost_ctx=cost_ctx,
+                                              keep_ops=keep_ops)
         super().__init__(symbol, data_names=data_names, label_names=label_names, logger=logger,
                          context=context, work_load_list=work_load_list,
                          fixed_param_names=fixed_param_names, state_names=state_names,
                          group2ctxs=group2ctxs, compression_params=compression_params)
-        self._planner_name = planner
-        self._memory_budget = memory_budget
-        self._cache_dir = cache_dir
-        self._cost_ctx = cost_ctx
-        self._keep_ops = frozenset(keep_ops or ())
+        self.mirror_options = mirror_options
         self._user_symbol = symbol
         self.mirror_plan: Optional[MirrorPlan] = None
 
@@ -105,11 +100,9 @@ class MirroredModule(mx.mod.Module):
             self._user_symbol,
             per_device_descs(data_shapes, self._context, self._work_load_list),
             per_device_descs(label_shapes, self._context, self._work_load_list) or None,
-            planner=self._planner_name, memory_budget=self._memory_budget,
-            ctx=self._cost_ctx, cache_dir=self._cache_dir,
+            options=self.mirror_options,
             grad_req=_grad_req_mapping(self._user_symbol, grad_req),
-            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad,
-            keep_ops=self._keep_ops)
+            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad)
 
     def _needs_plan(self, for_training: bool, grad_req: Any, inputs_need_grad: bool) -> bool:
         """Whether a bind computes any gradient (else mirroring cannot help)."""
@@ -195,8 +188,9 @@ class MirroredModule(mx.mod.Module):
              **kwargs: Any) -> "MirroredModule":
         """Create a ``MirroredModule`` from a checkpoint (as ``Module.load``).
 
-        Keyword arguments of ``MirroredModule`` (``planner``, ``memory_budget``,
-        ``cache_dir``, ``cost_ctx``) are accepted besides ``Module``'s.
+        Keyword arguments of ``MirroredModule`` (``options``, ``planner``,
+        ``memory_budget``, ``cache_dir``, ``cost_ctx``, ``keep_ops``) are
+        accepted besides ``Module``'s.
         """
         symbol, args, auxs = mx.model.load_checkpoint(prefix, epoch)
         module = cls(symbol=symbol, **kwargs)

@@ -88,7 +88,7 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
     # what it binds after searching against the allocator model, and the
     # least-compute sweep it runs under a fixed limit.
     budget = parse_budget("min")
-    outcomes = [AutoPlanner(search_seconds=0).plan(graph, budget, setup.measure),
+    outcomes = [AutoPlanner(use_model=False).plan(graph, budget, setup.measure),
                 get_planner("auto").plan(graph, budget, setup.measure)]
     baseline = outcomes[0].baseline_mb
     candidates = {c.decision.mirrored: c for o in outcomes for c in o.candidates}

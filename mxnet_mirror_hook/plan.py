@@ -10,18 +10,20 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import mxnet as mx
 import numpy as np
 
+from . import env
 from ._version import __version__
 from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
-from .core.budget import BudgetLike, parse_budget
+from .core.budget import BudgetLike
 from .core.cost import recompute_overhead
 from .core.graph import Graph, NodeKind
 from .core.planners import get_planner
 from .core.allocator import ExecutedGraph
 from .errors import MeasurementError, ShapeError
+from .options import MirrorOptions, normalize_keep_ops
 from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
-from .mx.measure import (MEASURE_MODE_ENV, executed_graph, measures_in_process, planned_mb_many,
-                         to_context)
+from .mx.bind import to_context
+from .mx.measure import executed_graph, measures_in_process, planned_mb_many
 
 __all__ = ["MirrorPlan", "plan_mirror", "prepare_planning", "PlanningSetup"]
 
@@ -138,7 +140,7 @@ class _BindMeasure:
         text = self.template.build_json(frozenset())
         if measures_in_process(text):
             logger.info("binding in this process (Custom operators or %s=inprocess): no allocator "
-                        "model, every plan is bound", MEASURE_MODE_ENV)
+                        "model, every plan is bound", env.MEASURE)
             return None
         try:
             graph = executed_graph(text, self.context, self.shapes, self.types, self.requests)
@@ -185,7 +187,7 @@ class PlanningSetup:
     document: Dict[str, Any]
     requests: Dict[str, str]
     all_inputs: List[Tuple[str, Tuple[int, ...], Any]]
-    kept_ops: Tuple[str, ...]
+    keep_ops: Tuple[str, ...]
 
 
 def prepare_planning(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
@@ -210,8 +212,8 @@ def prepare_planning(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: An
     if len(set(names)) != len(names):
         raise ShapeError(f"an input appears in both data_shapes and label_shapes: {names}")
     document = json.loads(symbol.tojson())  # parsed once, shared below
-    kept_ops = tuple(sorted(set(keep_ops or ())))
-    graph = symbol_to_graph(symbol, inputs, document=document, keep_ops=kept_ops)
+    keep_ops = normalize_keep_ops(keep_ops)
+    graph = symbol_to_graph(symbol, inputs, document=document, keep_ops=keep_ops)
     requests = grad_req_for(symbol, graph, grad_req, fixed_param_names or (), inputs_need_grad)
     if all(req == "null" for req in requests.values()):
         raise ValueError("nothing in this symbol gets a gradient (every parameter is fixed or "
@@ -227,11 +229,12 @@ def prepare_planning(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: An
     return PlanningSetup(graph=graph, template=template,
                          measure=_BindMeasure(template, context, shapes, types, requests),
                          context=context, document=document, requests=requests,
-                         all_inputs=all_inputs, kept_ops=kept_ops)
+                         all_inputs=all_inputs, keep_ops=keep_ops)
 
 
 def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
-                planner: str = "auto", memory_budget: BudgetLike = None,
+                options: Optional[MirrorOptions] = None,
+                planner: Optional[str] = None, memory_budget: BudgetLike = None,
                 ctx: Union[None, str, "mx.Context"] = None,
                 cache_dir: Union[None, str, bool] = None,
                 grad_req: Union[str, Dict[str, str]] = "write",
@@ -248,8 +251,12 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         Input shapes as ``Module.bind`` takes them (per device).
     label_shapes : same as data_shapes, optional
         Label shapes; labels MXNet can infer may be left out.
+    options : MirrorOptions, optional
+        Planner, budget, cache, measuring context and kept operators in one
+        object; the keyword arguments below override its fields.
     planner : str
-        A registered planner (``'auto'``, ``'memonger'``, ``'none'``).
+        A registered planner (``'auto'`` by default, ``'dp'``, ``'memonger'``,
+        ``'none'``...).
     memory_budget : None, 'min', float, int or str
         See :func:`~mxnet_mirror_hook.core.budget.parse_budget`.
     ctx : mx.Context or str, optional
@@ -287,17 +294,20 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         plan fits it.
     """
     started = time.perf_counter()
+    options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
+                                   cache_dir=cache_dir, cost_ctx=ctx, keep_ops=keep_ops)
+    planner = options.planner
     chosen_planner = get_planner(planner)
-    budget = parse_budget(memory_budget)
-    setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=ctx, grad_req=grad_req,
-                             fixed_param_names=fixed_param_names,
-                             inputs_need_grad=inputs_need_grad, keep_ops=keep_ops)
+    budget = options.budget
+    setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=options.cost_ctx,
+                             grad_req=grad_req, fixed_param_names=fixed_param_names,
+                             inputs_need_grad=inputs_need_grad, keep_ops=options.keep_ops)
     graph, template, context = setup.graph, setup.template, setup.context
     key = PlanKey(structure=structure_hash(symbol, setup.document),
                   inputs=tuple(sorted(setup.all_inputs)), grad_req=grad_req_digest(setup.requests),
                   planner=planner, budget=budget.key, mxnet_version=mx.__version__,
-                  context=context.device_type, keep_ops=setup.kept_ops, plugin_version=__version__)
-    cache: PlanCache = get_cache(cache_dir)
+                  context=context.device_type, keep_ops=setup.keep_ops, plugin_version=__version__)
+    cache: PlanCache = get_cache(options.cache_dir)
 
     def finish(mirrored: Sequence[str], baseline_mb: float, planned_mb: float, overhead: float,
                from_cache: bool, candidates: Optional[List[Dict[str, Any]]] = None) -> MirrorPlan:

@@ -5,6 +5,7 @@ import logging
 from typing import List, Sequence
 
 from .core.graph import Graph
+from .core.units import MB
 from .core.timeline import simulate_timeline
 from .plan import MirrorPlan
 
@@ -16,8 +17,9 @@ logger = logging.getLogger(__name__)
 def draw_report(graph: Graph, plan: MirrorPlan, title: str, path: str) -> None:
     """Draw baseline and planned live memory and save a PNG to ``path``.
 
-    The curves come from the planner's memory model (MXNet reports only its
-    total); MXNet's measured totals are in the legend.
+    The curves come from the liveness model (:mod:`~mxnet_mirror_hook.core.timeline`:
+    only outputs some gradient reads live until backward); MXNet reports only
+    its total, which is in the legend and the title.
     """
     import matplotlib
 
@@ -27,7 +29,7 @@ def draw_report(graph: Graph, plan: MirrorPlan, title: str, path: str) -> None:
     baseline = simulate_timeline(graph, frozenset())
     planned = simulate_timeline(graph, frozenset(plan.mirrored))
     figure, axis = plt.subplots(figsize=(11, 5.5), dpi=110)
-    scale = 2 ** 20
+    scale = MB
     # One time axis: the plan's steps.  A baseline step is drawn where the same
     # forward or backward step of the plan happens; it stays flat while the
     # plan replays a segment.
@@ -49,12 +51,13 @@ def draw_report(graph: Graph, plan: MirrorPlan, title: str, path: str) -> None:
               transform=axis.get_xaxis_transform())
     axis.set_xlim(0, 100)
     axis.set_xlabel("progress through one training iteration (%)")
-    axis.set_ylabel("live activations (MB, planner's model)")
+    axis.set_ylabel("live activations (MB, liveness model)")
     axis.set_ylim(bottom=0)
     axis.set_title(f"{title}: {plan.baseline_mb:.0f} -> {plan.planned_mb:.0f} MB "
                    f"({plan.ratio:.2f}x), {len(plan.mirrored)} nodes recomputed, "
                    f"est. overhead {plan.overhead:.0%}")
-    axis.legend(loc="upper right", title="curves: planner's model; totals: MXNet", fontsize=9)
+    axis.legend(loc="upper right", title="curves: liveness model (outputs backward reads); "
+                "totals: MXNet's plan", fontsize=9)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)

@@ -1,11 +1,12 @@
 """Tiny hand-built forward graphs for the core tests (no MXNet)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import AbstractSet, Dict, List, Optional, Sequence
 
 from hypothesis import strategies as st
 
 from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
+from mxnet_mirror_hook.core.timeline import mirrored_segments
 
 
 class GraphBuilder:
@@ -78,3 +79,17 @@ def random_dags(draw, max_size: int = 9, max_fan_in: int = 3, ops: Sequence[str]
         attrs = {"kernel": "(3, 3)"} if op == "Convolution" else {}
         nodes.append(Node(f"n{i}", op, NodeKind.OP, [(j, 0) for j in fan_in], [(1, count)], 4, attrs))
     return Graph(nodes, [(size, 0)])
+
+
+def estimate_planned_bytes(graph: Graph, mirrored: AbstractSet[str]) -> int:
+    """A coarse stand-in for MXNet's measurement in the planners' unit tests (Chen et al. 2016).
+
+    Bytes of every kept operator output plus the largest replayed segment of
+    recomputed ones; names MXNet would not recompute are ignored.  Not a
+    model of MXNet (see mxnet_mirror_hook/core/__init__.py for those).
+    """
+    kept = sum(n.planned_bytes for n in graph.nodes
+               if n.kind is NodeKind.OP and not (n.name in mirrored and n.can_mirror))
+    peak = max((graph.planned_bytes_of(group) for group in mirrored_segments(graph, mirrored)),
+               default=0)
+    return kept + peak

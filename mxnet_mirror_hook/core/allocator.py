@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
+from .units import MB_SHIFT
+
 __all__ = ["ExecutedNode", "ExecutedGraph", "AllocatorModel", "INPLACE_OPTIONS",
            "DEFAULT_MATCH_RANGE", "AllocatorSearchResult", "search_allocator_plan"]
 
@@ -62,7 +64,7 @@ INPLACE_OPTIONS: Dict[str, Tuple[Tuple[int, int], ...]] = {
 #: they share even when the input has other readers.
 INPLACE_IDENTITY = frozenset({"Flatten", "Reshape", "reshape", "flatten", "expand_dims",
                               "_copy", "_backward_copy"})
-#: A search that cannot afford this many evaluations in its time is not started.
+#: A search allowed fewer evaluations than this is not started (it could not move anything).
 MIN_SEARCH_EVALUATIONS = 50
 #: The search stops after this many evaluations (or twice the movable nodes) without a gain.
 STALL_EVALUATIONS = 300
@@ -235,7 +237,8 @@ class AllocatorModel:
                     d for d in (remap[d] if d < forward else d for d in self._deps[b]) if d >= floor]
         return inputs_of, deps_of
 
-    def _order(self, copies: Sequence[int], full: bool = False) -> Tuple[List[int], Dict[int, Sequence[Tuple[int, int]]]]:
+    def _order(self, copies: Sequence[int], full: bool = False,
+               ) -> Tuple[List[int], Dict[int, Sequence[Tuple[int, int]]]]:
         """nnvm's post-order walk from the graph outputs, inputs before control dependencies."""
         count = len(self._ops)
         forward = self.graph.num_forward
@@ -282,8 +285,13 @@ class AllocatorModel:
         return [(ops[v] if v < count else ops[copies[v - count]],
                  inputs_of[v] if v in inputs_of else base_inputs[v], v) for v in order]
 
-    def planned_bytes(self, mirrored: Iterable[str] = ()) -> int:
-        """Bytes nnvm's greedy allocator plans for the graph with ``mirrored`` recomputed."""
+    def planned_bytes(self, mirrored: Iterable[str] = (), limit: Optional[int] = None) -> int:
+        """Bytes nnvm's greedy allocator plans for the graph with ``mirrored`` recomputed.
+
+        With ``limit``, the replay stops as soon as its blocks pass ``limit``
+        bytes (they only ever grow) and returns a figure above ``limit`` that
+        is not the full total: exact whenever the result is ``<= limit``.
+        """
         copies = self._mirror_ids(mirrored)
         order, inputs_of = self._order(copies)
         offsets = list(self._offsets)
@@ -294,14 +302,15 @@ class AllocatorModel:
             sizes.append(self._sizes[f])
             total += len(self._sizes[f])
         return _allocate(order, inputs_of, self._inputs, self._ops_of(copies), offsets, sizes,
-                         total, self._head_entries, self._gradient_flags, self.graph.match_range)
+                         total, self._head_entries, self._gradient_flags, self.graph.match_range,
+                         limit)
 
     def _ops_of(self, copies: Sequence[int]) -> List[str]:
         return self._ops + [self._ops[f] for f in copies]
 
     def planned_mb(self, mirrored: Iterable[str] = ()) -> float:
         """:meth:`planned_bytes` in MB, as MXNet prints it (whole MB, rounded down)."""
-        return float(self.planned_bytes(mirrored) >> 20)
+        return float(self.planned_bytes(mirrored) >> MB_SHIFT)
 
     def replays_capture(self) -> bool:
         """Whether replaying the unmirrored graph gives MXNet's own operator order back."""
@@ -321,11 +330,14 @@ class AllocatorModel:
 def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int]]],
               base_inputs: Sequence[Sequence[Tuple[int, int]]], ops: Sequence[str],
               offsets: Sequence[int], sizes: Sequence[Tuple[int, ...]], entry_count: int,
-              heads: Sequence[int], gradient_flags: bytearray, match_range: int) -> int:
+              heads: Sequence[int], gradient_flags: bytearray, match_range: int,
+              limit: Optional[int] = None) -> int:
     """nnvm's ``PlanMemory`` walk over ``order``; returns the total bytes of its blocks.
 
     Entries are dense ids (``offsets[node] + output``); a block id per entry,
-    ``-2`` for none yet, ``-1`` for bound arrays (variables, gradients).
+    ``-2`` for none yet, ``-1`` for bound arrays (variables, gradients).  Blocks
+    only grow, so once their total passes ``limit`` the walk stops and returns
+    that partial total (above ``limit``).
     """
     references = [0] * entry_count
     walked = []
@@ -344,6 +356,8 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
     free: List[Tuple[int, int]] = []
     insort, bisect_left = bisect.insort, bisect.bisect_left
     inplace_options = INPLACE_OPTIONS
+    allocated = 0
+    bound = limit if limit is not None else -1
     for v, inputs, entries in walked:
         out_sizes = sizes[v]
         base = offsets[v]
@@ -384,11 +398,15 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
                 elif position > 0 and free[position - 1][0] >= size // match_range:
                     block = free.pop(position - 1)[1]
                     if blocks[block] < size:
+                        allocated += size - blocks[block]
                         blocks[block] = size
             if block < 0:
                 block = len(blocks)
                 blocks.append(size)
                 block_refs.append(0)
+                allocated += size
+            if 0 <= bound < allocated:
+                return allocated
             storage[entry] = block
             block_refs[block] = references[entry]
         for entry in entries:
@@ -404,7 +422,7 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
             block = storage[base + k]
             if block >= 0 and block_refs[block] == 0:
                 insort(free, (blocks[block], block))
-    return sum(blocks)
+    return allocated
 
 
 @dataclass
@@ -417,11 +435,13 @@ class AllocatorSearchResult:
     evaluations: int
     seconds: float
     history: List[Tuple[int, int]] = field(default_factory=list)
+    #: Whether the safety time limit stopped the search (the result then depends on the machine).
+    timed_out: bool = False
 
 
 def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: Sequence[str],
                           accept: Optional[Callable[[FrozenSet[str]], bool]] = None,
-                          time_limit: float = 2.0, max_evaluations: int = 100000,
+                          time_limit: Optional[float] = None, max_evaluations: int = 100000,
                           seed: int = 0) -> AllocatorSearchResult:
     """Lower MXNet's planned memory of a mirror set by local moves scored with the model.
 
@@ -440,10 +460,11 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
     # When ``STALL_EVALUATIONS`` (or twice the movable nodes) evaluations in a
     # row found nothing lower, it restarts from the best plan with a few random
     # flips; after ``MAX_RESTARTS`` such stalls it stops (small graphs finish in
-    # milliseconds), else after ``max_evaluations`` or at the time limit.  The
-    # planner gives it an evaluation count and a generous time limit, so it is
-    # deterministic for a seed (the same plan on every machine and every
-    # distributed worker) unless a loaded machine hits the time limit.
+    # milliseconds), else after ``max_evaluations``.  Every stop is decided by
+    # counting evaluations, never by the clock, so the result is the same for a
+    # seed on every machine, busy or quiet, and on every distributed worker.
+    # ``time_limit`` is only a safety net far above what the planner's counts
+    # need; hitting it is reported (``timed_out``) and logged as a warning.
 
     Parameters
     ----------
@@ -455,8 +476,9 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
         Forward nodes the search may flip, in topological order.
     accept : callable, optional
         ``accept(mirrored) -> bool``: constraints beyond memory (an overhead cap).
-    time_limit : float
-        Seconds to search.
+    time_limit : float, optional
+        A safety net in seconds (None: none).  The result depends on the
+        machine only when it is hit (``timed_out``).
     max_evaluations : int
         Model evaluations at most.
     seed : int
@@ -489,14 +511,17 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
     history = [(0, start_bytes)]
     rng = random.Random(seed)
     evaluations = 1
-    if not names or (time.perf_counter() - started) * MIN_SEARCH_EVALUATIONS > time_limit:
-        # Too few evaluations fit in the time to move anything (unrolled RNNs of
-        # thousands of operators: ~60 ms each).
+    if not names or max_evaluations < MIN_SEARCH_EVALUATIONS:
         return AllocatorSearchResult(best, best_bytes, start_bytes, evaluations, 0.0, history)
+    deadline = None if time_limit is None else started + time_limit
+    timed_out = False
     patience = max(STALL_EVALUATIONS, 2 * len(names))
     last_gain = evaluations
     restarts = 0
-    while evaluations < max_evaluations and time.perf_counter() - started < time_limit:
+    while evaluations < max_evaluations:
+        if deadline is not None and time.perf_counter() > deadline:
+            timed_out = True
+            break
         if evaluations - last_gain >= patience:
             # Stalled: start again from the best plan shaken by a few random flips.
             restarts += 1
@@ -535,7 +560,7 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
         frozen = frozenset(candidate)
         if frozen == current or (accept is not None and not accept(frozen)):
             continue
-        value = model.planned_bytes(frozen)
+        value = model.planned_bytes(frozen, limit=current_bytes)  # exact when accepted
         evaluations += 1
         if value <= current_bytes:
             current, current_bytes = frozen, value
@@ -544,4 +569,4 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
                 history.append((evaluations, value))
                 last_gain = evaluations
     return AllocatorSearchResult(best, best_bytes, start_bytes, evaluations,
-                                 time.perf_counter() - started, history)
+                                 time.perf_counter() - started, history, timed_out)

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from ..errors import BudgetError
+from .units import GB, KB, MB
 
 __all__ = ["Budget", "parse_budget", "BudgetLike"]
 
 BudgetLike = Union[None, str, int, float, "Budget"]
 
-_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "K": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "M": 1 << 20,
-          "MIB": 1 << 20, "GB": 1 << 30, "G": 1 << 30, "GIB": 1 << 30, "TB": 1 << 40, "TIB": 1 << 40}
+_UNITS = {"": 1, "B": 1, "KB": KB, "K": KB, "KIB": KB, "MB": MB, "M": MB, "MIB": MB, "GB": GB, "G": GB,
+          "GIB": GB, "TB": GB << 10, "TIB": GB << 10}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
-MB = float(1 << 20)
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class Budget:
     """A parsed memory budget.
 
     Exactly one of the forms is set: ``kind == 'auto'`` (no budget: the lowest
-    memory whose estimated overhead stays within one extra forward pass), ``'min'``, ``'fraction'`` (of the unmirrored
-    plan) or ``'bytes'``.
+    memory whose estimated overhead stays within one extra forward pass),
+    ``'min'``, ``'fraction'`` (of the unmirrored plan) or ``'bytes'``.
     """
 
     kind: str

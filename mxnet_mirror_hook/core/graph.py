@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
 
@@ -190,11 +190,6 @@ class Graph:
             self._consumers = consumers
         return self._consumers
 
-    @property
-    def has_stage_marks(self) -> bool:
-        """True when the user placed any ``mirror_stage`` mark."""
-        return any(n.mirror_stage is not None for n in self.nodes if n.kind is NodeKind.OP)
-
     def label_input_indices(self) -> List[int]:
         """Indices of variables that enter a loss operator as its label.
 
@@ -311,13 +306,3 @@ class Graph:
     def planned_bytes_of(self, names: Iterable[str]) -> int:
         """Sum of :attr:`Node.planned_bytes` over ``names``."""
         return sum(self.node(name).planned_bytes for name in names)
-
-    def summary(self) -> Mapping[str, int]:
-        """Counts of node kinds and activation bytes, for logs and reports."""
-        ops = self.op_nodes
-        return {
-            "nodes": len(self.nodes),
-            "operators": len(ops),
-            "activation_bytes": sum(n.planned_bytes for n in ops),
-            "parameters": sum(1 for n in self.nodes if n.kind is NodeKind.PARAM),
-        }

@@ -1,21 +1,25 @@
-"""Live activation memory along one training iteration, as the planner's model sees it.
+"""Live activation memory along one training iteration, on the liveness model's rules.
 
 MXNet reports only its total plan, not a timeline; this simulation is what the
 ``report`` picture draws.  Forward runs operators in topological order;
-backward visits them in reverse.  Without mirroring every output stays live
-from its forward step to its backward step.  With mirroring a recomputed
-output is dropped once its forward consumers have run, and when backward
-first needs a recomputed output its whole connected segment is replayed.
+backward visits them in reverse.  An output lives from its forward step to
+its backward step only if some gradient reads it (:mod:`.liveness`, NOTE
+[ what backward keeps ]); otherwise it dies after its last forward consumer.
+A recomputed output also dies then, unless the gradient of a kept consumer
+reads it (MXNet 1.9 builds kept nodes' gradients on the original outputs);
+when backward first needs a recomputed output, its whole connected segment is
+replayed.  The figures are a model: MXNet's allocator adds fragmentation on
+top (NOTE [ replaying MXNet's memory plan ] in :mod:`.allocator`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AbstractSet, Dict, List
+from typing import AbstractSet, Dict, List, Set
 
 from .graph import Graph, NodeKind
-from .memory import mirrored_segments
+from .liveness import gradient_reads_inputs, read_by_backward
 
-__all__ = ["TimelinePoint", "simulate_timeline"]
+__all__ = ["TimelinePoint", "simulate_timeline", "mirrored_segments"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,34 @@ class TimelinePoint:
     phase: str          # "forward", "recompute" or "backward"
     node: str
     live_bytes: int
+
+
+def mirrored_segments(graph: Graph, mirrored: AbstractSet[str]) -> List[List[str]]:
+    """Connected groups of mirrored operators (edges between mirrored nodes only).
+
+    Each group is replayed as one piece during backward.
+    """
+    parent: Dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    members = [i for i, n in enumerate(graph.nodes) if n.name in mirrored and n.can_mirror]
+    for i in members:
+        parent[i] = i
+    for i in members:
+        for source, _ in graph.nodes[i].inputs:
+            if source in parent:
+                a, b = find(i), find(source)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    groups: Dict[int, List[str]] = {}
+    for i in members:
+        groups.setdefault(find(i), []).append(graph.nodes[i].name)
+    return list(groups.values())
 
 
 def simulate_timeline(graph: Graph, mirrored: AbstractSet[str]) -> List[TimelinePoint]:
@@ -45,10 +77,18 @@ def simulate_timeline(graph: Graph, mirrored: AbstractSet[str]) -> List[Timeline
     ops = [i for i, n in enumerate(graph.nodes) if n.kind is NodeKind.OP]
     recomputed = {graph.index(name) for name in mirrored if graph.node(name).can_mirror}
     consumers = graph.consumers()
+    read = read_by_backward(graph)
     last_forward_use: Dict[int, int] = {}
+    held: Set[int] = set()  # outputs that stay live until backward
     for i in ops:
         op_consumers = [c for c in consumers[i] if graph.nodes[c].kind is NodeKind.OP]
         last_forward_use[i] = max(op_consumers, default=i)
+        if i in recomputed:
+            if any(c not in recomputed and gradient_reads_inputs(graph.nodes[c].op)
+                   for c in op_consumers):
+                held.add(i)
+        elif read[i] or not op_consumers:
+            held.add(i)
     segment_of: Dict[int, List[int]] = {}
     for segment in mirrored_segments(graph, frozenset(graph.nodes[i].name for i in recomputed)):
         members = sorted(graph.index(name) for name in segment)
@@ -66,16 +106,16 @@ def simulate_timeline(graph: Graph, mirrored: AbstractSet[str]) -> List[Timeline
 
     for i in ops:
         live[i] = graph.nodes[i].planned_bytes
-        for source, _ in graph.nodes[i].inputs:  # recomputed inputs die after their last use
-            if source in recomputed and last_forward_use.get(source) == i:
+        for source, _ in graph.nodes[i].inputs:  # outputs backward does not hold die after last use
+            if source not in held and last_forward_use.get(source) == i:
                 live.pop(source, None)
-        if i in recomputed and last_forward_use[i] == i:
+        if i not in held and last_forward_use[i] == i:
             live.pop(i, None)
         record("forward", i)
     for i in reversed(ops):
         if i in recomputed and i not in live:
             for member in segment_of[i]:
-                if member not in live:
+                if member not in live and (read[member] or member == i):
                     live[member] = graph.nodes[member].planned_bytes
                     record("recompute", member)
         live.pop(i, None)

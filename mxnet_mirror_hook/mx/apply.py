@@ -8,7 +8,7 @@ import mxnet as mx
 
 from .convert import MIRROR_ATTR
 
-__all__ = ["MirrorTemplate", "apply_decision"]
+__all__ = ["MirrorTemplate"]
 
 
 # NOTE [ BatchNorm recomputed ]
@@ -99,8 +99,3 @@ class MirrorTemplate:
             raise RuntimeError("applying a mirror plan changed the symbol's arguments, outputs or "
                                "auxiliary states; please report this symbol")
         return result
-
-
-def apply_decision(symbol: "mx.sym.Symbol", mirrored: AbstractSet[str]) -> "mx.sym.Symbol":
-    """One-off form of :meth:`MirrorTemplate.build`."""
-    return MirrorTemplate(symbol).build(mirrored)

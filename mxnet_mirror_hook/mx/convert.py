@@ -12,6 +12,7 @@ import numpy as np
 
 from ..core.graph import Graph, Node, NodeKind
 from ..errors import ShapeError
+from .bind import mxnet_error_line
 
 __all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR"]
 
@@ -75,7 +76,8 @@ def normalize_inputs(shapes: Any, kind: str = "data") -> List[InputSpec]:
                 name, shape = item[0], item[1]
             except (TypeError, IndexError, KeyError):
                 raise ShapeError(
-                    f"each entry of {kind}_shapes must be (name, shape) or a DataDesc, got {item!r}") from None
+                    f"each entry of {kind}_shapes must be (name, shape) or a DataDesc, "
+                    f"got {item!r}") from None
             dtype = np.dtype(item[2]).name if len(item) > 2 and item[2] is not None else "float32"
         if not isinstance(name, str):
             raise ShapeError(f"input names in {kind}_shapes must be str, got {name!r}")
@@ -83,15 +85,6 @@ def normalize_inputs(shapes: Any, kind: str = "data") -> List[InputSpec]:
             raise ShapeError(f"input {name!r} is given twice in {kind}_shapes")
         specs[name] = InputSpec(name, _as_shape(name, shape), dtype)
     return list(specs.values())
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if "Error" in line or "Check failed" in line or "error" in line:
-            return line[:400]
-    return text.splitlines()[0][:400] if text else repr(error)
 
 
 def _infer(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> Tuple[list, list, list, list]:
@@ -104,7 +97,7 @@ def _infer(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> Tuple[list, 
             arg_shapes, out_shapes, aux_shapes = internals.infer_shape(**shapes)
     except mx.base.MXNetError as error:
         raise ShapeError(
-            f"MXNet cannot infer shapes from {shapes}: {_first_line(error)}. Check that every "
+            f"MXNet cannot infer shapes from {shapes}: {mxnet_error_line(error)}. Check that every "
             f"data and label shape has the rank and layout the symbol expects (batch first, "
             f"e.g. NCHW).") from None
     if arg_shapes is None or out_shapes is None or any(s is None for s in out_shapes):
@@ -119,7 +112,7 @@ def _infer(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> Tuple[list, 
     try:
         _, out_types, _ = internals.infer_type(**types)
     except mx.base.MXNetError as error:
-        raise ShapeError(f"MXNet cannot infer dtypes from {types}: {_first_line(error)}") from None
+        raise ShapeError(f"MXNet cannot infer dtypes from {types}: {mxnet_error_line(error)}") from None
     if out_types is None:
         out_types = [np.float32] * len(out_shapes)
     return arg_shapes, out_shapes, aux_shapes, [t if t is not None else np.float32 for t in out_types]
@@ -232,7 +225,6 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
 
     keep = frozenset(keep_ops)
     given = {spec.name for spec in inputs}
-    arguments = set(symbol.list_arguments())
     auxiliary = set(symbol.list_auxiliary_states())
     nodes: List[Node] = []
     for json_node, indices in zip(json_nodes, per_node):
@@ -242,9 +234,7 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
                 kind = NodeKind.AUX
             elif name in given:
                 kind = NodeKind.INPUT
-            elif name in arguments:
-                kind = NodeKind.PARAM
-            else:
+            else:  # a parameter (labels MXNet infers are found below)
                 kind = NodeKind.PARAM
         else:
             kind = NodeKind.OP

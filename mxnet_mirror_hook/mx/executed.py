@@ -12,18 +12,17 @@ import gc
 import os
 import re
 import tempfile
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
 
+from .. import env
 from ..core.allocator import DEFAULT_MATCH_RANGE, ExecutedGraph, ExecutedNode
 from ..errors import MeasurementError
-from .measure import environment, parse_planned_mb
+from .bind import GradReq, bind_symbol, environment, parse_planned_mb
 
-__all__ = ["capture_executed_graph", "parse_executed_graph", "VERBOSE_ENV"]
-
-VERBOSE_ENV = "MXNET_MEM_PLAN_VERBOSE_LOGGING"
+__all__ = ["capture_executed_graph", "parse_executed_graph"]
 
 _NODE = re.compile(r"exec_utils\.h:\d+: node (\d+) (\S+)")
 _ENTRY = re.compile(r"(input|output) (\d+): \[([^\]]*)\] \(\d+ KB\)")
@@ -125,7 +124,7 @@ def parse_executed_graph(debug_text: str, log_text: str, num_heads: int,
     steps = _parse_log(log_text)
     if not steps:
         raise MeasurementError(
-            f"MXNet logged no memory plan: it reads {VERBOSE_ENV} once per process, at the first "
+            f"MXNet logged no memory plan: it reads {env.MEM_PLAN_VERBOSE} once per process, at the first "
             f"bind, so a capture needs a process started with it set (the measuring workers are)")
     if len(operators) != len(steps):
         raise MeasurementError(
@@ -175,7 +174,7 @@ def parse_executed_graph(debug_text: str, log_text: str, num_heads: int,
 
 def capture_executed_graph(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
                            type_dict: Optional[Mapping[str, np.dtype]] = None,
-                           grad_req: Union[str, Dict[str, str]] = "write") -> ExecutedGraph:
+                           grad_req: GradReq = "write") -> ExecutedGraph:
     """Bind ``symbol`` in this process with MXNet's memory log on and return its executed graph.
 
     The log goes to file descriptor 2; it is redirected to a temporary file
@@ -189,22 +188,16 @@ def capture_executed_graph(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: M
     MeasurementError
         If MXNet refuses the bind or its log cannot be read.
     """
-    match_range = int(os.environ.get("NNVM_EXEC_MATCH_RANGE", DEFAULT_MATCH_RANGE))
-    if os.environ.get("NNVM_AUTO_SEARCH_MATCH_RANGE", "0") not in ("", "0"):
-        raise MeasurementError("NNVM_AUTO_SEARCH_MATCH_RANGE is set: the allocator model "
-                               "follows only a fixed match range")
+    match_range = env.match_range(DEFAULT_MATCH_RANGE)
+    if env.auto_search_match_range():
+        raise MeasurementError(f"{env.AUTO_SEARCH_MATCH_RANGE} is set: the allocator model "
+                               f"follows only a fixed match range")
     with tempfile.TemporaryFile(mode="w+b") as log_file:
         saved = os.dup(2)
         try:
-            os.dup2(log_file.fileno(), 2)
-            with environment({VERBOSE_ENV: "1"}):
-                try:
-                    executor = symbol.simple_bind(ctx=ctx, grad_req=grad_req,
-                                                  type_dict=dict(type_dict) if type_dict else None,
-                                                  **dict(shapes))
-                except (mx.base.MXNetError, RuntimeError) as error:
-                    raise MeasurementError(f"MXNet could not bind the symbol on {ctx}: "
-                                           f"{str(error).splitlines()[0][:300]}") from None
+            os.dup2(log_file.fileno(), 2)  # the plan is logged during the bind
+            with environment({env.MEM_PLAN_VERBOSE: "1"}):
+                executor = bind_symbol(symbol, ctx, shapes, type_dict, grad_req)
         finally:
             os.dup2(saved, 2)
             os.close(saved)

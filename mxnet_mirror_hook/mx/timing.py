@@ -5,12 +5,12 @@ import gc
 import logging
 import statistics
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
 
-from .measure import environment
+from .bind import GradReq, bind_symbol, environment
 
 __all__ = ["iteration_seconds"]
 
@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 def _bind(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
-          grad_req: Union[str, Dict[str, str]], seed: int) -> "mx.executor.Executor":
-    executor = symbol.simple_bind(ctx=ctx, grad_req=grad_req, **dict(shapes))
+          grad_req: GradReq, seed: int) -> "mx.executor.Executor":
+    executor = bind_symbol(symbol, ctx, shapes, grad_req=grad_req)
     generator = np.random.RandomState(seed)
     for name, array in executor.arg_dict.items():
         if name in shapes:
@@ -39,7 +39,7 @@ def _step(executor: "mx.executor.Executor") -> float:
 
 
 def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, tuple],
-                      ctx: "mx.Context" = None, grad_req: Union[str, Dict[str, str]] = "write",
+                      ctx: Optional["mx.Context"] = None, grad_req: GradReq = "write",
                       repeats: int = 5, warmup: int = 2,
                       bind_env: Optional[Sequence[Mapping[str, str]]] = None) -> List[float]:
     """Median seconds per training iteration of each symbol, measured side by side.

@@ -28,17 +28,16 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers",
-           "WORKER_MAX_MB_ENV", "WORKERS_ENV"]
+from .. import env
+from ..core.units import MB
+from ..errors import MeasurementError
+
+__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers"]
 
 logger = logging.getLogger(__name__)
-
-WORKER_MAX_MB_ENV = "MXNET_MIRROR_HOOK_WORKER_MAX_MB"
-#: MXNet's switch for its memory-plan log (mirrored in mx/executed.py).
-VERBOSE_ENV = "MXNET_MEM_PLAN_VERBOSE_LOGGING"
-DEFAULT_WORKER_MAX_MB = 1536
 
 
 class MeasureWorker:
@@ -57,11 +56,8 @@ class MeasureWorker:
 
     def __init__(self, max_resident_mb: Optional[float] = None, verbose: bool = False) -> None:
         self.verbose = verbose
-        if max_resident_mb is None:
-            max_resident_mb = float(os.environ.get(WORKER_MAX_MB_ENV, DEFAULT_WORKER_MAX_MB))
-        self.max_resident_mb = max_resident_mb
+        self.max_resident_mb = env.worker_max_mb() if max_resident_mb is None else max_resident_mb
         self.restarts = 0
-        self.measurements = 0
         self.last_resident_mb = 0.0
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
@@ -69,15 +65,15 @@ class MeasureWorker:
 
     def _start(self) -> subprocess.Popen:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+        child_env = dict(os.environ)
+        child_env["PYTHONPATH"] = package_root + os.pathsep + child_env.get("PYTHONPATH", "")
         if self.verbose:
             # MXNet reads this once per process, at the first bind: set from the start,
             # every bind logs its memory plan (to /dev/null, or to the capture's file).
-            env[VERBOSE_ENV] = "1"
+            child_env[env.MEM_PLAN_VERBOSE] = "1"
         return subprocess.Popen(
             [sys.executable, "-m", "mxnet_mirror_hook.mx.worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env, text=True, bufsize=1)
 
     def _stop(self, kill: bool = False) -> None:
         process, self._process = self._process, None
@@ -117,8 +113,6 @@ class MeasureWorker:
         MeasurementError
             If MXNet refused the bind or the worker died.
         """
-        from ..errors import MeasurementError
-
         with self._lock:
             self._sequence += 1
             line = json.dumps(dict(request, id=self._sequence)) + "\n"
@@ -149,8 +143,7 @@ class MeasureWorker:
                 raise MeasurementError("the measuring process answered out of turn; it was restarted")
             if not reply.get("ok"):
                 raise MeasurementError(reply.get("error", "unknown error in the measuring process"))
-            self.measurements += 1
-            self.last_resident_mb = reply["rss"] / 2 ** 20
+            self.last_resident_mb = reply["rss"] / MB
             if self.last_resident_mb > self.max_resident_mb:
                 logger.debug("measuring process at %.0f MB; restarting it", self.last_resident_mb)
                 self._stop()
@@ -165,9 +158,6 @@ class MeasureWorker:
             self._stop()
 
 
-WORKERS_ENV = "MXNET_MIRROR_HOOK_WORKERS"
-
-
 class WorkerPool:
     """A few :class:`MeasureWorker` processes measuring independent candidates in parallel.
 
@@ -179,12 +169,14 @@ class WorkerPool:
     """
 
     def __init__(self, size: Optional[int] = None) -> None:
-        if size is None:
-            size = int(os.environ.get(WORKERS_ENV, min(2, os.cpu_count() or 1)))
-        self.workers = [MeasureWorker() for _ in range(max(1, size))]
+        size = env.worker_count() if size is None else max(1, size)
+        self.workers = [MeasureWorker() for _ in range(size)]
 
     def measure_many(self, requests: List[Mapping[str, Any]]) -> List[float]:
         """Measure every request; results in request order.
+
+        Worker ``k`` takes requests ``k, k + n, k + 2n, ...`` (each worker
+        answers one request at a time).
 
         Raises
         ------
@@ -194,36 +186,22 @@ class WorkerPool:
         count = min(len(self.workers), len(requests))
         if count <= 1:
             return [self.workers[0].measure(request) for request in requests]
-        results: List[Optional[float]] = [None] * len(requests)
-        errors: List[BaseException] = []
 
-        def drain(position: int) -> None:
+        def drain(position: int) -> List[float]:
             worker = self.workers[position]
-            for index in range(position, len(requests), count):
-                try:
-                    results[index] = worker.measure(requests[index])
-                except BaseException as error:  # re-raised in the caller's thread
-                    errors.append(error)
-                    return
+            return [worker.measure(requests[i]) for i in range(position, len(requests), count)]
 
-        threads = [threading.Thread(target=drain, args=(p,), daemon=True) for p in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return [float(r) for r in results]  # type: ignore[arg-type]
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="mirror-measure") as threads:
+            shares = list(threads.map(drain, range(count)))
+        results: List[float] = [0.0] * len(requests)
+        for position, share in enumerate(shares):
+            results[position::count] = share
+        return results
 
     def warm(self) -> None:
         """Start every worker process now."""
         for worker in self.workers:
             worker.warm()
-
-    @property
-    def restarts(self) -> int:
-        """Restarts over all workers."""
-        return sum(w.restarts for w in self.workers)
 
     def close(self) -> None:
         """Stop every worker process."""
@@ -273,8 +251,8 @@ def _serve() -> int:
     import mxnet as mx
     import numpy as np
 
-    from ..errors import MeasurementError
-    from .measure import planned_mb_in_process, resident_bytes
+    from .bind import planned_mb_in_process, resident_bytes
+    from .executed import capture_executed_graph
 
     for line in sys.stdin:
         try:
@@ -286,8 +264,6 @@ def _serve() -> int:
             ctx = mx.Context(kind, index)
             reply: Dict[str, Any] = {"ok": True}
             if request.get("capture"):
-                from .executed import capture_executed_graph
-
                 executed = capture_executed_graph(symbol, ctx, shapes, types, request["grad_req"])
                 reply["executed"] = executed.to_dict()
                 reply["mb"] = executed.measured_mb

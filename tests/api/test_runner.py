@@ -69,7 +69,7 @@ def test_patch_is_undone_after_the_block_and_passes_options():
         assert issubclass(mx.mod.BucketingModule, MirroredBucketingModule)
         symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=3),
                                       name="softmax")
-        assert mx.mod.Module(symbol)._memory_budget == "min"
+        assert mx.mod.Module(symbol).mirror_options.memory_budget == "min"
     assert mx.mod.Module is original
 
 
@@ -81,6 +81,6 @@ def test_add_arguments_and_from_args():
     symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=3),
                                   name="softmax")
     module = factory(symbol, context=mx.cpu())
-    assert isinstance(module, MirroredModule) and module._memory_budget == "0.5"
+    assert isinstance(module, MirroredModule) and module.mirror_options.memory_budget == "0.5"
     with pytest.raises(ValueError):
         from_args(parser.parse_args(["--mirror", "--memory-budget", "lots"]))

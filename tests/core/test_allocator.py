@@ -180,6 +180,16 @@ def test_search_never_returns_a_worse_plan_and_respects_its_constraint():
     assert "c0" in constrained.mirrored
 
 
+def test_search_stops_by_evaluation_count_not_by_the_clock():
+    model = AllocatorModel(_two_stage_graph())
+    quick = search_allocator_plan(model, {"c1"}, ["c0", "c1", "c2"], max_evaluations=50, seed=3)
+    assert not quick.timed_out
+    # A safety limit already passed stops the walk and says so: the only time-dependent exit.
+    stopped = search_allocator_plan(model, {"c1"}, ["c0", "c1", "c2"], time_limit=-1.0,
+                                    max_evaluations=50, seed=3)
+    assert stopped.timed_out and stopped.evaluations == 1
+
+
 def test_search_is_deterministic_for_a_seed_and_evaluation_count():
     model = AllocatorModel(_two_stage_graph())
     runs = [search_allocator_plan(model, {"c1"}, ["c0", "c1", "c2"], time_limit=60,
@@ -196,3 +206,13 @@ def test_every_mirror_set_gives_a_complete_topological_order(mirrored):
         assert all(s < 0 or s in done for s, _ in inputs)
         done.add(v)
     assert len(schedule) == len(model.graph.nodes) + len(mirrored)
+
+
+def test_a_bounded_replay_is_exact_under_its_limit_and_above_it_otherwise():
+    model = AllocatorModel(_two_stage_graph())
+    for mirrored in (set(), {"c0"}, {"c1"}, {"c0", "c1", "c2"}):
+        exact = model.planned_bytes(mirrored)
+        assert model.planned_bytes(mirrored, limit=exact) == exact
+        assert model.planned_bytes(mirrored, limit=exact + 1) == exact
+        if exact > 0:
+            assert model.planned_bytes(mirrored, limit=exact - 1) > exact - 1

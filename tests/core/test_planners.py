@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from mxnet_mirror_hook.core.budget import Budget, parse_budget
 from mxnet_mirror_hook.core.cost import forward_cost, iteration_cost, recompute_overhead
 from mxnet_mirror_hook.core.graph import Node, NodeKind
-from mxnet_mirror_hook.core.memory import estimate_planned_bytes, mirrored_segments
+from mxnet_mirror_hook.core.timeline import mirrored_segments
+from tests.graphs import estimate_planned_bytes
 from mxnet_mirror_hook.core.planners import (Candidate, Decision, get_planner, list_planners,
                                              select_candidate)
 from mxnet_mirror_hook.core.planners.auto import auto_stages

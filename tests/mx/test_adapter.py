@@ -12,8 +12,8 @@ from mxnet_mirror_hook.testing.models import small_resnet
 from mxnet_mirror_hook.mx.apply import MirrorTemplate
 from mxnet_mirror_hook.mx.convert import (MIRROR_ATTR, normalize_inputs, structure_hash,
                                           symbol_to_graph)
-from mxnet_mirror_hook.mx.measure import (parse_planned_mb, planned_mb, planned_mb_in_process,
-                                          resident_bytes)
+from mxnet_mirror_hook.mx.bind import parse_planned_mb, planned_mb_in_process, resident_bytes
+from mxnet_mirror_hook.mx.measure import planned_mb
 from mxnet_mirror_hook.mx.worker import MeasureWorker
 
 

@@ -17,7 +17,8 @@ from mxnet_mirror_hook.core.budget import parse_budget
 from mxnet_mirror_hook.core.planners.auto import AutoPlanner
 from mxnet_mirror_hook.errors import MeasurementError
 from mxnet_mirror_hook.mx.executed import parse_executed_graph
-from mxnet_mirror_hook.mx.measure import executed_graph, planned_mb_in_process
+from mxnet_mirror_hook.mx.bind import planned_mb_in_process
+from mxnet_mirror_hook.mx.measure import executed_graph
 from mxnet_mirror_hook.plan import prepare_planning
 
 
@@ -94,8 +95,8 @@ def test_searching_with_the_model_never_does_worse_than_binding_every_candidate(
     shapes = [("data", (16, 3, 32, 32))]
     setup = prepare_planning(symbol, shapes)
     budget = parse_budget("min")
-    searched = AutoPlanner(search_seconds=1.0).plan(setup.graph, budget, setup.measure)
-    bound = AutoPlanner(search_seconds=0).plan(setup.graph, budget, setup.measure)
+    searched = AutoPlanner().plan(setup.graph, budget, setup.measure)
+    bound = AutoPlanner(use_model=False).plan(setup.graph, budget, setup.measure)
     assert searched.chosen.planned_mb <= bound.chosen.planned_mb
     # MXNet decided the chosen figure: binding the chosen decision again gives it.
     again = planned_mb_in_process(setup.template.build(searched.chosen.decision.mirrored), mx.cpu(),

@@ -13,7 +13,7 @@ import pytest
 from mxnet_mirror_hook import MirroredModule, plan_mirror
 from mxnet_mirror_hook.cache import PlanCache, PlanKey, get_cache
 from mxnet_mirror_hook.testing.models import small_resnet
-from mxnet_mirror_hook.mx.measure import resident_bytes
+from mxnet_mirror_hook.mx.bind import resident_bytes
 from mxnet_mirror_hook.mx.worker import MeasureWorker
 
 from tests.paths import ROOT  # noqa: E402

@@ -1,62 +1,19 @@
-"""Planners, registered by name.
+"""Planners, registered by name (:mod:`.registry`).
 
-Every planner has one entry point, :meth:`Planner.plan`, with the same
-signature: the forward graph, a parsed budget, and a callback that measures a
-decision (in MB).  The registry here is the one place ``planner=`` and
-``--planner`` look names up.
+Every planner has one entry point, :meth:`~.base.Planner.plan`, with the same
+signature: the forward graph, a parsed budget, and a
+:class:`~.base.Measurement` (what a planner may ask of the measuring side).
+Importing this package registers the built-in planners: ``none``,
+``memonger`` (the seed's search on user marks), ``frontier``, ``selective``,
+``dp`` (cut-set dynamic programs) and ``auto`` (the default, which combines
+them; :mod:`.auto`).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from . import auto, dp, frontier, memonger, none, selective  # noqa: F401  (registration)
+from .base import (Candidate, Decision, Measurement, MeasureFn, Planner, PlanOutcome,
+                   as_measurement, select_candidate)
+from .registry import _REGISTRY, get_planner, list_planners, register_planner  # noqa: F401
 
-from ...errors import UnknownPlannerError
-from .base import Candidate, Decision, MeasureFn, Planner, PlanOutcome, select_candidate
-
-__all__ = ["Candidate", "Decision", "MeasureFn", "Planner", "PlanOutcome", "select_candidate",
-           "register_planner", "get_planner", "list_planners"]
-
-_REGISTRY: Dict[str, Callable[[], Planner]] = {}
-
-
-def register_planner(name: str) -> Callable[[Callable[[], Planner]], Callable[[], Planner]]:
-    """Class decorator that adds a planner to the registry under ``name``."""
-    def decorate(factory: Callable[[], Planner]) -> Callable[[], Planner]:
-        if name in _REGISTRY:
-            raise ValueError(f"a planner named {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-    return decorate
-
-
-def get_planner(name: str) -> Planner:
-    """A new instance of the planner registered as ``name``.
-
-    Raises
-    ------
-    TypeError
-        If ``name`` is not a string.
-    UnknownPlannerError
-        If no planner has that name; the message lists the known ones.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"planner must be a name (str), one of {list_planners()}; got {name!r}")
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise UnknownPlannerError(
-            f"unknown planner {name!r}; choose one of {', '.join(list_planners())}") from None
-    return factory()
-
-
-def list_planners() -> List[str]:
-    """Names of the registered planners, sorted."""
-    return sorted(_REGISTRY)
-
-
-# Registration happens on import of each planner module.
-from . import none as _none  # noqa: E402,F401
-from . import memonger as _memonger  # noqa: E402,F401
-from . import frontier as _frontier  # noqa: E402,F401
-from . import selective as _selective  # noqa: E402,F401
-from . import dp as _dp  # noqa: E402,F401
-from . import auto as _auto  # noqa: E402,F401
+__all__ = ["Candidate", "Decision", "Measurement", "MeasureFn", "Planner", "PlanOutcome",
+           "as_measurement", "select_candidate", "register_planner", "get_planner", "list_planners"]

@@ -3,23 +3,77 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Sequence, Union
 
 from ...errors import BudgetUnreachableError, MeasurementError
 from ..budget import Budget
 from ..cost import BACKWARD_TO_FORWARD, recompute_overhead
 from ..graph import Graph
 
-__all__ = ["Decision", "Candidate", "PlanOutcome", "MeasureFn", "Planner", "select_candidate",
-           "ONE_FORWARD"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..allocator import ExecutedGraph
+
+try:
+    from typing import Protocol
+except ImportError:  # pragma: no cover  (Python 3.7)
+    Protocol = object  # type: ignore[assignment,misc]
+
+__all__ = ["Decision", "Candidate", "PlanOutcome", "Measurement", "MeasureFn", "as_measurement",
+           "Planner", "select_candidate", "ONE_FORWARD"]
 
 logger = logging.getLogger(__name__)
 
 #: Estimated overhead of one extra forward pass, as a fraction of a plain iteration.
 ONE_FORWARD = 1.0 / (1.0 + BACKWARD_TO_FORWARD)
 
-#: Measures a decision: names of recomputed nodes -> planned MB (MXNet's figure).
-MeasureFn = Callable[[FrozenSet[str]], float]
+
+class Measurement(Protocol):
+    """What a planner may ask of the measuring side (MXNet's, or a test's model).
+
+    ``measurement(mirrored)`` is MXNet's planned MB for one decision (the
+    names of the recomputed nodes); :meth:`many` measures several at once
+    (the MXNet side binds them in parallel worker processes);
+    :meth:`executed_graph` gives MXNet's executed graph of the unmirrored
+    bind for the allocator model, or ``None`` when it cannot be had.
+
+    Raises
+    ------
+    MeasurementError
+        From any of them, when MXNet refuses a bind.
+    """
+
+    def __call__(self, mirrored: FrozenSet[str]) -> float: ...
+
+    def many(self, decisions: Sequence[FrozenSet[str]]) -> List[float]: ...
+
+    def executed_graph(self) -> Optional["ExecutedGraph"]: ...
+
+
+#: A measurement, or a plain function ``mirrored -> MB`` (see :func:`as_measurement`).
+MeasureFn = Union[Measurement, Callable[[FrozenSet[str]], float]]
+
+
+class _FunctionMeasurement:
+    """A plain ``mirrored -> MB`` function as a :class:`Measurement` (no executed graph)."""
+
+    def __init__(self, function: Callable[[FrozenSet[str]], float]) -> None:
+        self._function = function
+
+    def __call__(self, mirrored: FrozenSet[str]) -> float:
+        return self._function(mirrored)
+
+    def many(self, decisions: Sequence[FrozenSet[str]]) -> List[float]:
+        return [self._function(d) for d in decisions]
+
+    def executed_graph(self) -> Optional["ExecutedGraph"]:
+        return None
+
+
+def as_measurement(measure: MeasureFn) -> Measurement:
+    """``measure`` itself when it is a full :class:`Measurement`, else a wrapper around it."""
+    if all(callable(getattr(measure, name, None)) for name in ("many", "executed_graph")):
+        return measure  # type: ignore[return-value]
+    return _FunctionMeasurement(measure)
 
 
 @dataclass(frozen=True)
@@ -88,8 +142,8 @@ class Planner:
             The forward graph.
         budget : Budget
             The parsed memory budget.
-        measure : callable
-            ``measure(frozenset_of_names) -> MB``.
+        measure : Measurement or callable
+            A :class:`Measurement`, or ``measure(frozenset_of_names) -> MB``.
 
         Returns
         -------
@@ -106,7 +160,7 @@ class CandidateEvaluator:
 
     def __init__(self, graph: Graph, measure: MeasureFn) -> None:
         self.graph = graph
-        self._measure = measure
+        self.measurement = as_measurement(measure)
         self._seen: Dict[FrozenSet[str], Candidate] = {}
         self.candidates: List[Candidate] = []
 
@@ -123,10 +177,10 @@ class CandidateEvaluator:
     def evaluate_many(self, decisions: Sequence[Decision]) -> List[Optional[Candidate]]:
         """Candidates for ``decisions``, in order; new ones are measured together.
 
-        When the measurement callback has a ``many`` method (the MXNet one
-        does) the new decisions go to it in one call, which may bind them in
-        parallel.  A decision MXNet refuses to bind is skipped with a warning
-        and comes back as ``None``; a refused unmirrored graph raises.
+        The new decisions go to :meth:`Measurement.many` in one call, which
+        may bind them in parallel.  A decision MXNet refuses to bind is skipped
+        with a warning and comes back as ``None``; a refused unmirrored graph
+        raises.
         """
         graph = self.graph
         effective = [self.effective(d) for d in decisions]
@@ -153,16 +207,15 @@ class CandidateEvaluator:
 
         The unmirrored graph is never refused silently: if it fails, so does planning.
         """
-        many = getattr(self._measure, "many", None)
         try:
-            return list(many(keys)) if many is not None else [self._measure(k) for k in keys]
+            return list(self.measurement.many(keys))
         except MeasurementError:
             if len(keys) == 1 and not keys[0]:
                 raise
         results: List[Optional[float]] = []
         for key, label in zip(keys, labels):
             try:
-                results.append(float(self._measure(key)))
+                results.append(float(self.measurement(key)))
             except MeasurementError as error:
                 if not key:
                     raise

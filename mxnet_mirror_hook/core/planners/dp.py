@@ -50,7 +50,7 @@ from typing import FrozenSet, List, Optional, Sequence, Tuple
 from ..cost import node_costs
 from ..graph import Graph, NodeKind
 from ..liveness import gradient_reads_inputs, read_by_backward
-from . import register_planner
+from .registry import register_planner
 from .base import Decision, Planner
 from .frontier import frontiers
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import FrozenSet, List, Tuple
 
 from ..graph import Graph, NodeKind
-from . import register_planner
+from .registry import register_planner
 from .base import Decision, Planner
 from .memonger import seed_threshold_sequence
 

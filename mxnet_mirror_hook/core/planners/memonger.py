@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Mapping, Tuple, TypeVar
 
 from ..graph import Graph, NodeKind
-from . import register_planner
+from ..units import MB_SHIFT
+from .registry import register_planner
 from .base import Decision, Planner
 
-__all__ = ["ThresholdResult", "threshold_plan", "seed_threshold_sequence", "search_thresholds", "MemongerPlanner", "user_stages"]
+__all__ = ["ThresholdResult", "threshold_plan", "seed_threshold_sequence", "search_thresholds",
+           "MemongerPlanner", "user_stages"]
 
-MB_SHIFT = 20
 R = TypeVar("R")
 
 

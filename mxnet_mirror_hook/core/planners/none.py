@@ -1,7 +1,7 @@
 """The pass-through planner: never mirrors anything."""
 from __future__ import annotations
 
-from . import register_planner
+from .registry import register_planner
 from .base import Planner
 
 __all__ = ["NonePlanner"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import List
 
 from ..graph import Graph
-from . import register_planner
+from .registry import register_planner
 from .base import Decision, Planner
 
 __all__ = ["EXPENSIVE_OPS", "selective_decisions", "SelectivePlanner"]

@@ -1,0 +1,160 @@
+"""The one bind helper: bind a symbol, read MXNet's errors and plan, set environment variables.
+
+Every module of :mod:`mxnet_mirror_hook.mx` that binds (measuring, capturing
+the executed graph, timing) goes through :func:`bind_symbol`, so dtype
+handling, error wording and the release of the executor are the same
+everywhere.  This module imports nothing else from ``mx/``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import re
+from typing import ContextManager, Dict, Iterator, Mapping, Optional, Union
+
+import mxnet as mx
+import numpy as np
+
+from .. import env
+from ..core.units import MB
+from ..errors import MeasurementError
+
+__all__ = ["GradReq", "bind_symbol", "bound", "planned_mb_in_process", "parse_planned_mb",
+           "mxnet_error_line", "environment", "to_context", "resident_bytes", "resident_mb"]
+
+#: ``grad_req`` as ``simple_bind`` takes it.
+GradReq = Union[str, Dict[str, str]]
+
+_TOTAL = re.compile(r"Total\s+(\d+(?:\.\d+)?)\s+MB\s+allocated")
+_ERROR_MARKERS = ("Error", "Check failed", "error")
+
+
+def mxnet_error_line(error: BaseException, limit: int = 400) -> str:
+    """The line of an MXNet error that says what went wrong (not the stack trace).
+
+    MXNet's messages carry a C++ stack trace; the useful line is the first one
+    naming an error or a failed check, else the first line.
+    """
+    text = str(error).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if any(marker in line for marker in _ERROR_MARKERS):
+            return line[:limit]
+    return text.splitlines()[0][:limit] if text else repr(error)
+
+
+def parse_planned_mb(debug_text: str) -> float:
+    """Read ``Total N MB allocated`` from an executor's ``debug_str()``.
+
+    The line's position varies between MXNet builds (the seed read it by
+    position); this finds it wherever it is, and takes the last one.
+
+    Raises
+    ------
+    MeasurementError
+        If the text has no such line.
+    """
+    found = _TOTAL.findall(debug_text)
+    if not found:
+        raise MeasurementError(
+            "MXNet's debug_str() has no 'Total N MB allocated' line; this MXNet build does not "
+            "report its memory plan, so plans cannot be measured")
+    return float(found[-1])
+
+
+def to_context(ctx: Union[None, str, "mx.Context"]) -> "mx.Context":
+    """``None`` -> CPU; ``'gpu'``/``'gpu:1'``/``'cpu'`` strings; contexts pass through."""
+    if ctx is None:
+        return mx.cpu()
+    if isinstance(ctx, mx.Context):
+        return ctx
+    if isinstance(ctx, str):
+        kind, _, index = ctx.partition(":")
+        if kind in ("cpu", "gpu") and (not index or index.isdigit()):
+            return mx.Context(kind, int(index or 0))
+    raise TypeError(f"ctx must be an mx.Context or 'cpu'/'gpu[:N]', got {ctx!r}")
+
+
+def bind_symbol(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+                type_dict: Optional[Mapping[str, np.dtype]] = None,
+                grad_req: GradReq = "write") -> "mx.executor.Executor":
+    """``simple_bind`` with MXNet's error turned into a :class:`MeasurementError`.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        The symbol to bind.
+    ctx : mx.Context
+        Where to bind (a CPU bind allocates lazily and plans like a GPU one).
+    shapes : mapping of str to tuple
+        Input shapes.
+    type_dict : mapping of str to dtype, optional
+        Input dtypes (float32 where not given).
+    grad_req : str or dict
+        As for ``simple_bind``.
+
+    Raises
+    ------
+    MeasurementError
+        If MXNet refuses the bind; the message has MXNet's own error line.
+    """
+    # An empty type_dict makes MXNet drop its float32 default: pass None then.
+    types = {name: np.dtype(value) for name, value in (type_dict or {}).items()} or None
+    try:
+        return symbol.simple_bind(ctx=ctx, grad_req=grad_req, type_dict=types, **dict(shapes))
+    except (mx.base.MXNetError, RuntimeError) as error:  # simple_bind re-raises as RuntimeError
+        raise MeasurementError(
+            f"MXNet could not bind the symbol on {ctx}: {mxnet_error_line(error)}") from None
+
+
+@contextlib.contextmanager
+def bound(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+          type_dict: Optional[Mapping[str, np.dtype]] = None,
+          grad_req: GradReq = "write") -> Iterator["mx.executor.Executor"]:
+    """A bound executor for the block; released (and the cyclic collector run) after it."""
+    executor = bind_symbol(symbol, ctx, shapes, type_dict, grad_req)
+    try:
+        yield executor
+    finally:
+        del executor
+        gc.collect()
+
+
+def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+                          type_dict: Optional[Mapping[str, np.dtype]] = None,
+                          grad_req: GradReq = "write") -> float:
+    """Bind ``symbol`` in this process and return MXNet's planned memory in MB.
+
+    MXNet 1.9 keeps some native memory per bind (NOTE [ why measurements run
+    in a worker process ] in :mod:`.worker`); planners measure through the
+    workers instead.
+
+    Raises
+    ------
+    MeasurementError
+        If MXNet refuses the bind.
+    """
+    with bound(symbol, ctx, shapes, type_dict, grad_req) as executor:
+        text = executor.debug_str()
+    return parse_planned_mb(text)
+
+
+def environment(variables: Mapping[str, str]) -> ContextManager[None]:
+    """Set environment variables for the duration of a block (MXNet reads some at bind time)."""
+    return env.scoped(variables)
+
+
+def resident_bytes() -> int:
+    """Resident memory of this process in bytes (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "r", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_mb() -> float:
+    """Resident memory of this process in MB."""
+    return resident_bytes() / MB

@@ -1,0 +1,119 @@
+"""The package's structure: no import cycles, the core free of MXNet, one bind helper."""
+from __future__ import annotations
+
+import ast
+import os
+from typing import Dict, List, Set
+
+from tests.paths import ROOT
+
+PACKAGE = "mxnet_mirror_hook"
+
+
+def _modules() -> Dict[str, str]:
+    """Module name -> file, for every module of the package."""
+    found = {}
+    base = os.path.join(ROOT, PACKAGE)
+    for folder, _, files in os.walk(base):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = path
+    return found
+
+
+def _imports(module: str, path: str, known: Set[str]) -> Set[str]:
+    """Package modules that ``module`` imports at module level (not inside functions)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    is_package = path.endswith("__init__.py")
+    targets: Set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If):  # TYPE_CHECKING blocks do not run
+            continue
+        if isinstance(node, ast.Import):
+            targets.update(a.name for a in node.names if a.name.startswith(PACKAGE))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if not base.startswith(PACKAGE):
+                continue
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                targets.add(candidate if candidate in known else base)
+    return {t for t in targets if t in known and t != module}
+
+
+def _graph() -> Dict[str, Set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(name, path, known) for name, path in modules.items()}
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _graph()
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+    cycles: List[List[str]] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_sees_a_cycle_between_a_package_and_its_module(tmp_path):
+    # The check above is only worth something if it can fail: a planner module importing
+    # its package's __init__, which imports the planner back, is the cycle it must see.
+    known = {f"{PACKAGE}.core.planners", f"{PACKAGE}.core.planners.auto"}
+    init = tmp_path / "__init__.py"
+    init.write_text("from . import auto\n")
+    auto = tmp_path / "auto.py"
+    auto.write_text("from . import register_planner\n")
+    assert _imports(f"{PACKAGE}.core.planners", str(init), known) == {f"{PACKAGE}.core.planners.auto"}
+    assert _imports(f"{PACKAGE}.core.planners.auto", str(auto), known) == {f"{PACKAGE}.core.planners"}
+
+
+def test_only_the_bind_helper_calls_simple_bind_in_the_adapter():
+    modules = _modules()
+    callers = sorted(name for name, path in modules.items()
+                     if name.startswith(f"{PACKAGE}.mx.") and "simple_bind(" in open(path).read())
+    assert callers == [f"{PACKAGE}.mx.bind"]
+
+
+def test_the_bind_helper_imports_nothing_else_from_the_adapter():
+    graph = _graph()
+    assert not {t for t in graph[f"{PACKAGE}.mx.bind"] if t.startswith(f"{PACKAGE}.mx.")}
+
+
+def test_the_core_imports_nothing_outside_itself_but_errors():
+    graph = _graph()
+    for name, targets in graph.items():
+        if name.startswith(f"{PACKAGE}.core"):
+            outside = {t for t in targets if not t.startswith(f"{PACKAGE}.core")}
+            assert outside <= {f"{PACKAGE}.errors"}, (name, outside)
+
+
+def test_only_env_reads_the_environment():
+    modules = _modules()
+    readers = sorted(name for name, path in modules.items()
+                     if "os.environ.get(" in open(path).read() or "os.getenv(" in open(path).read())
+    assert readers == [f"{PACKAGE}.env"], readers
