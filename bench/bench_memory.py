@@ -30,6 +30,7 @@ from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # no
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR  # noqa: E402
 from mxnet_mirror_hook.mx.measure import builtin_mirror_mb  # noqa: E402
 from mxnet_mirror_hook.mx.timing import iteration_seconds  # noqa: E402
+from bench.sections import sections_of  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -364,8 +365,12 @@ def write_results(rows, checks, rebind, timing, growth, path, startup=None):
         "varies with the machine's state (50-80 MB per bind usually, much less in rare runs).",
         "",
     ]
+    # Sections other bench scripts own (bench/sections.py) are kept as they are.
+    kept = sections_of(open(path, encoding="utf-8").read()) if os.path.exists(path) else []
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+        handle.write("\n".join(lines).rstrip("\n") + "\n")
+        for section in kept:
+            handle.write("\n" + section)
 
 
 MODELS = GLUON_MODELS + ["preact_resnet1001", "lstm_2x512_t100", "unet"]

@@ -2,16 +2,55 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import mxnet as mx
+from mxnet.io import DataDesc
 
 from .core.budget import BudgetLike
+from .errors import MirrorHookError
 from .module import MirroredModule
 from .options import MirrorOptions
 from .plan import MirrorPlan
 
-__all__ = ["MirroredBucketingModule"]
+__all__ = ["MirroredBucketingModule", "bucket_shapes"]
+
+logger = logging.getLogger(__name__)
+
+#: Buckets planned at once by :meth:`MirroredBucketingModule.prepare_buckets`.
+PREPARE_THREADS = 2
+
+
+def bucket_shapes(descs: Optional[Sequence[Any]], default_key: Any, key: Any) -> Optional[List[DataDesc]]:
+    """The input descriptors of bucket ``key``, from the default bucket's.
+
+    A bucket key that is a sequence length sets the time axis (``'T'`` in the
+    descriptor's layout, as ``mx.rnn.BucketSentenceIter`` declares it), or else
+    the one axis whose size is the default key.  Returns ``None`` when that
+    cannot be told (the bucket is then planned when first used).
+    """
+    if not descs:
+        return []
+    if not isinstance(key, int) or not isinstance(default_key, int):
+        return None
+    result = []
+    for desc in descs:
+        if not isinstance(desc, DataDesc):
+            desc = DataDesc(*desc)
+        shape = list(desc.shape)
+        layout = desc.layout or ""
+        if "T" in layout and layout.find("T") < len(shape):
+            shape[layout.find("T")] = key
+        else:
+            axes = [axis for axis, size in enumerate(shape) if size == default_key]
+            if len(axes) > 1:
+                return None
+            for axis in axes:
+                shape[axis] = key
+        result.append(DataDesc(desc.name, tuple(shape), desc.dtype, desc.layout))
+    return result
 
 
 class MirroredBucketingModule(mx.mod.BucketingModule):
@@ -50,6 +89,7 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                          state_names=state_names, group2ctxs=group2ctxs,
                          compression_params=compression_params)
         self.mirror_options = mirror_options
+        self._announced: List[Any] = []
 
     @property
     def mirror_plans(self) -> Dict[Any, Optional[MirrorPlan]]:
@@ -90,6 +130,74 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         self.binded = True
         if saved is not None:
             self.set_params(*saved)
+        if self._announced and module.mirror_plan is not None:
+            others = [k for k in self._announced if k != key and k not in self._buckets]
+            self.prepare_buckets(others, data_shapes, label_shapes)
+
+    def fit(self, train_data: Any, *args: Any, **kwargs: Any) -> None:
+        """``BucketingModule.fit``, with the buckets ``train_data`` announces planned up front.
+
+        An iterator with a ``buckets`` list (``mx.rnn.BucketSentenceIter``
+        has one) gets every bucket planned when the default bucket is bound,
+        before the first batch (see :meth:`prepare_buckets`), so the first
+        epoch does not stall on planning.  Other arguments as for
+        ``BucketingModule.fit``.
+        """
+        self._announced = list(getattr(train_data, "buckets", None) or [])
+        try:
+            super().fit(train_data, *args, **kwargs)
+        finally:
+            self._announced = []
+
+    def prepare_buckets(self, bucket_keys: Iterable[Any], data_shapes: Any,
+                        label_shapes: Any = None) -> Dict[Any, MirrorPlan]:
+        """Plan ``bucket_keys`` now, through the plan cache, so that switching to them later
+        binds without planning.
+
+        Parameters
+        ----------
+        bucket_keys : iterable
+            Bucket keys (sequence lengths, as ``BucketSentenceIter`` uses).
+        data_shapes, label_shapes : list of DataDesc or (name, shape)
+            The default bucket's inputs; each bucket's are derived with
+            :func:`bucket_shapes`.
+
+        Returns
+        -------
+        dict
+            Bucket key -> plan, for the buckets that could be planned (a bucket
+            whose shapes cannot be derived, or whose planning fails, is planned
+            when it is first used instead, where its error is raised).
+        """
+        assert self.binded, "call bind before prepare_buckets"
+        default = self._buckets[self._default_bucket_key]
+        jobs = []
+        for key in bucket_keys:
+            data = bucket_shapes(data_shapes, self._default_bucket_key, key)
+            labels = bucket_shapes(label_shapes, self._default_bucket_key, key)
+            if data is None or labels is None:
+                logger.debug("bucket %r: its shapes cannot be derived; planned when first used", key)
+                continue
+            jobs.append((key, data, labels or None))
+        if not jobs:
+            return {}
+        started = time.perf_counter()
+
+        def plan(job):
+            key, data, labels = job
+            module = self._new_bucket_module(key)
+            module.inputs_need_grad = default.inputs_need_grad
+            try:
+                return key, module._plan_for(data, labels, default._grad_req)
+            except MirrorHookError as error:
+                logger.debug("bucket %r: not planned up front (%s)", key, error)
+                return key, None
+
+        with ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="mirror-bucket") as pool:
+            plans = {key: plan for key, plan in pool.map(plan, jobs) if plan is not None}
+        logger.info("planned %d buckets up front in %.1f s: %s", len(plans),
+                    time.perf_counter() - started, ", ".join(map(str, plans)))
+        return plans
 
     def switch_bucket(self, bucket_key: Any, data_shapes: Any, label_shapes: Any = None) -> None:
         """Switch to ``bucket_key``, binding (and planning) it on first use."""

@@ -47,7 +47,10 @@ MATCH_RANGE = "NNVM_EXEC_MATCH_RANGE"
 AUTO_SEARCH_MATCH_RANGE = "NNVM_AUTO_SEARCH_MATCH_RANGE"
 #: MXNet's built-in mirroring heuristic (set only to measure it for comparison).
 DO_MIRROR = "MXNET_BACKWARD_DO_MIRROR"
-MXNET_VARIABLES = (MEM_PLAN_VERBOSE, MATCH_RANGE, AUTO_SEARCH_MATCH_RANGE, DO_MIRROR)
+#: MXNet's "Subgraph backend MKLDNN is activated" line, printed at every bind (set to 0 for
+#: the plugin's own measuring binds unless the user set it).
+SUBGRAPH_VERBOSE = "MXNET_SUBGRAPH_VERBOSE"
+MXNET_VARIABLES = (MEM_PLAN_VERBOSE, MATCH_RANGE, AUTO_SEARCH_MATCH_RANGE, DO_MIRROR, SUBGRAPH_VERBOSE)
 
 T = TypeVar("T")
 
@@ -117,6 +120,11 @@ def match_range(default: int) -> int:
 def auto_search_match_range() -> bool:
     """Whether nnvm searches its match range (the allocator model cannot follow that)."""
     return (read(AUTO_SEARCH_MATCH_RANGE, "0") or "0") != "0"
+
+
+def quiet_bind() -> Dict[str, str]:
+    """Variables to set around the plugin's measuring binds (none the user set is overridden)."""
+    return {} if read(SUBGRAPH_VERBOSE) is not None else {SUBGRAPH_VERBOSE: "0"}
 
 
 def snapshot() -> Dict[str, Optional[str]]:

@@ -13,16 +13,20 @@ import numpy as np
 from . import env
 from ._version import __version__
 from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
-from .core.budget import BudgetLike
+from .core.budget import Budget, BudgetLike
 from .core.cost import recompute_overhead
 from .core.graph import Graph, NodeKind
+from .core.liveness import kept_bytes
+from .core.units import MB
 from .core.planners import get_planner
+from .core.planners.base import NullProgress
 from .core.allocator import ExecutedGraph
 from .errors import MeasurementError, ShapeError
 from .options import MirrorOptions, normalize_keep_ops
+from .progress import PlanProgress
 from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
-from .mx.bind import to_context
+from .mx.bind import planned_mb_in_process, to_context
 from .mx.measure import executed_graph, measures_in_process, planned_mb_many
 
 __all__ = ["MirrorPlan", "plan_mirror", "prepare_planning", "PlanningSetup"]
@@ -62,6 +66,10 @@ class MirrorPlan:
     candidates : list of dict
         Every measured candidate: ``label``, ``planned_mb``, ``overhead``,
         ``mirrored_count`` (empty for plans from the cache).
+    inputs : tuple of (name, shape)
+        The per-device input shapes the plan was made for (named in
+        :meth:`summary`, so that log lines of several shapes or buckets can be
+        told apart).
     """
 
     symbol: Any
@@ -76,6 +84,7 @@ class MirrorPlan:
     planning_seconds: float = 0.0
     from_cache: bool = False
     candidates: List[Dict[str, Any]] = field(default_factory=list)
+    inputs: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -96,11 +105,14 @@ class MirrorPlan:
             "mirrored_count": len(self.mirrored), "kept_count": self.kept_count,
             "planning_seconds": self.planning_seconds, "from_cache": self.from_cache,
             "candidates": self.candidates,
+            "inputs": {name: list(shape) for name, shape in self.inputs},
         }
 
     def summary(self) -> str:
         """One line for logs."""
-        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}]: "
+        shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.inputs)
+        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}]"
+                f"{' for ' + shapes if shapes else ''}: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
                 f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
                 f"{self.overhead:.1%}, {'cached' if self.from_cache else 'planned'} in "
@@ -124,6 +136,7 @@ class _BindMeasure:
         self.template, self.context = template, context
         self.shapes, self.types, self.requests = shapes, types, requests
         self._known: Dict[frozenset, float] = {}
+        self.progress: Any = NullProgress()
 
     def __call__(self, mirrored: frozenset) -> float:
         return self.many([mirrored])[0]
@@ -131,9 +144,11 @@ class _BindMeasure:
     def many(self, decisions: Sequence[frozenset]) -> List[float]:
         fresh = [d for d in decisions if d not in self._known]
         if fresh:
+            self.progress.phase(f"binding {len(fresh)} candidate(s)", len(fresh))
             texts = [self.template.build_json(d) for d in fresh]
             measured = planned_mb_many(texts, self.context, self.shapes, self.types, self.requests)
             self._known.update(zip(fresh, measured))
+            self.progress.advance(len(fresh))
         return [self._known[d] for d in decisions]
 
     def executed_graph(self) -> Optional[ExecutedGraph]:
@@ -142,6 +157,7 @@ class _BindMeasure:
             logger.info("binding in this process (Custom operators or %s=inprocess): no allocator "
                         "model, every plan is bound", env.MEASURE)
             return None
+        self.progress.phase("capturing MXNet's executed graph")
         try:
             graph = executed_graph(text, self.context, self.shapes, self.types, self.requests)
         except MeasurementError as error:
@@ -150,6 +166,31 @@ class _BindMeasure:
         if graph.measured_mb is not None:
             self._known[frozenset()] = graph.measured_mb
         return graph
+
+
+#: Under the default budget, a network whose activations backward keeps (liveness model,
+#: unmirrored) stay under this many bytes is not mirrored (NOTE [ deciding without candidates ]).
+SMALL_ACTIVATIONS_BYTES = 1 * MB
+
+
+def nothing_to_gain(graph: Graph, budget: Budget) -> Optional[str]:
+    """Why mirroring cannot help ``graph`` under ``budget``, or None when it may.
+
+    # NOTE [ deciding without candidates ]
+    # Planning binds candidates in worker processes (seconds on a new process),
+    # which a network gains nothing from when no operator may be recomputed, or
+    # when, under the default budget, the outputs backward keeps are under 1 MB
+    # (MXNet reports whole MB, so no plan could show a saving; an MNIST MLP at
+    # batch 100 keeps ~0.1 MB).  Then the plan is the unmirrored symbol, decided
+    # from the graph alone and measured by one bind in this process (tens of
+    # milliseconds for such a network).  An explicit budget ('min', a fraction,
+    # a size) always plans.
+    """
+    if not any(node.can_mirror for node in graph.op_nodes):
+        return "no operator may be recomputed"
+    if budget.kind == "auto" and kept_bytes(graph) < SMALL_ACTIVATIONS_BYTES:
+        return f"backward keeps under {SMALL_ACTIVATIONS_BYTES / MB:.0f} MB of activations"
+    return None
 
 
 def grad_req_for(symbol: "mx.sym.Symbol", graph: Graph, grad_req: Union[str, Dict[str, str]],
@@ -318,7 +359,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
             budget=str(budget), context=context.device_type,
             kept_count=len(graph.op_nodes) - len(mirrored),
             planning_seconds=time.perf_counter() - started, from_cache=from_cache,
-            candidates=candidates or [])
+            candidates=candidates or [],
+            inputs=tuple((name, tuple(shape)) for name, shape, _ in setup.all_inputs))
         logger.info("%s", plan.summary())
         return plan
 
@@ -331,7 +373,28 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                        "recomputed; planning again")
         cache.forget(key)
 
-    outcome = chosen_planner.plan(graph, budget, setup.measure)
+    reason = nothing_to_gain(graph, budget)
+    if reason is not None:
+        # NOTE [ deciding without candidates ]: one in-process bind of the
+        # unmirrored symbol (no worker process to start) gives MXNet's figure.
+        baseline_mb = planned_mb_in_process(template.build(frozenset()), context,
+                                            setup.measure.shapes, setup.measure.types,
+                                            setup.requests, collect=False)
+        logger.debug("not mirroring: %s", reason)
+        plan = finish((), baseline_mb, baseline_mb, 0.0, from_cache=False,
+                      candidates=[{"label": f"unmirrored ({reason})", "planned_mb": baseline_mb,
+                                   "overhead": 0.0, "mirrored_count": 0}])
+        cache.put(key, {"mirrored": [], "baseline_mb": baseline_mb, "planned_mb": baseline_mb,
+                        "overhead": 0.0, "label": "unmirrored"})
+        return plan
+
+    with PlanProgress(", ".join(f"{name} {'x'.join(map(str, shape))}"
+                                for name, shape, _ in setup.all_inputs)) as progress:
+        setup.measure.progress = progress
+        try:
+            outcome = chosen_planner.plan(graph, budget, setup.measure)
+        finally:
+            setup.measure.progress = NullProgress()
     chosen = outcome.chosen
     order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
     plan = finish(order, outcome.baseline_mb, chosen.planned_mb,

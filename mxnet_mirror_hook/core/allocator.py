@@ -442,7 +442,8 @@ class AllocatorSearchResult:
 def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: Sequence[str],
                           accept: Optional[Callable[[FrozenSet[str]], bool]] = None,
                           time_limit: Optional[float] = None, max_evaluations: int = 100000,
-                          seed: int = 0) -> AllocatorSearchResult:
+                          seed: int = 0,
+                          progress: Optional[Callable[[int], None]] = None) -> AllocatorSearchResult:
     """Lower MXNet's planned memory of a mirror set by local moves scored with the model.
 
     # NOTE [ searching against the allocator ]
@@ -483,6 +484,8 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
         Model evaluations at most.
     seed : int
         Random seed.
+    progress : callable, optional
+        ``progress(evaluations_done)``, called every 100 evaluations.
 
     Returns
     -------
@@ -562,6 +565,8 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
             continue
         value = model.planned_bytes(frozen, limit=current_bytes)  # exact when accepted
         evaluations += 1
+        if progress is not None and evaluations % 100 == 0:
+            progress(evaluations)
         if value <= current_bytes:
             current, current_bytes = frozen, value
             if value < best_bytes:

@@ -27,7 +27,8 @@ from typing import List
 
 from .graph import Graph, NodeKind
 
-__all__ = ["READS_INPUTS", "READS_OUTPUT", "READS_NOTHING", "read_by_backward", "gradient_reads_inputs"]
+__all__ = ["READS_INPUTS", "READS_OUTPUT", "READS_NOTHING", "read_by_backward", "gradient_reads_inputs",
+           "kept_bytes"]
 
 #: Gradient reads the operator's data inputs (not its output).
 READS_INPUTS = frozenset({
@@ -95,3 +96,8 @@ def read_by_backward(graph: Graph) -> List[bool]:
                 if graph.nodes[source].kind is NodeKind.OP:
                     read[source] = True
     return read
+
+
+def kept_bytes(graph: Graph) -> int:
+    """Bytes of the operator outputs an unmirrored backward pass reads (kept from forward)."""
+    return sum(node.planned_bytes for node, read in zip(graph.nodes, read_by_backward(graph)) if read)

@@ -102,7 +102,8 @@ def bind_symbol(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str,
     # An empty type_dict makes MXNet drop its float32 default: pass None then.
     types = {name: np.dtype(value) for name, value in (type_dict or {}).items()} or None
     try:
-        return symbol.simple_bind(ctx=ctx, grad_req=grad_req, type_dict=types, **dict(shapes))
+        with env.scoped(env.quiet_bind()):  # no "Subgraph backend ... activated" line per bind
+            return symbol.simple_bind(ctx=ctx, grad_req=grad_req, type_dict=types, **dict(shapes))
     except (mx.base.MXNetError, RuntimeError) as error:  # simple_bind re-raises as RuntimeError
         raise MeasurementError(
             f"MXNet could not bind the symbol on {ctx}: {mxnet_error_line(error)}") from None
@@ -111,19 +112,22 @@ def bind_symbol(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str,
 @contextlib.contextmanager
 def bound(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
           type_dict: Optional[Mapping[str, np.dtype]] = None,
-          grad_req: GradReq = "write") -> Iterator["mx.executor.Executor"]:
-    """A bound executor for the block; released (and the cyclic collector run) after it."""
+          grad_req: GradReq = "write", collect: bool = True) -> Iterator["mx.executor.Executor"]:
+    """A bound executor for the block; released after it, and the cyclic collector run
+    (``collect=False`` skips that: a full collection takes ~0.2 s in a process that has
+    imported gluoncv, more than binding a small network)."""
     executor = bind_symbol(symbol, ctx, shapes, type_dict, grad_req)
     try:
         yield executor
     finally:
         del executor
-        gc.collect()
+        if collect:
+            gc.collect()
 
 
 def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
                           type_dict: Optional[Mapping[str, np.dtype]] = None,
-                          grad_req: GradReq = "write") -> float:
+                          grad_req: GradReq = "write", collect: bool = True) -> float:
     """Bind ``symbol`` in this process and return MXNet's planned memory in MB.
 
     MXNet 1.9 keeps some native memory per bind (NOTE [ why measurements run
@@ -135,7 +139,7 @@ def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Ma
     MeasurementError
         If MXNet refuses the bind.
     """
-    with bound(symbol, ctx, shapes, type_dict, grad_req) as executor:
+    with bound(symbol, ctx, shapes, type_dict, grad_req, collect) as executor:
         text = executor.debug_str()
     return parse_planned_mb(text)
 

@@ -105,7 +105,6 @@ def executed_graph(symbol: SymbolLike, ctx: "mx.Context", shapes: Mapping[str, t
     text = _text(symbol)
     if measures_in_process(text):
         return capture_executed_graph(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
-    get_pool().warm()  # the measuring workers start while the graph is captured
     reply = get_capture_worker().exchange(
         worker_request(text, ctx, shapes, type_dict, grad_req, capture=True))
     return ExecutedGraph.from_dict(reply["executed"])

@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -62,6 +63,28 @@ class MeasureWorker:
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
         self._sequence = 0
+        self._answered = False  # the running child has answered (its MXNet import is done)
+        self._pinging: Optional[threading.Thread] = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the child runs and has answered a request since it started."""
+        process = self._process
+        return self._answered and process is not None and process.poll() is None
+
+    def warm_in_background(self) -> None:
+        """Start the child and wait for its first answer in a thread (no waiting here)."""
+        if self.ready or (self._pinging is not None and self._pinging.is_alive()):
+            return
+
+        def ping() -> None:
+            try:
+                self.exchange({"ping": True})
+            except MeasurementError as error:  # the next real request reports it
+                logger.debug("measuring process did not start: %s", error)
+
+        self._pinging = threading.Thread(target=ping, name="mirror-worker-start", daemon=True)
+        self._pinging.start()
 
     def _start(self) -> subprocess.Popen:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,6 +100,7 @@ class MeasureWorker:
 
     def _stop(self, kill: bool = False) -> None:
         process, self._process = self._process, None
+        self._answered = False
         if process is None:
             return
         try:
@@ -118,6 +142,7 @@ class MeasureWorker:
             line = json.dumps(dict(request, id=self._sequence)) + "\n"
             if self._process is None or self._process.poll() is not None:
                 self._process = self._start()
+                self._answered = False
             try:
                 try:
                     self._process.stdin.write(line)
@@ -141,6 +166,7 @@ class MeasureWorker:
             if reply.get("id") != self._sequence:
                 self._stop(kill=True)
                 raise MeasurementError("the measuring process answered out of turn; it was restarted")
+            self._answered = True
             if not reply.get("ok"):
                 raise MeasurementError(reply.get("error", "unknown error in the measuring process"))
             self.last_resident_mb = reply["rss"] / MB
@@ -161,42 +187,77 @@ class MeasureWorker:
 class WorkerPool:
     """A few :class:`MeasureWorker` processes measuring independent candidates in parallel.
 
+    # NOTE [ only ready workers measure ]
+    # Starting a worker costs its MXNet import (1.5-4 s here, on a busy two-core
+    # machine more), which a plan should not wait for when another process can
+    # already bind.  ``measure_many`` hands requests only to workers that have
+    # answered before (the capture worker included, which has always answered
+    # by the time candidates are bound) and starts the others in the
+    # background, for later plans; only when none is ready does it start one
+    # and wait.  Every worker gives the same figure for a symbol, so which one
+    # measures does not change a plan.
+
     Parameters
     ----------
     size : int, optional
-        Number of processes (default ``$MXNET_MIRROR_HOOK_WORKERS`` or
+        Number of measuring processes (default ``$MXNET_MIRROR_HOOK_WORKERS`` or
         ``min(2, cpu_count)``); each bind is single-threaded graph work.
     """
 
     def __init__(self, size: Optional[int] = None) -> None:
         size = env.worker_count() if size is None else max(1, size)
         self.workers = [MeasureWorker() for _ in range(size)]
+        #: Other workers that may measure when they are ready (the capture worker).
+        self.helpers: List[MeasureWorker] = []
 
     def measure_many(self, requests: List[Mapping[str, Any]]) -> List[float]:
         """Measure every request; results in request order.
 
-        Worker ``k`` takes requests ``k, k + n, k + 2n, ...`` (each worker
-        answers one request at a time).
-
         Raises
         ------
         MeasurementError
-            The first error any request met (the others still finish).
+            The first error (in request order) any request met; the others
+            still finish.
         """
-        count = min(len(self.workers), len(requests))
-        if count <= 1:
-            return [self.workers[0].measure(request) for request in requests]
+        ready = [w for w in self.workers + self.helpers if w.ready]
+        starting = [w for w in self.workers if not w.ready]
+        for worker in starting:
+            worker.warm_in_background()
+        if not ready:
+            ready = [starting.pop(0)]  # nothing has started: wait for one
+        if len(requests) == 1 or (len(ready) == 1 and not starting):
+            return [ready[0].measure(request) for request in requests]
+        results: List[Optional[float]] = [None] * len(requests)
+        errors: Dict[int, BaseException] = {}
+        cursor = [0]
+        lock = threading.Lock()
 
-        def drain(position: int) -> List[float]:
-            worker = self.workers[position]
-            return [worker.measure(requests[i]) for i in range(position, len(requests), count)]
+        def take() -> Optional[int]:
+            with lock:
+                if cursor[0] >= len(requests):
+                    return None
+                cursor[0] += 1
+                return cursor[0] - 1
 
-        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="mirror-measure") as threads:
-            shares = list(threads.map(drain, range(count)))
-        results: List[float] = [0.0] * len(requests)
-        for position, share in enumerate(shares):
-            results[position::count] = share
-        return results
+        def drain(worker: MeasureWorker, wait: bool) -> None:
+            # A starting worker joins once it is ready, if requests are left by then.
+            while wait and not worker.ready and cursor[0] < len(requests):
+                time.sleep(0.02)
+            while True:
+                index = take()
+                if index is None:
+                    return
+                try:
+                    results[index] = worker.measure(requests[index])
+                except MeasurementError as error:
+                    errors[index] = error
+
+        jobs = [(w, False) for w in ready] + [(w, True) for w in starting]
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="mirror-measure") as threads:
+            list(threads.map(lambda job: drain(*job), jobs))
+        if errors:
+            raise errors[min(errors)]
+        return [float(r) for r in results]  # type: ignore[arg-type]
 
     def warm(self) -> None:
         """Start every worker process now."""
@@ -214,11 +275,13 @@ _POOL_LOCK = threading.Lock()
 
 
 def get_pool() -> WorkerPool:
-    """The process-wide pool (its processes start lazily)."""
+    """The process-wide pool (its processes start lazily); the capture worker helps it."""
     global _POOL
+    capture = get_capture_worker()
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = WorkerPool()
+            _POOL.helpers.append(capture)
         return _POOL
 
 
@@ -257,6 +320,11 @@ def _serve() -> int:
     for line in sys.stdin:
         try:
             request = json.loads(line)
+            if request.get("ping"):
+                sys.stdout.write(json.dumps({"ok": True, "mb": 0.0, "rss": resident_bytes(),
+                                             "id": request.get("id")}) + "\n")
+                sys.stdout.flush()
+                continue
             symbol = mx.sym.load_json(request["symbol"])
             kind, index = request["ctx"]
             types = {k: np.dtype(v) for k, v in request.get("types", {}).items()}

@@ -178,3 +178,24 @@ def gluon_symbol(network: str, classes: int = 1000, loss: bool = True,
         out = out[0]
     symbol = mx.sym.SoftmaxOutput(out, name="softmax") if loss else out
     return symbol, block
+
+
+def lstm_language_model(seq_len: int, vocab: int = 10000, num_embed: int = 200,
+                        num_hidden: int = 200, num_layers: int = 2) -> "mx.sym.Symbol":
+    """The bucketing language model of MXNet's ``example/rnn/bucketing/lstm_bucketing.py``.
+
+    An embedding, ``num_layers`` LSTM cells unrolled ``seq_len`` steps with every step's
+    output merged into one classifier and softmax (inputs ``data`` and ``softmax_label``,
+    both ``(batch, seq_len)``).
+    """
+    stack = mx.rnn.SequentialRNNCell()
+    for layer in range(num_layers):
+        stack.add(mx.rnn.LSTMCell(num_hidden=num_hidden, prefix=f"lstm_l{layer}_"))
+    data = mx.sym.Variable("data")
+    label = mx.sym.Variable("softmax_label")
+    embed = mx.sym.Embedding(data=data, input_dim=vocab, output_dim=num_embed, name="embed")
+    outputs, _ = stack.unroll(seq_len, inputs=embed, merge_outputs=True)
+    pred = mx.sym.Reshape(outputs, shape=(-1, num_hidden))
+    pred = mx.sym.FullyConnected(data=pred, num_hidden=vocab, name="pred")
+    label = mx.sym.Reshape(label, shape=(-1,))
+    return mx.sym.SoftmaxOutput(data=pred, label=label, name="softmax")

@@ -57,3 +57,47 @@ def test_rebinding_keeps_parameters():
     args, _ = module.get_params()
     for name, value in before.items():
         np.testing.assert_array_equal(args[name].asnumpy(), value)
+
+
+def _sentence_iter(buckets, batch_size=8, count=64, vocab=30):
+    rng = np.random.RandomState(1)
+    sentences = [list(rng.randint(1, vocab, rng.choice(buckets))) for _ in range(count)]
+    return mx.rnn.BucketSentenceIter(sentences, batch_size, buckets=buckets, invalid_label=0)
+
+
+def _language_model(seq_len):
+    from mxnet_mirror_hook.testing.models import lstm_language_model
+
+    return (lstm_language_model(seq_len, vocab=30, num_embed=16, num_hidden=16),
+            ("data",), ("softmax_label",))
+
+
+def test_fit_plans_every_announced_bucket_before_the_first_batch(caplog):
+    train = _sentence_iter([4, 8, 12])
+    module = MirroredBucketingModule(_language_model, default_bucket_key=train.default_bucket_key,
+                                     memory_budget="min")
+    with caplog.at_level("INFO", logger="mxnet_mirror_hook"):
+        module.fit(train, num_epoch=1, optimizer="sgd", optimizer_params={"learning_rate": 0.1})
+    assert "planned 2 buckets up front" in caplog.text
+    plans = module.mirror_plans
+    assert sorted(plans) == [4, 8, 12]
+    # Buckets other than the default were planned before their first batch: their binds
+    # found the plan in the cache.
+    assert all(plans[key].from_cache for key in (4, 8))
+    assert not plans[12].from_cache
+    # Every plan line names the shapes it was made for.
+    assert "data 8x4" in caplog.text and "data 8x12" in caplog.text
+
+
+def test_bucket_shapes_follow_the_time_axis_or_the_one_matching_axis():
+    from mxnet.io import DataDesc
+
+    from mxnet_mirror_hook.bucketing import bucket_shapes
+
+    ntc = [DataDesc("data", (32, 60), layout="NT")]
+    assert bucket_shapes(ntc, 60, 20)[0].shape == (32, 20)
+    plain = [DataDesc("data", (32, 60, 7))]
+    assert bucket_shapes(plain, 60, 10)[0].shape == (32, 10, 7)
+    ambiguous = [DataDesc("data", (60, 60))]
+    assert bucket_shapes(ambiguous, 60, 10) is None
+    assert bucket_shapes(ntc, "default", "other") is None

@@ -1,6 +1,7 @@
 """plan_mirror: results, never-worse, budgets, and errors on bad input."""
 from __future__ import annotations
 
+import mxnet as mx
 import pytest
 
 from mxnet_mirror_hook import (BudgetError, BudgetUnreachableError, ShapeError,
@@ -145,3 +146,43 @@ def test_keep_ops_are_never_recomputed(resnet):
     plan = plan_mirror(resnet, DATA, LABEL, keep_ops=["Activation"])
     ops = {n["name"]: n["op"] for n in __import__("json").loads(resnet.tojson())["nodes"]}
     assert plan.mirrored and all(ops[name] != "Activation" for name in plan.mirrored)
+
+
+def _mnist_mlp():
+    data = mx.sym.Variable("data")
+    net = mx.sym.FullyConnected(mx.sym.Flatten(data), num_hidden=128, name="fc1")
+    net = mx.sym.Activation(net, act_type="relu", name="relu1")
+    net = mx.sym.FullyConnected(net, num_hidden=10, name="fc2")
+    return mx.sym.SoftmaxOutput(net, name="softmax")
+
+
+def test_a_network_with_nothing_to_gain_is_decided_without_measuring_candidates(monkeypatch):
+    from mxnet_mirror_hook import plan as plan_module
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("candidates were bound")
+
+    monkeypatch.setattr(plan_module, "planned_mb_many", no_workers)
+    monkeypatch.setattr(plan_module, "executed_graph", no_workers)
+    plan = plan_mirror(_mnist_mlp(), [("data", (100, 1, 28, 28))], cache_dir=False)
+    assert plan.mirrored == () and plan.planned_mb == plan.baseline_mb
+    assert [c["label"] for c in plan.candidates] == [
+        "unmirrored (backward keeps under 1 MB of activations)"]
+    # An explicit budget still plans (and so measures).
+    with pytest.raises(AssertionError, match="candidates were bound"):
+        plan_mirror(_mnist_mlp(), [("data", (100, 1, 28, 28))], memory_budget="min", cache_dir=False)
+
+
+def test_a_long_plan_shows_a_tqdm_bar_on_stderr_only_when_wanted(capsys, monkeypatch):
+    from mxnet_mirror_hook import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_DELAY_SECONDS", 0.0)
+    with progress.PlanProgress("data 32x3x224x224", enabled=True) as bar:
+        bar.phase("allocator search", 200)
+        bar.advance(100)
+    shown = capsys.readouterr()
+    assert "mirror plan data 32x3x224x224" in shown.err and shown.out == ""
+    with progress.PlanProgress("data 1x1", enabled=False) as bar:
+        bar.phase("binding 3 candidate(s)", 3)
+        bar.advance(3)
+    assert capsys.readouterr().err == ""

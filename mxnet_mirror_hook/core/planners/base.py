@@ -19,12 +19,31 @@ except ImportError:  # pragma: no cover  (Python 3.7)
     Protocol = object  # type: ignore[assignment,misc]
 
 __all__ = ["Decision", "Candidate", "PlanOutcome", "Measurement", "MeasureFn", "as_measurement",
+           "Progress", "NullProgress",
            "Planner", "select_candidate", "ONE_FORWARD"]
 
 logger = logging.getLogger(__name__)
 
 #: Estimated overhead of one extra forward pass, as a fraction of a plain iteration.
 ONE_FORWARD = 1.0 / (1.0 + BACKWARD_TO_FORWARD)
+
+
+class Progress(Protocol):
+    """Where a planner reports progress (a bar on the MXNet side; nothing in tests)."""
+
+    def phase(self, name: str, total: Optional[int] = None) -> None: ...
+
+    def advance(self, steps: int = 1) -> None: ...
+
+
+class NullProgress:
+    """Progress that goes nowhere."""
+
+    def phase(self, name: str, total: Optional[int] = None) -> None:
+        """Ignored."""
+
+    def advance(self, steps: int = 1) -> None:
+        """Ignored."""
 
 
 class Measurement(Protocol):
@@ -34,7 +53,8 @@ class Measurement(Protocol):
     names of the recomputed nodes); :meth:`many` measures several at once
     (the MXNet side binds them in parallel worker processes);
     :meth:`executed_graph` gives MXNet's executed graph of the unmirrored
-    bind for the allocator model, or ``None`` when it cannot be had.
+    bind for the allocator model, or ``None`` when it cannot be had;
+    :attr:`progress` is where long steps (the allocator search) report.
 
     Raises
     ------
@@ -48,6 +68,9 @@ class Measurement(Protocol):
 
     def executed_graph(self) -> Optional["ExecutedGraph"]: ...
 
+    @property
+    def progress(self) -> Progress: ...
+
 
 #: A measurement, or a plain function ``mirrored -> MB`` (see :func:`as_measurement`).
 MeasureFn = Union[Measurement, Callable[[FrozenSet[str]], float]]
@@ -58,6 +81,7 @@ class _FunctionMeasurement:
 
     def __init__(self, function: Callable[[FrozenSet[str]], float]) -> None:
         self._function = function
+        self.progress = NullProgress()
 
     def __call__(self, mirrored: FrozenSet[str]) -> float:
         return self._function(mirrored)
@@ -71,7 +95,8 @@ class _FunctionMeasurement:
 
 def as_measurement(measure: MeasureFn) -> Measurement:
     """``measure`` itself when it is a full :class:`Measurement`, else a wrapper around it."""
-    if all(callable(getattr(measure, name, None)) for name in ("many", "executed_graph")):
+    if all(callable(getattr(measure, name, None)) for name in ("many", "executed_graph")) \
+            and hasattr(measure, "progress"):
         return measure  # type: ignore[return-value]
     return _FunctionMeasurement(measure)
 

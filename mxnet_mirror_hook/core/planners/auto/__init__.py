@@ -114,5 +114,6 @@ class AutoPlanner(Planner):
             return evaluator.outcome(budget, evaluator.candidates[0])
         best = min(evaluator.candidates, key=lambda c: (c.planned_mb, c.overhead))
         evaluator.evaluate_many([allocator_search(sets.graph, model, best.decision, None,
-                                                  self.search_evaluations)])
+                                                  self.search_evaluations,
+                                                  evaluator.measurement.progress)])
         return evaluator.outcome(budget, evaluator.candidates[0])

@@ -16,7 +16,7 @@ from ...budget import Budget
 from ...cost import recompute_overhead
 from ...graph import Graph
 from ...units import MB_SHIFT
-from ..base import ONE_FORWARD, CandidateEvaluator, Decision, Measurement, PlanOutcome
+from ..base import ONE_FORWARD, CandidateEvaluator, Decision, Measurement, PlanOutcome, Progress
 from .candidates import CandidateSets
 from .measured import FRONTIER_FALLBACK_RATIO
 
@@ -90,7 +90,8 @@ def plan_on_model(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
     if not ranked:
         return evaluator.outcome(budget, baseline)
     confirm = [decision for _, decision in ranked[:CONFIRMED_BY_BIND]]
-    confirm.insert(0, allocator_search(graph, model, confirm[0], cap, search_evaluations))
+    confirm.insert(0, allocator_search(graph, model, confirm[0], cap, search_evaluations,
+                                       evaluator.measurement.progress))
     for candidate in evaluator.evaluate_many(confirm):
         if candidate is None:
             continue
@@ -102,7 +103,8 @@ def plan_on_model(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
 
 
 def allocator_search(graph: Graph, model: AllocatorModel, start: Decision, cap: Optional[float],
-                     evaluations: Optional[int] = None) -> Decision:
+                     evaluations: Optional[int] = None,
+                     progress: Optional[Progress] = None) -> Decision:
     """The allocator-guided search from ``start`` (NOTE [ searching against the allocator ]).
 
     Parameters
@@ -118,15 +120,21 @@ def allocator_search(graph: Graph, model: AllocatorModel, start: Decision, cap: 
     evaluations : int, optional
         Model evaluations (default :data:`ALLOCATOR_SEARCH_WORK` over the executed
         graph's size, at least 100).
+    progress : Progress, optional
+        Told the evaluations done.
     """
     movable = [n.name for n in graph.op_nodes if n.can_mirror]
     bounded = cap is not None and cap != float("inf")
     accept = (lambda mirrored: recompute_overhead(graph, mirrored) <= cap) if bounded else None
     executed = len(model.graph.nodes) + len(start.mirrored)
     count = evaluations or max(100, ALLOCATOR_SEARCH_WORK // executed)
+    report = None
+    if progress is not None:
+        progress.phase("allocator search", count)
+        report = lambda done: progress.advance(100)  # called every 100 evaluations
     result = search_allocator_plan(model, start.mirrored, movable, accept=accept,
                                    time_limit=ALLOCATOR_SEARCH_SAFETY_SECONDS,
-                                   max_evaluations=count)
+                                   max_evaluations=count, progress=report)
     if result.timed_out:
         logger.warning("the allocator search stopped at its %.0f s safety limit after %d of %d "
                        "evaluations: this plan depends on how fast this machine is",
