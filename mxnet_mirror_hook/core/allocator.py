@@ -184,12 +184,23 @@ class AllocatorModel:
             self._offsets.append(total)
             total += len(sizes)
         self._entry_count = total
+        # Entries each node reads, and how often every entry is read, in the unmirrored
+        # graph: a replay adjusts these for the few nodes mirroring changes.
+        self._entries = [[self._offsets[s] + k if s >= 0 else -1 for s, k in inputs]
+                         for inputs in self._inputs]
+        self._references = [0] * total
+        for entries in self._entries:
+            for entry in entries:
+                if entry >= 0:
+                    self._references[entry] += 1
         self._owned: List[List[int]] = [[] for _ in range(forward)]
         for index, owner in enumerate(self._owner):
             if owner >= 0:
                 self._owned[owner].append(index)
         heads = graph.outputs[:graph.num_heads]
         self._head_entries = [self._offsets[v] + k for v, k in heads]
+        for entry in self._head_entries:
+            self._references[entry] += 1
         self._gradient_flags = bytearray(self._entry_count)
         for v, k in graph.outputs[graph.num_heads:]:
             self._gradient_flags[self._offsets[v] + k] = 1
@@ -294,16 +305,40 @@ class AllocatorModel:
         """
         copies = self._mirror_ids(mirrored)
         order, inputs_of = self._order(copies)
-        offsets = list(self._offsets)
-        sizes = list(self._sizes)
+        count = len(self._ops)
+        offsets = self._offsets + [0] * len(copies)
+        sizes = self._sizes + [self._sizes[f] for f in copies]
         total = self._entry_count
-        for f in copies:
-            offsets.append(total)
-            sizes.append(self._sizes[f])
+        for position, f in enumerate(copies):
+            offsets[count + position] = total
             total += len(self._sizes[f])
-        return _allocate(order, inputs_of, self._inputs, self._ops_of(copies), offsets, sizes,
-                         total, self._head_entries, self._gradient_flags, self.graph.match_range,
-                         limit)
+        # References: the unmirrored counts, corrected for the nodes mirroring changes
+        # and for nodes the walk no longer reaches (a copy can stand in for them).
+        references = self._references + [0] * (total - self._entry_count)
+        base_entries = self._entries
+        present = None if len(order) == count + len(copies) else set(order)
+        entries_of: Dict[int, List[int]] = {}
+        for v, inputs in inputs_of.items():
+            if v < count:
+                for entry in base_entries[v]:
+                    if entry >= 0:
+                        references[entry] -= 1
+            if present is not None and v not in present:
+                continue
+            entries = [offsets[s] + k if s >= 0 else -1 for s, k in inputs]
+            entries_of[v] = entries
+            for entry in entries:
+                if entry >= 0:
+                    references[entry] += 1
+        if present is not None:
+            for v in range(count):
+                if v not in present and v not in inputs_of:
+                    for entry in base_entries[v]:
+                        if entry >= 0:
+                            references[entry] -= 1
+        return _allocate(order, inputs_of, entries_of, self._inputs, self._entries, references,
+                         self._ops_of(copies), offsets, sizes, self._gradient_flags,
+                         self.graph.match_range, limit)
 
     def _ops_of(self, copies: Sequence[int]) -> List[str]:
         return self._ops + [self._ops[f] for f in copies]
@@ -328,29 +363,20 @@ class AllocatorModel:
 
 
 def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int]]],
-              base_inputs: Sequence[Sequence[Tuple[int, int]]], ops: Sequence[str],
-              offsets: Sequence[int], sizes: Sequence[Tuple[int, ...]], entry_count: int,
-              heads: Sequence[int], gradient_flags: bytearray, match_range: int,
-              limit: Optional[int] = None) -> int:
+              entries_of: Dict[int, List[int]], base_inputs: Sequence[Sequence[Tuple[int, int]]],
+              base_entries: Sequence[List[int]], references: List[int], ops: Sequence[str],
+              offsets: Sequence[int], sizes: Sequence[Tuple[int, ...]], gradient_flags: bytearray,
+              match_range: int, limit: Optional[int] = None) -> int:
     """nnvm's ``PlanMemory`` walk over ``order``; returns the total bytes of its blocks.
 
     Entries are dense ids (``offsets[node] + output``); a block id per entry,
-    ``-2`` for none yet, ``-1`` for bound arrays (variables, gradients).  Blocks
-    only grow, so once their total passes ``limit`` the walk stops and returns
-    that partial total (above ``limit``).
+    ``-2`` for none yet, ``-1`` for bound arrays (variables, gradients).
+    ``references`` counts the readers of every entry (heads included); nodes in
+    ``inputs_of``/``entries_of`` read other inputs than in the unmirrored graph.
+    Blocks only grow, so once their total passes ``limit`` the walk stops and
+    returns that partial total (above ``limit``).
     """
-    references = [0] * entry_count
-    walked = []
-    for v in order:
-        inputs = inputs_of[v] if v in inputs_of else base_inputs[v]
-        entries = [offsets[s] + k if s >= 0 else -1 for s, k in inputs]
-        walked.append((v, inputs, entries))
-        for entry in entries:
-            if entry >= 0:
-                references[entry] += 1
-    for entry in heads:
-        references[entry] += 1
-    storage = [-2] * entry_count
+    storage = [-2] * len(references)
     block_refs: List[int] = []
     blocks: List[int] = []
     free: List[Tuple[int, int]] = []
@@ -358,7 +384,11 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
     inplace_options = INPLACE_OPTIONS
     allocated = 0
     bound = limit if limit is not None else -1
-    for v, inputs, entries in walked:
+    for v in order:
+        if v in entries_of:
+            inputs, entries = inputs_of[v], entries_of[v]
+        else:
+            inputs, entries = base_inputs[v], base_entries[v]
         out_sizes = sizes[v]
         base = offsets[v]
         op = ops[v]
