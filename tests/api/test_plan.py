@@ -186,3 +186,23 @@ def test_a_long_plan_shows_a_tqdm_bar_on_stderr_only_when_wanted(capsys, monkeyp
         bar.phase("binding 3 candidate(s)", 3)
         bar.advance(3)
     assert capsys.readouterr().err == ""
+
+
+def test_the_same_plan_comes_out_on_a_loaded_machine():
+    import subprocess
+    import sys
+
+    from mxnet_mirror_hook import cache
+
+    symbol = small_resnet(num_blocks=4)
+    quiet = plan_mirror(symbol, DATA, cache_dir=False)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        cache._CACHES.clear()
+        loaded = plan_mirror(symbol, DATA, cache_dir=False)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert not loaded.from_cache
+    assert loaded.mirrored == quiet.mirrored and loaded.planned_mb == quiet.planned_mb
