@@ -5,7 +5,7 @@
 """
 import sys
 
-from .cli import SUBCOMMANDS, main as cli_main
+from .tools.cli import SUBCOMMANDS, main as cli_main
 
 
 def _dispatch(argv):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mxnet_mirror_hook.cli import main
+from mxnet_mirror_hook.tools.cli import main
 from mxnet_mirror_hook.testing.models import small_resnet
 
 from tests.paths import ROOT  # noqa: E402

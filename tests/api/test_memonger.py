@@ -63,7 +63,7 @@ def test_make_mirror_plan_matches_the_seed_node_for_node(annotated_resnet, monke
 
 def test_get_cost_uses_the_cpu_without_a_gpu_and_progress_goes_to_logging(annotated_resnet, caplog):
     assert mx.context.num_gpus() == 0 or pytest.skip("a GPU is present")
-    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook.memonger"):
+    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook.compat.memonger"):
         best = memonger.search_plan(annotated_resnet, **SHAPES)
     assert "Search threshold=" in caplog.text and "Find best plan" in caplog.text
     assert memonger.get_cost(best, **SHAPES) < memonger.get_cost(annotated_resnet, **SHAPES)
@@ -73,3 +73,11 @@ def test_the_users_symbol_is_not_modified(annotated_resnet):
     before = annotated_resnet.tojson()
     memonger.make_mirror_plan(annotated_resnet, 0, **SHAPES)
     assert annotated_resnet.tojson() == before
+
+
+def test_the_old_import_paths_still_reach_the_compat_module():
+    import mxnet_mirror_hook.memonger as old_path
+    from mxnet_mirror_hook.compat import memonger as new_path
+
+    assert old_path is new_path is memonger
+    assert callable(old_path.search_plan) and callable(old_path.get_cost)

@@ -15,17 +15,17 @@ from typing import Any, List, Optional, Sequence
 
 import mxnet as mx
 
-from .core.budget import parse_budget
-from .core.cost import recompute_overhead
-from .core.planners import Decision, get_planner
-from .core.planners.auto import SWEEP_FRACTIONS, AutoPlanner, auto_stages
-from .core.planners.base import CandidateEvaluator
-from .core.planners.dp import least_compute_decisions
-from .core.planners.memonger import threshold_decisions, user_stages
-from .core.planners.selective import selective_decisions
-from .mx.measure import DO_MIRROR_ENV, builtin_mirror_mb
-from .mx.timing import iteration_seconds
-from .plan import prepare_planning
+from ..core.budget import parse_budget
+from ..core.cost import recompute_overhead
+from ..core.planners import Decision, get_planner
+from ..core.planners.auto import SWEEP_FRACTIONS, AutoPlanner, auto_stages
+from ..core.planners.base import CandidateEvaluator
+from ..core.planners.dp import least_compute_decisions
+from ..core.planners.memonger import threshold_decisions, user_stages
+from ..core.planners.selective import selective_decisions
+from ..mx.measure import DO_MIRROR_ENV, builtin_mirror_mb
+from ..mx.timing import iteration_seconds
+from ..plan import prepare_planning
 
 __all__ = ["ParetoPoint", "pareto_points", "mark_front", "write_csv", "draw_pareto"]
 

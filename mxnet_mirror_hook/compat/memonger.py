@@ -16,10 +16,10 @@ from typing import Any, Dict, Mapping, Optional
 
 import mxnet as mx
 
-from .core.planners.memonger import search_thresholds, threshold_plan, user_stages
-from .mx.apply import MirrorTemplate
-from .mx.convert import InputSpec, symbol_to_graph
-from .mx.measure import planned_mb, to_context
+from ..core.planners.memonger import search_thresholds, threshold_plan, user_stages
+from ..mx.apply import MirrorTemplate
+from ..mx.convert import InputSpec, symbol_to_graph
+from ..mx.measure import planned_mb, to_context
 
 __all__ = ["make_mirror_plan", "get_cost", "search_plan"]
 

@@ -31,7 +31,7 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mxnet-mirror`` argument parser."""
-    from .core.planners import list_planners
+    from ..core.planners import list_planners
 
     parser = argparse.ArgumentParser(
         prog="mxnet-mirror", description="Plan MXNet memory mirroring (recompute forward nodes "
@@ -78,8 +78,8 @@ def _load_and_plan(args: argparse.Namespace):
     """Load the symbol and plan it; ``(symbol, plan)``, or ``None`` after logging why."""
     import mxnet as mx
 
-    from .errors import MirrorHookError
-    from .plan import plan_mirror
+    from ..errors import MirrorHookError
+    from ..plan import plan_mirror
 
     try:
         symbol = mx.sym.load(args.symbol)
@@ -100,7 +100,7 @@ def run_report(args: argparse.Namespace) -> int:
     """The ``report`` command."""
     import os
 
-    from .mx.convert import normalize_inputs, symbol_to_graph
+    from ..mx.convert import normalize_inputs, symbol_to_graph
     from .report import draw_report
 
     loaded = _load_and_plan(args)
@@ -119,7 +119,7 @@ def run_pareto(args: argparse.Namespace) -> int:
 
     import mxnet as mx
 
-    from .errors import MirrorHookError
+    from ..errors import MirrorHookError
     from .pareto import draw_pareto, pareto_points, write_csv
 
     if args.repeats < 1:
