@@ -17,7 +17,7 @@ from .core.cost import recompute_overhead
 from .core.graph import Graph, NodeKind
 from .core.planners import get_planner
 from .core.allocator import ExecutedGraph
-from .errors import MeasurementError, ShapeError
+from .errors import BudgetUnreachableError, MeasurementError, ShapeError
 from .mx.apply import MirrorTemplate
 from .mx.convert import normalize_inputs, structure_hash, symbol_to_graph
 from .mx.measure import (MEASURE_MODE_ENV, executed_graph, measures_in_process, planned_mb_many,
@@ -321,7 +321,17 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                        "recomputed; planning again")
         cache.forget(key)
 
-    outcome = chosen_planner.plan(graph, budget, setup.measure)
+    try:
+        outcome = chosen_planner.plan(graph, budget, setup.measure)
+    except BudgetUnreachableError as error:
+        # NOTE [ one unreachable-budget error ]
+        # A planner may try again after a first BudgetUnreachableError (auto
+        # searches against the allocator model from the lowest bound plan) and
+        # raise a second one from inside its ``except`` block: Python would
+        # print both, chained, with two different "smallest reachable" figures.
+        # The last one is the one that counts (it has seen every candidate
+        # MXNet measured), so it is the only one shown.
+        raise error from None
     chosen = outcome.chosen
     order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
     plan = finish(order, outcome.baseline_mb, chosen.planned_mb,
