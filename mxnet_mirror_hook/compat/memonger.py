@@ -1,34 +1,62 @@
 """Seed-compatible memonger functions, for people with memonger scripts.
 
 ``make_mirror_plan``, ``get_cost`` and ``search_plan`` keep the seed's
-signatures and results, with three differences that do not change them on
-ordinary symbols: parameters and auxiliary states are known from the symbol's
-lists instead of name suffixes, ``get_cost`` binds on the GPU only when one is
-there (``ctx=`` chooses), and progress goes through ``logging``.
+signatures, results and printed progress, with two differences that do not
+change them on ordinary symbols: parameters and auxiliary states are known from
+the symbol's lists instead of name suffixes, and ``get_cost`` binds on the GPU
+only when one is there (``ctx=`` chooses).
 
 Like the seed, ``search_plan`` needs ``mirror_stage`` marks and may return a
 plan worse than not mirroring; :func:`mxnet_mirror_hook.plan_mirror` does not.
+
+# NOTE [ the memonger compat prints and binds in this process ]
+# Two exceptions to the package's rules, both for parity with the seed, whose
+# users run these functions from scripts that never configure logging:
+# * ``search_plan`` prints the seed's lines ("Search threshold=%d MB, cost=%d
+#   MB" per trial, then "Find best plan with threshold=%d, cost=%d MB") to
+#   stdout with ``print``, in the seed's order; the same lines go to this
+#   module's logger at DEBUG.
+# * ``get_cost`` binds in this process, as the seed did: starting a measuring
+#   worker (an MXNet import, 2-3 s) costs more than the seed's whole search on
+#   a small input, and a lazy CPU bind takes milliseconds.  Each bind leaves
+#   some native memory behind (NOTE [ why measurements run in a worker
+#   process ] in mx/worker.py), as the seed's did; a program that calls the
+#   search many times on big networks sets ``MXNET_MIRROR_HOOK_MEASURE=worker``
+#   and the binds go to the recycled worker processes (in parallel for the
+#   candidates of one search).
+# * ``planned_mb_in_process`` runs ``gc.collect()`` after each bind; in a
+#   process holding MXNet and a big symbol that scan costs 60-80 ms, about as
+#   much as a lazy CPU bind of resnet152 at batch 4.  While the compat
+#   functions bind, the objects that existed before are frozen
+#   (``gc.freeze``), so a collection scans only what the bind made (the
+#   executor is freed by reference counting anyway).  A program that froze
+#   objects itself is left as it is.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
-from typing import Any, Dict, Mapping, Optional
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import mxnet as mx
 
 from ..core.planners.memonger import search_thresholds, threshold_plan, user_stages
 from ..mx.apply import MirrorTemplate
 from ..mx.convert import InputSpec, symbol_to_graph
-from ..mx.measure import planned_mb, to_context
+from ..mx.measure import MEASURE_MODE_ENV, planned_mb_in_process, planned_mb_many, to_context
 
 __all__ = ["make_mirror_plan", "get_cost", "search_plan"]
 
 logger = logging.getLogger(__name__)
 
 
-def _graph(sym: "mx.sym.Symbol", shapes: Mapping[str, tuple]):
+def _graph(sym: "mx.sym.Symbol", shapes: Mapping[str, tuple],
+           document: Optional[Dict[str, Any]] = None):
     inputs = [InputSpec(name, tuple(shape)) for name, shape in shapes.items()]
-    return symbol_to_graph(sym, inputs, input_names=list(shapes))
+    return symbol_to_graph(sym, inputs, input_names=list(shapes), document=document)
 
 
 def make_mirror_plan(sym: "mx.sym.Symbol", threshold: int, plan_info: Optional[Dict[str, int]] = None,
@@ -66,6 +94,35 @@ def _default_ctx() -> "mx.Context":
         return mx.cpu()
 
 
+def _in_workers() -> bool:
+    """Whether binds go to worker processes (see NOTE [ the memonger compat prints and binds in this process ])."""
+    return os.environ.get(MEASURE_MODE_ENV, "").lower() == "worker"
+
+
+@contextlib.contextmanager
+def _collections_scan_new_objects_only() -> Iterator[None]:
+    """See NOTE [ the memonger compat prints and binds in this process ]."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _costs(symbols: List["mx.sym.Symbol"], type_dict: Optional[Dict[str, Any]],
+           ctx: Optional["mx.Context"], shapes: Mapping[str, tuple]) -> List[int]:
+    """``get_cost`` of several symbols with the same inputs (in parallel workers when asked)."""
+    context = to_context(ctx) if ctx is not None else _default_ctx()
+    if _in_workers():
+        return [int(mb) for mb in planned_mb_many(symbols, context, shapes, type_dict, "write")]
+    with _collections_scan_new_objects_only():
+        return [int(planned_mb_in_process(symbol, context, shapes, type_dict, "write"))
+                for symbol in symbols]
+
+
 def get_cost(sym: "mx.sym.Symbol", type_dict: Optional[Dict[str, Any]] = None,
              ctx: Optional["mx.Context"] = None, **kwargs: Any) -> int:
     """MXNet's planned memory of ``sym`` in MB (the seed's ``get_cost``).
@@ -73,8 +130,13 @@ def get_cost(sym: "mx.sym.Symbol", type_dict: Optional[Dict[str, Any]] = None,
     Binds with ``grad_req='write'`` on every argument, as the seed did, on the
     GPU when one is available and the CPU otherwise, unless ``ctx`` is given.
     """
-    context = to_context(ctx) if ctx is not None else _default_ctx()
-    return int(planned_mb(sym, context, kwargs, type_dict, "write"))
+    return _costs([sym], type_dict, ctx, kwargs)[0]
+
+
+def _progress(line: str) -> None:
+    """One of the seed's progress lines: printed, as the seed did, and logged at DEBUG."""
+    print(line, flush=True)
+    logger.debug("%s", line)
 
 
 def search_plan(sym: "mx.sym.Symbol", ntrial: int = 6, type_dict: Optional[Dict[str, Any]] = None,
@@ -94,15 +156,23 @@ def search_plan(sym: "mx.sym.Symbol", ntrial: int = 6, type_dict: Optional[Dict[
     **kwargs
         Input shapes.
     """
-    graph = _graph(sym, kwargs)
-    template = MirrorTemplate(sym)
+    document = json.loads(sym.tojson())  # parsed once for the graph and the template
+    graph = _graph(sym, kwargs, document)
+    template = MirrorTemplate(sym, document)
+    # The seed's thresholds follow from its plans' segment sizes, never from
+    # the measured costs: every candidate is known before the first bind.
+    trials = [(threshold, template.build(result.mirrored))
+              for threshold, result in search_thresholds(graph, user_stages(graph), ntrial)]
     history = []
-    for threshold, result in search_thresholds(graph, user_stages(graph), ntrial):
-        marked = template.build(result.mirrored)
-        cost = get_cost(marked, type_dict, ctx, **kwargs)
-        logger.info("Search threshold=%d MB, cost=%d MB", threshold, cost)
+    if _in_workers():
+        costs = _costs([marked for _, marked in trials], type_dict, ctx, kwargs)
+    else:
+        costs = None
+    for index, (threshold, marked) in enumerate(trials):
+        cost = costs[index] if costs is not None else get_cost(marked, type_dict, ctx, **kwargs)
+        _progress("Search threshold=%d MB, cost=%d MB" % (threshold, cost))
         history.append((cost, threshold, marked))
     history.sort(key=lambda item: item[0])
     cost, threshold, best = history[0]
-    logger.info("Find best plan with threshold=%d, cost=%d MB", threshold, cost)
+    _progress("Find best plan with threshold=%d, cost=%d MB" % (threshold, cost))
     return best
