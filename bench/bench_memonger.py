@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             outputs[name] = result[1:]
     seed_seconds = statistics.median(runs["seed"])
     lines = [
-        f"## memonger parity (`bench/bench_memonger.py`)",
+        "## memonger parity (`bench/bench_memonger.py`)",
         "",
         f"memonger's ResNet example (`search_plan`, then `get_cost` before and after) on "
         f"`memonger_resnet({args.layers})` at batch {args.batch}, CPU binds, in one process, "

@@ -95,7 +95,10 @@ def _default_ctx() -> "mx.Context":
 
 
 def _in_workers() -> bool:
-    """Whether binds go to worker processes (see NOTE [ the memonger compat prints and binds in this process ])."""
+    """Whether binds go to worker processes.
+
+    See NOTE [ the memonger compat prints and binds in this process ].
+    """
     return os.environ.get(MEASURE_MODE_ENV, "").lower() == "worker"
 
 

@@ -24,8 +24,8 @@ class Budget:
     """A parsed memory budget.
 
     Exactly one of the forms is set: ``kind == 'auto'`` (no budget: the lowest
-    memory whose estimated overhead stays within one extra forward pass), ``'min'``, ``'fraction'`` (of the unmirrored
-    plan) or ``'bytes'``.
+    memory whose estimated overhead stays within one extra forward pass),
+    ``'min'``, ``'fraction'`` (of the unmirrored plan) or ``'bytes'``.
     """
 
     kind: str

@@ -76,8 +76,8 @@ def normalize_inputs(shapes: Any, kind: str = "data") -> List[InputSpec]:
             try:
                 name, shape = item[0], item[1]
             except (TypeError, IndexError, KeyError):
-                raise ShapeError(
-                    f"each entry of {kind}_shapes must be (name, shape) or a DataDesc, got {item!r}") from None
+                raise ShapeError(f"each entry of {kind}_shapes must be (name, shape) or a DataDesc, "
+                                 f"got {item!r}") from None
             dtype = np.dtype(item[2]).name if len(item) > 2 and item[2] is not None else "float32"
         if not isinstance(name, str):
             raise ShapeError(f"input names in {kind}_shapes must be str, got {name!r}")
