@@ -174,7 +174,8 @@ _OPTIONS = (
      {"metavar": "BUDGET", "help": "memory budget: 'min', a fraction of the unmirrored plan "
                                    "(0.6 or 60%%), or a size (4GB)"}),
     ("planner", ("--planner", "--mirror-planner"),
-     {"choices": None, "metavar": "NAME", "help": "mirroring planner: %(choices)s (default auto)"}),
+     {"choices": None, "default": "auto", "metavar": "NAME",
+      "help": "mirroring planner: %(choices)s (default auto)"}),
     ("cache_dir", ("--cache-dir", "--mirror-cache-dir"),
      {"metavar": "DIR", "help": "plan cache directory (default $MXNET_MIRROR_HOOK_CACHE_DIR, else "
                                 "~/.cache/mxnet_mirror_hook)"}),

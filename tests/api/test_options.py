@@ -36,6 +36,7 @@ def test_defaults_and_no_cache():
     parser = argparse.ArgumentParser(parents=[option_parser()])
     args = parser.parse_args([])
     assert args.mirror is False and MirrorOptions.from_args(args) == MirrorOptions()
+    assert args.planner == "auto"  # scripts may read args.planner directly
     args = parser.parse_args(["--cache-dir", "/tmp/x", "--no-cache", "--mirror"])
     assert args.mirror is True and MirrorOptions.from_args(args).cache_dir is False
     on = argparse.ArgumentParser(parents=[option_parser(mirror_default=True)])
