@@ -15,7 +15,7 @@ import random
 import mxnet as mx
 import numpy as np
 
-from mxnet_mirror_hook import MirroredBucketingModule
+from mxnet_mirror_hook import add_arguments, from_args
 
 log = logging.getLogger("train_lstm_bucketing")
 
@@ -45,9 +45,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sentences", type=int, default=640)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--mirror", dest="mirror", action="store_true", default=True)
-    parser.add_argument("--no-mirror", dest="mirror", action="store_false")
-    parser.add_argument("--memory-budget", default=None)
+    add_arguments(parser, mirror_default=True)  # --mirror/--no-mirror, --memory-budget, --planner...
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     mx.random.seed(0)  # reproducible: mirrored and plain runs give the same perplexity
@@ -73,10 +71,8 @@ def main(argv=None) -> dict:
                                    use_ignore=True, ignore_label=0, name="softmax")
         return out, ("data",), ("softmax_label",)
 
-    cls = MirroredBucketingModule if args.mirror else mx.mod.BucketingModule
-    options = {"memory_budget": args.memory_budget} if args.mirror else {}
-    module = cls(sym_gen, default_bucket_key=train_iter.default_bucket_key, context=mx.cpu(),
-                 **options)
+    module = from_args(args, bucketing=True)(sym_gen, default_bucket_key=train_iter.default_bucket_key,
+                                             context=mx.cpu())
     metric = mx.metric.Perplexity(ignore_label=0)
     module.fit(train_iter, eval_metric=metric, num_epoch=args.epochs, optimizer="adam",
                optimizer_params={"learning_rate": 0.01}, initializer=mx.init.Xavier(),

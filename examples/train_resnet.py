@@ -20,7 +20,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from mxnet_mirror_hook import MirroredModule, parse_budget, plan_mirror
+from mxnet_mirror_hook import add_arguments, from_args, parse_budget, plan_mirror
 from mxnet_mirror_hook.gluon import MirroredTrainer
 from mxnet_mirror_hook.testing.models import default_image_size, gluon_symbol
 
@@ -39,13 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="input side (default 224, 299 for Inception)")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--num-batches", type=int, default=10, help="training iterations")
-    parser.add_argument("--mirror", dest="mirror", action="store_true", default=True,
-                        help="recompute forward nodes during backward (default)")
-    parser.add_argument("--no-mirror", dest="mirror", action="store_false",
-                        help="train without mirroring, to compare")
-    parser.add_argument("--planner", default="auto")
-    parser.add_argument("--memory-budget", default=None,
-                        help="'min', a fraction of the plain memory (0.6), or a size (4GB)")
     parser.add_argument("--rec", default=None,
                         help="a RecordIO file of images (ImageRecordIter) instead of synthetic data")
     parser.add_argument("--find-max-batch", default=None, metavar="BUDGET",
@@ -53,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(e.g. 16GB), with and without mirroring, and exit")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids; CPU when empty")
     parser.add_argument("--lr", type=float, default=0.01)
+    # --mirror/--no-mirror, --memory-budget, --planner, --cache-dir, --no-cache, --cost-ctx, --keep-ops
+    add_arguments(parser, mirror_default=True)
     return parser.parse_args(argv)
 
 
@@ -127,11 +122,7 @@ def find_max_batch(args, symbol: mx.sym.Symbol, size: int) -> Dict[str, int]:
 
 # ---------------------------------------------------------------------- train
 def train_module(args, symbol, contexts, data_iter, size) -> Tuple[Optional[object], list, list]:
-    if args.mirror:
-        module = MirroredModule(symbol, context=contexts, planner=args.planner,
-                                memory_budget=args.memory_budget)
-    else:
-        module = mx.mod.Module(symbol, context=contexts)
+    module = from_args(args)(symbol, context=contexts)  # MirroredModule, or Module with --no-mirror
     module.bind([("data", (args.batch_size, 3, size, size))], [("softmax_label", (args.batch_size,))])
     module.init_params(mx.init.Xavier(magnitude=2.0))
     module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": args.lr,

@@ -4,6 +4,8 @@ Public names are re-exported here explicitly; everything else is internal.
 """
 from __future__ import annotations
 
+import sys as _sys
+
 from ._version import __version__
 from .errors import (BudgetError, BudgetUnreachableError, MeasurementError,
                      MirrorHookError, ShapeError, UnknownPlannerError)
@@ -14,10 +16,14 @@ from .plan import MirrorPlan, plan_mirror
 from .module import MirroredModule
 from .bucketing import MirroredBucketingModule
 from .runner import add_arguments, from_args, mirrored_modules
+from .compat import memonger
+
+# ``import mxnet_mirror_hook.memonger`` (the seed-compatible functions' old home) keeps working.
+_sys.modules[__name__ + ".memonger"] = memonger
 
 __all__ = [
     "__version__", "MirrorOptions", "MirroredModule", "MirroredBucketingModule", "MirrorPlan",
     "add_arguments", "from_args", "mirrored_modules", "plan_mirror", "list_planners",
     "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
-    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError",
+    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "memonger",
 ]

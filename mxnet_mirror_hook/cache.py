@@ -13,26 +13,62 @@ entry cannot smuggle in a different network.
 #   is made again and rewritten.
 # * A directory that cannot be created or written degrades the cache to
 #   memory only, with one warning.
+#
+# NOTE [ ranks sharing a cache ]
+# Eight ranks on one node (Horovod, the parameter server) bind the same symbol
+# at the same shapes at the same moment; each planning on its own costs 8x the
+# CPU and up to 8 x two measuring workers of RAM.  With a shared cache
+# directory they plan once per key: ``PlanCache.planning(key)`` takes an
+# exclusive ``fcntl.flock`` on ``lock-<digest>`` in the directory; the
+# first rank gets it, plans and writes the entry before letting go; the others
+# wait on the lock, then find the entry and use it.  A rank that waits longer
+# than ``$MXNET_MIRROR_HOOK_LOCK_TIMEOUT`` seconds (default 300) plans by
+# itself with a warning (the plan is the same; only the work is repeated).
+# flock locks belong to an open file: they are dropped when the holder exits
+# or dies, so a crashed rank never blocks the others, and two threads of one
+# process exclude each other as two processes do.  Memory-only caches, a
+# directory that cannot be written and platforms without fcntl (Windows) skip
+# the lock.  The holder removes the lock file (if it is still its own) just
+# before letting go, so the directory holds only entries.  A process that opens
+# the file just before the removal locks a file no one else can open any more:
+# it then finds the entry written before the removal and does not plan.  Only
+# when the holder wrote no entry (its planning failed, the disk refused the
+# write) can two processes end up planning the same key at once, which costs
+# work, never correctness (entries are written atomically).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from . import env
 
-__all__ = ["PlanKey", "PlanCache", "grad_req_digest", "default_cache_dir", "get_cache", "CACHE_FORMAT"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows: no cross-process planning lock)
+    fcntl = None
+
+__all__ = ["PlanKey", "PlanCache", "grad_req_digest", "default_cache_dir", "get_cache", "CACHE_FORMAT",
+           "lock_timeout"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "mxnet_mirror_hook.plan/1"
+LOCK_POLL_SECONDS = 0.05
+
+
+def lock_timeout() -> float:
+    """``$MXNET_MIRROR_HOOK_LOCK_TIMEOUT`` in seconds (default 300; see NOTE [ ranks sharing a cache ])."""
+    return max(0.0, env.lock_timeout())
 
 
 def default_cache_dir() -> str:
@@ -151,6 +187,12 @@ class PlanCache:
             return None
         return os.path.join(self.directory, f"plan-{key.digest}.json")
 
+    def lock_path_for(self, key: PlanKey) -> Optional[str]:
+        """The lock file of ``key`` (see NOTE [ ranks sharing a cache ]), or ``None`` without a directory."""
+        if self.directory is None:
+            return None
+        return os.path.join(self.directory, f"lock-{key.digest}")
+
     def _remember(self, digest: str, entry: Dict[str, Any]) -> None:
         with self._lock:
             self._memory[digest] = entry
@@ -196,6 +238,76 @@ class PlanCache:
         except OSError:
             pass
         return plan
+
+    @contextlib.contextmanager
+    def planning(self, key: PlanKey, timeout: Optional[float] = None) -> Iterator[bool]:
+        """Hold ``key``'s planning lock for the block (NOTE [ ranks sharing a cache ]).
+
+        Call :meth:`get` again inside the block: a process that held the lock
+        before may have written the entry meanwhile.  Plan and :meth:`put`
+        inside the block so that waiting processes find the entry.
+
+        Parameters
+        ----------
+        key : PlanKey
+            The plan about to be made.
+        timeout : float, optional
+            Seconds to wait for another process (default
+            :func:`lock_timeout`); after it, the block runs without the lock
+            and a warning is logged.
+
+        Yields
+        ------
+        bool
+            Whether the lock is held (``False`` without a disk cache, without
+            fcntl, or after the timeout).
+        """
+        path = self.lock_path_for(key)
+        if path is None or not self._disk_ok or fcntl is None:
+            yield False
+            return
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            logger.debug("plan cache: no planning lock (%s); planning without it", error)
+            yield False
+            return
+        try:
+            held = self._acquire(descriptor, lock_timeout() if timeout is None else timeout)
+            try:
+                yield held
+            finally:
+                if held:
+                    _remove_if_same(path, descriptor)
+                    fcntl.flock(descriptor, fcntl.LOCK_UN)
+        finally:
+            os.close(descriptor)
+
+    def _acquire(self, descriptor: int, timeout: float) -> bool:
+        """Take the exclusive lock, waiting at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if waiting:
+                    logger.info("plan cache: the other process finished; reading its plan")
+                return True
+            except BlockingIOError:
+                pass
+            except OSError as error:  # e.g. a file system without locks
+                logger.debug("plan cache: cannot lock (%s); planning without the lock", error)
+                return False
+            if not waiting:
+                waiting = True
+                logger.info("plan cache: another process is planning this symbol in %s; waiting "
+                            "for its plan (up to %g s, %s)", self.directory, timeout, env.LOCK_TIMEOUT)
+            if time.monotonic() >= deadline:
+                logger.warning("plan cache: waited %g s for another process planning the same "
+                               "symbol in %s; planning here too (set %s to wait longer)",
+                               timeout, self.directory, env.LOCK_TIMEOUT)
+                return False
+            time.sleep(LOCK_POLL_SECONDS)
 
     def put(self, key: PlanKey, plan: Dict[str, Any]) -> None:
         """Store ``plan`` under ``key`` in memory and, when possible, on disk."""
@@ -263,6 +375,15 @@ class PlanCache:
 
     def __len__(self) -> int:
         return len(self._memory)
+
+
+def _remove_if_same(path: str, descriptor: int) -> None:
+    """Unlink ``path`` if it still names the file open as ``descriptor``."""
+    try:
+        if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _valid_plan(plan: Any) -> bool:

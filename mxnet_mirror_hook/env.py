@@ -15,6 +15,7 @@ variable                            default          what it does
 ``MXNET_MIRROR_HOOK_MEASURE``       ``worker``       ``inprocess`` binds candidates in this process
 ``MXNET_MIRROR_HOOK_WORKERS``       min(2, cores)    measuring worker processes
 ``MXNET_MIRROR_HOOK_WORKER_MAX_MB`` 1536             a worker restarts above this resident size
+``MXNET_MIRROR_HOOK_LOCK_TIMEOUT``  300              seconds a rank waits for another's plan
 ==================================  ===============  ===============================================
 
 MXNet's own variables that the plugin reads or sets are named here too
@@ -28,8 +29,10 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, TypeVar
 
 __all__ = ["CACHE_DIR", "CACHE_ENTRIES", "CACHE_MAX_FILES", "MEASURE", "WORKERS", "WORKER_MAX_MB",
            "MEM_PLAN_VERBOSE", "MATCH_RANGE", "AUTO_SEARCH_MATCH_RANGE", "DO_MIRROR",
-           "MXNET_VARIABLES", "read", "read_int", "read_float", "cache_dir", "measure_in_process",
-           "worker_count", "worker_max_mb", "cache_entries", "cache_max_files", "scoped", "snapshot"]
+           "LOCK_TIMEOUT", "MXNET_VARIABLES", "read", "lock_timeout", "measure_mode", "read_int",
+           "read_float", "cache_dir", "measure_in_process", "worker_count", "worker_max_mb",
+           "cache_entries", "cache_max_files", "scoped", "snapshot", "quiet_bind", "match_range",
+           "auto_search_match_range"]
 
 CACHE_DIR = "MXNET_MIRROR_HOOK_CACHE_DIR"
 CACHE_ENTRIES = "MXNET_MIRROR_HOOK_CACHE_ENTRIES"
@@ -37,6 +40,7 @@ CACHE_MAX_FILES = "MXNET_MIRROR_HOOK_CACHE_MAX_FILES"
 MEASURE = "MXNET_MIRROR_HOOK_MEASURE"
 WORKERS = "MXNET_MIRROR_HOOK_WORKERS"
 WORKER_MAX_MB = "MXNET_MIRROR_HOOK_WORKER_MAX_MB"
+LOCK_TIMEOUT = "MXNET_MIRROR_HOOK_LOCK_TIMEOUT"
 
 #: MXNet's memory-plan log switch (read once per process, at the first bind); set for the
 #: capture worker only.
@@ -97,9 +101,14 @@ def cache_max_files() -> int:
     return read_int(CACHE_MAX_FILES, 2000)
 
 
+def measure_mode() -> str:
+    """``$MXNET_MIRROR_HOOK_MEASURE`` in lower case (``''`` when unset)."""
+    return (read(MEASURE) or "").lower()
+
+
 def measure_in_process() -> bool:
-    """Whether ``$MXNET_MIRROR_HOOK_MEASURE`` asks for binds in this process."""
-    return (read(MEASURE, "worker") or "worker").lower() == "inprocess"
+    """Whether ``$MXNET_MIRROR_HOOK_MEASURE`` asks planners to bind in this process."""
+    return measure_mode() == "inprocess"
 
 
 def worker_count() -> int:
@@ -110,6 +119,11 @@ def worker_count() -> int:
 def worker_max_mb() -> float:
     """Resident size above which a measuring worker is restarted."""
     return read_float(WORKER_MAX_MB, 1536.0)
+
+
+def lock_timeout() -> float:
+    """Seconds a process waits on another planning the same key in a shared cache directory."""
+    return read_float(LOCK_TIMEOUT, 300.0)
 
 
 def match_range(default: int) -> int:
@@ -129,7 +143,7 @@ def quiet_bind() -> Dict[str, str]:
 
 def snapshot() -> Dict[str, Optional[str]]:
     """Every variable above with its current value (None when unset), for bug reports."""
-    names = (CACHE_DIR, CACHE_ENTRIES, CACHE_MAX_FILES, MEASURE, WORKERS, WORKER_MAX_MB) \
+    names = (CACHE_DIR, CACHE_ENTRIES, CACHE_MAX_FILES, MEASURE, WORKERS, WORKER_MAX_MB, LOCK_TIMEOUT) \
         + MXNET_VARIABLES
     return {name: os.environ.get(name) for name in names}
 

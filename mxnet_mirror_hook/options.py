@@ -9,14 +9,15 @@ planner name or budget fails where the user wrote it, not at the first bind.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from .core.budget import Budget, BudgetLike, parse_budget
-from .core.planners import get_planner
+from .core.planners import get_planner, list_planners
 
-__all__ = ["MirrorOptions", "OPTION_NAMES"]
+__all__ = ["MirrorOptions", "OPTION_NAMES", "option_arguments", "option_parser"]
 
 #: The option names, as keyword arguments of every surface.
 OPTION_NAMES = ("planner", "memory_budget", "cache_dir", "cost_ctx", "keep_ops")
@@ -120,6 +121,31 @@ class MirrorOptions:
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
     @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "MirrorOptions":
+        """Options from the arguments :func:`option_arguments` added.
+
+        ``--no-cache`` wins over ``--cache-dir`` (memory only).  Namespaces made
+        by older code under the old destinations (``mirror_planner``,
+        ``mirror_cache_dir``, ``budget``, ``ctx``) are read too.
+
+        Raises
+        ------
+        TypeError, UnknownPlannerError, BudgetError
+            As the constructor.
+        """
+        def first(*names: str) -> Any:
+            for name in names:
+                value = getattr(args, name, None)
+                if value is not None:
+                    return value
+            return None
+
+        cache_dir = False if getattr(args, "no_cache", False) else first("cache_dir", "mirror_cache_dir")
+        return cls.coerce(planner=first("planner", "mirror_planner"),
+                          memory_budget=first("memory_budget", "budget"), cache_dir=cache_dir,
+                          cost_ctx=first("cost_ctx", "ctx"), keep_ops=first("keep_ops"))
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MirrorOptions":
         """Options from a mapping that may hold other keys too (only the option names are read)."""
         return cls.coerce(**{k: values[k] for k in OPTION_NAMES if k in values})
@@ -128,3 +154,109 @@ class MirrorOptions:
 def normalize_keep_ops(keep_ops: Optional[Iterable[str]]) -> Tuple[str, ...]:
     """``keep_ops`` as :class:`MirrorOptions` stores it (sorted, unique)."""
     return MirrorOptions(keep_ops=tuple(keep_ops or ())).keep_ops
+
+
+# NOTE [ one flag vocabulary ]
+# Every command line that takes mirroring options (``python -m mxnet_mirror_hook``,
+# ``mxnet-mirror plan/report/pareto``, scripts using ``add_arguments``, the examples)
+# gets them from ``option_arguments``, under the names of ``MirrorOptions``' fields:
+# --memory-budget, --planner, --cache-dir/--no-cache, --cost-ctx, --keep-ops (and the
+# --mirror/--no-mirror switch for scripts).  Spellings users already typed stay as
+# aliases: --budget and --ctx (the old ``mxnet-mirror plan``), --mirror-planner and
+# --mirror-cache-dir (the old ``add_arguments``).  A user's own parser may already
+# own one of these strings (a training script with its own ``--ctx``): that string
+# is left to the script and ours is added under its other spellings only, so
+# ``add_arguments`` never makes a script's parser raise a conflict.
+
+#: (destination, option strings, argparse keywords) of every mirroring option.
+_OPTIONS = (
+    ("memory_budget", ("--memory-budget", "--budget"),
+     {"metavar": "BUDGET", "help": "memory budget: 'min', a fraction of the unmirrored plan "
+                                   "(0.6 or 60%%), or a size (4GB)"}),
+    ("planner", ("--planner", "--mirror-planner"),
+     {"choices": None, "default": "auto", "metavar": "NAME",
+      "help": "mirroring planner: %(choices)s (default auto)"}),
+    ("cache_dir", ("--cache-dir", "--mirror-cache-dir"),
+     {"metavar": "DIR", "help": "plan cache directory (default $MXNET_MIRROR_HOOK_CACHE_DIR, else "
+                                "~/.cache/mxnet_mirror_hook)"}),
+    ("no_cache", ("--no-cache",),
+     {"action": "store_true", "help": "keep plans in memory only (no disk cache)"}),
+    ("cost_ctx", ("--cost-ctx", "--ctx"),
+     {"metavar": "CTX", "help": "where plans are measured: cpu (default) or gpu[:N]"}),
+    ("keep_ops", ("--keep-ops",),
+     {"metavar": "OP[,OP]", "help": "operator types never to recompute, e.g. BatchNorm,Convolution"}),
+)
+
+
+def _taken(container: Any) -> set:
+    """Option strings a parser (or an argument group of one) already has."""
+    return set(getattr(container, "_option_string_actions", {}))
+
+
+def option_arguments(container: Any, *, switch: bool = True, mirror_default: bool = False,
+                     title: Optional[str] = "memory mirroring (mxnet-mirror-hook)",
+                     only: Optional[Iterable[str]] = None) -> Any:
+    """Add the mirroring options to an argparse parser or argument group.
+
+    Parameters
+    ----------
+    container : argparse.ArgumentParser or argument group
+        Where to add them.  On a parser, they go in an argument group named
+        ``title`` (``None``: directly on the parser).
+    switch : bool
+        Also add ``--mirror`` / ``--no-mirror`` (destination ``mirror``).
+    mirror_default : bool
+        The value of ``mirror`` when neither switch is given.
+    title : str or None
+        Name of the argument group made on a parser.
+    only : iterable of str, optional
+        Add only these destinations (e.g. ``('cost_ctx', 'keep_ops')`` for a
+        command that neither plans with a budget nor caches).
+
+    Returns
+    -------
+    The ``container`` given, for chaining.
+
+    Notes
+    -----
+    Destinations are the :class:`MirrorOptions` field names (``memory_budget``,
+    ``planner``, ``cache_dir``, ``cost_ctx``, ``keep_ops``) plus ``no_cache``;
+    read them with :meth:`MirrorOptions.from_args`.  Option strings the
+    container already owns are skipped (see NOTE [ one flag vocabulary ]).
+    """
+    target = container
+    if title and isinstance(container, argparse.ArgumentParser):
+        target = container.add_argument_group(title)
+    taken = _taken(container)
+
+    def add(dest: str, strings: Tuple[str, ...], **kwargs: Any) -> None:
+        free = [s for s in strings if s not in taken]
+        if free:
+            target.add_argument(*free, dest=dest, **kwargs)
+
+    if switch:
+        add("mirror", ("--mirror",), action="store_true", default=mirror_default,
+            help="recompute forward nodes during backward to save memory"
+                 + (" (the default)" if mirror_default else ""))
+        add("mirror", ("--no-mirror",), action="store_false", default=mirror_default,
+            help="train without mirroring" + ("" if mirror_default else " (the default)"))
+    wanted = None if only is None else set(only)
+    for dest, strings, keywords in _OPTIONS:
+        if wanted is not None and dest not in wanted:
+            continue
+        keywords = dict(keywords)
+        if "choices" in keywords:
+            keywords["choices"] = list_planners()
+        if keywords.get("action") != "store_true":
+            keywords.setdefault("default", None)
+        add(dest, strings, **keywords)
+    return container
+
+
+def option_parser(*, switch: bool = True, mirror_default: bool = False) -> argparse.ArgumentParser:
+    """A parent parser holding the mirroring options, for ``ArgumentParser(parents=[...])``.
+
+    See :func:`option_arguments` for the parameters.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    return option_arguments(parser, switch=switch, mirror_default=mirror_default)

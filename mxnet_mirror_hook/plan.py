@@ -21,7 +21,7 @@ from .core.units import MB
 from .core.planners import get_planner
 from .core.planners.base import NullProgress
 from .core.allocator import ExecutedGraph
-from .errors import MeasurementError, ShapeError
+from .errors import BudgetUnreachableError, MeasurementError, ShapeError
 from .options import MirrorOptions, normalize_keep_ops
 from .progress import PlanProgress
 from .mx.apply import MirrorTemplate
@@ -364,45 +364,62 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         logger.info("%s", plan.summary())
         return plan
 
-    cached = cache.get(key)
-    if cached is not None:
-        if all(name in graph and graph.node(name).can_mirror for name in cached["mirrored"]):
-            return finish(cached["mirrored"], float(cached["baseline_mb"]),
-                          float(cached["planned_mb"]), float(cached["overhead"]), from_cache=True)
-        logger.warning("plan cache: entry names nodes this symbol lacks or that may no longer be "
-                       "recomputed; planning again")
-        cache.forget(key)
-
-    reason = nothing_to_gain(graph, budget)
-    if reason is not None:
-        # NOTE [ deciding without candidates ]: one in-process bind of the
-        # unmirrored symbol (no worker process to start) gives MXNet's figure.
-        baseline_mb = planned_mb_in_process(template.build(frozenset()), context,
-                                            setup.measure.shapes, setup.measure.types,
-                                            setup.requests, collect=False)
-        logger.debug("not mirroring: %s", reason)
-        plan = finish((), baseline_mb, baseline_mb, 0.0, from_cache=False,
-                      candidates=[{"label": f"unmirrored ({reason})", "planned_mb": baseline_mb,
-                                   "overhead": 0.0, "mirrored_count": 0}])
-        cache.put(key, {"mirrored": [], "baseline_mb": baseline_mb, "planned_mb": baseline_mb,
-                        "overhead": 0.0, "label": "unmirrored"})
-        return plan
-
-    with PlanProgress(", ".join(f"{name} {'x'.join(map(str, shape))}"
-                                for name, shape, _ in setup.all_inputs)) as progress:
-        setup.measure.progress = progress
+    def plan_now() -> MirrorPlan:
+        """Plan with the chosen planner and store the decision in the cache."""
+        reason = nothing_to_gain(graph, budget)
+        if reason is not None:
+            # NOTE [ deciding without candidates ]: one in-process bind of the
+            # unmirrored symbol (no worker process to start) gives MXNet's figure.
+            baseline_mb = planned_mb_in_process(template.build(frozenset()), context,
+                                                setup.measure.shapes, setup.measure.types,
+                                                setup.requests, collect=False)
+            logger.debug("not mirroring: %s", reason)
+            plan = finish((), baseline_mb, baseline_mb, 0.0, from_cache=False,
+                          candidates=[{"label": f"unmirrored ({reason})",
+                                       "planned_mb": baseline_mb, "overhead": 0.0,
+                                       "mirrored_count": 0}])
+            cache.put(key, {"mirrored": [], "baseline_mb": baseline_mb,
+                            "planned_mb": baseline_mb, "overhead": 0.0, "label": "unmirrored"})
+            return plan
+        label = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape, _ in setup.all_inputs)
         try:
-            outcome = chosen_planner.plan(graph, budget, setup.measure)
+            with PlanProgress(label) as progress:
+                setup.measure.progress = progress
+                outcome = chosen_planner.plan(graph, budget, setup.measure)
+        except BudgetUnreachableError as error:
+            # NOTE [ one unreachable-budget error ]
+            # A planner may try again after a first BudgetUnreachableError (auto
+            # searches against the allocator model from the lowest bound plan) and
+            # raise a second one from inside its ``except`` block: Python would
+            # print both, chained, with two different "smallest reachable" figures.
+            # The last one is the one that counts (it has seen every candidate
+            # MXNet measured), so it is the only one shown.
+            raise error from None
         finally:
             setup.measure.progress = NullProgress()
-    chosen = outcome.chosen
-    order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
-    plan = finish(order, outcome.baseline_mb, chosen.planned_mb,
-                  recompute_overhead(graph, order), from_cache=False,
-                  candidates=[{"label": c.decision.label, "planned_mb": c.planned_mb,
-                               "overhead": c.overhead, "mirrored_count": len(c.decision.mirrored)}
-                              for c in outcome.candidates])
-    cache.put(key, {"mirrored": list(order), "baseline_mb": plan.baseline_mb,
-                    "planned_mb": plan.planned_mb, "overhead": plan.overhead,
-                    "label": chosen.decision.label})
-    return plan
+        chosen = outcome.chosen
+        order = [n.name for n in graph.nodes if n.name in chosen.decision.mirrored]
+        plan = finish(order, outcome.baseline_mb, chosen.planned_mb,
+                      recompute_overhead(graph, order), from_cache=False,
+                      candidates=[{"label": c.decision.label, "planned_mb": c.planned_mb,
+                                   "overhead": c.overhead, "mirrored_count": len(c.decision.mirrored)}
+                                  for c in outcome.candidates])
+        cache.put(key, {"mirrored": list(order), "baseline_mb": plan.baseline_mb,
+                        "planned_mb": plan.planned_mb, "overhead": plan.overhead,
+                        "label": chosen.decision.label})
+        return plan
+
+    cached = cache.get(key)
+    if cached is None:
+        # One process plans a key, the others wait for its entry (NOTE [ ranks sharing a cache ]).
+        with cache.planning(key):
+            cached = cache.get(key)  # written meanwhile by the process that held the lock
+            if cached is None:
+                return plan_now()
+    if all(name in graph and graph.node(name).can_mirror for name in cached["mirrored"]):
+        return finish(cached["mirrored"], float(cached["baseline_mb"]),
+                      float(cached["planned_mb"]), float(cached["overhead"]), from_cache=True)
+    logger.warning("plan cache: entry names nodes this symbol lacks or that may no longer be "
+                   "recomputed; planning again")
+    cache.forget(key)
+    return plan_now()

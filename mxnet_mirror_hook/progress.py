@@ -19,12 +19,28 @@ PROGRESS_DELAY_SECONDS = 1.0
 _PACKAGE_LOGGER = logging.getLogger("mxnet_mirror_hook")
 
 
+def _info_shown() -> bool:
+    """Whether an INFO record of the package's logger reaches some handler."""
+    if not _PACKAGE_LOGGER.isEnabledFor(logging.INFO):
+        return False
+    current: Optional[logging.Logger] = _PACKAGE_LOGGER
+    while current is not None:
+        for handler in current.handlers:
+            shows = getattr(handler, "shows", None)  # the script runner's bridge decides itself
+            if shows(logging.INFO) if shows is not None else handler.level <= logging.INFO:
+                return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
 def _wanted() -> bool:
     try:
         attached = sys.stderr.isatty()
     except (AttributeError, ValueError):
         attached = False
-    return attached or _PACKAGE_LOGGER.isEnabledFor(logging.INFO)
+    return attached or _info_shown()
 
 
 class PlanProgress:

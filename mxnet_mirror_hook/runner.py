@@ -14,18 +14,22 @@ import logging
 import os
 import runpy
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
 import mxnet as mx
 
 from .bucketing import MirroredBucketingModule
-from .core.budget import parse_budget
-from .core.planners import get_planner, list_planners
+from .errors import BudgetError, UnknownPlannerError
 from .module import MirroredModule
+from .options import MirrorOptions, option_arguments
 
 __all__ = ["add_arguments", "from_args", "mirrored_modules", "run_script", "main"]
 
 logger = logging.getLogger(__name__)
+
+#: The logger every record of the package goes through.
+PACKAGE_LOGGER = __name__.rpartition(".")[0]
+FALLBACK_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def _subclass_with_defaults(base: type, options: Dict[str, Any]) -> type:
@@ -41,28 +45,36 @@ def _subclass_with_defaults(base: type, options: Dict[str, Any]) -> type:
 
 
 @contextlib.contextmanager
-def mirrored_modules(**options: Any) -> Iterator[None]:
+def mirrored_modules(options: Optional[MirrorOptions] = None, **kwargs: Any) -> Iterator[MirrorOptions]:
     """Within the block, ``mx.mod.Module`` and ``mx.mod.BucketingModule`` are the mirrored ones.
 
     Parameters
     ----------
-    **options
-        ``planner``, ``memory_budget``, ``cache_dir``, ``cost_ctx``, ``keep_ops``,
-        passed to every module the script creates.
+    options : MirrorOptions, optional
+        The options every module the script creates gets (unless it passes its own).
+    **kwargs
+        ``planner``, ``memory_budget``, ``cache_dir``, ``cost_ctx``, ``keep_ops``:
+        override the fields of ``options`` (see :meth:`MirrorOptions.coerce`).
+
+    Yields
+    ------
+    MirrorOptions
+        The options in force.
     """
-    get_planner(options.get("planner", "auto"))
-    parse_budget(options.get("memory_budget"))
+    chosen = MirrorOptions.coerce(options, **kwargs)
+    defaults = chosen.as_dict()
     package = mx.module
     saved = package.Module, package.BucketingModule
-    package.Module = _subclass_with_defaults(MirroredModule, options)
-    package.BucketingModule = _subclass_with_defaults(MirroredBucketingModule, options)
+    package.Module = _subclass_with_defaults(MirroredModule, defaults)
+    package.BucketingModule = _subclass_with_defaults(MirroredBucketingModule, defaults)
     try:
-        yield
+        yield chosen
     finally:
         package.Module, package.BucketingModule = saved
 
 
-def run_script(script: str, script_args: Sequence[str], **options: Any) -> None:
+def run_script(script: str, script_args: Sequence[str], options: Optional[MirrorOptions] = None,
+               **kwargs: Any) -> None:
     """Run ``script`` as ``__main__`` with mirrored modules (see :func:`mirrored_modules`)."""
     if not os.path.isfile(script):
         raise FileNotFoundError(f"no training script at {script!r}")
@@ -70,25 +82,25 @@ def run_script(script: str, script_args: Sequence[str], **options: Any) -> None:
     sys.argv = [script] + list(script_args)
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
-        with mirrored_modules(**options):
+        with mirrored_modules(options, **kwargs):
             runpy.run_path(script, run_name="__main__")
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--mirror``, ``--memory-budget``, ``--mirror-planner`` and ``--mirror-cache-dir``.
+def add_arguments(parser: argparse.ArgumentParser, *, mirror_default: bool = False
+                  ) -> argparse.ArgumentParser:
+    """Add ``--mirror``/``--no-mirror`` and the mirroring options to a script's parser.
 
-    Returns the argument group's parser, for chaining.
+    The options are :func:`~mxnet_mirror_hook.options.option_arguments`'
+    (``--memory-budget``, ``--planner``, ``--cache-dir``, ``--no-cache``,
+    ``--cost-ctx``, ``--keep-ops``, with the old ``--mirror-planner`` and
+    ``--mirror-cache-dir`` spellings); a string the parser already owns is left
+    to it.  ``mirror_default`` is what ``args.mirror`` is without a switch.
+
+    Returns ``parser``, for chaining.
     """
-    group = parser.add_argument_group("memory mirroring (mxnet-mirror-hook)")
-    group.add_argument("--mirror", action="store_true",
-                       help="recompute forward nodes during backward to save memory")
-    group.add_argument("--memory-budget", default=None,
-                       help="'min', a fraction of the plain memory (0.6), or a size (4GB)")
-    group.add_argument("--mirror-planner", default="auto", choices=list_planners())
-    group.add_argument("--mirror-cache-dir", default=None, help="plan cache directory")
-    return parser
+    return option_arguments(parser, switch=True, mirror_default=mirror_default)
 
 
 def from_args(args: argparse.Namespace, bucketing: bool = False) -> Callable[..., Any]:
@@ -96,14 +108,17 @@ def from_args(args: argparse.Namespace, bucketing: bool = False) -> Callable[...
 
     Returns ``mx.mod.Module`` (or ``BucketingModule``) without ``--mirror``, else
     the mirrored class with the options bound; call it as you would ``Module``.
+
+    Raises
+    ------
+    TypeError, UnknownPlannerError, BudgetError
+        For options that make no sense (see :class:`MirrorOptions`).
     """
     if not getattr(args, "mirror", False):
         return mx.mod.BucketingModule if bucketing else mx.mod.Module
-    budget = getattr(args, "memory_budget", None)
-    parse_budget(budget)
+    options = MirrorOptions.from_args(args)
     base = MirroredBucketingModule if bucketing else MirroredModule
-    return functools.partial(base, planner=getattr(args, "mirror_planner", "auto"),
-                             memory_budget=budget, cache_dir=getattr(args, "mirror_cache_dir", None))
+    return functools.partial(base, **options.as_dict())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,20 +126,109 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mxnet_mirror_hook",
         description="Run an MXNet training script with mx.mod.Module and BucketingModule "
-                    "replaced by mirrored ones (or use a subcommand: plan).")
-    parser.add_argument("--memory-budget", default=None)
-    parser.add_argument("--planner", default="auto", choices=list_planners())
-    parser.add_argument("--cache-dir", default=None,
-                        help="plan cache directory (default $MXNET_MIRROR_HOOK_CACHE_DIR)")
-    parser.add_argument("script")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER)
+                    "replaced by mirrored ones (or use a subcommand: plan, report, pareto).")
+    option_arguments(parser, switch=False, title=None)
+    parser.add_argument("script", help="the training script to run (as __main__)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its own arguments")
     return parser
 
 
+# NOTE [ the runner and the script's logging ]
+# The script owns logging: the runner never configures the root logger, so a
+# script's own ``logging.basicConfig(format=..., level=...)`` takes effect (it
+# only acts while root has no handler).  Our plan lines must still show when
+# the script configures nothing, and must follow the script's handlers and
+# level when it does.  While the script runs, the ``mxnet_mirror_hook`` logger
+# holds one ``_ScriptLogBridge`` and does not propagate; for each record:
+#   * the script configured logging (now or later): the record goes to root's
+#     handlers if it passes root's level, exactly as propagation would have
+#     done at the script's chosen level;
+#   * it did not: INFO and above go to stderr in our own short format.
+# "Configured" cannot mean "root has a handler": any module-level call such
+# as ``logging.info(...)`` (MXNet's Module makes them, so do many scripts) runs
+# an implicit ``basicConfig()`` when root has none, leaving root at WARNING
+# with one stderr handler in ``logging.BASIC_FORMAT``.  That state counts as
+# not configured (an explicit ``logging.basicConfig()`` without arguments looks
+# the same and is treated the same: our INFO lines still show); a root level
+# other than WARNING, or any other handler, counts as configured.
+# Our logger's level is DEBUG meanwhile so that a script at DEBUG gets our
+# DEBUG records; a level the script sets on our logger itself is respected
+# (it is not overridden).  Everything is put back when the script ends.
+
+
+class _ScriptLogBridge(logging.Handler):
+    """Hands our records to the script's root handlers, or to stderr when it has none."""
+
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
+        super().__init__(logging.DEBUG)
+        self._fallback = logging.StreamHandler(stream)
+        self._fallback.setFormatter(logging.Formatter(FALLBACK_FORMAT))
+
+    def shows(self, levelno: int) -> bool:
+        """Whether a record of this level reaches a stream (read by the progress bar)."""
+        root = logging.getLogger()
+        return levelno >= (root.getEffectiveLevel() if _configured(root) else logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
+        if not self.shows(record.levelno):
+            return
+        if _configured(root):
+            root.handle(record)
+        else:
+            self._fallback.handle(record)
+
+
+def _implicit_handler(handler: logging.Handler) -> bool:
+    """Whether ``handler`` is the one an implicit ``logging.basicConfig()`` adds."""
+    formatter = handler.formatter
+    return (type(handler) is logging.StreamHandler and handler.level == logging.NOTSET
+            and formatter is not None and getattr(formatter, "_fmt", None) == logging.BASIC_FORMAT)
+
+
+def _configured(root: logging.Logger) -> bool:
+    """Whether the script configured logging (see NOTE [ the runner and the script's logging ])."""
+    if root.level != logging.WARNING:
+        return True
+    return any(not _implicit_handler(handler) for handler in root.handlers)
+
+
+@contextlib.contextmanager
+def script_logging(stream: Optional[TextIO] = None) -> Iterator[logging.Handler]:
+    """While the block runs, route the package's records as NOTE [ the runner and the script's logging ]."""
+    package = logging.getLogger(PACKAGE_LOGGER)
+    saved = package.level, package.propagate
+    bridge = _ScriptLogBridge(stream)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.DEBUG)
+    package.propagate = False
+    package.addHandler(bridge)
+    try:
+        yield bridge
+    finally:
+        package.removeHandler(bridge)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the script runner."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_script(args.script, args.script_args, planner=args.planner,
-               memory_budget=args.memory_budget, cache_dir=args.cache_dir)
+    """Entry point of the script runner.
+
+    Returns 0, or 2 (after one line on stderr) when the mirroring options
+    cannot be met: a budget that makes no sense or that no plan reaches.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = MirrorOptions.from_args(args)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    if not os.path.isfile(args.script):
+        parser.error(f"no training script at {args.script!r}")
+    try:
+        with script_logging():
+            run_script(args.script, args.script_args, options)
+    except (BudgetError, UnknownPlannerError) as error:  # one line, no traceback (issue 13)
+        sys.stderr.write(f"{parser.prog}: error: {error}\n")
+        return 2
     return 0

@@ -16,7 +16,7 @@ BudgetLike = Union[None, str, int, float, "Budget"]
 
 _UNITS = {"": 1, "B": 1, "KB": KB, "K": KB, "KIB": KB, "MB": MB, "M": MB, "MIB": MB, "GB": GB, "G": GB,
           "GIB": GB, "TB": GB << 10, "TIB": GB << 10}
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*|%)\s*$")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ def parse_budget(budget: BudgetLike) -> Budget:
     budget : None, 'min', float in (0, 1], int bytes, or str with a unit
         ``None`` asks for the lowest memory the planner finds; ``'min'`` for the
         lowest reachable; a float in (0, 1] is a fraction of the unmirrored
-        plan; an int is bytes; ``'512MB'``, ``'4GB'``, ``'0.5'`` are accepted.
+        plan; an int is bytes; ``'512MB'``, ``'4GB'``, ``'0.5'`` and ``'60%'``
+        (the same as ``0.6``) are accepted.
 
     Raises
     ------
@@ -87,7 +88,7 @@ def parse_budget(budget: BudgetLike) -> Budget:
     if isinstance(budget, bool) or not isinstance(budget, (str, numbers.Real)):
         raise TypeError(
             f"memory_budget must be None, 'min', a fraction in (0, 1], a number of bytes or a "
-            f"string such as '4GB'; got {budget!r} of type {type(budget).__name__}")
+            f"string such as '60%' or '4GB'; got {budget!r} of type {type(budget).__name__}")
     if isinstance(budget, str):
         text = budget.strip()
         if text.lower() in ("min", "minimum"):
@@ -98,8 +99,13 @@ def parse_budget(budget: BudgetLike) -> Budget:
         if not match:
             raise BudgetError(
                 f"memory_budget {budget!r} is not understood; write a size such as '512MB' or "
-                f"'4GB', a fraction such as '0.6', or 'min'")
+                f"'4GB', a fraction such as '0.6' or '60%', or 'min'")
         number, unit = float(match.group(1)), match.group(2).upper()
+        if unit == "%":
+            if not 0 < number <= 100:
+                raise BudgetError(f"memory_budget {budget!r} is a percentage of the unmirrored memory; "
+                                  f"it must be above 0% and at most 100%")
+            return Budget("fraction", number / 100.0)
         if unit == "":
             return parse_budget(number if "." in match.group(1) else int(number))
         if unit not in _UNITS:
@@ -118,5 +124,6 @@ def parse_budget(budget: BudgetLike) -> Budget:
     if value > 1.0:
         raise BudgetError(
             f"memory_budget {budget!r} is a float above 1; a float is a fraction of the unmirrored "
-            f"memory in (0, 1]. Pass an int for bytes or a string such as '4GB'")
+            f"memory in (0, 1] (or write a percentage such as '60%'). Pass an int for bytes or a "
+            f"string such as '4GB'")
     return Budget("fraction", value)

@@ -1,6 +1,8 @@
 """Symbol + input shapes -> :class:`~mxnet_mirror_hook.core.graph.Graph`."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from collections import OrderedDict
@@ -87,30 +89,47 @@ def normalize_inputs(shapes: Any, kind: str = "data") -> List[InputSpec]:
     return list(specs.values())
 
 
+# NOTE [ quiet inference ]
+# ``Symbol.infer_shape`` and ``infer_type`` wrap ``_infer_shape_impl`` /
+# ``_infer_type_impl``: on an MXNetError they ``print`` "infer_shape error.
+# Arguments: ..." to stdout before re-raising, and on an incomplete answer they
+# warn.  We raise our own ShapeError with the same facts, so we call the
+# implementations directly (same arguments, same results: ``(None, None, None)``
+# when incomplete).  Should a later MXNet drop them, the public methods run with
+# stdout captured and warnings silenced instead.
+
+
+def _quiet(symbol: "mx.sym.Symbol", what: str, partial: bool, values: Dict[str, Any]) -> tuple:
+    """``symbol.infer_<what>[_partial](**values)`` without MXNet's prints and warnings."""
+    implementation = getattr(symbol, f"_infer_{what}_impl", None)
+    if implementation is not None:
+        return implementation(partial, **values)
+    public = getattr(symbol, f"infer_{what}_partial" if partial else f"infer_{what}")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return public(**values)
+
+
 def _infer(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec]) -> Tuple[list, list, list, list]:
     shapes = {spec.name: spec.shape for spec in inputs}
     types = {spec.name: np.dtype(spec.dtype) for spec in inputs}
     internals = symbol.get_internals()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MXNet warns, then returns None; we raise instead
-            arg_shapes, out_shapes, aux_shapes = internals.infer_shape(**shapes)
+        arg_shapes, out_shapes, aux_shapes = _quiet(internals, "shape", False, shapes)
     except mx.base.MXNetError as error:
         raise ShapeError(
             f"MXNet cannot infer shapes from {shapes}: {mxnet_error_line(error)}. Check that every "
             f"data and label shape has the rank and layout the symbol expects (batch first, "
             f"e.g. NCHW).") from None
     if arg_shapes is None or out_shapes is None or any(s is None for s in out_shapes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            partial, _, _ = symbol.infer_shape_partial(**shapes)
+        partial, _, _ = _quiet(symbol, "shape", True, shapes)
         unknown = [name for name, shape in zip(symbol.list_arguments(), partial or [])
                    if not shape or 0 in shape]
         raise ShapeError(
             f"cannot infer the shapes of {unknown[:6]}{' ...' if len(unknown) > 6 else ''} from "
             f"{shapes}; give the shape of every data and label input in data_shapes/label_shapes")
     try:
-        _, out_types, _ = internals.infer_type(**types)
+        _, out_types, _ = _quiet(internals, "type", False, types)
     except mx.base.MXNetError as error:
         raise ShapeError(f"MXNet cannot infer dtypes from {types}: {mxnet_error_line(error)}") from None
     if out_types is None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mxnet_mirror_hook.cli import main
+from mxnet_mirror_hook.tools.cli import main
 from mxnet_mirror_hook.testing.models import small_resnet
 
 from tests.paths import ROOT  # noqa: E402
@@ -49,6 +49,24 @@ def test_plan_text_output_and_saved_symbol(symbol_file, tmp_path, capsys):
 def test_bad_input_exits_2_with_a_message(symbol_file, caplog, args, message):
     assert main(["plan", symbol_file] + args) == 2
     assert message in caplog.text
+
+
+@pytest.mark.parametrize("prefix", [["-m", "mxnet_mirror_hook"], ["-m", "mxnet_mirror_hook.tools.cli"]])
+def test_unreachable_budget_is_one_line_on_stderr_and_exit_2(symbol_file, prefix):
+    result = subprocess.run([sys.executable] + prefix + ["plan", symbol_file, "--shape", "data=16,3,64,64",
+                                                         "--memory-budget", "1MB", "--no-cache"],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "smallest reachable" in line]
+    assert len(errors) == 1 and errors[0].count("MB") == 4  # budget, smallest, unmirrored, "at least"
+
+
+def test_percentage_budget_plans(symbol_file, capsys):
+    assert main(["plan", symbol_file, "--shape", "data=16,3,64,64", "--budget", "60%", "--json",
+                 "--no-cache"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budget"] == "0.6 of baseline" and report["planned_mb"] <= 0.6 * report["baseline_mb"]
 
 
 def test_unknown_planner_and_malformed_shape_are_usage_errors(symbol_file, capsys):

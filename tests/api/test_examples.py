@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from mxnet_mirror_hook.cli import main as cli_main
+from mxnet_mirror_hook.tools.cli import main as cli_main
 from mxnet_mirror_hook.testing.models import small_resnet
 
 from tests.paths import ROOT  # noqa: E402

@@ -40,13 +40,32 @@ def _load_seed(monkeypatch):
     return seed
 
 
-def test_search_plan_gives_the_seeds_memory_on_an_annotated_resnet(annotated_resnet, monkeypatch):
+def test_search_plan_prints_the_seeds_lines_and_gives_its_memory(annotated_resnet, monkeypatch,
+                                                                  capsys):
+    capsys.readouterr()
     ours = memonger.search_plan(annotated_resnet, ctx=mx.cpu(), **SHAPES)
+    our_lines = capsys.readouterr().out.splitlines()
     seed = _load_seed(monkeypatch)
     theirs = seed.search_plan(annotated_resnet, **SHAPES)
+    seed_lines = capsys.readouterr().out.splitlines()
+    assert our_lines == seed_lines  # same wording, same thresholds and costs, same order
+    assert seed_lines[0].startswith("Search threshold=0 MB, cost=")
+    assert seed_lines[-1].startswith("Find best plan with threshold=")
     ours_mb = memonger.get_cost(ours, ctx=mx.cpu(), **SHAPES)
     assert ours_mb == seed.get_cost(theirs, **SHAPES)
     assert ours_mb < 0.5 * memonger.get_cost(annotated_resnet, ctx=mx.cpu(), **SHAPES)
+
+
+@pytest.mark.parametrize("mode", ["inprocess", "worker"])
+def test_binding_in_this_process_or_in_workers_prints_and_finds_the_same(mode, monkeypatch, capsys):
+    symbol, shapes = memonger_resnet(18), {"data": (2, 3, 64, 64)}
+    capsys.readouterr()
+    monkeypatch.delenv("MXNET_MIRROR_HOOK_MEASURE", raising=False)
+    default = memonger.get_cost(memonger.search_plan(symbol, ctx=mx.cpu(), **shapes), ctx=mx.cpu(), **shapes)
+    default_lines = capsys.readouterr().out
+    monkeypatch.setenv("MXNET_MIRROR_HOOK_MEASURE", mode)
+    chosen = memonger.get_cost(memonger.search_plan(symbol, ctx=mx.cpu(), **shapes), ctx=mx.cpu(), **shapes)
+    assert chosen == default and capsys.readouterr().out == default_lines
 
 
 def test_make_mirror_plan_matches_the_seed_node_for_node(annotated_resnet, monkeypatch):
@@ -61,10 +80,13 @@ def test_make_mirror_plan_matches_the_seed_node_for_node(annotated_resnet, monke
         assert abs(info_ours["save_size"] - info_seed["save_size"]) < 1 << 20
 
 
-def test_get_cost_uses_the_cpu_without_a_gpu_and_progress_goes_to_logging(annotated_resnet, caplog):
+def test_get_cost_uses_the_cpu_without_a_gpu_and_progress_is_printed_and_logged(annotated_resnet,
+                                                                                capsys, caplog):
     assert mx.context.num_gpus() == 0 or pytest.skip("a GPU is present")
-    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook.memonger"):
+    with caplog.at_level(logging.DEBUG, logger="mxnet_mirror_hook.compat.memonger"):
         best = memonger.search_plan(annotated_resnet, **SHAPES)
+    printed = capsys.readouterr().out
+    assert "Search threshold=" in printed and "Find best plan" in printed
     assert "Search threshold=" in caplog.text and "Find best plan" in caplog.text
     assert memonger.get_cost(best, **SHAPES) < memonger.get_cost(annotated_resnet, **SHAPES)
 
@@ -73,3 +95,11 @@ def test_the_users_symbol_is_not_modified(annotated_resnet):
     before = annotated_resnet.tojson()
     memonger.make_mirror_plan(annotated_resnet, 0, **SHAPES)
     assert annotated_resnet.tojson() == before
+
+
+def test_the_old_import_paths_still_reach_the_compat_module():
+    import mxnet_mirror_hook.memonger as old_path
+    from mxnet_mirror_hook.compat import memonger as new_path
+
+    assert old_path is new_path is memonger
+    assert callable(old_path.search_plan) and callable(old_path.get_cost)

@@ -88,6 +88,18 @@ def test_wrong_rank_shape_raises_shape_error_not_mxnet_error(resnet):
         plan_mirror(resnet, [("data", (16, 64, 64))], LABEL)
 
 
+@pytest.mark.parametrize("data, label, message", [
+    ([("data", (16, 64, 64))], LABEL, "rank"),
+    (DATA, [("softmax_label", (15, 3))], "infer shapes"),
+    ([("softmax_label", (16,))], None, "cannot infer the shapes"),
+])
+def test_bad_shapes_print_nothing_to_stdout(resnet, capfd, data, label, message):
+    capfd.readouterr()
+    with pytest.raises(ShapeError, match=message):
+        plan_mirror(resnet, data, label, cache_dir=False)
+    assert capfd.readouterr().out == ""  # MXNet's infer_shape would print "infer_shape error..."
+
+
 def test_mismatched_label_shape_raises_shape_error(resnet):
     with pytest.raises(ShapeError):
         plan_mirror(resnet, DATA, [("softmax_label", (15, 3))])

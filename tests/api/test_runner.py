@@ -84,3 +84,77 @@ def test_add_arguments_and_from_args():
     assert isinstance(module, MirroredModule) and module.mirror_options.memory_budget == "0.5"
     with pytest.raises(ValueError):
         from_args(parser.parse_args(["--mirror", "--memory-budget", "lots"]))
+
+
+# ------------------------------------------------------------- the script's logging
+SMALL_SCRIPT = textwrap.dedent("""
+    import logging
+    import mxnet as mx
+    from mxnet_mirror_hook.testing.models import small_resnet
+    {configure}
+    logging.debug("script's own debug line")
+    module = mx.mod.Module(small_resnet(), context=mx.cpu())
+    module.bind([("data", (16, 3, 64, 64))], [("softmax_label", (16,))])
+    print("bound", type(module).__name__)
+""")
+
+
+def _run_small(tmp_path, runner_args, configure=""):
+    script = tmp_path / "small.py"
+    script.write_text(SMALL_SCRIPT.format(configure=configure))
+    command = [sys.executable, "-m", "mxnet_mirror_hook", "--no-cache"] + runner_args + [str(script)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT,
+                                   MXNET_MIRROR_HOOK_CACHE_DIR=str(tmp_path / "cache")))
+
+
+def test_runner_keeps_the_scripts_logging_format_and_level(tmp_path):
+    result = _run_small(tmp_path, ["--memory-budget", "60%"],
+                        "logging.basicConfig(format='CUSTOM %(message)s', level=logging.DEBUG)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert "CUSTOM script's own debug line" in lines  # the script's level (DEBUG) and format
+    assert any(line.startswith("CUSTOM mirror plan [auto, budget 0.6 of baseline") for line in lines)
+    assert not any(line.startswith("INFO mxnet_mirror_hook") for line in lines)  # no second handler
+    assert "bound MirroredModule" in result.stdout
+
+
+def test_runner_shows_the_plan_line_when_the_script_configures_no_logging(tmp_path):
+    result = _run_small(tmp_path, [])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "INFO mxnet_mirror_hook.plan: mirror plan [auto" in result.stderr
+    assert "script's own debug line" not in result.stderr  # root stays at its default level
+
+
+def test_runner_respects_a_scripts_quieter_level(tmp_path):
+    result = _run_small(tmp_path, [], "logging.basicConfig(format='CUSTOM %(message)s', "
+                                      "level=logging.WARNING)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mirror plan" not in result.stderr
+
+
+def test_unreachable_budget_through_the_runner_is_one_line_and_exit_2(tmp_path):
+    result = _run_small(tmp_path, ["--memory-budget", "1MB"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "smallest reachable" in line]
+    assert len(errors) == 1 and errors[0].startswith("python -m mxnet_mirror_hook: error: memory budget")
+    assert "bound" not in result.stdout
+
+
+def test_nonsense_budget_is_a_usage_error_before_the_script_runs(tmp_path):
+    result = _run_small(tmp_path, ["--memory-budget", "lots"])
+    assert result.returncode == 2 and "memory_budget 'lots'" in result.stderr
+    assert "Traceback" not in result.stderr and "bound" not in result.stdout
+
+
+def test_logging_is_put_back_after_the_runner(tmp_path):
+    import logging
+
+    from mxnet_mirror_hook.runner import script_logging
+
+    package = logging.getLogger("mxnet_mirror_hook")
+    before = package.level, package.propagate, list(package.handlers)
+    with script_logging():
+        assert not package.propagate
+    assert (package.level, package.propagate, list(package.handlers)) == before

@@ -127,11 +127,20 @@ def test_planners_never_return_worse_than_baseline_even_with_a_hostile_measure()
 
 
 # ------------------------------------------------------------------------ budgets
+def test_a_percentage_is_the_same_budget_and_cache_key_as_its_fraction():
+    assert parse_budget("60%").key == parse_budget(0.6).key == parse_budget("0.6").key
+    for bad in ("0%", "150%", "%", "60%%"):
+        with pytest.raises(BudgetError, match="60%|percentage"):
+            parse_budget(bad)
+
+
 @pytest.mark.parametrize("text, expected", [
     (None, Budget("auto")), ("min", Budget("min")), (0.6, Budget("fraction", 0.6)),
     ("0.5", Budget("fraction", 0.5)), ("512MB", Budget("bytes", 512 * MB)),
     ("4GB", Budget("bytes", 4 * 1024 * MB)), (2 * 1024 * MB, Budget("bytes", 2 * 1024 * MB)),
     ("1.5 GiB", Budget("bytes", 1.5 * 1024 * MB)), (1, Budget("fraction", 1.0)),
+    ("60%", Budget("fraction", 0.6)), ("60 %", Budget("fraction", 0.6)),
+    (" 12.5% ", Budget("fraction", 0.125)), ("100%", Budget("fraction", 1.0)),
 ])
 def test_budget_parsing(text, expected):
     if text == 1:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -187,3 +189,89 @@ def test_failed_write_degrades_to_memory_only_without_leaving_a_partial_file(
     assert "memory only" in caplog.text
     assert second.from_cache and second.mirrored == first.mirrored
     assert os.listdir(isolated_cache) == []  # no entry, no temporary file left behind
+
+
+# ------------------------------------------------------------ ranks sharing a cache
+RANK_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    from mxnet_mirror_hook import plan_mirror
+    from mxnet_mirror_hook.testing.models import small_resnet
+    symbol = small_resnet(4, 16)
+    go = sys.argv[1]
+    while not os.path.exists(go):  # every rank imported MXNet; start together
+        time.sleep(0.01)
+    plan = plan_mirror(symbol, {data!r}, cache_dir=sys.argv[2])
+    print(json.dumps([plan.from_cache, list(plan.mirrored), plan.planned_mb]))
+""")
+
+
+@pytest.mark.slow
+def test_four_ranks_sharing_a_cache_directory_plan_once(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(data=DATA))
+    go, directory = tmp_path / "go", tmp_path / "shared-cache"
+    ranks = [subprocess.Popen([sys.executable, str(script), str(go), str(directory)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+             for _ in range(4)]
+    time.sleep(1.0)
+    go.write_text("go")
+    results = []
+    for rank in ranks:
+        out, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    planned_here = [from_cache for from_cache, _, _ in results].count(False)
+    assert planned_here == 1  # one rank planned; three waited and read its entry
+    assert all(r[1:] == results[0][1:] for r in results)  # the same plan everywhere
+    assert len(os.listdir(directory)) == 1  # one entry; the lock file went with its holder
+
+
+def _key(i=0):
+    from mxnet_mirror_hook.cache import PlanKey
+
+    return PlanKey("s", (("data", (i,), "float32"),), "g", "auto", "auto", "1.9.1", "cpu")
+
+
+PLAN = {"mirrored": ["a"], "baseline_mb": 2.0, "planned_mb": 1.0, "overhead": 0.1}
+
+
+def test_a_waiting_planner_finds_the_entry_of_the_lock_holder(tmp_path):
+    holder, waiter = PlanCache(str(tmp_path)), PlanCache(str(tmp_path))  # two "processes"
+    key, started, seen = _key(), threading.Event(), {}
+
+    def hold():
+        with holder.planning(key) as held:
+            seen["holder"] = held
+            started.set()
+            time.sleep(0.5)  # "planning"
+            holder.put(key, PLAN)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    started.wait(10)
+    assert waiter.get(key) is None
+    with waiter.planning(key, timeout=30) as held:
+        entry = waiter.get(key)
+    thread.join()
+    assert seen["holder"] and held and entry == PLAN
+
+
+def test_after_the_lock_timeout_a_process_plans_alone_with_a_warning(tmp_path, monkeypatch, caplog):
+    holder, waiter = PlanCache(str(tmp_path)), PlanCache(str(tmp_path))
+    monkeypatch.setenv("MXNET_MIRROR_HOOK_LOCK_TIMEOUT", "0.3")
+    with holder.planning(_key()):
+        tick = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
+            with waiter.planning(_key()) as held:
+                assert not held
+        assert time.monotonic() - tick >= 0.3
+    assert "MXNET_MIRROR_HOOK_LOCK_TIMEOUT" in caplog.text and "planning here too" in caplog.text
+    with waiter.planning(_key(1), timeout=0) as held:  # another key is not locked
+        assert held
+
+
+def test_memory_only_cache_plans_without_a_lock(tmp_path):
+    with PlanCache(None).planning(_key()) as held:
+        assert held is False
+    assert os.listdir(tmp_path) == []

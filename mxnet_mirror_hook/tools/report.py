@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 from typing import List, Sequence
 
-from .core.graph import Graph
-from .core.units import MB
-from .core.timeline import simulate_timeline
-from .plan import MirrorPlan
+from ..core.graph import Graph
+from ..core.timeline import simulate_timeline
+from ..core.units import MB
+from ..plan import MirrorPlan
 
 __all__ = ["draw_report"]
 

@@ -31,40 +31,32 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mxnet-mirror`` argument parser."""
-    from .core.planners import list_planners
+    from ..options import option_arguments, option_parser
 
     parser = argparse.ArgumentParser(
         prog="mxnet-mirror", description="Plan MXNet memory mirroring (recompute forward nodes "
         "during backward) for a saved symbol.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log planning progress")
     commands = parser.add_subparsers(dest="command", required=True)
-    plan = commands.add_parser("plan", help="plan a symbol and report memory before and after")
-    plan.add_argument("symbol", help="SYMBOL.json saved by mx.sym.Symbol.save or Module.save_checkpoint")
-    plan.add_argument("--shape", action="append", type=parse_shape, required=True,
-                      metavar="NAME=D1,D2,...", help="shape of a data or label input (repeat)")
-    plan.add_argument("--planner", default="auto", choices=list_planners())
-    plan.add_argument("--budget", default=None,
-                      help="memory budget: 'min', a fraction such as 0.6, or a size such as 4GB")
-    plan.add_argument("--ctx", default="cpu", help="where to measure: cpu (default) or gpu[:N]")
-    plan.add_argument("--cache-dir", default=None, help="plan cache directory")
-    plan.add_argument("--no-cache", action="store_true", help="do not read or write the disk cache")
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("symbol", help="SYMBOL.json saved by mx.sym.Symbol.save or Module.save_checkpoint")
+    shape.add_argument("--shape", action="append", type=parse_shape, required=True,
+                       metavar="NAME=D1,D2,...", help="shape of a data or label input (repeat)")
+    planning = option_parser(switch=False)
+    plan = commands.add_parser("plan", parents=[shape, planning],
+                               help="plan a symbol and report memory before and after")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("-o", "--output", default=None,
                       help="also save the mirrored symbol to this JSON file")
-    report = commands.add_parser("report", help="draw live memory along one iteration (PNG)")
-    report.add_argument("symbol", help="SYMBOL.json")
-    report.add_argument("--shape", action="append", type=parse_shape, required=True,
-                        metavar="NAME=D1,D2,...", help="shape of a data or label input (repeat)")
-    report.add_argument("--planner", default="auto", choices=list_planners())
-    report.add_argument("--budget", default=None, help="memory budget, as for plan")
-    report.add_argument("--no-cache", action="store_true", help="do not use the disk cache")
+    report = commands.add_parser("report", parents=[shape, planning],
+                                 help="draw live memory along one iteration (PNG)")
     report.add_argument("-o", "--output", default="mirror-report.png", help="PNG to write")
+    measuring = argparse.ArgumentParser(add_help=False)
+    option_arguments(measuring, switch=False, only=("cost_ctx", "keep_ops"))
     pareto = commands.add_parser(
-        "pareto", help="memory against recomputation for our plans, the seed's and "
+        "pareto", parents=[shape, measuring],
+        help="memory against recomputation for our plans, the seed's and "
         "MXNET_BACKWARD_DO_MIRROR=1 (CSV and PNG)")
-    pareto.add_argument("symbol", help="SYMBOL.json")
-    pareto.add_argument("--shape", action="append", type=parse_shape, required=True,
-                        metavar="NAME=D1,D2,...", help="shape of a data or label input (repeat)")
     pareto.add_argument("--measure", action="store_true",
                         help="also time training iterations on the CPU (our front, the seed's best, "
                         "MXNET_BACKWARD_DO_MIRROR=1) against the plain symbol")
@@ -78,8 +70,9 @@ def _load_and_plan(args: argparse.Namespace):
     """Load the symbol and plan it; ``(symbol, plan)``, or ``None`` after logging why."""
     import mxnet as mx
 
-    from .errors import MirrorHookError
-    from .plan import plan_mirror
+    from ..errors import MirrorHookError
+    from ..options import MirrorOptions
+    from ..plan import plan_mirror
 
     try:
         symbol = mx.sym.load(args.symbol)
@@ -87,20 +80,24 @@ def _load_and_plan(args: argparse.Namespace):
         logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
         return None
     try:
-        plan = plan_mirror(symbol, list(args.shape), planner=args.planner,
-                           memory_budget=args.budget, ctx=getattr(args, "ctx", None),
-                           cache_dir=False if args.no_cache else getattr(args, "cache_dir", None))
+        options = MirrorOptions.from_args(args)
+        plan = plan_mirror(symbol, list(args.shape), **options.plan_kwargs())
     except (MirrorHookError, ValueError, TypeError) as error:
-        logger.error("%s", error)
+        _error_line(error)
         return None
     return symbol, plan
+
+
+def _error_line(error: BaseException) -> None:
+    """Report a planning error as one line on stderr (logged, so ``-v`` runs keep it in order)."""
+    logger.error("%s", " ".join(str(error).split()))
 
 
 def run_report(args: argparse.Namespace) -> int:
     """The ``report`` command."""
     import os
 
-    from .mx.convert import normalize_inputs, symbol_to_graph
+    from ..mx.convert import normalize_inputs, symbol_to_graph
     from .report import draw_report
 
     loaded = _load_and_plan(args)
@@ -119,7 +116,7 @@ def run_pareto(args: argparse.Namespace) -> int:
 
     import mxnet as mx
 
-    from .errors import MirrorHookError
+    from ..errors import MirrorHookError
     from .pareto import draw_pareto, pareto_points, write_csv
 
     if args.repeats < 1:
@@ -132,9 +129,9 @@ def run_pareto(args: argparse.Namespace) -> int:
         return 2
     try:
         points = pareto_points(symbol, list(args.shape), measure_time=args.measure,
-                               repeats=args.repeats)
+                               repeats=args.repeats, ctx=args.cost_ctx, keep_ops=args.keep_ops)
     except (MirrorHookError, ValueError, TypeError) as error:
-        logger.error("%s", error)
+        _error_line(error)
         return 2
     write_csv(points, args.csv)
     draw_pareto(points, os.path.basename(args.symbol), args.png)

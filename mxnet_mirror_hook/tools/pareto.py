@@ -11,21 +11,22 @@ from __future__ import annotations
 import csv
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import mxnet as mx
 
-from .core.budget import parse_budget
-from .core.cost import recompute_overhead
-from .core.planners import Decision, get_planner
-from .core.planners.auto import SWEEP_FRACTIONS, AutoPlanner, auto_stages
-from .core.planners.base import CandidateEvaluator
-from .core.planners.dp import least_compute_decisions
-from .core.planners.memonger import threshold_decisions, user_stages
-from .core.planners.selective import selective_decisions
-from .mx.measure import DO_MIRROR_ENV, builtin_mirror_mb
-from .mx.timing import iteration_seconds
-from .plan import prepare_planning
+from ..core.budget import parse_budget
+from ..core.cost import recompute_overhead
+from ..core.planners import Decision, get_planner
+from ..core.planners.auto import SWEEP_FRACTIONS, AutoPlanner, auto_stages
+from ..core.planners.base import CandidateEvaluator
+from ..core.planners.dp import least_compute_decisions
+from ..core.planners.memonger import threshold_decisions, user_stages
+from ..core.planners.selective import selective_decisions
+from ..mx.measure import DO_MIRROR_ENV, builtin_mirror_mb
+from ..mx.timing import iteration_seconds
+from ..options import MirrorOptions
+from ..plan import prepare_planning
 
 __all__ = ["ParetoPoint", "pareto_points", "mark_front", "write_csv", "draw_pareto"]
 
@@ -59,7 +60,8 @@ def mark_front(points: Sequence[ParetoPoint]) -> None:
 
 def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
                   measure_time: bool = False, repeats: int = 3,
-                  include_seed: bool = True) -> List[ParetoPoint]:
+                  include_seed: bool = True, ctx: Any = None,
+                  keep_ops: Optional[Iterable[str]] = None) -> List[ParetoPoint]:
     """Measure our candidates, the seed's and MXNet's built-in mirroring.
 
     Parameters
@@ -76,13 +78,18 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
         Timed iterations per symbol when ``measure_time``.
     include_seed : bool
         Add the seed's plans and MXNet's built-in mirroring.
+    ctx : mx.Context or str, optional
+        Where plans are measured (CPU by default).
+    keep_ops : iterable of str, optional
+        Operator types never to recompute.
 
     Returns
     -------
     list of ParetoPoint
         Sorted by source, then memory; ``on_front`` marks our Pareto-optimal ones.
     """
-    setup = prepare_planning(symbol, data_shapes, label_shapes)
+    setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=ctx,
+                             keep_ops=MirrorOptions(keep_ops=keep_ops or ()).keep_ops)
     graph = setup.graph
     # Everything 'auto' binds for the least memory when it binds every candidate,
     # what it binds after searching against the allocator model, and the
