@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_memonger.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
