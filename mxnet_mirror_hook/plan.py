@@ -372,7 +372,7 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
             # unmirrored symbol (no worker process to start) gives MXNet's figure.
             baseline_mb = planned_mb_in_process(template.build(frozenset()), context,
                                                 setup.measure.shapes, setup.measure.types,
-                                                setup.requests, collect=False)
+                                                setup.requests)
             logger.debug("not mirroring: %s", reason)
             plan = finish((), baseline_mb, baseline_mb, 0.0, from_cache=False,
                           candidates=[{"label": f"unmirrored ({reason})",

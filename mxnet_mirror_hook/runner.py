@@ -62,7 +62,7 @@ def mirrored_modules(options: Optional[MirrorOptions] = None, **kwargs: Any) -> 
         The options in force.
     """
     chosen = MirrorOptions.coerce(options, **kwargs)
-    defaults = chosen.as_dict()
+    defaults = {"options": chosen}  # a script's own keyword arguments override its fields
     package = mx.module
     saved = package.Module, package.BucketingModule
     package.Module = _subclass_with_defaults(MirroredModule, defaults)
@@ -118,7 +118,7 @@ def from_args(args: argparse.Namespace, bucketing: bool = False) -> Callable[...
         return mx.mod.BucketingModule if bucketing else mx.mod.Module
     options = MirrorOptions.from_args(args)
     base = MirroredBucketingModule if bucketing else MirroredModule
-    return functools.partial(base, **options.as_dict())
+    return functools.partial(base, options=options)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,21 +24,12 @@ plan worse than not mirroring; :func:`mxnet_mirror_hook.plan_mirror` does not.
 #   search many times on big networks sets ``MXNET_MIRROR_HOOK_MEASURE=worker``
 #   and the binds go to the recycled worker processes (in parallel for the
 #   candidates of one search).
-# * ``planned_mb_in_process`` runs ``gc.collect()`` after each bind; in a
-#   process holding MXNet and a big symbol that scan costs 60-80 ms, about as
-#   much as a lazy CPU bind of resnet152 at batch 4.  While the compat
-#   functions bind, the objects that existed before are frozen
-#   (``gc.freeze``), so a collection scans only what the bind made (the
-#   executor is freed by reference counting anyway).  A program that froze
-#   objects itself is left as it is.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import mxnet as mx
 
@@ -103,28 +94,14 @@ def _in_workers() -> bool:
     return env.measure_mode() == "worker"
 
 
-@contextlib.contextmanager
-def _collections_scan_new_objects_only() -> Iterator[None]:
-    """See NOTE [ the memonger compat prints and binds in this process ]."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def _costs(symbols: List["mx.sym.Symbol"], type_dict: Optional[Dict[str, Any]],
            ctx: Optional["mx.Context"], shapes: Mapping[str, tuple]) -> List[int]:
     """``get_cost`` of several symbols with the same inputs (in parallel workers when asked)."""
     context = to_context(ctx) if ctx is not None else _default_ctx()
     if _in_workers():
         return [int(mb) for mb in planned_mb_many(symbols, context, shapes, type_dict, "write")]
-    with _collections_scan_new_objects_only():
-        return [int(planned_mb_in_process(symbol, context, shapes, type_dict, "write"))
-                for symbol in symbols]
+    return [int(planned_mb_in_process(symbol, context, shapes, type_dict, "write"))
+            for symbol in symbols]
 
 
 def get_cost(sym: "mx.sym.Symbol", type_dict: Optional[Dict[str, Any]] = None,

@@ -8,7 +8,6 @@ everywhere.  This module imports nothing else from ``mx/``.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import re
 from typing import ContextManager, Dict, Iterator, Mapping, Optional, Union
@@ -112,22 +111,23 @@ def bind_symbol(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str,
 @contextlib.contextmanager
 def bound(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
           type_dict: Optional[Mapping[str, np.dtype]] = None,
-          grad_req: GradReq = "write", collect: bool = True) -> Iterator["mx.executor.Executor"]:
-    """A bound executor for the block; released after it, and the cyclic collector run
-    (``collect=False`` skips that: a full collection takes ~0.2 s in a process that has
-    imported gluoncv, more than binding a small network)."""
+          grad_req: GradReq = "write") -> Iterator["mx.executor.Executor"]:
+    """A bound executor for the block, released after it.
+
+    The executor holds no reference cycle (checked with a weak reference and the
+    collector off): dropping it frees it, so no ``gc.collect()`` is run, which
+    would take 60-200 ms in a process holding MXNet, gluoncv and a large symbol.
+    """
     executor = bind_symbol(symbol, ctx, shapes, type_dict, grad_req)
     try:
         yield executor
     finally:
         del executor
-        if collect:
-            gc.collect()
 
 
 def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
                           type_dict: Optional[Mapping[str, np.dtype]] = None,
-                          grad_req: GradReq = "write", collect: bool = True) -> float:
+                          grad_req: GradReq = "write") -> float:
     """Bind ``symbol`` in this process and return MXNet's planned memory in MB.
 
     MXNet 1.9 keeps some native memory per bind (NOTE [ why measurements run
@@ -139,7 +139,7 @@ def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Ma
     MeasurementError
         If MXNet refuses the bind.
     """
-    with bound(symbol, ctx, shapes, type_dict, grad_req, collect) as executor:
+    with bound(symbol, ctx, shapes, type_dict, grad_req) as executor:
         text = executor.debug_str()
     return parse_planned_mb(text)
 

@@ -8,7 +8,6 @@ Together they are :class:`~mxnet_mirror_hook.core.allocator.ExecutedGraph`
 """
 from __future__ import annotations
 
-import gc
 import os
 import re
 import tempfile
@@ -205,7 +204,6 @@ def capture_executed_graph(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: M
             debug_text = executor.debug_str()
         finally:
             del executor
-            gc.collect()
         log_file.seek(0)
         log_text = log_file.read().decode("utf-8", "replace")
     graph = parse_executed_graph(debug_text, log_text, len(symbol.list_outputs()), match_range)

@@ -103,7 +103,9 @@ class AutoPlanner(Planner):
         except BudgetUnreachableError:
             if not modelled:
                 raise
-            return self._search_under_limit(sets, budget, evaluator)
+        # Outside the except block: a second BudgetUnreachableError from the search is the
+        # only one the user sees (not chained to the first, with another figure).
+        return self._search_under_limit(sets, budget, evaluator)
 
     def _search_under_limit(self, sets: CandidateSets, budget: Budget,
                             evaluator: CandidateEvaluator) -> PlanOutcome:
