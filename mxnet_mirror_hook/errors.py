@@ -14,6 +14,7 @@ __all__ = [
     "UnknownPlannerError",
     "MeasurementError",
     "CacheError",
+    "GluonMirrorError",
 ]
 
 
@@ -60,3 +61,13 @@ class MeasurementError(MirrorHookError, RuntimeError):
 
 class CacheError(MirrorHookError, ValueError):
     """A plan cache entry is unusable (corrupt, foreign, or stale)."""
+
+
+class GluonMirrorError(MirrorHookError, TypeError):
+    """A Gluon block cannot be mirrored, or was used in a way mirroring cannot follow.
+
+    Raised by :func:`mxnet_mirror_hook.gluon.mirror` (a plain ``Block``) and
+    at a mirrored block's forward or backward (an output that cannot be traced
+    to a symbol, an input that is itself the output of recorded operations,
+    a forward overwritten before its backward); the message says what to do.
+    """
