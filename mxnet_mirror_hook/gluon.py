@@ -25,6 +25,7 @@ runs as before (CachedOp when hybridized), with no planning and no overhead.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import weakref
@@ -93,11 +94,24 @@ class _HeadGradCatcher(autograd.Function):
 
 
 class _Slot:
-    """One bound executor and the record of its last forward."""
+    """One bound executor and the record of its last forward.
 
-    def __init__(self, executor: "mx.executor.Executor", fresh: List["mx.nd.NDArray"]) -> None:
+    The first executor of a context and signature is bound with the
+    Parameters' own gradient arrays (and their grad_req).  Further ones, bound
+    when another forward comes before the first one's backward, write into
+    private arrays that :func:`_finish_backward` then writes or adds into the
+    Parameters' gradients, as autograd sums several uses of one Parameter.
+    """
+
+    def __init__(self, executor: "mx.executor.Executor", fresh: List["mx.nd.NDArray"],
+                 aux: List["mx.nd.NDArray"],
+                 private: List[Tuple["mx.nd.NDArray", "mx.nd.NDArray", str]],
+                 written: List["mx.nd.NDArray"]) -> None:
         self.executor = executor
         self.fresh = fresh  # the Parameter data arrays whose gradients the executor writes
+        self.aux = aux  # the Parameter arrays bound as auxiliary states (BatchNorm statistics)
+        self.private = private  # (Parameter gradient, private gradient, grad_req); empty: primary
+        self.written = written  # the Parameter gradients a primary executor writes (grad_req write)
         self.record: Optional["_Record"] = None
 
 
@@ -116,9 +130,12 @@ class _Record:
             [mx.nd.zeros(x.shape, ctx=x.context, dtype=x.dtype) for _, x in leaves]
         self.reached = False
         self.stale = False
+        self.backwards = 0
+        self.sequence = next(_SEQUENCE)
 
 
 _LOCK = threading.RLock()
+_SEQUENCE = itertools.count()
 _PENDING: List[_Record] = []  # records whose forward ran and whose backward may still come
 _STALE: Deque[_Record] = deque(maxlen=32)  # overwritten records, watched so a late backward fails
 _MIRRORED: "weakref.WeakSet[gluon.Block]" = weakref.WeakSet()
@@ -136,33 +153,66 @@ def _finish_backward(retain_graph: bool) -> None:
     late = [record for record in records if record.stale and record.reached]
     for record in late:
         record.reached = False
-    for record in records:
-        if record.stale or not record.reached:
-            continue
+    reached = [record for record in records if record.reached and not record.stale]
+    # Latest forward first, as autograd runs independent branches (BatchNorm statistics are
+    # updated in this order).
+    reached.sort(key=lambda record: -record.sequence)
+    written: set = set()  # Parameter gradients (write) already written by this backward
+    for record in reached:
         record.reached = False
-        slot = record.slot
-        try:
-            slot.executor.backward(out_grads=record.head_grads)
-        except mx.base.MXNetError as error:
-            raise GluonMirrorError(f"the mirrored executor's backward failed ({error}); run the block "
-                                   f"without mirror() (unmirror(net)) or report the network") from error
-        for array in slot.fresh:
-            array._fresh_grad = True  # written by the executor, not by autograd (see NOTE above)
-        for name, leaf in record.leaves:
-            grad = slot.executor.grad_dict[name]
-            # autograd wrote (or added) the other paths' gradient and zero for this block first.
-            leaf.grad[:] = leaf.grad + grad
+        _run_backward(record, written)
         if not retain_graph:
             with _LOCK:
                 if record in _PENDING:
                     _PENDING.remove(record)
-                if slot.record is record:
-                    slot.record = None
+                if record.slot.record is record:
+                    record.slot.record = None
     if late:
         raise GluonMirrorError(
             "a backward reached the outputs of a mirrored forward whose executor was reused by a later "
             "forward on the same context and shapes; its gradients are lost. Call backward before "
             "running the block more than `max_pending` times, or mirror(net, max_pending=...) higher")
+
+
+def _run_backward(record: _Record, written: set) -> None:
+    """The executor backward of one reached record, from the main thread (see NOTE above)."""
+    slot = record.slot
+    executor = slot.executor
+    # A primary executor overwrites the gradients it writes: keep what this backward wrote before.
+    kept = [(grad, grad.copy()) for grad in slot.written if id(grad) in written]
+    try:
+        if record.backwards:
+            # A second backward of one forward (retain_graph): the executor's memory plan reuses
+            # forward storage during backward, so the forward runs again first (same inputs, same
+            # Parameters; Dropout would draw new masks).
+            executor.forward(is_train=True)
+        executor.backward(out_grads=record.head_grads)
+    except mx.base.MXNetError as error:
+        raise GluonMirrorError(f"the mirrored executor's backward failed ({error}); run the block "
+                               f"without mirror() (unmirror(net)) or report the network") from error
+    record.backwards += 1
+    if not slot.private:
+        written.update(id(grad) for grad in slot.written)
+    for grad, before in kept:
+        grad[:] = before + grad
+    for target, private, request in slot.private:
+        if request == "add" or id(target) in written:
+            target[:] = target + private
+        else:
+            private.copyto(target)
+            written.add(id(target))
+    for array in slot.fresh:
+        array._fresh_grad = True  # written by the executor, not by autograd (see NOTE above)
+    for array in slot.aux:
+        # NOTE [ Auxiliary states are written by a reader ]: the executor's _backward_BatchNorm
+        # updates the moving statistics (CPU) but the engine knows the aux arrays only as inputs
+        # it reads, so a later reader (save_parameters, asnumpy, the next backward) is not
+        # ordered after it.  An in-place identity is a write: the engine runs it after every
+        # read pushed before it, so everything pushed later sees the updated statistics.
+        mx.nd.identity(array, out=array)
+    for name, leaf in record.leaves:
+        # autograd wrote (or added) the other paths' gradient and zero for this block first.
+        leaf.grad[:] = leaf.grad + executor.grad_dict[name]
 
 
 def _check_grad_not_reached() -> None:
@@ -342,11 +392,12 @@ class MirrorState:
         return entry
 
     def _bind(self, block: "gluon.HybridBlock", entry: _Entry, names: List[str],
-              args: Sequence["mx.nd.NDArray"], requests: Dict[str, str]) -> _Slot:
+              args: Sequence["mx.nd.NDArray"], requests: Dict[str, str], primary: bool) -> _Slot:
         context = args[0].context
         symbol = entry.plan.symbol
         params = {p.name: p for p in block.collect_params().values()}
-        arrays, grads, fresh = {}, {}, []
+        arrays, grads, fresh, private, written = {}, {}, [], [], []
+        bind_requests = dict(requests)
         for name in symbol.list_arguments():
             if name in names:
                 x = args[names.index(name)]
@@ -357,16 +408,24 @@ class MirrorState:
                 param = params[name]
                 arrays[name] = param.data(context)
                 if param.grad_req != "null":
-                    grads[name] = param.grad(context)
                     fresh.append(arrays[name])
+                    if primary:
+                        grads[name] = param.grad(context)
+                        if param.grad_req == "write":
+                            written.append(grads[name])
+                    else:
+                        target = param.grad(context)
+                        grads[name] = mx.nd.zeros(target.shape, ctx=context, dtype=target.dtype)
+                        private.append((target, grads[name], param.grad_req))
+                        bind_requests[name] = "write"
         aux = {name: params[name].data(context) for name in symbol.list_auxiliary_states()}
         try:
-            executor = symbol.bind(context, arrays, args_grad=grads, grad_req=requests,
+            executor = symbol.bind(context, arrays, args_grad=grads, grad_req=bind_requests,
                                    aux_states=aux)
         except mx.base.MXNetError as error:
             raise GluonMirrorError(f"MXNet cannot bind the mirrored {type(block).__name__} ({error}); "
                                    f"call unmirror(net) to train it plainly") from error
-        return _Slot(executor, fresh)
+        return _Slot(executor, fresh, list(aux.values()), private, written)
 
     def _slot(self, block: "gluon.HybridBlock", entry: _Entry, names: List[str],
               args: Sequence["mx.nd.NDArray"], requests: Dict[str, str]) -> _Slot:
@@ -379,7 +438,7 @@ class MirrorState:
                     logger.info("mirror: a second forward of %s before the backward of the first on "
                                 "%s: binding one more executor (more memory)", type(block).__name__,
                                 args[0].context)
-                slot = self._bind(block, entry, names, args, requests)
+                slot = self._bind(block, entry, names, args, requests, primary=not entry.slots)
                 entry.slots.append(slot)
                 return slot
             slot = entry.slots.pop(0)  # the oldest waiting forward is overwritten
