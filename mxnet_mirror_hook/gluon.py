@@ -617,6 +617,13 @@ def mirror_state(block: "gluon.Block") -> Optional[MirrorState]:
     return getattr(block, _STATE_ATTR, None)
 
 
+def _first(output: Any) -> Any:
+    """The main output of a block returning several (auxiliary heads)."""
+    while isinstance(output, (list, tuple)):
+        output = output[0]
+    return output
+
+
 def _horovod_optimizer(optimizer: Any) -> bool:
     kind = type(optimizer)
     return kind.__name__ == "DistributedOptimizer" and kind.__module__.startswith("horovod")
@@ -735,7 +742,7 @@ class MirroredTrainer:
         parts = gluon.utils.split_and_load(data, contexts, even_split=False)
         targets = gluon.utils.split_and_load(label, contexts, even_split=False)
         with autograd.record():
-            losses = [self.loss(self.net(x), y) for x, y in zip(parts, targets)]
+            losses = [self.loss(_first(self.net(x)), y) for x, y in zip(parts, targets)]
         autograd.backward(losses)
         self.trainer.step(data.shape[0])
         total = sum(float(l.sum().asscalar()) for l in losses)

@@ -85,7 +85,7 @@ def _resnet18():
 
 
 def _twins(factory: Callable[[], gluon.HybridBlock], tmp_path, shape, ctx=None, hybridize=True,
-           grad_req="write"):
+           grad_req="write", trainer_first=False):
     """A plain and a mirrored copy of one initialization, and a Trainer each."""
     ctx = ctx or [mx.cpu()]
     mx.random.seed(0)
@@ -97,14 +97,21 @@ def _twins(factory: Callable[[], gluon.HybridBlock], tmp_path, shape, ctx=None, 
     plain = factory()
     plain.load_parameters(path, ctx=ctx)
     mirrored = factory()
-    mirror(mirrored, cache_dir=str(tmp_path / "cache"))  # before initialize and hybridize
-    mirrored.load_parameters(path, ctx=ctx)
+    if trainer_first:  # the Trainer exists before mirror()
+        mirrored.load_parameters(path, ctx=ctx)
+        early = gluon.Trainer(mirrored.collect_params(), "sgd", OPTIMIZER)
+        mirror(mirrored, cache_dir=str(tmp_path / "cache"))
+    else:
+        mirror(mirrored, cache_dir=str(tmp_path / "cache"))  # before initialize and hybridize
+        mirrored.load_parameters(path, ctx=ctx)
     for net in (plain, mirrored):
         if grad_req != "write":
             net.collect_params().setattr("grad_req", grad_req)
         if hybridize:
             net.hybridize(static_alloc=True)
     trainers = [gluon.Trainer(net.collect_params(), "sgd", OPTIMIZER) for net in (plain, mirrored)]
+    if trainer_first:
+        trainers[1] = early
     return (plain, trainers[0]), (mirrored, trainers[1])
 
 
@@ -160,9 +167,10 @@ def test_three_sgd_steps_bit_identical_to_plain_gluon_with_metric(factory, shape
     assert plan.planned_mb < plan.baseline_mb
 
 
-def test_two_cpu_contexts_with_split_and_load(tmp_path):
+def test_two_cpu_contexts_with_split_and_load_trainer_made_before_mirror(tmp_path):
     shape = (8, 3, 16, 16)
-    (plain, plain_trainer), (net, trainer) = _twins(ConcatNet, tmp_path, shape, ctx=CPUS)
+    (plain, plain_trainer), (net, trainer) = _twins(ConcatNet, tmp_path, shape, ctx=CPUS,
+                                                    trainer_first=True)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for data, label in _batches(3, shape):
         _train_step(plain, plain_trainer, data, label, CPUS, loss_fn)
