@@ -177,7 +177,7 @@ def train_gluon(args, contexts, data_iter) -> Tuple[Optional[object], list, list
         autograd.backward(per_sample)
         trainer.step(data.shape[0])
         train_metric.update(labels, outputs)  # the real outputs: no extra forward
-        value = sum(float(l.sum().asscalar()) for l in per_sample) / data.shape[0]
+        value = sum(float(loss.sum().asscalar()) for loss in per_sample) / data.shape[0]
         mx.nd.waitall()
         times.append(time.perf_counter() - tick)
         losses.append(value)

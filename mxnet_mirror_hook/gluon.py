@@ -42,7 +42,8 @@ from .errors import GluonMirrorError, MirrorHookError, ShapeError
 from .options import MirrorOptions
 from .plan import MirrorPlan, plan_mirror
 
-__all__ = ["mirror", "unmirror", "is_mirrored", "mirror_state", "MirrorState", "MirroredTrainer"]
+__all__ = ["mirror", "unmirror", "is_mirrored", "mirror_state", "plan_block", "MirrorState",
+           "MirroredTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -375,21 +376,57 @@ class MirrorState:
         key = (str(context), signature, tuple(sorted(requests.items())))
         entry = self._entries.get(key)
         if entry is None:
-            try:
-                plan = plan_mirror(symbol, [(name, shape, dtype) for name, shape, dtype in signature],
-                                   grad_req=requests, **self.options.plan_kwargs())
-            except MirrorHookError:
-                raise
-            except mx.base.MXNetError as error:
-                raise GluonMirrorError(f"MXNet cannot plan {type(block).__name__} for inputs "
-                                       f"{signature} ({error}); call unmirror(net) to train it "
-                                       f"plainly") from error
+            plan = self._plan(block, symbol, signature, requests)
             entry = self._entries[key] = _Entry(plan)
             same_context = [k for k in self._entries if k[0] == key[0]]
             for old in same_context[:-self.max_shapes]:  # executors hold device memory
                 self._retire(self._entries.pop(old))
         self._entries.move_to_end(key)
         return entry
+
+    def _plan(self, block: "gluon.HybridBlock", symbol: "mx.sym.Symbol", signature: tuple,
+              requests: Dict[str, str]) -> MirrorPlan:
+        try:
+            return plan_mirror(symbol, [(name, shape, dtype) for name, shape, dtype in signature],
+                               grad_req=requests, **self.options.plan_kwargs())
+        except MirrorHookError:
+            raise
+        except mx.base.MXNetError as error:
+            raise GluonMirrorError(f"MXNet cannot plan {type(block).__name__} for inputs "
+                                   f"{signature} ({error}); call unmirror(net) to train it "
+                                   f"plainly") from error
+
+    def _requests(self, block: "gluon.HybridBlock", args: Sequence["mx.nd.NDArray"],
+                  ) -> Tuple[List[str], "mx.sym.Symbol", Dict[str, str], List[Tuple[str, Any]]]:
+        """Traced symbol, gradient requests and the inputs that need a gradient."""
+        self._finish_deferred_init(block, args)
+        names, symbol = self._traced(block, args)
+        requests: Dict[str, str] = {}
+        leaves: List[Tuple[str, "mx.nd.NDArray"]] = []
+        for name, x in zip(names, args):
+            if x.grad is not None:
+                requests[name] = "write"
+                leaves.append((name, x))
+            elif _in_autograd_graph(x):
+                raise GluonMirrorError(
+                    f"input {name!r} of the mirrored {type(block).__name__} is the output of recorded "
+                    f"operations: its gradient could not flow back through them. Mirror the outermost "
+                    f"block (the whole network) instead, or run the earlier operations outside "
+                    f"autograd.record()")
+            else:
+                requests[name] = "null"
+        params = {p.name: p for p in block.collect_params().values()}
+        for name in symbol.list_arguments():
+            if name not in requests:
+                requests[name] = params[name].grad_req
+        return names, symbol, requests, leaves
+
+    def plan(self, block: "gluon.HybridBlock", args: Sequence["mx.nd.NDArray"]) -> MirrorPlan:
+        """The plan a training forward on ``args`` uses (planned or from the cache; nothing bound)."""
+        names, symbol, requests, _ = self._requests(block, args)
+        signature = tuple((name, tuple(x.shape), np.dtype(x.dtype).name)
+                          for name, x in zip(names, args))
+        return self._plan(block, symbol, signature, requests)
 
     def _bind(self, block: "gluon.HybridBlock", entry: _Entry, names: List[str],
               args: Sequence["mx.nd.NDArray"], requests: Dict[str, str], primary: bool) -> _Slot:
@@ -460,26 +497,7 @@ class MirrorState:
         contexts = {x.context for x in args}
         if len(contexts) > 1:
             raise ValueError(f"inputs of one call live on several contexts {sorted(map(str, contexts))}")
-        self._finish_deferred_init(block, args)
-        names, symbol = self._traced(block, args)
-        requests: Dict[str, str] = {}
-        leaves: List[Tuple[str, "mx.nd.NDArray"]] = []
-        for name, x in zip(names, args):
-            if x.grad is not None:
-                requests[name] = "write"
-                leaves.append((name, x))
-            elif _in_autograd_graph(x):
-                raise GluonMirrorError(
-                    f"input {name!r} of the mirrored {type(block).__name__} is the output of recorded "
-                    f"operations: its gradient could not flow back through them. Mirror the outermost "
-                    f"block (the whole network) instead, or run the earlier operations outside "
-                    f"autograd.record()")
-            else:
-                requests[name] = "null"
-        params = {p.name: p for p in block.collect_params().values()}
-        for name in symbol.list_arguments():
-            if name not in requests:
-                requests[name] = params[name].grad_req
+        names, symbol, requests, leaves = self._requests(block, args)
         entry = self._entry(block, names, symbol, args, requests)
         self.last_plan = entry.plan
         slot = self._slot(block, entry, names, args, requests)
@@ -624,6 +642,35 @@ def _first(output: Any) -> Any:
     return output
 
 
+def plan_block(block: "gluon.HybridBlock", *inputs: Any, dtype: Any = "float32",
+               options: Optional[MirrorOptions] = None, **option_kwargs: Any) -> MirrorPlan:
+    """The plan :func:`mirror` would use for these inputs, without training (nothing is bound).
+
+    Parameters
+    ----------
+    block : gluon.HybridBlock
+        Mirrored or not; initialized (deferred shapes are completed from the
+        inputs).
+    *inputs : NDArray or tuple of int
+        Sample inputs, or their shapes (then zeros of ``dtype`` on the CPU).
+    dtype : str or numpy dtype
+        The dtype of inputs given as shapes.
+    options, **option_kwargs
+        As for :func:`mirror` (default: the block's mirror options, if mirrored).
+
+    Returns
+    -------
+    MirrorPlan
+        With ``baseline_mb`` (the unmirrored executor) and ``planned_mb``.
+    """
+    arrays = [x if isinstance(x, mx.nd.NDArray) else mx.nd.zeros(tuple(x), dtype=dtype) for x in inputs]
+    state = mirror_state(block)
+    if state is None or options is not None or option_kwargs:
+        base = options if options is not None else (state.options if state is not None else None)
+        state = MirrorState(block, MirrorOptions.coerce(base, **option_kwargs), 1, 1)
+    return state.plan(block, arrays)
+
+
 def _horovod_optimizer(optimizer: Any) -> bool:
     kind = type(optimizer)
     return kind.__name__ == "DistributedOptimizer" and kind.__module__.startswith("horovod")
@@ -745,7 +792,7 @@ class MirroredTrainer:
             losses = [self.loss(_first(self.net(x)), y) for x, y in zip(parts, targets)]
         autograd.backward(losses)
         self.trainer.step(data.shape[0])
-        total = sum(float(l.sum().asscalar()) for l in losses)
+        total = sum(float(loss.sum().asscalar()) for loss in losses)
         return total / data.shape[0]
 
     @property

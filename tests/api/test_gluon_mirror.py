@@ -8,7 +8,7 @@ as a parameter difference after three steps).
 from __future__ import annotations
 
 import os
-from typing import Callable, List
+from typing import Callable
 
 import mxnet as mx
 import numpy as np
