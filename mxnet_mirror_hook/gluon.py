@@ -114,6 +114,7 @@ class _Slot:
         self.private = private  # (Parameter gradient, private gradient, grad_req); empty: primary
         self.written = written  # the Parameter gradients a primary executor writes (grad_req write)
         self.record: Optional["_Record"] = None
+        self.checked = False  # whether one forward and backward ran through it without error
 
 
 class _Record:
@@ -149,8 +150,12 @@ def _finish_backward(retain_graph: bool) -> None:
         records = list(_PENDING) + list(_STALE)
     if not records:
         return
-    for record in records:
-        record.dummy.grad.wait_to_read()  # the catcher's backward has run (or was not reached)
+    try:
+        for record in records:
+            record.dummy.grad.wait_to_read()  # the catcher's backward has run (or was not reached)
+    except mx.base.MXNetError as error:
+        raise GluonMirrorError(f"an operation before the mirrored block's backward failed (in the "
+                               f"loss, or an earlier forward): {error}") from error
     late = [record for record in records if record.stale and record.reached]
     for record in late:
         record.reached = False
@@ -188,6 +193,11 @@ def _run_backward(record: _Record, written: set) -> None:
             # Parameters; Dropout would draw new masks).
             executor.forward(is_train=True)
         executor.backward(out_grads=record.head_grads)
+        if not slot.checked:  # once per executor: a failing backward fails here, not later
+            for grad in executor.grad_arrays:
+                if grad is not None:
+                    grad.wait_to_read()
+            slot.checked = True
     except mx.base.MXNetError as error:
         raise GluonMirrorError(f"the mirrored executor's backward failed ({error}); run the block "
                                f"without mirror() (unmirror(net)) or report the network") from error
@@ -506,9 +516,13 @@ class MirrorState:
             x.copyto(executor.arg_dict[name])
         try:
             executor.forward(is_train=True)
+            if not slot.checked:  # once per executor: an operator that cannot run fails here
+                for output in executor.outputs:
+                    output.wait_to_read()
         except mx.base.MXNetError as error:
-            raise GluonMirrorError(f"the mirrored executor's forward failed ({error}); call "
-                                   f"unmirror(net) to train it plainly") from error
+            raise GluonMirrorError(f"the mirrored executor's forward failed ({error}); if the plain "
+                                   f"block runs, call unmirror(net) to train it plainly (and report "
+                                   f"the network)") from error
         record = _Record(slot, leaves)
         with _LOCK:
             slot.record = record

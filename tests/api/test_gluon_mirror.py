@@ -408,3 +408,71 @@ def test_input_from_recorded_operations_fails_clearly():
         hidden = weight * 2
         with pytest.raises(GluonMirrorError, match="outermost"):
             net(hidden)
+
+
+def test_float16_never_silently_wrong(tmp_path):
+    """float16 via net.cast: equal to plain Gluon where MXNet runs it, else a clear error at forward."""
+    shape = (4, 3, 16, 16)
+    (plain, _), (net, _) = _twins(ConcatNet, tmp_path, shape, hybridize=False)
+    for model in (plain, net):
+        model.cast("float16")
+        model.hybridize()
+    (data, label), = _batches(1, shape)
+    data, label = data.astype("float16"), label.astype("float16")
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    try:
+        with autograd.record():
+            loss = loss_fn(plain(data), label)
+        loss.backward()
+        expected = plain.collect_params()[plain.prefix + "conv0_weight"].grad().asnumpy()
+    except mx.base.MXNetError:  # the CPU build has no float16 gemm
+        with pytest.raises(GluonMirrorError, match="forward failed"):
+            with autograd.record():
+                net(data)
+        return
+    with autograd.record():
+        loss = loss_fn(net(data), label)
+    loss.backward()
+    actual = net.collect_params()[net.prefix + "conv0_weight"].grad().asnumpy()
+    np.testing.assert_array_equal(actual, expected)
+
+
+class _Scale(mx.operator.CustomOp):
+    def forward(self, is_train, req, in_data, out_data, aux):
+        self.assign(out_data[0], req[0], in_data[0] * 2)
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        self.assign(in_grad[0], req[0], out_grad[0] * 2)
+
+
+@mx.operator.register("mirror_hook_test_scale")
+class _ScaleProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=True)
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return _Scale()
+
+
+class WithCustom(gluon.HybridBlock):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.first = gluon.nn.Dense(16, activation="relu")
+            self.second = gluon.nn.Dense(10)
+
+    def hybrid_forward(self, F, x):
+        return self.second(F.Custom(self.first(x), op_type="mirror_hook_test_scale"))
+
+
+def test_block_with_a_custom_operator_trains_like_plain(tmp_path):
+    shape = (4, 8)
+    (plain, plain_trainer), (net, trainer) = _twins(WithCustom, tmp_path, shape)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for data, label in _batches(3, shape):
+        _train_step(plain, plain_trainer, data, label, [mx.cpu()], loss_fn)
+        _train_step(net, trainer, data, label, [mx.cpu()], loss_fn)
+    _assert_identical(plain, net)
