@@ -264,7 +264,12 @@ def _install_hooks() -> None:
              train_mode=True):
         result = original_grad(heads, variables, head_grads=head_grads, retain_graph=retain_graph,
                                create_graph=create_graph, train_mode=train_mode)
-        _check_grad_not_reached()
+        if _PENDING:
+            # autograd.grad writes only the requested variables' gradients (not the dummies):
+            # once they are computed, every catcher on their paths has run.
+            for array in (result if isinstance(result, (list, tuple)) else [result]):
+                array.wait_to_read()
+            _check_grad_not_reached()
         return result
 
     _ORIGINALS.update(backward=original_backward, nd_backward=original_nd_backward,
@@ -325,6 +330,10 @@ class MirrorState:
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._symbol: Optional[Tuple[List[str], "mx.sym.Symbol"]] = None
 
+    def __reduce__(self) -> Tuple[Any, tuple]:
+        # Pickled with its block: the options travel, executors and plans are made again.
+        return _restore_state, (self._block(), self.options, self.max_shapes, self.max_pending)
+
     @property
     def plans(self) -> List[MirrorPlan]:
         """Plans of the executors currently bound."""
@@ -375,6 +384,7 @@ class MirrorState:
     @staticmethod
     def _make_stale(record: _Record) -> None:
         record.stale = True
+        record.slot = None  # type: ignore[assignment]  # the executor may be freed; flags stay
         if record in _PENDING:
             _PENDING.remove(record)
         _STALE.append(record)
@@ -541,6 +551,16 @@ class MirrorState:
                 param._finish_deferred_init()
 
 
+def _restore_state(block: "gluon.HybridBlock", options: MirrorOptions, max_shapes: int,
+                   max_pending: int) -> MirrorState:
+    state = MirrorState(block, options, max_shapes, max_pending)
+    weakref.finalize(block, state.release)
+    with _LOCK:
+        _MIRRORED.add(block)
+        _install_hooks()
+    return state
+
+
 def _mirrored_forward(block: "gluon.HybridBlock", original: Any, *args: Any) -> Any:
     state: Optional[MirrorState] = getattr(block, _STATE_ATTR, None)
     if state is None or not (autograd.is_recording() and autograd.is_training()) \
@@ -605,22 +625,33 @@ def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = Non
             state.options = opts
         state.max_shapes, state.max_pending = max(1, int(max_shapes)), max(1, int(max_pending))
         return block
-    state = MirrorState(block, opts, max_shapes, max_pending)
-    original = block.forward  # the bound method of the class
-    reference = weakref.ref(block)
+    _attach(block, MirrorState(block, opts, max_shapes, max_pending))
+    return block
 
-    @functools.wraps(original)
-    def forward(*args: Any) -> Any:
-        target = reference()
-        return _mirrored_forward(target, original, *args)
 
+def _attach(block: "gluon.HybridBlock", state: MirrorState) -> None:
     # Instance attributes: the class, isinstance, parameter names and files stay the block's own.
     object.__setattr__(block, _STATE_ATTR, state)
-    object.__setattr__(block, "forward", forward)
+    object.__setattr__(block, "forward", _MirroredForward(block))
+    weakref.finalize(block, state.release)  # forwards still waiting must not keep executors alive
     with _LOCK:
         _MIRRORED.add(block)
         _install_hooks()
-    return block
+
+
+class _MirroredForward:
+    """The instance ``forward`` of a mirrored block (picklable: it is rebuilt on unpickling)."""
+
+    def __init__(self, block: "gluon.HybridBlock") -> None:
+        self._block = weakref.ref(block)
+        self.__doc__ = type(block).forward.__doc__
+
+    def __call__(self, *args: Any) -> Any:
+        block = self._block()
+        return _mirrored_forward(block, type(block).forward.__get__(block), *args)
+
+    def __reduce__(self) -> Tuple[Any, tuple]:
+        return _MirroredForward, (self._block(),)
 
 
 def unmirror(block: "gluon.HybridBlock") -> "gluon.HybridBlock":

@@ -476,3 +476,38 @@ def test_block_with_a_custom_operator_trains_like_plain(tmp_path):
         _train_step(plain, plain_trainer, data, label, [mx.cpu()], loss_fn)
         _train_step(net, trainer, data, label, [mx.cpu()], loss_fn)
     _assert_identical(plain, net)
+
+
+def test_a_mirrored_block_pickles_like_the_plain_block(tmp_path):
+    """Round trip keeps the class, the mirror options and the outputs (Gluon itself does not
+    pickle gradient state: neither an unpickled plain block nor this one can be trained as is)."""
+    import pickle
+
+    shape = (4, 3, 16, 16)
+    (plain, _), (net, _) = _twins(ConcatNet, tmp_path, shape, hybridize=False)
+    copy = pickle.loads(pickle.dumps(net))
+    assert type(copy) is ConcatNet and is_mirrored(copy)
+    assert mirror_state(copy).options == mirror_state(net).options
+    (data, _), = _batches(1, shape)
+    np.testing.assert_array_equal(copy(data).asnumpy(), plain(data).asnumpy())
+
+
+def test_a_forward_overwritten_before_its_backward_fails_clearly():
+    net = mirror(ConcatNet(), max_pending=1, cache_dir=False)
+    net.initialize()
+    with autograd.record():
+        first = net(mx.nd.ones((2, 3, 8, 8))).sum()
+        net(mx.nd.ones((2, 3, 8, 8)))  # reuses the only executor
+    with pytest.raises(GluonMirrorError, match="reused"):
+        first.backward()
+
+
+def test_autograd_grad_through_a_mirrored_block_is_refused():
+    net = mirror(ConcatNet(), cache_dir=False)
+    net.initialize()
+    x = mx.nd.ones((2, 3, 8, 8))
+    x.attach_grad()
+    with autograd.record():
+        out = net(x).sum()
+    with pytest.raises(GluonMirrorError, match="autograd.grad"):
+        autograd.grad(out, [x])
