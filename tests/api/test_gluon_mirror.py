@@ -85,13 +85,14 @@ def _resnet18():
 
 
 def _twins(factory: Callable[[], gluon.HybridBlock], tmp_path, shape, ctx=None, hybridize=True,
-           grad_req="write", trainer_first=False):
+           grad_req="write", trainer_first=False, extra_inputs=()):
     """A plain and a mirrored copy of one initialization, and a Trainer each."""
     ctx = ctx or [mx.cpu()]
     mx.random.seed(0)
     source = factory()
     source.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctx)
-    source(mx.nd.zeros((1,) + shape[1:], ctx=ctx[0]))
+    source(mx.nd.zeros((1,) + shape[1:], ctx=ctx[0]),
+           *[mx.nd.zeros((1,) + extra, ctx=ctx[0]) for extra in extra_inputs])
     path = str(tmp_path / "init.params")
     source.save_parameters(path)
     plain = factory()
@@ -511,3 +512,45 @@ def test_autograd_grad_through_a_mirrored_block_is_refused():
         out = net(x).sum()
     with pytest.raises(GluonMirrorError, match="autograd.grad"):
         autograd.grad(out, [x])
+
+
+class TwoInputs(gluon.HybridBlock):
+    """Two inputs (an image and a side vector) joined before the classifier."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.image = gluon.nn.HybridSequential()
+            self.image.add(gluon.nn.Conv2D(8, 3, padding=1), gluon.nn.BatchNorm(),
+                           gluon.nn.Activation("relu"), gluon.nn.Conv2D(8, 3, padding=1),
+                           gluon.nn.Activation("relu"), gluon.nn.GlobalAvgPool2D(), gluon.nn.Flatten())
+            self.side = gluon.nn.Dense(8, activation="relu")
+            self.out = gluon.nn.Dense(10)
+
+    def hybrid_forward(self, F, image, side):
+        return self.out(F.concat(self.image(image), self.side(side), dim=1))
+
+
+class _PlainParent(gluon.Block):
+    def __init__(self, child, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.child = child
+
+    def forward(self, image, side):
+        return self.child(image, side)
+
+
+def test_two_input_block_inside_a_plain_parent_block(tmp_path):
+    shape = (4, 3, 16, 16)
+    (plain, plain_trainer), (net, trainer) = _twins(TwoInputs, tmp_path, shape, extra_inputs=[(5,)])
+    rng = np.random.RandomState(3)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for data, label in _batches(3, shape):
+        side = mx.nd.array(rng.normal(size=(shape[0], 5)))
+        for model, tr in ((plain, plain_trainer), (net, trainer)):
+            parent = _PlainParent(model)  # a non-hybrid parent calls the mirrored child
+            with autograd.record():
+                loss = loss_fn(parent(data, side), label)
+            loss.backward()
+            tr.step(shape[0])
+    _assert_identical(plain, net)
