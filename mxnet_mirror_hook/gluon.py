@@ -70,8 +70,11 @@ _STATE_ATTR = "_mirror_hook_state"
 # runs `exe.backward(out_grads=captured)` for each record that was reached, marks the written gradients
 # fresh and adds the input gradient to an attached input's .grad.  Every one of those operations is
 # pushed before the wrapper returns, hence before the user's trainer.step pushes its reads: the engine
-# orders them.  The wait costs only the loss's own backward (the catcher is the first node autograd
-# reaches after the loss), not the network's.
+# orders them.  The main thread waits until the block's forward and the loss's backward have run (the
+# catcher's backward depends on both), which the executor's backward had to wait for anyway; the
+# network's backward itself is only pushed, never waited for.
+# Related: NOTE [ Auxiliary states are written by a reader ] (BatchNorm statistics), `_Slot` (a second
+# forward before the first one's backward), `_run_backward` (a second backward of one forward).
 
 
 class _HeadGradCatcher(autograd.Function):
@@ -81,7 +84,7 @@ class _HeadGradCatcher(autograd.Function):
         super().__init__()
         self._record = record
 
-    def forward(self, dummy: "mx.nd.NDArray", *inputs: "mx.nd.NDArray") -> Any:  # noqa: D401
+    def forward(self, dummy: "mx.nd.NDArray", *inputs: "mx.nd.NDArray") -> Any:
         outputs = [out.copy() for out in self._record.slot.executor.outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -374,6 +377,18 @@ class MirrorState:
         return self._symbol
 
     # ------------------------------------------------------------ binding
+    def _check_arrays(self, block: "gluon.HybridBlock") -> None:
+        """Release the executors when the Parameters got new arrays (``initialize(force_reinit=True)``,
+        ``reset_ctx``, ``cast``): executors bound to the old ones would train those."""
+        current = [(p._data, p._grad) for p in block.collect_params().values()]
+        known = getattr(self, "_arrays", None)
+        if known is not None and (len(known) != len(current) or any(
+                a is not b or c is not d for (a, c), (b, d) in zip(known, current))):
+            logger.info("mirror: the Parameters of %s have new arrays; binding again",
+                        type(block).__name__)
+            self.release()
+        self._arrays = current
+
     def _retire(self, entry: _Entry) -> None:
         with _LOCK:
             for slot in entry.slots:
@@ -518,6 +533,7 @@ class MirrorState:
         if len(contexts) > 1:
             raise ValueError(f"inputs of one call live on several contexts {sorted(map(str, contexts))}")
         names, symbol, requests, leaves = self._requests(block, args)
+        self._check_arrays(block)
         entry = self._entry(block, names, symbol, args, requests)
         self.last_plan = entry.plan
         slot = self._slot(block, entry, names, args, requests)

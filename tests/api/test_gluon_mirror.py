@@ -554,3 +554,18 @@ def test_two_input_block_inside_a_plain_parent_block(tmp_path):
             loss.backward()
             tr.step(shape[0])
     _assert_identical(plain, net)
+
+
+def test_reinitialized_parameters_are_bound_again(tmp_path):
+    shape = (4, 3, 16, 16)
+    (plain, plain_trainer), (net, trainer) = _twins(ConcatNet, tmp_path, shape)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    (data, label), = _batches(1, shape)
+    _train_step(net, trainer, data, label, [mx.cpu()], loss_fn)
+    for model in (plain, net):
+        model.initialize(mx.init.One(), force_reinit=True)  # new arrays behind the same Parameters
+    plain_trainer = gluon.Trainer(plain.collect_params(), "sgd", OPTIMIZER)
+    trainer = gluon.Trainer(net.collect_params(), "sgd", OPTIMIZER)
+    for model, tr in ((plain, plain_trainer), (net, trainer)):
+        _train_step(model, tr, data, label, [mx.cpu()], loss_fn)
+    _assert_identical(plain, net)
