@@ -19,9 +19,10 @@ from typing import Dict, Iterator, Optional, Tuple
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
+from tqdm import tqdm
 
-from mxnet_mirror_hook import add_arguments, from_args, parse_budget, plan_mirror
-from mxnet_mirror_hook.gluon import MirroredTrainer
+from mxnet_mirror_hook import MirrorOptions, add_arguments, from_args, parse_budget, plan_mirror
+from mxnet_mirror_hook.gluon import mirror, mirror_state
 from mxnet_mirror_hook.testing.models import default_image_size, gluon_symbol
 
 log = logging.getLogger("train_resnet")
@@ -33,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gluoncv model: resnet50_v1b, resnet152_v1b, inceptionv3, "
                              "densenet121, mobilenetv2_1.0, ...")
     parser.add_argument("--mode", choices=("module", "gluon"), default="module",
-                        help="train with (Mirrored)Module or with Gluon (MirroredTrainer)")
+                        help="train with (Mirrored)Module or with an ordinary Gluon loop "
+                             "(net = mirror(net))")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=None,
                         help="input side (default 224, 299 for Inception)")
@@ -69,14 +71,9 @@ def batches(args, size: int) -> Iterator[Tuple[mx.nd.NDArray, mx.nd.NDArray]]:
         yield from pool
 
 
-def progress(done: int, total: int, seconds: float, loss: float) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                     f"{seconds:.2f} s/it loss {loss:.3f}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def progress(total: int) -> "tqdm":
+    """A tqdm bar over the training iterations (on stderr; the summary line comes after)."""
+    return tqdm(total=total, unit="it", desc="training", file=sys.stderr, leave=False)
 
 
 # ----------------------------------------------------------------- max batch
@@ -129,7 +126,8 @@ def train_module(args, symbol, contexts, data_iter, size) -> Tuple[Optional[obje
                                                              "momentum": 0.9, "wd": 1e-4})
     metric = mx.metric.create("ce")
     times, losses = [], []
-    for step in range(args.num_batches):
+    bar = progress(args.num_batches)
+    for _ in range(args.num_batches):
         data, label = next(data_iter)
         tick = time.perf_counter()
         module.forward_backward(mx.io.DataBatch([data], [label]))
@@ -139,41 +137,48 @@ def train_module(args, symbol, contexts, data_iter, size) -> Tuple[Optional[obje
         mx.nd.waitall()
         times.append(time.perf_counter() - tick)
         losses.append(metric.get()[1])
-        progress(step + 1, args.num_batches, times[-1], losses[-1])
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update()
+    bar.close()
     return getattr(module, "mirror_plan", None), times, losses
 
 
 def train_gluon(args, contexts, data_iter) -> Tuple[Optional[object], list, list]:
+    """An ordinary Gluon loop (gluoncv's): ``mirror(net)`` is the only added line."""
     from gluoncv.model_zoo import get_model
 
     net = get_model(args.network, pretrained=False, classes=args.classes)
-    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=contexts)
     net.hybridize()
-    loss = gluon.loss.SoftmaxCrossEntropyLoss()
-    optimizer = {"learning_rate": args.lr, "momentum": 0.9, "wd": 1e-4}
-    trainer = (MirroredTrainer(net, loss, "sgd", optimizer, context=contexts,
-                               memory_budget=args.memory_budget, planner=args.planner)
-               if args.mirror else gluon.Trainer(net.collect_params(), "sgd", optimizer))
+    if args.mirror:
+        net = mirror(net, options=MirrorOptions.from_args(args))
+    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=contexts)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    trainer = gluon.Trainer(net.collect_params(), "sgd",
+                            {"learning_rate": args.lr, "momentum": 0.9, "wd": 1e-4})
+    train_metric = mx.metric.Accuracy()
     times, losses = [], []
-    for step in range(args.num_batches):
+    bar = progress(args.num_batches)
+    for _ in range(args.num_batches):
         data, label = next(data_iter)
         tick = time.perf_counter()
-        if args.mirror:
-            value = trainer.step(data, label)
-        else:
-            parts = gluon.utils.split_and_load(data, contexts)
-            targets = gluon.utils.split_and_load(label, contexts)
-            with autograd.record():
-                per_sample = [loss(net(x), y) for x, y in zip(parts, targets)]
-            for l in per_sample:
-                l.backward()
-            trainer.step(data.shape[0])
-            value = sum(float(l.sum().asscalar()) for l in per_sample) / data.shape[0]
+        parts = gluon.utils.split_and_load(data, contexts)
+        labels = gluon.utils.split_and_load(label, contexts)
+        with autograd.record():
+            outputs = [net(x) for x in parts]
+            per_sample = [loss_fn(yhat, y) for yhat, y in zip(outputs, labels)]
+        autograd.backward(per_sample)
+        trainer.step(data.shape[0])
+        train_metric.update(labels, outputs)  # the real outputs: no extra forward
+        value = sum(float(loss.sum().asscalar()) for loss in per_sample) / data.shape[0]
         mx.nd.waitall()
         times.append(time.perf_counter() - tick)
         losses.append(value)
-        progress(step + 1, args.num_batches, times[-1], value)
-    return getattr(trainer, "mirror_plan", None), times, losses
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+        bar.update()
+    bar.close()
+    log.info("training accuracy %.4f", train_metric.get()[1])
+    state = mirror_state(net)
+    return (state.last_plan if state is not None else None), times, losses
 
 
 def main(argv=None) -> dict:

@@ -13,6 +13,7 @@ __all__ = [
     "BudgetUnreachableError",
     "UnknownPlannerError",
     "MeasurementError",
+    "GluonMirrorError",
 ]
 
 
@@ -55,3 +56,13 @@ class UnknownPlannerError(MirrorHookError, ValueError):
 
 class MeasurementError(MirrorHookError, RuntimeError):
     """MXNet could not bind the symbol, or its memory report could not be read."""
+
+
+class GluonMirrorError(MirrorHookError, TypeError):
+    """A Gluon block cannot be mirrored, or was used in a way mirroring cannot follow.
+
+    Raised by :func:`mxnet_mirror_hook.gluon.mirror` (a plain ``Block``) and
+    at a mirrored block's forward or backward (an output that cannot be traced
+    to a symbol, an input that is itself the output of recorded operations,
+    a forward overwritten before its backward); the message says what to do.
+    """

@@ -7,6 +7,7 @@ import pytest
 from mxnet import autograd, gluon
 
 from mxnet_mirror_hook import ShapeError
+from mxnet_mirror_hook.errors import GluonMirrorError
 from mxnet_mirror_hook.gluon import MirroredTrainer
 
 OPTIMIZER = {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4}
@@ -99,3 +100,29 @@ def test_deferred_initialization_is_finished_without_touching_statistics():
                               {"learning_rate": 0.01})
     loss = trainer.step(mx.nd.ones((16, 32)), mx.nd.zeros((16,)))
     assert np.isfinite(loss)
+
+
+def _small_net():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(16, activation="relu"), gluon.nn.BatchNorm(), gluon.nn.Dense(4))
+    net.initialize()
+    return net
+
+
+def test_a_ready_trainer_is_used_as_it_is():
+    net = _small_net()
+    ready = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01})
+    trainer = MirroredTrainer(net, gluon.loss.SoftmaxCrossEntropyLoss(), ready)
+    assert trainer.trainer is ready
+    assert np.isfinite(trainer.step(mx.nd.ones((8, 32)), mx.nd.zeros((8,))))
+    with pytest.raises(GluonMirrorError, match="optimizer_params"):
+        MirroredTrainer(net, gluon.loss.L2Loss(), ready, {"learning_rate": 0.1})
+
+
+def test_horovod_distributed_optimizer_is_refused_with_the_fix():
+    class DistributedOptimizer(mx.optimizer.SGD):  # what hvd.DistributedOptimizer looks like
+        pass
+
+    DistributedOptimizer.__module__ = "horovod.mxnet.mpi_ops"
+    with pytest.raises(GluonMirrorError, match="DistributedTrainer"):
+        MirroredTrainer(_small_net(), gluon.loss.L2Loss(), DistributedOptimizer())
