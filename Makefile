@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench horovod clean
 
 $(STAMP): setup.py setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
+
+# Horovod built against the venv's MXNet (about 70 s; needs cmake and a C++ compiler). Optional:
+# tests/api/test_gluon_horovod.py skips without it.
+HOROVOD_ENV := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+	HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_CPU_OPERATIONS=gloo
+horovod: $(STAMP)
+	$(PIP) install -q -c constraints.txt wheel
+	$(HOROVOD_ENV) $(PIP) install -q -c constraints.txt --no-build-isolation horovod
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -115,7 +115,8 @@ def simulate_timeline(graph: Graph, mirrored: AbstractSet[str]) -> List[Timeline
     for i in reversed(ops):
         if i in recomputed and i not in live:
             for member in segment_of[i]:
-                if member not in live and (read[member] or member == i):
+                # Members whose backward step has passed (higher indices) are not needed again.
+                if member <= i and member not in live and (read[member] or member == i):
                     live[member] = graph.nodes[member].planned_bytes
                     record("recompute", member)
         live.pop(i, None)
