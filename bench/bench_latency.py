@@ -85,8 +85,10 @@ def measure(name):
     return json.loads(output.strip().splitlines()[-1])
 
 
-def write(rows, path, label):
+def write(rows, path, label, before=None, before_label=""):
     from bench.sections import replace_section
+
+    earlier = {row["name"]: row for row in before or []}
 
     lines = [
         "## Planning latency",
@@ -98,14 +100,26 @@ def write(rows, path, label):
         "disk cache. Seconds; the LSTM row is the six buckets of MXNet's `lstm_bucketing.py` "
         "(lengths 10-60, 2x200 LSTM, vocabulary 10000, batch 32) planned one after the other.",
         "",
-        "| network | cold s | warm s | cached s | baseline MB | planned MB | same plan twice |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"Columns marked *before* were measured right before, in the same conditions, on "
+        f"{before_label}." if before else "",
+        "",
+        "| network | cold s | warm s | cached s | baseline MB | planned MB | same plan twice |"
+        + (" before: cold s | before: warm s | before: planned MB | before: same plan twice |"
+           if before else ""),
+        "|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|---|" if before else ""),
     ]
     for row in rows:
         base = "+".join(f"{v:.0f}" for v in row["baseline_mb"])
         planned = "+".join(f"{v:.0f}" for v in row["planned_mb"])
-        lines.append(f"| {row['name']} | {row['cold']:.2f} | {row['warm']:.2f} | "
-                     f"{row['cached']:.3f} | {base} | {planned} | {row['same_plan_twice']} |")
+        line = (f"| {row['name']} | {row['cold']:.2f} | {row['warm']:.2f} | "
+                f"{row['cached']:.3f} | {base} | {planned} | {row['same_plan_twice']} |")
+        old = earlier.get(row["name"])
+        if old is not None:
+            line += (f" {old['cold']:.2f} | {old['warm']:.2f} | "
+                     f"{'+'.join(f'{v:.0f}' for v in old['planned_mb'])} | {old['same_plan_twice']} |")
+        elif before:
+            line += " - | - | - | - |"
+        lines.append(line)
     colds = sorted(r["cold"] for r in rows if r["name"] in CLASSIFIERS)
     if colds:
         lines += ["", f"Classification networks, cold: median {colds[len(colds) // 2]:.2f} s, "
@@ -120,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--before", help="rows of an earlier run (--json) to show beside these")
+    parser.add_argument("--before-label", default="the previous main")
     args = parser.parse_args(argv)
     if args.one:
         logging.basicConfig(level=logging.WARNING)
@@ -133,7 +149,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(rows, handle, indent=1)
-    write(rows, args.output, args.label)
+    before = json.load(open(args.before, encoding="utf-8")) if args.before else None
+    write(rows, args.output, args.label, before, args.before_label)
 
 
 if __name__ == "__main__":

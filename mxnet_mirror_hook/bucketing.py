@@ -182,10 +182,13 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         if not jobs:
             return {}
         started = time.perf_counter()
+        # The user's sym_gen runs here, one bucket after the other: it is not thread-safe
+        # (mx.rnn cells count their unrolled steps in shared state); only planning is parallel.
+        modules = {key: self._new_bucket_module(key) for key, _, _ in jobs}
 
         def plan(job):
             key, data, labels = job
-            module = self._new_bucket_module(key)
+            module = modules[key]
             module.inputs_need_grad = default.inputs_need_grad
             try:
                 return key, module._plan_for(data, labels, default._grad_req)
