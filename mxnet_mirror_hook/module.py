@@ -1,6 +1,7 @@
 """``MirroredModule``: a drop-in ``mx.mod.Module`` that binds a mirrored symbol."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -10,7 +11,7 @@ from mxnet.io import DataDesc
 
 from .core.budget import BudgetLike, parse_budget
 from .core.planners import get_planner
-from .plan import MirrorPlan, plan_mirror
+from .plan import SEGMENT_BACKENDS, MirrorPlan, plan_mirror
 
 __all__ = ["MirroredModule"]
 
@@ -41,6 +42,41 @@ def _grad_req_mapping(symbol: "mx.sym.Symbol", grad_req: Any) -> Union[str, Dict
     return grad_req
 
 
+# ------------------------------------------------ segments backend (issue 11)
+@contextlib.contextmanager
+def _executor_group_for(plan: Optional[MirrorPlan]):
+    """While ``Module.bind`` runs, make it build a ``SegmentedExecutorGroup`` for a segment plan.
+
+    # NOTE [ swapping Module's executor group ]
+    # ``Module.bind`` constructs ``DataParallelExecutorGroup`` by the name it
+    # imported into ``mxnet.module.module``; replacing that name for the call is
+    # the one way to give it another group without copying ``bind``.  The
+    # replacement is a subclass (one segment chain per device), so everything
+    # Module does with the group afterwards is unchanged.
+    """
+    if plan is None or plan.backend != "segments":
+        yield
+        return
+    import functools
+
+    import mxnet.module.module as module_module
+
+    from .mx.segments import SegmentedExecutorGroup
+
+    original = module_module.DataParallelExecutorGroup
+    module_module.DataParallelExecutorGroup = functools.partial(SegmentedExecutorGroup,
+                                                                segment_plan=plan.segment_plan)
+    try:
+        yield
+    finally:
+        module_module.DataParallelExecutorGroup = original
+
+
+def _same_segments(new: MirrorPlan, old: MirrorPlan) -> bool:
+    """Whether two plans bind the same way (backend and split)."""
+    return new.backend == old.backend and new.segment_plan == old.segment_plan
+
+
 class MirroredModule(mx.mod.Module):
     """An ``mx.mod.Module`` that trains in less memory by recomputing forward nodes.
 
@@ -67,6 +103,10 @@ class MirroredModule(mx.mod.Module):
         graph without allocating it).
     keep_ops : iterable of str, optional
         Operator types never to recompute (their outputs are kept).
+    backend : str
+        ``'mirror'`` (default), ``'segments'`` or ``'auto'``: see :func:`plan_mirror`.
+    segments : int, optional
+        Number of executor segments for the segments backend.
 
     Attributes
     ----------
@@ -83,7 +123,10 @@ class MirroredModule(mx.mod.Module):
                  compression_params: Any = None, *, planner: str = "auto",
                  memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
                  cost_ctx: Optional["mx.Context"] = None,
-                 keep_ops: Optional[Sequence[str]] = None) -> None:
+                 keep_ops: Optional[Sequence[str]] = None, backend: str = "mirror",
+                 segments: Optional[int] = None) -> None:
+        if backend not in SEGMENT_BACKENDS:
+            raise ValueError(f"backend must be one of {SEGMENT_BACKENDS}, got {backend!r}")
         get_planner(planner)             # reject a bad name now, not at the first bind
         parse_budget(memory_budget)      # likewise for the budget
         super().__init__(symbol, data_names=data_names, label_names=label_names, logger=logger,
@@ -95,6 +138,7 @@ class MirroredModule(mx.mod.Module):
         self._cache_dir = cache_dir
         self._cost_ctx = cost_ctx
         self._keep_ops = frozenset(keep_ops or ())
+        self._backend, self._segments = backend, segments
         self._user_symbol = symbol
         self.mirror_plan: Optional[MirrorPlan] = None
 
@@ -109,7 +153,7 @@ class MirroredModule(mx.mod.Module):
             ctx=self._cost_ctx, cache_dir=self._cache_dir,
             grad_req=_grad_req_mapping(self._user_symbol, grad_req),
             fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad,
-            keep_ops=self._keep_ops)
+            keep_ops=self._keep_ops, backend=self._backend, segments=self._segments)
 
     def _needs_plan(self, for_training: bool, grad_req: Any, inputs_need_grad: bool) -> bool:
         """Whether a bind computes any gradient (else mirroring cannot help)."""
@@ -146,9 +190,10 @@ class MirroredModule(mx.mod.Module):
             bound_symbol = plan.symbol
         self._symbol = bound_symbol
         try:
-            super().bind(data_shapes, label_shapes, for_training=for_training,
-                         inputs_need_grad=inputs_need_grad, force_rebind=force_rebind,
-                         shared_module=shared_module, grad_req=grad_req)
+            with _executor_group_for(plan):
+                super().bind(data_shapes, label_shapes, for_training=for_training,
+                             inputs_need_grad=inputs_need_grad, force_rebind=force_rebind,
+                             shared_module=shared_module, grad_req=grad_req)
         finally:
             # Everything but the executors sees the user's symbol (save_checkpoint, .symbol).
             self._symbol = self._user_symbol
@@ -167,7 +212,7 @@ class MirroredModule(mx.mod.Module):
         descs_data, descs_label = mx.module.base_module._parse_data_desc(
             self.data_names, self.label_names, data_shapes, label_shapes)
         plan = self._plan_for(descs_data, descs_label, self._grad_req)
-        if plan.mirrored == self.mirror_plan.mirrored:
+        if plan.mirrored == self.mirror_plan.mirrored and _same_segments(plan, self.mirror_plan):
             super().reshape(data_shapes, label_shapes)
             self.mirror_plan = plan
             return
@@ -177,9 +222,10 @@ class MirroredModule(mx.mod.Module):
         # Module.bind keeps the optimizer, updater and kvstore; only executors are new.
         self._symbol = plan.symbol
         try:
-            super().bind(descs_data, descs_label, for_training=self.for_training,
-                         inputs_need_grad=self.inputs_need_grad, force_rebind=True,
-                         grad_req=self._grad_req)
+            with _executor_group_for(plan):
+                super().bind(descs_data, descs_label, for_training=self.for_training,
+                             inputs_need_grad=self.inputs_need_grad, force_rebind=True,
+                             grad_req=self._grad_req)
         finally:
             self._symbol = self._user_symbol
         self.mirror_plan = plan

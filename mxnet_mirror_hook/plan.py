@@ -16,6 +16,7 @@ from .core.budget import BudgetLike, parse_budget
 from .core.cost import recompute_overhead
 from .core.graph import Graph, NodeKind
 from .core.planners import get_planner
+from .core.segments import SegmentPlan
 from .core.allocator import ExecutedGraph
 from .errors import MeasurementError, ShapeError
 from .mx.apply import MirrorTemplate
@@ -60,6 +61,12 @@ class MirrorPlan:
     candidates : list of dict
         Every measured candidate: ``label``, ``planned_mb``, ``overhead``,
         ``mirrored_count`` (empty for plans from the cache).
+    backend : str
+        ``'mirror'`` (MXNet's one-level mirror: bind :attr:`symbol`) or
+        ``'segments'`` (executor segments: :attr:`segment_plan`; :attr:`symbol`
+        is then the user's symbol, split at bind).
+    segment_plan : SegmentPlan or None
+        The segments, for the ``'segments'`` backend.
     """
 
     symbol: Any
@@ -74,6 +81,13 @@ class MirrorPlan:
     planning_seconds: float = 0.0
     from_cache: bool = False
     candidates: List[Dict[str, Any]] = field(default_factory=list)
+    backend: str = "mirror"
+    segment_plan: Optional[SegmentPlan] = None
+
+    @property
+    def segment_count(self) -> int:
+        """Number of executor segments (1 for the one-level mirror)."""
+        return self.segment_plan.count if self.segment_plan is not None else 1
 
     @property
     def ratio(self) -> float:
@@ -93,12 +107,15 @@ class MirrorPlan:
             "context": self.context, "mirrored": list(self.mirrored),
             "mirrored_count": len(self.mirrored), "kept_count": self.kept_count,
             "planning_seconds": self.planning_seconds, "from_cache": self.from_cache,
-            "candidates": self.candidates,
+            "candidates": self.candidates, "backend": self.backend,
+            "segment_count": self.segment_count,
+            "segments": self.segment_plan.to_dict() if self.segment_plan is not None else None,
         }
 
     def summary(self) -> str:
         """One line for logs."""
-        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}]: "
+        backend = (f", {self.segment_count} segments" if self.backend == "segments" else "")
+        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}{backend}]: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
                 f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
                 f"{self.overhead:.1%}, {'cached' if self.from_cache else 'planned'} in "
@@ -237,7 +254,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 grad_req: Union[str, Dict[str, str]] = "write",
                 fixed_param_names: Optional[Sequence[str]] = None,
                 inputs_need_grad: bool = False,
-                keep_ops: Optional[Iterable[str]] = None) -> MirrorPlan:
+                keep_ops: Optional[Iterable[str]] = None,
+                backend: str = "mirror", segments: Optional[int] = None) -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -267,6 +285,13 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         and BatchNorm variants that update statistics in their forward call
         are never recomputed in any case (see NOTE [ BatchNorm recomputed ] in
         :mod:`.mx.apply`).
+    backend : str
+        ``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'``
+        (executor segments, always) or ``'auto'`` (segments when they measure
+        lower than the one-level plan; see :func:`plan_with_segments`).
+    segments : int, optional
+        Number of segments for the segments backend (default: chosen by the
+        memory estimate).
 
     Returns
     -------
@@ -286,6 +311,12 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         For a budget that makes no sense; ``BudgetUnreachableError`` when no
         plan fits it.
     """
+    if backend != "mirror":  # issue 11: executor segments (plan_with_segments, below)
+        return plan_with_segments(symbol, data_shapes, label_shapes, planner=planner,
+                                  memory_budget=memory_budget, ctx=ctx, cache_dir=cache_dir,
+                                  grad_req=grad_req, fixed_param_names=fixed_param_names,
+                                  inputs_need_grad=inputs_need_grad, keep_ops=keep_ops,
+                                  backend=backend, segments=segments)
     started = time.perf_counter()
     chosen_planner = get_planner(planner)
     budget = parse_budget(memory_budget)
@@ -332,4 +363,124 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     cache.put(key, {"mirrored": list(order), "baseline_mb": plan.baseline_mb,
                     "planned_mb": plan.planned_mb, "overhead": plan.overhead,
                     "label": chosen.decision.label})
+    return plan
+
+
+# ----------------------------------------------------------------- segments backend (issue 11)
+#: Re-run forward allowed by the default budget, as a fraction of one plain iteration: about one
+#: extra forward (forward : backward = 1 : 2).  Plain segments re-run at most one forward.
+SEGMENT_RECOMPUTE_LIMIT = 0.4
+SEGMENT_BACKENDS = ("mirror", "segments", "auto")
+
+
+def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
+                       backend: str = "auto", segments: Optional[int] = None,
+                       **options: Any) -> MirrorPlan:
+    """:func:`plan_mirror` with the executor-segments backend considered.
+
+    # NOTE [ choosing the backend ]
+    # Today's one-level plan is made first (through the cache, unchanged).  A
+    # segment plan is then chosen by the memory estimate of
+    # :mod:`.core.segments` (or with ``segments`` pieces) and measured
+    # statically (NOTE [ static memory of a segment plan ] in mx/segments.py).
+    # With the ``'min'`` budget the same split is also measured with today's
+    # mirrored nodes inside each segment (two levels) and the lower kept.
+    # ``'auto'`` takes the segments only when they measure below the one-level
+    # plan and re-run at most about one forward under the default budget, so it
+    # never returns a plan worse than today's; ``'segments'`` always takes them.
+
+    Parameters
+    ----------
+    symbol, data_shapes, label_shapes
+        As for :func:`plan_mirror`.
+    backend : str
+        ``'auto'`` or ``'segments'`` (``'mirror'`` is plain :func:`plan_mirror`).
+    segments : int, optional
+        Number of segments (default: chosen by the estimate).
+    **options
+        The other keyword arguments of :func:`plan_mirror`.
+    """
+    from dataclasses import replace
+
+    from .core.segments import best_segment_plan, plan_segments
+    from .mx.segments import segment_planned_mb
+
+    if backend not in SEGMENT_BACKENDS:
+        raise ValueError(f"backend must be one of {SEGMENT_BACKENDS}, got {backend!r}")
+    if segments is not None and (not isinstance(segments, int) or segments < 1):
+        raise ValueError(f"segments must be a positive int or None, got {segments!r}")
+    started = time.perf_counter()
+    one_level = plan_mirror(symbol, data_shapes, label_shapes, backend="mirror", **options)
+    if backend == "mirror":
+        return one_level
+    setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=options.get("ctx"),
+                             grad_req=options.get("grad_req", "write"),
+                             fixed_param_names=options.get("fixed_param_names"),
+                             inputs_need_grad=options.get("inputs_need_grad", False),
+                             keep_ops=options.get("keep_ops"))
+    budget = parse_budget(options.get("memory_budget"))
+    request = backend if segments is None else f"{backend}:{segments}"
+    key = PlanKey(structure=structure_hash(symbol, setup.document),
+                  inputs=tuple(sorted(setup.all_inputs)), grad_req=grad_req_digest(setup.requests),
+                  planner=options.get("planner", "auto"), budget=budget.key,
+                  mxnet_version=mx.__version__, context=setup.context.device_type,
+                  keep_ops=setup.kept_ops, plugin_version=__version__, backend=request)
+    cache = get_cache(options.get("cache_dir"))
+    cached = cache.get(key)
+    if cached is not None and cached.get("backend") in ("mirror", "segments"):
+        if cached["backend"] == "mirror":
+            return one_level
+        try:
+            chosen = SegmentPlan.from_dict(cached["segments"])
+            known = all(n in setup.graph for s in chosen.segments for n in s.nodes)
+        except (KeyError, TypeError, ValueError):
+            known = False
+        if known:
+            return _segments_result(symbol, one_level, chosen, float(cached["planned_mb"]),
+                                    float(cached["overhead"]), started, from_cache=True)
+        cache.forget(key)
+
+    graph = setup.graph
+    split = plan_segments(graph, segments) if segments else best_segment_plan(graph)
+    candidates = [split]
+    if budget.key == "min" and one_level.mirrored:
+        candidates.append(split.with_mirrored(one_level.mirrored))
+    measured = []
+    for candidate in candidates:
+        mb, _ = segment_planned_mb(symbol, candidate, setup.context,
+                                   {name: shape for name, shape, _ in setup.all_inputs},
+                                   {name: np.dtype(dtype) for name, _, dtype in setup.all_inputs},
+                                   setup.requests)
+        inner = [n for s in candidate.segments for n in s.mirrored]
+        overhead = candidate.recompute_fraction + recompute_overhead(graph, inner)
+        measured.append((mb, overhead, candidate))
+        logger.info("segment plan: %d segments, %s, %.0f MB static, overhead %.1f%%",
+                    candidate.count, "two levels" if inner else "one level", mb, 100 * overhead)
+    mb, overhead, chosen = min(measured, key=lambda item: (item[0], item[1]))
+    wins = (chosen.count > 1 and mb < one_level.planned_mb
+            and (budget.key == "min" or overhead <= SEGMENT_RECOMPUTE_LIMIT))
+    if backend == "auto" and not wins:
+        cache.put(key, {"mirrored": list(one_level.mirrored), "baseline_mb": one_level.baseline_mb,
+                        "planned_mb": one_level.planned_mb, "overhead": one_level.overhead,
+                        "backend": "mirror"})
+        return replace(one_level, candidates=one_level.candidates + [
+            {"label": f"segments x{c.count}", "planned_mb": m, "overhead": o,
+             "mirrored_count": sum(len(s.mirrored) for s in c.segments)} for m, o, c in measured])
+    cache.put(key, {"mirrored": sorted(n for s in chosen.segments for n in s.mirrored),
+                    "baseline_mb": one_level.baseline_mb, "planned_mb": mb, "overhead": overhead,
+                    "backend": "segments", "segments": chosen.to_dict()})
+    return _segments_result(symbol, one_level, chosen, mb, overhead, started, from_cache=False)
+
+
+def _segments_result(symbol: "mx.sym.Symbol", one_level: MirrorPlan, chosen: SegmentPlan,
+                     planned_mb: float, overhead: float, started: float, from_cache: bool) -> MirrorPlan:
+    """The :class:`MirrorPlan` of a segment plan (the bound symbol is the user's, split at bind)."""
+    mirrored = tuple(n for s in chosen.segments for n in s.nodes if n in s.mirrored)
+    plan = MirrorPlan(symbol=symbol, baseline_mb=one_level.baseline_mb,
+                      planned_mb=planned_mb, mirrored=mirrored, planner=one_level.planner,
+                      overhead=overhead, budget=one_level.budget, context=one_level.context,
+                      kept_count=one_level.kept_count + len(one_level.mirrored) - len(mirrored),
+                      planning_seconds=time.perf_counter() - started, from_cache=from_cache,
+                      backend="segments", segment_plan=chosen)
+    logger.info("%s", plan.summary())
     return plan

@@ -331,3 +331,81 @@ class SegmentChain:
 def boundary_nbytes(chain: SegmentChain) -> int:
     """Bytes held by the chain's boundary values and gradients (not counting head copies)."""
     return sum(a.size * np.dtype(a.dtype).itemsize * 2 for a in chain.boundary.values())
+
+
+class SegmentedExecutorGroup(mx.module.executor_group.DataParallelExecutorGroup):
+    """``DataParallelExecutorGroup`` whose per-device executor is a :class:`SegmentChain`.
+
+    Everything else (data slicing, parameter and gradient lists for the
+    optimizer and kvstore, outputs, metrics) is the base class's: a chain
+    offers the executor attributes it reads.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for ``DataParallelExecutorGroup``.
+    segment_plan : SegmentPlan
+        The split (the same on every device: one chain per device).
+    grad_sum_cap : int or None
+        See :class:`SegmentChain`.
+    """
+
+    def __init__(self, *args: Any, segment_plan: SegmentPlan,
+                 grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP, **kwargs: Any) -> None:
+        self.segment_plan = segment_plan
+        self.grad_sum_cap = grad_sum_cap
+        super().__init__(*args, **kwargs)
+
+    def _bind_ith_exec(self, i: int, data_shapes: Any, label_shapes: Any,
+                       shared_group: Any) -> SegmentChain:
+        input_shapes = dict(data_shapes)
+        input_types = {x.name: x.dtype for x in data_shapes}
+        if label_shapes is not None:
+            input_shapes.update(dict(label_shapes))
+            input_types.update({x.name: x.dtype for x in label_shapes})
+        return SegmentChain(self.symbol, self.segment_plan, self.contexts[i], input_shapes,
+                            input_types, self.grad_req, self.grad_sum_cap)
+
+    def install_monitor(self, mon: Any) -> None:
+        """Install a monitor on every segment executor."""
+        for chain in self.execs:
+            mon.install(chain)
+
+
+def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Context",
+                       shapes: Mapping[str, Tuple[int, ...]],
+                       type_dict: Optional[Mapping[str, Any]] = None,
+                       grad_req: Optional[Mapping[str, str]] = None,
+                       grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP) -> Tuple[float, List[float]]:
+    """Static memory of a segment plan in MB, and MXNet's planned MB of each segment.
+
+    # NOTE [ static memory of a segment plan ]
+    # Each segment symbol is bound on its own (in this process: the gradient-sum
+    # cap is read from the environment at bind) and its ``debug_str`` total read.
+    # The chain shares one pool, so its intermediate storage is at least the
+    # largest segment's plan; MXNet's best-fit sharing can add some (the bench
+    # reports the storage profiler's peak beside this figure).  Boundaries are
+    # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
+    # copy the producing executor makes in ``backward``.
+    """
+    from ..core.segments import HEAD_GRAD_COPIES
+    from .measure import planned_mb_in_process
+
+    requests = dict(grad_req or {})
+    known = {name: tuple(shape) for name, shape in shapes.items()}
+    for key, shape in plan.boundary_shapes.items():
+        name, _, out = key.rpartition(":")
+        known[boundary_name((name, int(out)))] = tuple(shape)
+    variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
+    per_segment = []
+    with environment(variables):
+        for sym in split_symbol(symbol, plan):
+            names = sym.list_arguments()
+            seg_shapes = {n: known[n] for n in names if n in known}
+            seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
+            seg_types.update({n: t for n, t in (type_dict or {}).items() if n in names})
+            seg_req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(n, "null"))
+                       for n in names}
+            per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
+    boundary_mb = HEAD_GRAD_COPIES * plan.boundary_bytes / 2 ** 20
+    return max(per_segment) + boundary_mb, per_segment
