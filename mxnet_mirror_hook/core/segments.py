@@ -24,8 +24,9 @@
 # as-late-as-possible order of the graph (NOTE [ linearising for cuts ] in
 # graph.py) so that an unrolled RNN has a cut after every step.  Operators that
 # do not depend on a data input (an RNN's zero begin state, a transform of a
-# parameter) are not owned by any piece: each piece that reads them replays
-# them, so they never become boundaries.  Variables (data, labels, parameters,
+# parameter), and cheap ones reading only variables (the split or embedding of
+# an RNN's input sequence, REPLAYED_OPS), are not owned by any piece: each piece
+# that reads them replays them, so they never become boundaries.  Variables (data, labels, parameters,
 # auxiliary states) are never boundaries either: every piece binds the same
 # arrays, and a parameter read by several pieces (tied weights, the shared
 # weights of an unrolled RNN) gets its gradient summed over them.
@@ -210,15 +211,39 @@ def _entry_bytes(graph: Graph, entry: Tuple[int, int]) -> int:
     return math.prod(shape) * 4 if shape else 0
 
 
+#: Cheap operators that are replayed in every segment reading them when all their inputs are
+#: variables (or such replayed operators): splitting or embedding the input sequence of an RNN
+#: would otherwise make every step's slice a boundary (three copies of the whole input).
+REPLAYED_OPS = frozenset({"SliceChannel", "split", "Embedding", "reshape", "Reshape", "transpose",
+                          "SwapAxis", "swapaxes", "expand_dims", "slice", "slice_axis", "Flatten",
+                          "flatten", "Cast", "cast", "identity", "_copy", "squeeze"})
+
+
+def _replayed(graph: Graph) -> List[bool]:
+    """Operators replayed by every segment that reads them (never boundaries): those that do
+    not depend on a data input, and cheap ones (:data:`REPLAYED_OPS`) reading only variables and
+    replayed operators."""
+    data = _depends_on_data(graph)
+    found = [False] * len(graph.nodes)
+    for position, node in enumerate(graph.nodes):
+        if node.kind is not NodeKind.OP:
+            continue
+        if not data[position]:
+            found[position] = True
+        elif node.op in REPLAYED_OPS and all(graph.nodes[s].kind is not NodeKind.OP or found[s]
+                                             for s, _ in node.inputs):
+            found[position] = True
+    return found
+
+
 class _Crossings:
     """Which tensors cross which positions of a (late-ordered) graph."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.owned = _depends_on_data(graph)
-        for position, node in enumerate(graph.nodes):
-            if node.kind is not NodeKind.OP:
-                self.owned[position] = False
+        replayed = _replayed(graph)
+        self.owned = [node.kind is NodeKind.OP and not replayed[position]
+                      for position, node in enumerate(graph.nodes)]
         size = len(graph.nodes)
         last: Dict[Tuple[int, int], int] = {}
         for position, node in enumerate(graph.nodes):
@@ -312,7 +337,7 @@ def segment_plan_for_cuts(graph: Graph, cuts: Sequence[int], chain: Optional[Cut
                 elif owner[source] >= 0:
                     inputs[s].add((source, output))
                     outputs[owner[source]].add((source, output))
-                elif source not in members[s]:   # data-independent: replayed here
+                elif source not in members[s]:   # replayed here (NOTE [ executor segments ])
                     members[s].add(source)
                     stack.append(source)
     for s in range(count):
@@ -379,6 +404,9 @@ def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
     candidates = [p for p in chain.positions[1:-1] if crossings.valid(p)]
     if not candidates:
         return []
+    owned_before = [0]
+    for flag in crossings.owned:
+        owned_before.append(owned_before[-1] + flag)
     total = chain.need_prefix[-1]
     weight = [chain.need_prefix[p + 1] for p in candidates]
     width = total / (2 * count)
@@ -387,7 +415,9 @@ def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
         target = total * m / count
         low = bisect.bisect_left(weight, target - width)
         high = bisect.bisect_right(weight, target + width)
-        window = [i for i in range(low, high) if not cuts or candidates[i] > cuts[-1]]
+        # Every segment must own an operator.
+        floor = owned_before[cuts[-1] + 1] if cuts else 0
+        window = [i for i in range(low, high) if owned_before[candidates[i] + 1] > floor]
         if not window:
             continue
         best = min(window, key=lambda i: (crossings.crossing[candidates[i]], abs(weight[i] - target)))
