@@ -22,9 +22,16 @@ __all__ = ["boundary_name", "segment_documents", "split_symbol", "SegmentChain",
 
 logger = logging.getLogger(__name__)
 
-#: MXNet reads this at bind: how many gradient terms it sums in place.  Short RNN
-#: segments plan far less with a low cap (research: a 5-step segment, 78 MB at the
-#: default 8, 41 MB at 2); it is set only around the segment binds.
+# NOTE [ the gradient-sum cap is read once per process ]
+# MXNET_EXEC_INPLACE_GRAD_SUM_CAP (gradients of a tensor with at least this many
+# consumers are summed in place instead of by one ElementWiseSum) lowers the plan
+# of short RNN segments a lot (bench LSTM, 20 segments: 102 MB at the default 8,
+# 55 MB at 2).  MXNet 1.9.1 reads it into a function-level ``static`` the first
+# time any gradient graph is built in the process (AggregateGradient in
+# src/nnvm/gradient.cc), so setting it around our binds only takes effect when they
+# are the first in-process binds (planning binds run in worker processes), and
+# then it also holds for every later bind of the process.  The benchmark sets it
+# before MXNet builds any graph.
 GRAD_SUM_CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
 DEFAULT_GRAD_SUM_CAP = 2
 

@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Executor-segments benchmark (issue 11): planned and profiled memory, and iteration time.
+
+For each network: MXNet's planned MB of the plain symbol and of today's
+one-level plan (``plan_mirror``, default budget), the segment plan's static MB
+(NOTE [ static memory of a segment plan ] in ``mx/segments.py``), the storage
+profiler's peak of one training iteration for all three (each in its own
+process: parameters, gradients, data and the bound executors included), and
+the CPU iteration time of one-level and segment training against a plain
+``Module`` (same process, iterations interleaved, median).
+
+Writes the section between ``<!-- segments:begin -->`` and ``<!-- segments:end -->``
+of ``bench/RESULTS.md`` (appended when absent).  Run ``python bench/bench_segments.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
+
+log = logging.getLogger("bench_segments")
+
+BEGIN, END = "<!-- segments:begin -->", "<!-- segments:end -->"
+CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
+
+
+def language_model(vocabulary: int, hidden: int = 512, layers: int = 2, steps: int = 100):
+    """example/rnn/bucketing/lstm_bucketing.py's network: every step into one softmax."""
+    data, label = mx.sym.var("data"), mx.sym.var("softmax_label")
+    embedded = mx.sym.Embedding(data, input_dim=vocabulary, output_dim=hidden, name="embed")
+    stack = mx.rnn.SequentialRNNCell()
+    for layer in range(layers):
+        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
+    outputs, _ = stack.unroll(steps, inputs=embedded, merge_outputs=True)
+    pred = mx.sym.FullyConnected(mx.sym.reshape(outputs, shape=(-1, hidden)), num_hidden=vocabulary,
+                                 name="pred")
+    return mx.sym.SoftmaxOutput(pred, label=mx.sym.reshape(label, shape=(-1,)), name="softmax")
+
+
+def last_output_lstm(layers: int = 2, hidden: int = 512, steps: int = 100, classes: int = 1000):
+    """bench/bench_memory.py's LSTM: classifies the sequence from its last output."""
+    stack = mx.rnn.SequentialRNNCell()
+    for layer in range(layers):
+        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
+    outputs, _ = stack.unroll(steps, inputs=mx.sym.var("data"), layout="NTC", merge_outputs=False)
+    out = mx.sym.FullyConnected(outputs[-1], num_hidden=classes, name="fc")
+    return mx.sym.SoftmaxOutput(out, name="softmax")
+
+
+#: name -> (description, builder, data shape, label shape, integer vocabulary of the data or 0)
+CASES = {
+    "lm_lstm_v10000": ("language-model LSTM 2x512, 100 steps, batch 32, vocabulary 10000",
+                       lambda: language_model(10000), (32, 100), (32, 100), 10000),
+    "lm_lstm_v1000": ("language-model LSTM 2x512, 100 steps, batch 32, vocabulary 1000",
+                      lambda: language_model(1000), (32, 100), (32, 100), 1000),
+    "bench_lstm": ("bench LSTM 2x512, 100 steps, batch 32 (last output, 1000 classes)",
+                   last_output_lstm, (32, 100, 512), (32,), 0),
+}
+
+
+def _batch(case: str, seed: int = 0) -> mx.io.DataBatch:
+    _, _, data_shape, label_shape, vocabulary = CASES[case]
+    rng = np.random.RandomState(seed)
+    data = (rng.randint(0, vocabulary, data_shape) if vocabulary
+            else rng.uniform(-1, 1, data_shape)).astype("float32")
+    classes = vocabulary or 1000
+    return mx.io.DataBatch([mx.nd.array(data)], [mx.nd.array(rng.randint(0, classes, label_shape))])
+
+
+def _module(case: str, config: str, segments: int):
+    _, build, data_shape, label_shape, _ = CASES[case]
+    symbol = build()
+    if config == "plain":
+        module = mx.mod.Module(symbol)
+    elif config == "mirror":
+        module = MirroredModule(symbol, cache_dir=False)
+    else:
+        module = MirroredModule(symbol, cache_dir=False, backend="segments",
+                                segments=segments or None)
+    module.bind([("data", data_shape)], [("softmax_label", label_shape)])
+    module.init_params(mx.init.Xavier())
+    return module
+
+
+def profile_peak(case: str, config: str, segments: int) -> float:
+    """Storage profiler peak (MB) of bind + one forward/backward, in this (fresh) process."""
+    path = os.path.join(tempfile.mkdtemp(), "profile.json")
+    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
+                           profile_api=False, aggregate_stats=False, filename=path)
+    batch = _batch(case)
+    mx.profiler.set_state("run")
+    module = _module(case, config, segments)
+    module.forward_backward(batch)
+    mx.nd.waitall()
+    mx.profiler.set_state("stop")
+    mx.profiler.dump()
+    with open(path, "r", encoding="utf-8") as handle:
+        events = json.load(handle)["traceEvents"]
+    values = [v for e in events if e.get("name") == "Memory: cpu/0" for v in e["args"].values()]
+    return max(values) / 2 ** 20
+
+
+def measure_case(case: str, segments: int, iterations: int) -> dict:
+    """Plans and timings of one network (run in a child process, see :func:`main`)."""
+    _, build, data_shape, label_shape, _ = CASES[case]
+    symbol = build()
+    shapes, labels = [("data", data_shape)], [("softmax_label", label_shape)]
+    # Planning binds run in worker processes started without the cap: today's figures.
+    one_level = plan_mirror(symbol, shapes, labels, cache_dir=False)
+    os.environ[CAP_ENV] = "2"  # NOTE [ the gradient-sum cap is read once per process ]
+    seg = plan_mirror(symbol, shapes, labels, cache_dir=False, backend="segments",
+                      segments=segments or None)
+    result = {"case": case, "baseline_mb": one_level.baseline_mb, "mirror_mb": one_level.planned_mb,
+              "segments_mb": seg.planned_mb, "segment_count": seg.segment_count,
+              "segment_overhead": seg.overhead, "mirror_overhead": one_level.overhead}
+    modules = {config: _module(case, config, segments) for config in ("plain", "mirror", "segments")}
+    for module in modules.values():
+        module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
+    batch = _batch(case)
+    times = {config: [] for config in modules}
+    for repeat in range(iterations + 1):
+        for config, module in modules.items():
+            started = time.perf_counter()
+            module.forward_backward(batch)
+            module.update()
+            mx.nd.waitall()
+            if repeat:  # the first round warms up
+                times[config].append(time.perf_counter() - started)
+    plain = float(np.median(times["plain"]))
+    result.update({"plain_seconds": plain,
+                   "mirror_time": float(np.median(times["mirror"])) / plain,
+                   "segments_time": float(np.median(times["segments"])) / plain})
+    return result
+
+
+def _child(args: list, cap: bool) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(CAP_ENV, None)
+    if cap:
+        env[CAP_ENV] = "2"
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def write_section(rows: list, path: str) -> None:
+    """Replace (or append) the segments section of RESULTS.md."""
+    lines = [BEGIN, "## Executor segments (issue 11)", "",
+             "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
+             "boundary tensors, NOTE [ static memory of a segment plan ]). Profiler peak: MXNet's storage "
+             "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
+             "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
+             "update) against plain `Module`, same process, interleaved, median. Segment runs use "
+             f"`{CAP_ENV}=2` (set before MXNet builds a graph; plain and one-level timings in the same "
+             "process share it).", "",
+             "| network | plain MB | one-level MB | segments MB (k) | ratio | profiler peak plain / one-level "
+             "/ segments | time one-level | time segments |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
+            f"({row['mirror_mb'] / row['baseline_mb']:.2f}x) | {row['segments_mb']:.0f} "
+            f"({row['segment_count']}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
+            f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
+            f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
+    lines += ["", f"Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in rows)
+              + f". Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
+              "`bench/bench_segments.py`.", END]
+    section = "\n".join(lines)
+    text = open(path, "r", encoding="utf-8").read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="lm_lstm_v10000,lm_lstm_v1000,bench_lstm")
+    parser.add_argument("--segments", default="",
+                        help="segments per case, e.g. bench_lstm=20 (default: the planner's choice)")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "CASE", "SEGMENTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.child:
+        kind, case, segments = args.child
+        if kind == "measure":
+            print(json.dumps(measure_case(case, int(segments), args.iterations)))
+        else:
+            print(json.dumps({"peak": profile_peak(case, kind, int(segments))}))
+        return []
+    counts = dict(item.split("=") for item in args.segments.split(",") if item)
+    rows = []
+    for case in args.cases.split(","):
+        segments = counts.get(case, "0")
+        log.info("%s: planning and timing", case)
+        row = json.loads(_child(["--iterations", str(args.iterations), "--child", "measure", case,
+                                 segments], cap=False))
+        # The measured plan's count, so that the profiled chain is the one in the table.
+        for config in ("plain", "mirror", "segments"):
+            peak = json.loads(_child(["--child", config, case, str(row["segment_count"])],
+                                     cap=config == "segments"))["peak"]
+            row[f"peak_{config}"] = peak
+            log.info("%s %s: profiler peak %.0f MB", case, config, peak)
+        row["description"] = CASES[case][0]
+        rows.append(row)
+        log.info("%s", row)
+    write_section(rows, args.output)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
