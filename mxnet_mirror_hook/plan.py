@@ -447,10 +447,11 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
         candidates.append(split.with_mirrored(one_level.mirrored))
     measured = []
     for candidate in candidates:
-        mb, _ = segment_planned_mb(symbol, candidate, setup.context,
-                                   {name: shape for name, shape, _ in setup.all_inputs},
-                                   {name: np.dtype(dtype) for name, _, dtype in setup.all_inputs},
-                                   setup.requests)
+        mb, per_segment = segment_planned_mb(
+            symbol, candidate, setup.context, {name: shape for name, shape, _ in setup.all_inputs},
+            {name: np.dtype(dtype) for name, _, dtype in setup.all_inputs}, setup.requests)
+        # The segment MXNet plans largest owns the shared pool (bound first).
+        candidate = candidate.with_working_bytes([int(m * 2 ** 20) for m in per_segment])
         inner = [n for s in candidate.segments for n in s.mirrored]
         overhead = candidate.recompute_fraction + recompute_overhead(graph, inner)
         measured.append((mb, overhead, candidate))

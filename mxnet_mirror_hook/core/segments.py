@@ -172,6 +172,16 @@ class SegmentPlan:
                    float(data["recompute_fraction"]),
                    {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()})
 
+    def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
+        """The same split with measured working sets (MXNet's plan of each segment), so that
+        :meth:`owner_index` binds the really largest segment first."""
+        if len(measured) != self.count:
+            raise ValueError(f"need one figure per segment ({self.count}), got {len(measured)}")
+        segments = tuple(SegmentSpec(s.index, s.nodes, s.inputs, s.outputs, s.variables, s.mirrored,
+                                     int(m)) for s, m in zip(self.segments, measured))
+        return SegmentPlan(segments, self.boundary_bytes, self.estimated_bytes,
+                           self.recompute_fraction, dict(self.boundary_shapes))
+
     def with_mirrored(self, mirrored: Iterable[str]) -> "SegmentPlan":
         """The same split with ``force_mirroring`` on ``mirrored`` inside each segment (two levels).
 

@@ -41,7 +41,8 @@ def boundary_name(entry: Entry) -> str:
     return f"{entry[0]}_output{entry[1]}_segment_boundary"
 
 
-def segment_documents(document: Mapping[str, Any], plan: SegmentPlan) -> List[Dict[str, Any]]:
+def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
+                      rerun_cudnn_off: bool = False) -> List[Dict[str, Any]]:
     """JSON documents of the segment symbols (JSON surgery, NOTE [ splitting by JSON ]).
 
     # NOTE [ splitting by JSON ]
@@ -52,6 +53,15 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan) -> List[Di
     # tensor it reads (placed first); inputs are re-indexed, ``arg_nodes`` and
     # ``heads`` rebuilt, and ``mx.sym.load_json`` parses the result.  Operators
     # listed in the segment's ``mirrored`` set get ``force_mirroring`` (two levels).
+    #
+    # NOTE [ BatchNorm in re-run segments ]
+    # Every segment but the last runs its forward twice per iteration.  MXNet's
+    # own BatchNorm kernels update the moving statistics in backward (checked
+    # bit for bit on the CPU), cuDNN's in forward, which would update them twice.
+    # With ``rerun_cudnn_off`` (set by SegmentChain on GPU contexts) BatchNorm
+    # nodes of the re-run segments get ``cudnn_off=True``, as one-level mirrored
+    # BatchNorm nodes do (NOTE [ BatchNorm recomputed ] in apply.py).  Untested on
+    # hardware here (tests/api/test_gpu.py runs where a GPU is lent).
     """
     nodes = document["nodes"]
     index = {node["name"]: i for i, node in enumerate(nodes)}
@@ -86,6 +96,9 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan) -> List[Di
                     attrs[MIRROR_ATTR] = "True"
                     if node["op"] == "BatchNorm":
                         attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm recomputed ] in apply.py
+                rerun = segment.index < plan.count - 1
+                if rerun_cudnn_off and rerun and node["op"] == "BatchNorm":
+                    attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm in re-run segments ]
                 if attrs:
                     copy["attrs"] = attrs
                 else:
@@ -102,10 +115,12 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan) -> List[Di
     return documents
 
 
-def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan) -> List["mx.sym.Symbol"]:
-    """The segment symbols of ``symbol`` under ``plan``."""
+def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,
+                 rerun_cudnn_off: bool = False) -> List["mx.sym.Symbol"]:
+    """The segment symbols of ``symbol`` under ``plan`` (see :func:`segment_documents`)."""
     document = json.loads(symbol.tojson())
-    return [mx.sym.load_json(json.dumps(d)) for d in segment_documents(document, plan)]
+    return [mx.sym.load_json(json.dumps(d))
+            for d in segment_documents(document, plan, rerun_cudnn_off)]
 
 
 def _zeros(shape: Tuple[int, ...], ctx: "mx.Context", dtype: Any) -> "mx.nd.NDArray":
@@ -182,7 +197,8 @@ class SegmentChain:
         self.grad_arrays = [self.grad_dict[n] for n in arg_names]
         self.aux_arrays = [self.aux_dict[n] for n in aux_names]
 
-        self.symbols = split_symbol(symbol, plan)
+        # NOTE [ BatchNorm in re-run segments ]
+        self.symbols = split_symbol(symbol, plan, rerun_cudnn_off=ctx.device_type == "gpu")
         readers: Dict[str, int] = {}
         for segment in plan.segments:
             for name in list(segment.variables) + [boundary_name(e) for e in segment.inputs]:

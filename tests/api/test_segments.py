@@ -30,7 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mxnet_mirror_hook import MirroredModule  # noqa: E402
+from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
+from mxnet_mirror_hook.core.segments import SegmentPlan, plan_segments  # noqa: E402
+from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
+from mxnet_mirror_hook.mx.segments import boundary_name, segment_documents, split_symbol  # noqa: E402
 from mxnet_mirror_hook.testing.models import small_resnet  # noqa: E402
 
 
@@ -219,6 +222,81 @@ def test_segments_match_plain_module_with_mkldnn_within_rounding(name):
     assert result["backend"] == "segments" and result["count"] == 3
     worst = max(result["diff"].values())
     assert worst < 1e-5, sorted(result["diff"].items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_rerun_segments_get_cudnn_off_batchnorm_on_the_gpu_only():
+    """The GPU guard's graph rewrite, checked without a GPU (NOTE [ BatchNorm in re-run
+    segments ]): BatchNorm of every segment but the last runs MXNet's kernel."""
+    symbol = small_resnet(num_blocks=3, channels=8)
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", (2, 3, 8, 8))]))
+    plan = plan_segments(graph, 3)
+    document = json.loads(symbol.tojson())
+    for guarded in (False, True):
+        for segment, piece in zip(plan.segments, segment_documents(document, plan, guarded)):
+            for node in piece["nodes"]:
+                if node["op"] == "BatchNorm":
+                    off = (node.get("attrs") or {}).get("cudnn_off") == "True"
+                    assert off == (guarded and segment.index < plan.count - 1), node["name"]
+
+
+def test_split_symbols_compute_the_plain_outputs_and_replace_cut_entries_by_variables():
+    symbol = CASES["lstm_lm"][0]()
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", (4, 8))]) + normalize_inputs(
+        [("softmax_label", (4, 8))], "label"))
+    plan = plan_segments(graph, 3)
+    pieces = split_symbol(symbol, plan)
+    assert len(pieces) == 3
+    assert pieces[-1].list_outputs() == symbol.list_outputs()
+    for segment, piece in zip(plan.segments, pieces):
+        arguments = set(piece.list_arguments())
+        assert {boundary_name(e) for e in segment.inputs} <= arguments
+        assert len(piece.list_outputs()) == len(segment.outputs)
+    # Every parameter of the symbol is read by some segment; the LSTM weights by several.
+    read = set().union(*(set(p.list_arguments()) for p in pieces))
+    assert set(symbol.list_arguments()) <= read
+    assert {"lstm_l0_i2h_weight", "lstm_l1_h2h_weight"} <= set(plan.shared_variables())
+
+
+def test_outputs_and_metric_survive_the_backward_reruns():
+    """The re-runs reuse the shared pool: the module's outputs must still be the forward's."""
+    name = "lstm_lm"
+    _, data_shape, label_shape, _, _ = CASES[name]
+    module = MirroredModule(CASES[name][0](), backend="segments", segments=4, cache_dir=False)
+    module.bind([("data", data_shape)], [("softmax_label", label_shape)])
+    module.init_params(mx.init.Xavier())
+    batch = _batches(name, 1)[0]
+    module.forward(batch, is_train=True)
+    before = module.get_outputs()[0].asnumpy()
+    module.backward()
+    after = module.get_outputs()[0].asnumpy()
+    np.testing.assert_array_equal(before, after)
+
+
+def test_auto_backend_is_never_worse_than_the_one_level_plan_and_caches_its_backend():
+    symbol = small_resnet(num_blocks=3, channels=8)
+    data = [("data", (8, 3, 16, 16))]
+    one_level = plan_mirror(symbol, data)
+    auto = plan_mirror(symbol, data, backend="auto")
+    assert auto.planned_mb <= one_level.planned_mb
+    assert auto.backend in ("mirror", "segments")
+    again = plan_mirror(symbol, data, backend="auto")
+    assert again.from_cache and again.backend == auto.backend
+    assert again.planned_mb == auto.planned_mb
+    forced = plan_mirror(symbol, data, backend="segments", segments=2)
+    assert forced.backend == "segments" and forced.segment_count == 2
+    assert "2 segments" in forced.summary()
+    summary = forced.to_dict()
+    assert summary["backend"] == "segments" and summary["segment_count"] == 2
+    assert SegmentPlan.from_dict(summary["segments"]) == forced.segment_plan
+    cached = plan_mirror(symbol, data, backend="segments", segments=2)
+    assert cached.from_cache and cached.segment_plan == forced.segment_plan
+
+
+def test_bad_backend_is_refused_where_it_is_written():
+    with pytest.raises(ValueError, match="backend"):
+        MirroredModule(small_resnet(), backend="checkpoint")
+    with pytest.raises(ValueError, match="segments"):
+        plan_mirror(small_resnet(), [("data", (2, 3, 8, 8))], backend="segments", segments=0)
 
 
 if __name__ == "__main__":
