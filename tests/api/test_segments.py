@@ -33,7 +33,8 @@ if ROOT not in sys.path:
 from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
 from mxnet_mirror_hook.core.segments import SegmentPlan, plan_segments  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
-from mxnet_mirror_hook.mx.segments import boundary_name, segment_documents, split_symbol  # noqa: E402
+from mxnet_mirror_hook.mx.segments import (SegmentChain, boundary_name, segment_documents,  # noqa: E402
+                                            split_symbol)
 from mxnet_mirror_hook.testing.models import small_resnet  # noqa: E402
 
 
@@ -291,6 +292,41 @@ def test_auto_backend_is_never_worse_than_the_one_level_plan_and_caches_its_back
     cached = plan_mirror(symbol, data, backend="segments", segments=2)
     assert cached.from_cache and cached.segment_plan == forced.segment_plan
 
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_two_level_chain_gives_the_plain_gradients(name):
+    """MXNet's mirror inside each segment (two levels) on top of the re-runs: the gradients and
+    BatchNorm statistics of one step match a plain executor (within MKLDNN rounding)."""
+    build, data_shape, label_shape, classes, _ = CASES[name]
+    symbol = build()
+    shapes = {"data": data_shape, "softmax_label": label_shape}
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", data_shape)]) + normalize_inputs(
+        [("softmax_label", label_shape)], "label"))
+    plan = plan_segments(graph, 3).with_mirrored(graph.mirrorable_names)
+    assert sum(len(s.mirrored) for s in plan.segments) > 0
+    requests = {n: "null" if n in shapes else "write" for n in symbol.list_arguments()}
+    chain = SegmentChain(symbol, plan, mx.cpu(), shapes, grad_req=requests)
+    plain = symbol.simple_bind(mx.cpu(), grad_req=requests, **shapes)
+    rng = np.random.RandomState(3)
+    for key, array in plain.arg_dict.items():
+        value = (rng.randint(0, classes, array.shape) if key == "softmax_label"
+                 else rng.uniform(-1, 1, array.shape)).astype("float32")
+        array[:] = value
+        chain.arg_dict[key][:] = value
+    for key, array in plain.aux_dict.items():
+        array[:] = 1.0
+        chain.aux_dict[key][:] = 1.0
+    for executor in (plain, chain):
+        executor.forward(is_train=True)
+        executor.backward()
+    mx.nd.waitall()
+    for key, grad in plain.grad_dict.items():
+        if grad is not None:
+            np.testing.assert_allclose(chain.grad_dict[key].asnumpy(), grad.asnumpy(),
+                                       rtol=1e-4, atol=1e-6, err_msg=key)
+    for key, aux in plain.aux_dict.items():
+        np.testing.assert_allclose(chain.aux_dict[key].asnumpy(), aux.asnumpy(), rtol=1e-5,
+                                   err_msg=key)
 
 def test_bad_backend_is_refused_where_it_is_written():
     with pytest.raises(ValueError, match="backend"):
