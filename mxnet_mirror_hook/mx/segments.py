@@ -269,9 +269,12 @@ class SegmentChain:
         with environment(variables):
             owner = self._bind_one(owner_index, None)
             self.execs[owner_index] = owner
-            for index in range(self.plan.count):
-                if index != owner_index:
-                    self.execs[index] = self._bind_one(index, owner)
+            # Largest first: blocks appended to the owner's pool by a large segment can then be
+            # reused by the smaller ones (MXNet takes the smallest free block that fits).
+            others = sorted((i for i in range(self.plan.count) if i != owner_index),
+                            key=lambda i: (-self.plan.segments[i].working_bytes, i))
+            for index in others:
+                self.execs[index] = self._bind_one(index, owner)
         # Variables read by several segments sum their gradients: cleared before each backward
         # unless the user asked for 'add'.
         self._zeroed = [self.grad_dict[n] for n, count in self._readers.items()
