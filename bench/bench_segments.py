@@ -168,8 +168,8 @@ def write_section(rows: list, path: str) -> None:
              "update) against plain `Module`, same process, interleaved, median. Segment runs use "
              f"`{CAP_ENV}=2` (set before MXNet builds a graph; plain and one-level timings in the same "
              "process share it).", "",
-             "| network | plain MB | one-level MB | segments MB (k) | ratio | profiler peak plain / one-level "
-             "/ segments | time one-level | time segments |",
+             "| network | plain MB | one-level MB | segments MB (k) | ratio "
+             "| profiler peak plain / one-level / segments | time one-level | time segments |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
@@ -178,7 +178,7 @@ def write_section(rows: list, path: str) -> None:
             f"({row['segment_count']}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
             f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
             f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
-    lines += ["", f"Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in rows)
+    lines += ["", "Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in rows)
               + f". Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
               "`bench/bench_segments.py`.", END]
     section = "\n".join(lines)

@@ -27,6 +27,10 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         As for ``mx.mod.BucketingModule``.
     planner, memory_budget, cache_dir, cost_ctx, keep_ops
         As for :class:`MirroredModule`.
+    backend, segments
+        As for :class:`MirroredModule`, but ``backend='auto'`` is refused: buckets share
+        parameters and memory with the default bucket, which needs every bucket bound by
+        the same backend (``'mirror'`` or ``'segments'``).
 
     Attributes
     ----------
@@ -40,7 +44,11 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                  group2ctxs: Any = None, compression_params: Any = None, *,
                  planner: str = "auto", memory_budget: BudgetLike = None,
                  cache_dir: Union[None, str, bool] = None, cost_ctx: Optional["mx.Context"] = None,
-                 keep_ops: Optional[Sequence[str]] = None) -> None:
+                 keep_ops: Optional[Sequence[str]] = None, backend: str = "mirror",
+                 segments: Optional[int] = None) -> None:
+        if backend not in ("mirror", "segments"):
+            raise ValueError(f"MirroredBucketingModule takes backend 'mirror' or 'segments', got "
+                             f"{backend!r} (every bucket must bind the same way)")
         get_planner(planner)
         parse_budget(memory_budget)
         super().__init__(sym_gen, default_bucket_key, logger=logger, context=context,
@@ -48,7 +56,8 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                          state_names=state_names, group2ctxs=group2ctxs,
                          compression_params=compression_params)
         self._mirror_options = dict(planner=planner, memory_budget=memory_budget,
-                                    cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops)
+                                    cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops,
+                                    backend=backend, segments=segments)
 
     @property
     def mirror_plans(self) -> Dict[Any, Optional[MirrorPlan]]:

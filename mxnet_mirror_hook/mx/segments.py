@@ -153,7 +153,11 @@ class SegmentChain:
     grad_sum_cap : int or None
         ``MXNET_EXEC_INPLACE_GRAD_SUM_CAP`` for the segment binds (None: MXNet's default).
     shared_arrays : dict, optional
-        ``arg``/``grad``/``aux`` dicts of arrays to reuse (``reshape``).
+        ``arg``/``grad``/``aux`` dicts of arrays to reuse when shapes and types match
+        (``reshape``; the parameters of another bucket).
+    shared_exec : mx.executor.Executor, optional
+        An executor whose memory pool the segments share (another bucket's); by default
+        the largest segment owns the pool.
     """
 
     def __init__(self, symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Context",
@@ -161,7 +165,8 @@ class SegmentChain:
                  type_dict: Optional[Mapping[str, Any]] = None,
                  grad_req: Optional[Mapping[str, str]] = None,
                  grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP,
-                 shared_arrays: Optional[Mapping[str, Mapping[str, "mx.nd.NDArray"]]] = None) -> None:
+                 shared_arrays: Optional[Mapping[str, Mapping[str, "mx.nd.NDArray"]]] = None,
+                 shared_exec: Optional["mx.executor.Executor"] = None) -> None:
         self.symbol, self.plan, self.ctx = symbol, plan, ctx
         self._input_shapes = dict(input_shapes)
         self._type_dict = {name: np.float32 for name in self._input_shapes}
@@ -206,7 +211,7 @@ class SegmentChain:
         self._readers = readers
         self._allocate_boundaries()
         self.execs: List[Optional["mx.executor.Executor"]] = [None] * plan.count
-        self._bind_all()
+        self._bind_all(shared_exec)
         self._last_state_valid = False
         self.outputs = self.execs[-1].outputs
 
@@ -261,13 +266,19 @@ class SegmentChain:
         return sym.bind(self.ctx, args, args_grad=grads, grad_req=requests, aux_states=aux,
                         shared_exec=shared_exec)
 
-    def _bind_all(self) -> None:
-        """Bind the segment with the largest modelled working set first: it owns the pool
-        (MXNet's shared_exec takes blocks from the owner's pool, largest first)."""
+    @property
+    def pool_owner(self) -> "mx.executor.Executor":
+        """The executor whose memory pool the segments share."""
+        return self.execs[self.plan.owner_index()]
+
+    def _bind_all(self, shared_exec: Optional["mx.executor.Executor"] = None) -> None:
+        """Bind the segment with the largest working set first: it owns the pool (MXNet's
+        shared_exec takes blocks from the owner's pool, largest first), or shares
+        ``shared_exec``'s pool (another bucket) and passes it on."""
         variables = {GRAD_SUM_CAP_ENV: str(self._grad_sum_cap)} if self._grad_sum_cap else {}
         owner_index = self.plan.owner_index()
         with environment(variables):
-            owner = self._bind_one(owner_index, None)
+            owner = self._bind_one(owner_index, shared_exec)
             self.execs[owner_index] = owner
             # Largest first: blocks appended to the owner's pool by a large segment can then be
             # reused by the smaller ones (MXNet takes the smallest free block that fits).
@@ -389,8 +400,19 @@ class SegmentedExecutorGroup(mx.module.executor_group.DataParallelExecutorGroup)
         if label_shapes is not None:
             input_shapes.update(dict(label_shapes))
             input_types.update({x.name: x.dtype for x in label_shapes})
+        shared_arrays, shared_exec = None, None
+        if shared_group is not None:
+            # Another bucket: the same parameter, gradient and auxiliary arrays (as simple_bind's
+            # shared_arg_names does) and its memory pool.
+            other = shared_group.execs[i]
+            params = set(self.param_names)
+            shared_arrays = {
+                "arg": {n: a for n, a in other.arg_dict.items() if n in params},
+                "grad": {n: a for n, a in other.grad_dict.items() if n in params and a is not None},
+                "aux": dict(other.aux_dict)}
+            shared_exec = other.pool_owner if isinstance(other, SegmentChain) else other
         return SegmentChain(self.symbol, self.segment_plan, self.contexts[i], input_shapes,
-                            input_types, self.grad_req, self.grad_sum_cap)
+                            input_types, self.grad_req, self.grad_sum_cap, shared_arrays, shared_exec)
 
     def install_monitor(self, mon: Any) -> None:
         """Install a monitor on every segment executor."""

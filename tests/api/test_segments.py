@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import mxnet as mx
 import numpy as np
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
+from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirror  # noqa: E402
 from mxnet_mirror_hook.core.segments import SegmentPlan, plan_segments  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
 from mxnet_mirror_hook.mx.segments import (SegmentChain, boundary_name, segment_documents,  # noqa: E402
@@ -327,6 +327,41 @@ def test_two_level_chain_gives_the_plain_gradients(name):
     for key, aux in plain.aux_dict.items():
         np.testing.assert_allclose(chain.aux_dict[key].asnumpy(), aux.asnumpy(), rtol=1e-5,
                                    err_msg=key)
+
+def _bucketed_lm(seq_len):
+    return language_model(steps=seq_len), ("data",), ("softmax_label",)
+
+
+def _train_buckets(module) -> Dict[str, np.ndarray]:
+    mx.random.seed(0)
+    module.bind([("data", (4, 12))], [("softmax_label", (4, 12))])
+    module.init_params(mx.init.Xavier())
+    module.init_optimizer(optimizer_params={"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4})
+    rng = np.random.RandomState(0)
+    for length in (12, 6, 12, 6):
+        batch = mx.io.DataBatch([mx.nd.array(rng.randint(0, 30, (4, length)))],
+                                [mx.nd.array(rng.randint(0, 30, (4, length)))], bucket_key=length,
+                                provide_data=[("data", (4, length))],
+                                provide_label=[("softmax_label", (4, length))])
+        module.forward_backward(batch)
+        module.update()
+    mx.nd.waitall()
+    args, _ = module.get_params()
+    return {k: v.asnumpy() for k, v in args.items()}
+
+
+def test_bucketing_module_with_segments_trains_like_bucketing_module():
+    """Buckets bound as segment chains share the default bucket's parameters and pool."""
+    plain = _train_buckets(mx.mod.BucketingModule(_bucketed_lm, default_bucket_key=12))
+    module = MirroredBucketingModule(_bucketed_lm, default_bucket_key=12, backend="segments",
+                                     segments=3, cache_dir=False)
+    segmented = _train_buckets(module)
+    assert sorted(module.mirror_plans) == [6, 12]
+    assert all(p.backend == "segments" and p.segment_count == 3 for p in module.mirror_plans.values())
+    for name in plain:  # tied LSTM weights: summation order only (NOTE [ exact or within rounding ])
+        np.testing.assert_allclose(segmented[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="backend"):
+        MirroredBucketingModule(_bucketed_lm, default_bucket_key=12, backend="auto")
 
 def test_bad_backend_is_refused_where_it_is_written():
     with pytest.raises(ValueError, match="backend"):
