@@ -363,6 +363,27 @@ def test_bucketing_module_with_segments_trains_like_bucketing_module():
     with pytest.raises(ValueError, match="backend"):
         MirroredBucketingModule(_bucketed_lm, default_bucket_key=12, backend="auto")
 
+def test_a_new_batch_shape_rebinds_the_chain_and_keeps_parameters():
+    """Module.forward reshapes for a new batch shape: the chain is re-planned and rebound with
+    the same parameters (its outputs equal a plain Module's on the same parameters)."""
+    name = "resnet"
+    build, data_shape, label_shape, _, _ = CASES[name]
+    module = MirroredModule(build(), backend="segments", segments=3, cache_dir=False)
+    train_case(name, module, steps=1)
+    args, auxs = module.get_params()
+    small = mx.io.DataBatch([mx.nd.ones((2,) + data_shape[1:])], [mx.nd.zeros((2,))])
+    module.forward(small, is_train=False)
+    reshaped = module.get_outputs()[0].asnumpy()
+    plain = mx.mod.Module(build())
+    plain.bind([("data", (2,) + data_shape[1:])], [("softmax_label", (2,))], for_training=False)
+    plain.set_params(args, auxs)
+    plain.forward(small, is_train=False)
+    assert reshaped.shape[0] == 2
+    np.testing.assert_allclose(reshaped, plain.get_outputs()[0].asnumpy(), rtol=1e-5, atol=1e-6)
+    after, _ = module.get_params()
+    for key, value in args.items():
+        np.testing.assert_array_equal(after[key].asnumpy(), value.asnumpy())
+
 def test_bad_backend_is_refused_where_it_is_written():
     with pytest.raises(ValueError, match="backend"):
         MirroredModule(small_resnet(), backend="checkpoint")
