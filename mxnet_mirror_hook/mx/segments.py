@@ -14,6 +14,7 @@ import mxnet as mx
 import numpy as np
 
 from ..core.segments import Entry, SegmentPlan, SegmentSpec
+from ..errors import ShapeError
 from .convert import MIRROR_ATTR
 from .measure import environment
 
@@ -179,7 +180,8 @@ class SegmentChain:
         arg_shapes, _, aux_shapes = symbol.infer_shape(**self._input_shapes)
         arg_types, _, aux_types = symbol.infer_type(**self._type_dict)
         if arg_shapes is None:
-            raise ValueError("the input shapes do not determine every argument's shape; give them all")
+            raise ShapeError("the input shapes do not determine every argument's shape; give the "
+                             "shapes of all data and label inputs")
         shared = shared_arrays or {}
         old_args, old_grads, old_aux = (shared.get("arg", {}), shared.get("grad", {}),
                                         shared.get("aux", {}))
@@ -363,11 +365,6 @@ class SegmentChain:
         """Install a monitor callback on every segment executor."""
         for executor in self.execs:
             executor.set_monitor_callback(callback, monitor_all)
-
-
-def boundary_nbytes(chain: SegmentChain) -> int:
-    """Bytes held by the chain's boundary values and gradients (not counting head copies)."""
-    return sum(a.size * np.dtype(a.dtype).itemsize * 2 for a in chain.boundary.values())
 
 
 class SegmentedExecutorGroup(mx.module.executor_group.DataParallelExecutorGroup):
