@@ -71,6 +71,29 @@ CASES = {
 }
 
 
+#: Heavy rows: static plans only ('min' budget; a plain run needs ~6.5 GB, more than this shared
+#: bench machine can give), selected with --cases.
+STATIC_ONLY = {
+    "resnet152_min": ("resnet152_v1b, batch 32, budget 'min' (static plans only)", (32, 3, 224, 224)),
+}
+
+
+def measure_static(case: str) -> dict:
+    """One-level and segment plans of a heavy row, MXNet's static figures only."""
+    from mxnet_mirror_hook.testing.models import gluon_symbol
+
+    description, shape = STATIC_ONLY[case]
+    symbol, _ = gluon_symbol(case.split("_")[0] + "_v1b")
+    one_level = plan_mirror(symbol, [("data", shape)], memory_budget="min")
+    os.environ[CAP_ENV] = "2"
+    seg = plan_mirror(symbol, [("data", shape)], memory_budget="min", backend="segments",
+                      cache_dir=False)
+    return {"case": case, "description": description, "baseline_mb": one_level.baseline_mb,
+            "mirror_mb": one_level.planned_mb, "segments_mb": seg.planned_mb,
+            "segment_count": seg.segment_count, "segment_overhead": seg.overhead,
+            "mirror_overhead": one_level.overhead}
+
+
 def _batch(case: str, seed: int = 0) -> mx.io.DataBatch:
     _, _, data_shape, label_shape, vocabulary = CASES[case]
     rng = np.random.RandomState(seed)
@@ -172,13 +195,21 @@ def write_section(rows: list, path: str) -> None:
              "| profiler peak plain / one-level / segments | time one-level | time segments |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        if "peak_plain" not in row:
+            lines.append(
+                f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
+                f"({row['mirror_mb'] / row['baseline_mb']:.2f}x, est. +{row['mirror_overhead']:.0%}) | "
+                f"{row['segments_mb']:.0f} ({row['segment_count']}, est. +{row['segment_overhead']:.0%}) "
+                f"| {row['segments_mb'] / row['baseline_mb']:.2f}x | - | - | - |")
+            continue
         lines.append(
             f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
             f"({row['mirror_mb'] / row['baseline_mb']:.2f}x) | {row['segments_mb']:.0f} "
             f"({row['segment_count']}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
             f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
             f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
-    lines += ["", "Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in rows)
+    timed = [r for r in rows if "plain_seconds" in r]
+    lines += ["", "Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in timed)
               + f". Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
               "`bench/bench_segments.py`.", END]
     section = "\n".join(lines)
@@ -194,11 +225,16 @@ def write_section(rows: list, path: str) -> None:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="lm_lstm_v10000,lm_lstm_v1000,bench_lstm")
+    parser.add_argument("--cases", default="lm_lstm_v10000,lm_lstm_v1000,bench_lstm",
+                        help="comma-separated; also resnet152_min (static plans only, heavy)")
     parser.add_argument("--segments", default="",
                         help="segments per case, e.g. bench_lstm=20 (default: the planner's choice)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "segments_rows.json"),
+                        help="where the measured rows are kept (JSON)")
+    parser.add_argument("--keep-rows", action="store_true",
+                        help="keep rows of other networks from the last run's --rows file")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "CASE", "SEGMENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -206,12 +242,22 @@ def main(argv=None) -> list:
         kind, case, segments = args.child
         if kind == "measure":
             print(json.dumps(measure_case(case, int(segments), args.iterations)))
+        elif kind == "static":
+            print(json.dumps(measure_static(case)))
         else:
             print(json.dumps({"peak": profile_peak(case, kind, int(segments))}))
         return []
     counts = dict(item.split("=") for item in args.segments.split(",") if item)
     rows = []
+    previous = {}
+    if args.keep_rows and os.path.exists(args.rows):
+        with open(args.rows, "r", encoding="utf-8") as handle:
+            previous = {row["case"]: row for row in json.load(handle)}
     for case in args.cases.split(","):
+        if case in STATIC_ONLY:
+            rows.append(json.loads(_child(["--child", "static", case, "0"], cap=False)))
+            log.info("%s", rows[-1])
+            continue
         segments = counts.get(case, "0")
         log.info("%s: planning and timing", case)
         row = json.loads(_child(["--iterations", str(args.iterations), "--child", "measure", case,
@@ -225,6 +271,11 @@ def main(argv=None) -> list:
         row["description"] = CASES[case][0]
         rows.append(row)
         log.info("%s", row)
+    # Rows measured by earlier runs (--keep-rows) stay in the table unless re-measured.
+    measured = {row["case"] for row in rows}
+    rows = [row for case, row in previous.items() if case not in measured] + rows
+    with open(args.rows, "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, indent=1)
     write_section(rows, args.output)
     return rows
 
