@@ -112,6 +112,7 @@ def transformer(blocks: int = 2, units: int = 16, heads: int = 2, hidden: int = 
 #: name -> (symbol builder, data shape, label shape, label classes, integer data vocabulary)
 CASES = {
     "resnet": (lambda: small_resnet(num_blocks=3, channels=8), (4, 3, 12, 12), (4,), 10, 0),
+    "resnet_wide": (lambda: small_resnet(num_blocks=4, channels=32), (16, 3, 32, 32), (16,), 10, 0),
     "inception": (inception_net, (4, 3, 10, 10), (4,), 10, 0),
     "lstm_lm": (language_model, (4, 8), (4, 8), 30, 30),
     "transformer": (transformer, (4, 6, 16), (4,), 10, 0),
@@ -155,17 +156,18 @@ def train_case(name: str, module: mx.mod.Module, steps: int = 3) -> Dict[str, Di
             "auxs": {k: v.asnumpy() for k, v in auxs.items()}, "grads": grads}
 
 
-def compare_case(name: str, segments: int, contexts: int = 1) -> Dict[str, object]:
+def compare_case(name: str, segments: int, contexts: int = 1, budget=None) -> Dict[str, object]:
     """Train plain and segmented; per array, the max relative difference, and which
     parameters the plan shares between segments."""
     ctx = [mx.cpu(i) for i in range(contexts)]
     build = CASES[name][0]
     plain = train_case(name, mx.mod.Module(build(), context=ctx))
     module = MirroredModule(build(), context=ctx, backend="segments", segments=segments,
-                            cache_dir=False)
+                            cache_dir=False, memory_budget=budget)
     segmented = train_case(name, module)
     plan = module.mirror_plan
     result: Dict[str, object] = {"backend": plan.backend, "count": plan.segment_count,
+                                 "mirrored": len(plan.mirrored),
                                  "shared": plan.segment_plan.shared_variables(), "diff": {}}
     for kind in ("args", "auxs", "grads"):
         assert sorted(plain[kind]) == sorted(segmented[kind])
@@ -176,10 +178,12 @@ def compare_case(name: str, segments: int, contexts: int = 1) -> Dict[str, objec
     return result
 
 
-def _run_without_mkldnn(name: str, segments: int, contexts: int = 1) -> Dict[str, object]:
+def _run_without_mkldnn(name: str, segments: int, contexts: int = 1,
+                        budget: str = "auto") -> Dict[str, object]:
     env = dict(os.environ, MXNET_MKLDNN_ENABLED="0", PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, os.path.abspath(__file__), name, str(segments),
-                           str(contexts)], env=env, capture_output=True, text=True, timeout=600)
+                           str(contexts), budget], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -384,6 +388,18 @@ def test_a_new_batch_shape_rebinds_the_chain_and_keeps_parameters():
     for key, value in args.items():
         np.testing.assert_array_equal(after[key].asnumpy(), value.asnumpy())
 
+@pytest.mark.slow
+def test_min_budget_two_level_segments_train_bit_identically_without_mkldnn():
+    """Under 'min' the segments carry MXNet's mirror inside (planned per segment): still the
+    plain Module's training, bit for bit.  (With MKLDNN this wider net drifts: the ~1e-6
+    rounding at a cut grows to ~1e-2 in gradients after three steps at learning rate 0.1,
+    for one-level segments as much as for two levels; NOTE [ exact or within rounding ].)"""
+    result = _run_without_mkldnn("resnet_wide", 2, budget="min")
+    assert result["backend"] == "segments" and result["count"] == 2
+    assert result["mirrored"] > 0
+    different = {k: v for k, v in result["diff"].items() if v != 0.0}
+    assert not different, different
+
 def test_bad_backend_is_refused_where_it_is_written():
     with pytest.raises(ValueError, match="backend"):
         MirroredModule(small_resnet(), backend="checkpoint")
@@ -392,4 +408,5 @@ def test_bad_backend_is_refused_where_it_is_written():
 
 
 if __name__ == "__main__":
-    print(json.dumps(compare_case(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    print(json.dumps(compare_case(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                  None if sys.argv[4] == "auto" else sys.argv[4])))
