@@ -400,6 +400,20 @@ def test_min_budget_two_level_segments_train_bit_identically_without_mkldnn():
     different = {k: v for k, v in result["diff"].items() if v != 0.0}
     assert not different, different
 
+def test_checkpoint_of_a_segmented_module_loads_in_a_plain_module(tmp_path):
+    name = "transformer"
+    user_symbol = CASES[name][0]()
+    module = MirroredModule(user_symbol, backend="segments", segments=3, cache_dir=False)
+    train_case(name, module, steps=1)
+    prefix = str(tmp_path / "segmented")
+    module.save_checkpoint(prefix, 1)
+    symbol, args, auxs = mx.model.load_checkpoint(prefix, 1)
+    assert symbol.tojson() == user_symbol.tojson()  # the user's symbol, not a segment
+    trained, _ = module.get_params()
+    assert sorted(args) == sorted(trained)
+    for key, value in trained.items():
+        np.testing.assert_array_equal(args[key].asnumpy(), value.asnumpy())
+
 def test_bad_backend_is_refused_where_it_is_written():
     with pytest.raises(ValueError, match="backend"):
         MirroredModule(small_resnet(), backend="checkpoint")
