@@ -190,7 +190,8 @@ def write_section(rows: list, path: str) -> None:
              "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
              "update) against plain `Module`, same process, interleaved, median. Segment runs use "
              f"`{CAP_ENV}=2` (set before MXNet builds a graph; plain and one-level timings in the same "
-             "process share it).", "",
+             "process share it). The bench machine is shared (2 cores, other jobs): time ratios of "
+             "the same plan moved by up to 0.2 between runs.", "",
              "| network | plain MB | one-level MB | segments MB (k) | ratio "
              "| profiler peak plain / one-level / segments | time one-level | time segments |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
