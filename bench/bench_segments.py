@@ -71,11 +71,15 @@ CASES = {
 }
 
 
-#: Heavy rows: static plans only ('min' budget; a plain run needs ~6.5 GB, more than this shared
-#: bench machine can give), selected with --cases.
+#: Heavy rows: static plans only at the table's batch ('min' budget; a plain run needs ~6.5 GB, more
+#: than this shared bench machine can give), time at batch 4; selected with --cases.
 STATIC_ONLY = {
-    "resnet152_min": ("resnet152_v1b, batch 32, budget 'min' (static plans only)", (32, 3, 224, 224)),
+    "resnet152_min": ("resnet152_v1b, batch 32, budget 'min' (static plans; time at batch 4)",
+                      (32, 3, 224, 224)),
 }
+
+
+TIMING_BATCH, TIMING_ITERATIONS = 4, 5
 
 
 def measure_static(case: str) -> dict:
@@ -88,10 +92,36 @@ def measure_static(case: str) -> dict:
     os.environ[CAP_ENV] = "2"
     seg = plan_mirror(symbol, [("data", shape)], memory_budget="min", backend="segments",
                       cache_dir=False)
-    return {"case": case, "description": description, "baseline_mb": one_level.baseline_mb,
-            "mirror_mb": one_level.planned_mb, "segments_mb": seg.planned_mb,
-            "segment_count": seg.segment_count, "segment_overhead": seg.overhead,
-            "mirror_overhead": one_level.overhead}
+    row = {"case": case, "description": description, "baseline_mb": one_level.baseline_mb,
+           "mirror_mb": one_level.planned_mb, "segments_mb": seg.planned_mb,
+           "segment_count": seg.segment_count, "segment_overhead": seg.overhead,
+           "mirror_overhead": one_level.overhead}
+    # Time at batch 4 (plans made for batch 4), as the segment research measured it.
+    small = (TIMING_BATCH,) + tuple(shape[1:])
+    modules = {"plain": mx.mod.Module(symbol),
+               "mirror": MirroredModule(symbol, memory_budget="min"),
+               "segments": MirroredModule(symbol, memory_budget="min", backend="segments")}
+    rng = np.random.RandomState(0)
+    batch = mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, small))],
+                            [mx.nd.array(rng.randint(0, 1000, (TIMING_BATCH,)))])
+    for module in modules.values():
+        module.bind([("data", small)], [("softmax_label", (TIMING_BATCH,))])
+        module.init_params(mx.init.Xavier())
+        module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
+    times = {config: [] for config in modules}
+    for repeat in range(TIMING_ITERATIONS + 1):
+        for config, module in modules.items():
+            started = time.perf_counter()
+            module.forward_backward(batch)
+            module.update()
+            mx.nd.waitall()
+            if repeat:
+                times[config].append(time.perf_counter() - started)
+    plain = float(np.median(times["plain"]))
+    row.update({"mirror_time": float(np.median(times["mirror"])) / plain,
+                "segments_time": float(np.median(times["segments"])) / plain,
+                "time_note": f"batch {TIMING_BATCH}, plans for batch {TIMING_BATCH}"})
+    return row
 
 
 def _batch(case: str, seed: int = 0) -> mx.io.DataBatch:
@@ -201,7 +231,9 @@ def write_section(rows: list, path: str) -> None:
                 f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
                 f"({row['mirror_mb'] / row['baseline_mb']:.2f}x, est. +{row['mirror_overhead']:.0%}) | "
                 f"{row['segments_mb']:.0f} ({row['segment_count']}, est. +{row['segment_overhead']:.0%}) "
-                f"| {row['segments_mb'] / row['baseline_mb']:.2f}x | - | - | - |")
+                f"| {row['segments_mb'] / row['baseline_mb']:.2f}x | - | "
+                + (f"{row['mirror_time']:.2f}x ({row['time_note']}) | {row['segments_time']:.2f}x "
+                   f"({row['time_note']}) |" if "segments_time" in row else "- | - |"))
             continue
         lines.append(
             f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
