@@ -66,6 +66,10 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         As for ``mx.mod.BucketingModule``.
     options, planner, memory_budget, cache_dir, cost_ctx, keep_ops
         As for :class:`MirroredModule`.
+    backend, segments
+        As for :class:`MirroredModule`, but ``backend='auto'`` is refused: buckets share
+        parameters and memory with the default bucket, which needs every bucket bound by
+        the same backend (``'mirror'`` or ``'segments'``).
 
     Attributes
     ----------
@@ -80,10 +84,16 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                  options: Optional[MirrorOptions] = None, planner: Optional[str] = None,
                  memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
                  cost_ctx: Optional["mx.Context"] = None,
-                 keep_ops: Optional[Sequence[str]] = None) -> None:
+                 keep_ops: Optional[Sequence[str]] = None, backend: Optional[str] = None,
+                 segments: Optional[int] = None) -> None:
         mirror_options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
                                               cache_dir=cache_dir, cost_ctx=cost_ctx,
-                                              keep_ops=keep_ops)
+                                              keep_ops=keep_ops, backend=backend,
+                                              segments=segments)
+        if mirror_options.backend == "auto":
+            raise ValueError("MirroredBucketingModule takes backend 'mirror' or 'segments', not "
+                             "'auto' (every bucket must bind the same way: buckets share "
+                             "parameters and memory with the default bucket)")
         super().__init__(sym_gen, default_bucket_key, logger=logger, context=context,
                          work_load_list=work_load_list, fixed_param_names=fixed_param_names,
                          state_names=state_names, group2ctxs=group2ctxs,

@@ -100,6 +100,10 @@ class PlanKey:
         Operator types the plan must not recompute.
     plugin_version : str
         mxnet-mirror-hook's version (its planners and rules may change).
+    backend : str
+        ``'mirror'``, or the segments request (``'segments'``, ``'auto'``,
+        ``'segments:4'``); entries of other backends record ``backend`` and
+        ``segments`` too.
     """
 
     structure: str
@@ -111,10 +115,12 @@ class PlanKey:
     context: str
     keep_ops: Tuple[str, ...] = ()
     plugin_version: str = ""
+    backend: str = "mirror"
 
     def as_json(self) -> Dict[str, Any]:
         """A JSON-safe form of the key."""
-        return {"structure": self.structure,
+        extra = {} if self.backend == "mirror" else {"backend": self.backend}  # old digests unchanged
+        return {**extra, "structure": self.structure,
                 "inputs": [[name, list(shape), dtype] for name, shape, dtype in self.inputs],
                 "grad_req": self.grad_req, "planner": self.planner, "budget": self.budget,
                 "mxnet_version": self.mxnet_version, "context": self.context,

@@ -10,6 +10,7 @@ from mxnet.io import DataDesc
 
 from .core.budget import BudgetLike
 from .options import MirrorOptions
+from .mx.segments import executor_group_for
 from .plan import MirrorPlan, plan_mirror
 
 __all__ = ["MirroredModule"]
@@ -41,6 +42,16 @@ def _grad_req_mapping(symbol: "mx.sym.Symbol", grad_req: Any) -> Union[str, Dict
     return grad_req
 
 
+def _segments_of(plan: Optional[MirrorPlan]) -> Any:
+    """The segment plan to bind with, or None for MXNet's one-level mirror."""
+    return plan.segment_plan if plan is not None and plan.backend == "segments" else None
+
+
+def _same_segments(new: MirrorPlan, old: MirrorPlan) -> bool:
+    """Whether two plans bind the same way (backend and split)."""
+    return new.backend == old.backend and new.segment_plan == old.segment_plan
+
+
 class MirroredModule(mx.mod.Module):
     """An ``mx.mod.Module`` that trains in less memory by recomputing forward nodes.
 
@@ -58,10 +69,10 @@ class MirroredModule(mx.mod.Module):
     options : MirrorOptions, optional
         The mirroring options in one object; the keyword arguments below
         override its fields.
-    planner, memory_budget, cache_dir, cost_ctx, keep_ops
+    planner, memory_budget, cache_dir, cost_ctx, keep_ops, backend, segments
         See :class:`~mxnet_mirror_hook.options.MirrorOptions` (``planner='auto'``,
         ``memory_budget=None``: the lowest memory within about one extra
-        forward pass, plans measured on the CPU).
+        forward pass, plans measured on the CPU, ``backend='mirror'``).
 
     Attributes
     ----------
@@ -80,11 +91,13 @@ class MirroredModule(mx.mod.Module):
                  compression_params: Any = None, *, options: Optional[MirrorOptions] = None,
                  planner: Optional[str] = None, memory_budget: BudgetLike = None,
                  cache_dir: Union[None, str, bool] = None, cost_ctx: Optional["mx.Context"] = None,
-                 keep_ops: Optional[Sequence[str]] = None) -> None:
+                 keep_ops: Optional[Sequence[str]] = None, backend: Optional[str] = None,
+                 segments: Optional[int] = None) -> None:
         # Validated now (a bad planner name or budget fails here, not at the first bind).
         mirror_options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
                                               cache_dir=cache_dir, cost_ctx=cost_ctx,
-                                              keep_ops=keep_ops)
+                                              keep_ops=keep_ops, backend=backend,
+                                              segments=segments)
         super().__init__(symbol, data_names=data_names, label_names=label_names, logger=logger,
                          context=context, work_load_list=work_load_list,
                          fixed_param_names=fixed_param_names, state_names=state_names,
@@ -139,9 +152,10 @@ class MirroredModule(mx.mod.Module):
             bound_symbol = plan.symbol
         self._symbol = bound_symbol
         try:
-            super().bind(data_shapes, label_shapes, for_training=for_training,
-                         inputs_need_grad=inputs_need_grad, force_rebind=force_rebind,
-                         shared_module=shared_module, grad_req=grad_req)
+            with executor_group_for(_segments_of(plan)):
+                super().bind(data_shapes, label_shapes, for_training=for_training,
+                             inputs_need_grad=inputs_need_grad, force_rebind=force_rebind,
+                             shared_module=shared_module, grad_req=grad_req)
         finally:
             # Everything but the executors sees the user's symbol (save_checkpoint, .symbol).
             self._symbol = self._user_symbol
@@ -160,7 +174,7 @@ class MirroredModule(mx.mod.Module):
         descs_data, descs_label = mx.module.base_module._parse_data_desc(
             self.data_names, self.label_names, data_shapes, label_shapes)
         plan = self._plan_for(descs_data, descs_label, self._grad_req)
-        if plan.mirrored == self.mirror_plan.mirrored:
+        if plan.mirrored == self.mirror_plan.mirrored and _same_segments(plan, self.mirror_plan):
             super().reshape(data_shapes, label_shapes)
             self.mirror_plan = plan
             return
@@ -170,9 +184,10 @@ class MirroredModule(mx.mod.Module):
         # Module.bind keeps the optimizer, updater and kvstore; only executors are new.
         self._symbol = plan.symbol
         try:
-            super().bind(descs_data, descs_label, for_training=self.for_training,
-                         inputs_need_grad=self.inputs_need_grad, force_rebind=True,
-                         grad_req=self._grad_req)
+            with executor_group_for(_segments_of(plan)):
+                super().bind(descs_data, descs_label, for_training=self.for_training,
+                             inputs_need_grad=self.inputs_need_grad, force_rebind=True,
+                             grad_req=self._grad_req)
         finally:
             self._symbol = self._user_symbol
         self.mirror_plan = plan

@@ -1,8 +1,9 @@
 """``MirrorOptions``: the one options object every surface takes.
 
-The same five choices (which planner, what memory budget, where the plan cache
-lives, where plans are measured, which operator types are never recomputed)
-reach :func:`~mxnet_mirror_hook.plan_mirror` from ``MirroredModule``,
+The same choices (which planner, what memory budget, where the plan cache
+lives, where plans are measured, which operator types are never recomputed,
+which execution backend and how many segments) reach
+:func:`~mxnet_mirror_hook.plan_mirror` from ``MirroredModule``,
 ``MirroredBucketingModule``, the Gluon surfaces, the script runner and the
 command line.  They are validated once, here, when the object is made, so a bad
 planner name or budget fails where the user wrote it, not at the first bind.
@@ -17,10 +18,13 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 from .core.budget import Budget, BudgetLike, parse_budget
 from .core.planners import get_planner, list_planners
 
-__all__ = ["MirrorOptions", "OPTION_NAMES", "option_arguments", "option_parser"]
+__all__ = ["MirrorOptions", "OPTION_NAMES", "BACKENDS", "option_arguments", "option_parser"]
 
 #: The option names, as keyword arguments of every surface.
-OPTION_NAMES = ("planner", "memory_budget", "cache_dir", "cost_ctx", "keep_ops")
+OPTION_NAMES = ("planner", "memory_budget", "cache_dir", "cost_ctx", "keep_ops", "backend",
+                "segments")
+#: Execution backends: MXNet's one-level mirror, executor segments, or the lower of the two.
+BACKENDS = ("mirror", "segments", "auto")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,12 @@ class MirrorOptions:
     keep_ops : iterable of str
         Operator types never to recompute (their outputs are kept); stored
         sorted and without duplicates.
+    backend : str
+        ``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'``
+        (executor segments, :mod:`mxnet_mirror_hook.mx.segments`) or ``'auto'``
+        (segments when they measure clearly below the one-level plan).
+    segments : int, optional
+        Number of executor segments (default: chosen by the planner).
 
     Raises
     ------
@@ -57,6 +67,8 @@ class MirrorOptions:
     cache_dir: Union[None, str, bool] = None
     cost_ctx: Any = None
     keep_ops: Tuple[str, ...] = ()
+    backend: str = "mirror"
+    segments: Optional[int] = None
 
     def __post_init__(self) -> None:
         get_planner(self.planner)  # TypeError / UnknownPlannerError naming the known ones
@@ -77,6 +89,12 @@ class MirrorOptions:
             raise TypeError(f"keep_ops must be operator type names such as ['BatchNorm']; got "
                             f"{self.keep_ops!r}")
         object.__setattr__(self, "keep_ops", tuple(sorted({op.strip() for op in keep})))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.segments is not None and (isinstance(self.segments, bool)
+                                          or not isinstance(self.segments, int) or self.segments < 1):
+            raise ValueError(f"segments must be a positive number of executor segments or None "
+                             f"(chosen by the planner); got {self.segments!r}")
 
     @property
     def budget(self) -> Budget:
@@ -114,10 +132,11 @@ class MirrorOptions:
     def plan_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of :func:`~mxnet_mirror_hook.plan_mirror` for these options."""
         return {"planner": self.planner, "memory_budget": self.memory_budget,
-                "cache_dir": self.cache_dir, "ctx": self.cost_ctx, "keep_ops": self.keep_ops}
+                "cache_dir": self.cache_dir, "ctx": self.cost_ctx, "keep_ops": self.keep_ops,
+                "backend": self.backend, "segments": self.segments}
 
     def as_dict(self) -> Dict[str, Any]:
-        """The five fields by name (the keyword arguments of every surface)."""
+        """The fields by name (the keyword arguments of every surface)."""
         return {name: getattr(self, name) for name in OPTION_NAMES}
 
     @classmethod
@@ -143,7 +162,8 @@ class MirrorOptions:
         cache_dir = False if getattr(args, "no_cache", False) else first("cache_dir", "mirror_cache_dir")
         return cls.coerce(planner=first("planner", "mirror_planner"),
                           memory_budget=first("memory_budget", "budget"), cache_dir=cache_dir,
-                          cost_ctx=first("cost_ctx", "ctx"), keep_ops=first("keep_ops"))
+                          cost_ctx=first("cost_ctx", "ctx"), keep_ops=first("keep_ops"),
+                          backend=first("backend"), segments=first("segments"))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MirrorOptions":
@@ -185,6 +205,12 @@ _OPTIONS = (
      {"metavar": "CTX", "help": "where plans are measured: cpu (default) or gpu[:N]"}),
     ("keep_ops", ("--keep-ops",),
      {"metavar": "OP[,OP]", "help": "operator types never to recompute, e.g. BatchNorm,Convolution"}),
+    ("backend", ("--backend",),
+     {"choices": BACKENDS, "metavar": "BACKEND",
+      "help": "mirror (MXNet's one-level mirror, the default), segments (executor segments) or "
+              "auto (segments when they measure clearly lower)"}),
+    ("segments", ("--segments",),
+     {"type": int, "metavar": "K", "help": "number of executor segments (default: chosen)"}),
 )
 
 
@@ -245,7 +271,7 @@ def option_arguments(container: Any, *, switch: bool = True, mirror_default: boo
         if wanted is not None and dest not in wanted:
             continue
         keywords = dict(keywords)
-        if "choices" in keywords:
+        if dest == "planner":
             keywords["choices"] = list_planners()
         if keywords.get("action") != "store_true":
             keywords.setdefault("default", None)

@@ -20,6 +20,7 @@ from .core.liveness import kept_bytes
 from .core.units import MB
 from .core.planners import get_planner
 from .core.planners.base import NullProgress
+from .core.segments import SegmentPlan
 from .core.allocator import ExecutedGraph
 from .errors import BudgetUnreachableError, MeasurementError, ShapeError
 from .options import MirrorOptions, normalize_keep_ops
@@ -70,6 +71,12 @@ class MirrorPlan:
         The per-device input shapes the plan was made for (named in
         :meth:`summary`, so that log lines of several shapes or buckets can be
         told apart).
+    backend : str
+        ``'mirror'`` (MXNet's one-level mirror: bind :attr:`symbol`) or
+        ``'segments'`` (executor segments: :attr:`segment_plan`; :attr:`symbol`
+        is then the user's symbol, split at bind).
+    segment_plan : SegmentPlan or None
+        The segments, for the ``'segments'`` backend.
     """
 
     symbol: Any
@@ -85,6 +92,13 @@ class MirrorPlan:
     from_cache: bool = False
     candidates: List[Dict[str, Any]] = field(default_factory=list)
     inputs: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+    backend: str = "mirror"
+    segment_plan: Optional[SegmentPlan] = None
+
+    @property
+    def segment_count(self) -> int:
+        """Number of executor segments (1 for the one-level mirror)."""
+        return self.segment_plan.count if self.segment_plan is not None else 1
 
     @property
     def ratio(self) -> float:
@@ -104,14 +118,17 @@ class MirrorPlan:
             "context": self.context, "mirrored": list(self.mirrored),
             "mirrored_count": len(self.mirrored), "kept_count": self.kept_count,
             "planning_seconds": self.planning_seconds, "from_cache": self.from_cache,
-            "candidates": self.candidates,
             "inputs": {name: list(shape) for name, shape in self.inputs},
+            "candidates": self.candidates, "backend": self.backend,
+            "segment_count": self.segment_count,
+            "segments": self.segment_plan.to_dict() if self.segment_plan is not None else None,
         }
 
     def summary(self) -> str:
         """One line for logs."""
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.inputs)
-        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}]"
+        backend = (f", {self.segment_count} segments" if self.backend == "segments" else "")
+        return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}{backend}]"
                 f"{' for ' + shapes if shapes else ''}: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
                 f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
@@ -281,7 +298,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 grad_req: Union[str, Dict[str, str]] = "write",
                 fixed_param_names: Optional[Sequence[str]] = None,
                 inputs_need_grad: bool = False,
-                keep_ops: Optional[Iterable[str]] = None) -> MirrorPlan:
+                keep_ops: Optional[Iterable[str]] = None,
+                backend: Optional[str] = None, segments: Optional[int] = None) -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -315,6 +333,13 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         and BatchNorm variants that update statistics in their forward call
         are never recomputed in any case (see NOTE [ BatchNorm recomputed ] in
         :mod:`.mx.apply`).
+    backend : str
+        ``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'``
+        (executor segments, always) or ``'auto'`` (segments when they measure
+        lower than the one-level plan; see :func:`plan_with_segments`).
+    segments : int, optional
+        Number of segments for the segments backend (default: chosen by the
+        memory estimate).
 
     Returns
     -------
@@ -336,7 +361,12 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     """
     started = time.perf_counter()
     options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
-                                   cache_dir=cache_dir, cost_ctx=ctx, keep_ops=keep_ops)
+                                   cache_dir=cache_dir, cost_ctx=ctx, keep_ops=keep_ops,
+                                   backend=backend, segments=segments)
+    if options.backend != "mirror":  # executor segments (plan_with_segments, below)
+        return plan_with_segments(symbol, data_shapes, label_shapes, options=options,
+                                  grad_req=grad_req, fixed_param_names=fixed_param_names,
+                                  inputs_need_grad=inputs_need_grad)
     planner = options.planner
     chosen_planner = get_planner(planner)
     budget = options.budget
@@ -423,3 +453,173 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                    "recomputed; planning again")
     cache.forget(key)
     return plan_now()
+
+
+# ----------------------------------------------------------------- segments backend (issue 11)
+#: Re-run forward allowed by the default budget, as a fraction of one plain iteration: about one
+#: extra forward (forward : backward = 1 : 2).  Plain segments re-run at most one forward.
+SEGMENT_RECOMPUTE_LIMIT = 0.4
+#: 'auto' takes segments only when their static figure is at most this fraction of the one-level
+#: plan.  The storage profiler (bench/bench_segments.py, beyond the bind-time arrays every backend
+#: has) matched the static figure of the bench LSTM to ~1 MB but measured the 13-segment language
+#: model ~55 MB above it (pool sharing between executors, per-executor buffers), so a small static
+#: win is not trusted.
+SEGMENT_WIN_FRACTION = 0.9
+
+
+def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
+                       options: MirrorOptions, grad_req: Union[str, Dict[str, str]] = "write",
+                       fixed_param_names: Optional[Sequence[str]] = None,
+                       inputs_need_grad: bool = False) -> MirrorPlan:
+    """:func:`plan_mirror` with the executor-segments backend considered.
+
+    # NOTE [ choosing the backend ]
+    # Today's one-level plan is made first (through the cache, unchanged).  A
+    # segment plan is then chosen by the memory estimate of
+    # :mod:`.core.segments` (or with ``segments`` pieces) and measured
+    # statically (NOTE [ static memory of a segment plan ] in mx/segments.py).
+    # With the ``'min'`` budget the same split is also measured with today's
+    # mirrored nodes inside each segment (two levels) and the lower kept.
+    # ``'auto'`` takes the segments only when they measure below the one-level
+    # plan and re-run at most about one forward under the default budget, so it
+    # never returns a plan worse than today's; ``'segments'`` always takes them.
+
+    Parameters
+    ----------
+    symbol, data_shapes, label_shapes, grad_req, fixed_param_names, inputs_need_grad
+        As for :func:`plan_mirror`.
+    options : MirrorOptions
+        With ``backend`` ``'auto'`` or ``'segments'`` (``'mirror'`` is plain
+        :func:`plan_mirror`) and ``segments`` (None: chosen by the estimate).
+    """
+    from dataclasses import replace
+
+    from .core.segments import best_segment_plan, plan_segments
+    from .mx.segments import segment_planned_mb
+
+    backend, segments = options.backend, options.segments
+    started = time.perf_counter()
+    rest = dict(grad_req=grad_req, fixed_param_names=fixed_param_names,
+                inputs_need_grad=inputs_need_grad)
+    one_level = plan_mirror(symbol, data_shapes, label_shapes,
+                            options=options.replace(backend="mirror", segments=None), **rest)
+    if backend == "mirror":
+        return one_level
+    setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=options.cost_ctx,
+                             keep_ops=options.keep_ops, **rest)
+    budget = options.budget
+    request = backend if segments is None else f"{backend}:{segments}"
+    key = PlanKey(structure=structure_hash(symbol, setup.document),
+                  inputs=tuple(sorted(setup.all_inputs)), grad_req=grad_req_digest(setup.requests),
+                  planner=options.planner, budget=budget.key,
+                  mxnet_version=mx.__version__, context=setup.context.device_type,
+                  keep_ops=setup.keep_ops, plugin_version=__version__, backend=request)
+    cache = get_cache(options.cache_dir)
+    cached = cache.get(key)
+    if cached is not None and cached.get("backend") in ("mirror", "segments"):
+        if cached["backend"] == "mirror":
+            return one_level
+        try:
+            chosen = SegmentPlan.from_dict(cached["segments"])
+            known = all(n in setup.graph for s in chosen.segments for n in s.nodes)
+        except (KeyError, TypeError, ValueError):
+            known = False
+        if known:
+            return _segments_result(symbol, one_level, chosen, float(cached["planned_mb"]),
+                                    float(cached["overhead"]), started, from_cache=True)
+        cache.forget(key)
+
+    graph = setup.graph
+    if segments:
+        splits = [plan_segments(graph, segments)]
+    else:
+        # The estimate misses parts of MXNet's per-segment plan (weight-gradient sums of
+        # unrolled steps, replayed inputs), so finer splits than its choice are measured too.
+        # Coarse splits too: in deep CNNs the early boundaries are large (resnet152_v1b, batch
+        # 32, 'min': 3 segments plan 1151 MB, 6 segments 1568 MB).
+        first = best_segment_plan(graph)
+        splits, counts = [], set()
+        for count in sorted({2, 3, 4, first.count, first.count * 2, first.count * 3}):
+            split = first if count == first.count else plan_segments(graph, count)
+            if split.count > 1 and split.count not in counts:
+                counts.add(split.count)
+                splits.append(split)
+        splits = splits or [first]
+    candidates = list(splits)
+    if budget.key == "min":
+        # Two levels: today's decision inside each segment, and (for coarse splits) a plan
+        # made for each segment on its own, which knows the segment's own cuts (resnet152_v1b,
+        # batch 32: 2 segments, 1138 MB with the global decision, 980 MB planned per segment).
+        if one_level.mirrored:
+            candidates += [split.with_mirrored(one_level.mirrored) for split in splits]
+        candidates += [_per_segment_two_level(symbol, split, setup, options)
+                       for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
+    measured = []
+    for candidate in candidates:
+        mb, per_segment = segment_planned_mb(
+            symbol, candidate, setup.context, {name: shape for name, shape, _ in setup.all_inputs},
+            {name: np.dtype(dtype) for name, _, dtype in setup.all_inputs}, setup.requests)
+        # The segment MXNet plans largest owns the shared pool (bound first).
+        candidate = candidate.with_working_bytes([int(m * 2 ** 20) for m in per_segment])
+        inner = [n for s in candidate.segments for n in s.mirrored]
+        overhead = candidate.recompute_fraction + recompute_overhead(graph, inner)
+        measured.append((mb, overhead, candidate))
+        logger.info("segment plan: %d segments, %s, %.0f MB static, overhead %.1f%%",
+                    candidate.count, "two levels" if inner else "one level", mb, 100 * overhead)
+    least = min(item[0] for item in measured)
+    # Within 3% of the least memory, fewer segments (fewer executor calls per iteration).
+    mb, overhead, chosen = min((item for item in measured if item[0] <= least * 1.03),
+                               key=lambda item: (item[2].count, item[1], item[0]))
+    wins = (chosen.count > 1 and mb <= SEGMENT_WIN_FRACTION * one_level.planned_mb
+            and (budget.key == "min" or overhead <= SEGMENT_RECOMPUTE_LIMIT))
+    if backend == "auto" and not wins:
+        cache.put(key, {"mirrored": list(one_level.mirrored), "baseline_mb": one_level.baseline_mb,
+                        "planned_mb": one_level.planned_mb, "overhead": one_level.overhead,
+                        "backend": "mirror"})
+        return replace(one_level, candidates=one_level.candidates + [
+            {"label": f"segments x{c.count}", "planned_mb": m, "overhead": o,
+             "mirrored_count": sum(len(s.mirrored) for s in c.segments)} for m, o, c in measured])
+    cache.put(key, {"mirrored": sorted(n for s in chosen.segments for n in s.mirrored),
+                    "baseline_mb": one_level.baseline_mb, "planned_mb": mb, "overhead": overhead,
+                    "backend": "segments", "segments": chosen.to_dict()})
+    return _segments_result(symbol, one_level, chosen, mb, overhead, started, from_cache=False)
+
+
+#: Splits of at most this many segments also get a mirror plan made per segment under 'min'.
+MAX_PER_SEGMENT_PLANS = 4
+
+
+def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: PlanningSetup,
+                           options: MirrorOptions) -> SegmentPlan:
+    """``split`` with a least-memory mirror plan made for each segment symbol on its own."""
+    from .mx.segments import boundary_name, split_symbol
+
+    given = {name: (shape, dtype) for name, shape, dtype in setup.all_inputs}
+    mirrored: set = set()
+    for segment, piece in zip(split.segments, split_symbol(symbol, split)):
+        arguments = piece.list_arguments()
+        inputs = [(n, given[n][0], given[n][1]) for n in arguments if n in given]
+        for entry in segment.inputs:
+            key = f"{entry[0]}:{entry[1]}"
+            inputs.append((boundary_name(entry), tuple(split.boundary_shapes[key]), "float32"))
+        requests = {n: setup.requests.get(n, "null") for n in arguments}
+        requests.update({boundary_name(e): "write" for e in segment.inputs})
+        piece_plan = plan_mirror(piece, inputs, None, grad_req=requests,
+                                 options=options.replace(memory_budget="min", backend="mirror",
+                                                         segments=None))
+        mirrored.update(piece_plan.mirrored)
+    return split.with_mirrored(mirrored)
+
+
+def _segments_result(symbol: "mx.sym.Symbol", one_level: MirrorPlan, chosen: SegmentPlan,
+                     planned_mb: float, overhead: float, started: float, from_cache: bool) -> MirrorPlan:
+    """The :class:`MirrorPlan` of a segment plan (the bound symbol is the user's, split at bind)."""
+    mirrored = tuple(n for s in chosen.segments for n in s.nodes if n in s.mirrored)
+    plan = MirrorPlan(symbol=symbol, baseline_mb=one_level.baseline_mb,
+                      planned_mb=planned_mb, mirrored=mirrored, planner=one_level.planner,
+                      overhead=overhead, budget=one_level.budget, context=one_level.context,
+                      kept_count=one_level.kept_count + len(one_level.mirrored) - len(mirrored),
+                      planning_seconds=time.perf_counter() - started, from_cache=from_cache,
+                      backend="segments", segment_plan=chosen)
+    logger.info("%s", plan.summary())
+    return plan

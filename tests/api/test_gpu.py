@@ -46,3 +46,20 @@ def test_gpu_measured_plan_is_close_to_the_cpu_plan():
     on_gpu = plan_mirror(symbol, data, ctx=mx.gpu(), cache_dir=False)
     assert on_gpu.planned_mb < on_gpu.baseline_mb
     assert abs(on_gpu.planned_mb - on_cpu.planned_mb) <= 0.25 * on_cpu.planned_mb
+
+
+@requires_gpu
+def test_segment_reruns_update_batchnorm_statistics_once_on_the_gpu():
+    """Segments before the last run their forward twice; their BatchNorm nodes get
+    cudnn_off=True on the GPU (NOTE [ BatchNorm in re-run segments ] in mx/segments.py)."""
+    symbol = small_resnet(num_blocks=4, channels=16)
+    shape = (8, 3, 64, 64)
+    plain_args, plain_auxs = train(mx.mod.Module(symbol, context=mx.gpu()), shape, 10)
+    module = MirroredModule(symbol, context=mx.gpu(), backend="segments", segments=3,
+                            cache_dir=False)
+    args, auxs = train(module, shape, 10)
+    assert module.mirror_plan.segment_count == 3
+    for name in plain_auxs:  # a double update would be off by ~10% after 3 steps
+        np.testing.assert_allclose(auxs[name], plain_auxs[name], rtol=1e-3, atol=1e-4)
+    for name in plain_args:
+        np.testing.assert_allclose(args[name], plain_args[name], rtol=1e-3, atol=1e-4)

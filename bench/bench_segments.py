@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Executor-segments benchmark (issue 11): planned and profiled memory, and iteration time.
+
+For each network: MXNet's planned MB of the plain symbol and of today's
+one-level plan (``plan_mirror``, default budget), the segment plan's static MB
+(NOTE [ static memory of a segment plan ] in ``mx/segments.py``), the storage
+profiler's peak of one training iteration for all three (each in its own
+process: parameters, gradients, data and the bound executors included), and
+the CPU iteration time of one-level and segment training against a plain
+``Module`` (same process, iterations interleaved, median).
+
+Writes the section between ``<!-- segments:begin -->`` and ``<!-- segments:end -->``
+of ``bench/RESULTS.md`` (appended when absent).  Run ``python bench/bench_segments.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
+
+log = logging.getLogger("bench_segments")
+
+BEGIN, END = "<!-- segments:begin -->", "<!-- segments:end -->"
+CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
+
+
+def language_model(vocabulary: int, hidden: int = 512, layers: int = 2, steps: int = 100):
+    """example/rnn/bucketing/lstm_bucketing.py's network: every step into one softmax."""
+    data, label = mx.sym.var("data"), mx.sym.var("softmax_label")
+    embedded = mx.sym.Embedding(data, input_dim=vocabulary, output_dim=hidden, name="embed")
+    stack = mx.rnn.SequentialRNNCell()
+    for layer in range(layers):
+        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
+    outputs, _ = stack.unroll(steps, inputs=embedded, merge_outputs=True)
+    pred = mx.sym.FullyConnected(mx.sym.reshape(outputs, shape=(-1, hidden)), num_hidden=vocabulary,
+                                 name="pred")
+    return mx.sym.SoftmaxOutput(pred, label=mx.sym.reshape(label, shape=(-1,)), name="softmax")
+
+
+def last_output_lstm(layers: int = 2, hidden: int = 512, steps: int = 100, classes: int = 1000):
+    """bench/bench_memory.py's LSTM: classifies the sequence from its last output."""
+    stack = mx.rnn.SequentialRNNCell()
+    for layer in range(layers):
+        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
+    outputs, _ = stack.unroll(steps, inputs=mx.sym.var("data"), layout="NTC", merge_outputs=False)
+    out = mx.sym.FullyConnected(outputs[-1], num_hidden=classes, name="fc")
+    return mx.sym.SoftmaxOutput(out, name="softmax")
+
+
+#: name -> (description, builder, data shape, label shape, integer vocabulary of the data or 0)
+CASES = {
+    "lm_lstm_v10000": ("language-model LSTM 2x512, 100 steps, batch 32, vocabulary 10000",
+                       lambda: language_model(10000), (32, 100), (32, 100), 10000),
+    "lm_lstm_v1000": ("language-model LSTM 2x512, 100 steps, batch 32, vocabulary 1000",
+                      lambda: language_model(1000), (32, 100), (32, 100), 1000),
+    "bench_lstm": ("bench LSTM 2x512, 100 steps, batch 32 (last output, 1000 classes)",
+                   last_output_lstm, (32, 100, 512), (32,), 0),
+}
+
+
+#: Heavy rows: static plans only at the table's batch ('min' budget; a plain run needs ~6.5 GB, more
+#: than this shared bench machine can give), time at batch 4; selected with --cases.
+STATIC_ONLY = {
+    "resnet152_min": ("resnet152_v1b, batch 32, budget 'min' (static plans; time at batch 4)",
+                      (32, 3, 224, 224)),
+}
+
+
+TIMING_BATCH, TIMING_ITERATIONS = 4, 5
+
+
+def measure_static(case: str) -> dict:
+    """One-level and segment plans of a heavy row, MXNet's static figures only."""
+    from mxnet_mirror_hook.testing.models import gluon_symbol
+
+    description, shape = STATIC_ONLY[case]
+    symbol, _ = gluon_symbol(case.split("_")[0] + "_v1b")
+    one_level = plan_mirror(symbol, [("data", shape)], memory_budget="min")
+    os.environ[CAP_ENV] = "2"
+    seg = plan_mirror(symbol, [("data", shape)], memory_budget="min", backend="segments",
+                      cache_dir=False)
+    row = {"case": case, "description": description, "baseline_mb": one_level.baseline_mb,
+           "mirror_mb": one_level.planned_mb, "segments_mb": seg.planned_mb,
+           "segment_count": seg.segment_count, "segment_overhead": seg.overhead,
+           "mirror_overhead": one_level.overhead}
+    # Time at batch 4 (plans made for batch 4), as the segment research measured it.
+    small = (TIMING_BATCH,) + tuple(shape[1:])
+    modules = {"plain": mx.mod.Module(symbol),
+               "mirror": MirroredModule(symbol, memory_budget="min"),
+               "segments": MirroredModule(symbol, memory_budget="min", backend="segments")}
+    rng = np.random.RandomState(0)
+    batch = mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, small))],
+                            [mx.nd.array(rng.randint(0, 1000, (TIMING_BATCH,)))])
+    for module in modules.values():
+        module.bind([("data", small)], [("softmax_label", (TIMING_BATCH,))])
+        module.init_params(mx.init.Xavier())
+        module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
+    times = {config: [] for config in modules}
+    for repeat in range(TIMING_ITERATIONS + 1):
+        for config, module in modules.items():
+            started = time.perf_counter()
+            module.forward_backward(batch)
+            module.update()
+            mx.nd.waitall()
+            if repeat:
+                times[config].append(time.perf_counter() - started)
+    plain = float(np.median(times["plain"]))
+    row.update({"mirror_time": float(np.median(times["mirror"])) / plain,
+                "segments_time": float(np.median(times["segments"])) / plain,
+                "time_note": f"batch {TIMING_BATCH}, plans for batch {TIMING_BATCH}"})
+    return row
+
+
+def _batch(case: str, seed: int = 0) -> mx.io.DataBatch:
+    _, _, data_shape, label_shape, vocabulary = CASES[case]
+    rng = np.random.RandomState(seed)
+    data = (rng.randint(0, vocabulary, data_shape) if vocabulary
+            else rng.uniform(-1, 1, data_shape)).astype("float32")
+    classes = vocabulary or 1000
+    return mx.io.DataBatch([mx.nd.array(data)], [mx.nd.array(rng.randint(0, classes, label_shape))])
+
+
+def _module(case: str, config: str, segments: int):
+    _, build, data_shape, label_shape, _ = CASES[case]
+    symbol = build()
+    if config == "plain":
+        module = mx.mod.Module(symbol)
+    elif config == "mirror":
+        module = MirroredModule(symbol, cache_dir=False)
+    else:
+        module = MirroredModule(symbol, cache_dir=False, backend="segments",
+                                segments=segments or None)
+    module.bind([("data", data_shape)], [("softmax_label", label_shape)])
+    module.init_params(mx.init.Xavier())
+    return module
+
+
+def profile_peak(case: str, config: str, segments: int) -> float:
+    """Storage profiler peak (MB) of bind + one forward/backward, in this (fresh) process."""
+    path = os.path.join(tempfile.mkdtemp(), "profile.json")
+    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
+                           profile_api=False, aggregate_stats=False, filename=path)
+    batch = _batch(case)
+    mx.profiler.set_state("run")
+    module = _module(case, config, segments)
+    module.forward_backward(batch)
+    mx.nd.waitall()
+    mx.profiler.set_state("stop")
+    mx.profiler.dump()
+    with open(path, "r", encoding="utf-8") as handle:
+        events = json.load(handle)["traceEvents"]
+    values = [v for e in events if e.get("name") == "Memory: cpu/0" for v in e["args"].values()]
+    return max(values) / 2 ** 20
+
+
+def measure_case(case: str, segments: int, iterations: int) -> dict:
+    """Plans and timings of one network (run in a child process, see :func:`main`)."""
+    _, build, data_shape, label_shape, _ = CASES[case]
+    symbol = build()
+    shapes, labels = [("data", data_shape)], [("softmax_label", label_shape)]
+    # Planning binds run in worker processes started without the cap: today's figures.
+    one_level = plan_mirror(symbol, shapes, labels, cache_dir=False)
+    os.environ[CAP_ENV] = "2"  # NOTE [ the gradient-sum cap is read once per process ]
+    seg = plan_mirror(symbol, shapes, labels, cache_dir=False, backend="segments",
+                      segments=segments or None)
+    result = {"case": case, "baseline_mb": one_level.baseline_mb, "mirror_mb": one_level.planned_mb,
+              "segments_mb": seg.planned_mb, "segment_count": seg.segment_count,
+              "segment_overhead": seg.overhead, "mirror_overhead": one_level.overhead}
+    modules = {config: _module(case, config, segments) for config in ("plain", "mirror", "segments")}
+    for module in modules.values():
+        module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
+    batch = _batch(case)
+    times = {config: [] for config in modules}
+    for repeat in range(iterations + 1):
+        for config, module in modules.items():
+            started = time.perf_counter()
+            module.forward_backward(batch)
+            module.update()
+            mx.nd.waitall()
+            if repeat:  # the first round warms up
+                times[config].append(time.perf_counter() - started)
+    plain = float(np.median(times["plain"]))
+    result.update({"plain_seconds": plain,
+                   "mirror_time": float(np.median(times["mirror"])) / plain,
+                   "segments_time": float(np.median(times["segments"])) / plain})
+    return result
+
+
+def _child(args: list, cap: bool) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(CAP_ENV, None)
+    if cap:
+        env[CAP_ENV] = "2"
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def write_section(rows: list, path: str) -> None:
+    """Replace (or append) the segments section of RESULTS.md."""
+    lines = [BEGIN, "## Executor segments (issue 11)", "",
+             "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
+             "boundary tensors, NOTE [ static memory of a segment plan ]). Profiler peak: MXNet's storage "
+             "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
+             "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
+             "update) against plain `Module`, same process, interleaved, median. Segment runs use "
+             f"`{CAP_ENV}=2` (set before MXNet builds a graph; plain and one-level timings in the same "
+             "process share it). The bench machine is shared (2 cores, other jobs): time ratios of "
+             "the same plan moved by up to 0.2 between runs.", "",
+             "| network | plain MB | one-level MB | segments MB (k) | ratio "
+             "| profiler peak plain / one-level / segments | time one-level | time segments |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "peak_plain" not in row:
+            lines.append(
+                f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
+                f"({row['mirror_mb'] / row['baseline_mb']:.2f}x, est. +{row['mirror_overhead']:.0%}) | "
+                f"{row['segments_mb']:.0f} ({row['segment_count']}, est. +{row['segment_overhead']:.0%}) "
+                f"| {row['segments_mb'] / row['baseline_mb']:.2f}x | - | "
+                + (f"{row['mirror_time']:.2f}x ({row['time_note']}) | {row['segments_time']:.2f}x "
+                   f"({row['time_note']}) |" if "segments_time" in row else "- | - |"))
+            continue
+        lines.append(
+            f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
+            f"({row['mirror_mb'] / row['baseline_mb']:.2f}x) | {row['segments_mb']:.0f} "
+            f"({row['segment_count']}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
+            f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
+            f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
+    timed = [r for r in rows if "plain_seconds" in r]
+    lines += ["", "Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in timed)
+              + f". Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
+              "`bench/bench_segments.py`.", END]
+    section = "\n".join(lines)
+    text = open(path, "r", encoding="utf-8").read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="lm_lstm_v10000,lm_lstm_v1000,bench_lstm",
+                        help="comma-separated; also resnet152_min (static plans only, heavy)")
+    parser.add_argument("--segments", default="",
+                        help="segments per case, e.g. bench_lstm=20 (default: the planner's choice)")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "segments_rows.json"),
+                        help="where the measured rows are kept (JSON)")
+    parser.add_argument("--keep-rows", action="store_true",
+                        help="keep rows of other networks from the last run's --rows file")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "CASE", "SEGMENTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.child:
+        kind, case, segments = args.child
+        if kind == "measure":
+            print(json.dumps(measure_case(case, int(segments), args.iterations)))
+        elif kind == "static":
+            print(json.dumps(measure_static(case)))
+        else:
+            print(json.dumps({"peak": profile_peak(case, kind, int(segments))}))
+        return []
+    counts = dict(item.split("=") for item in args.segments.split(",") if item)
+    rows = []
+    previous = {}
+    if args.keep_rows and os.path.exists(args.rows):
+        with open(args.rows, "r", encoding="utf-8") as handle:
+            previous = {row["case"]: row for row in json.load(handle)}
+    for case in args.cases.split(","):
+        if case in STATIC_ONLY:
+            rows.append(json.loads(_child(["--child", "static", case, "0"], cap=False)))
+            log.info("%s", rows[-1])
+            continue
+        segments = counts.get(case, "0")
+        log.info("%s: planning and timing", case)
+        row = json.loads(_child(["--iterations", str(args.iterations), "--child", "measure", case,
+                                 segments], cap=False))
+        # The measured plan's count, so that the profiled chain is the one in the table.
+        for config in ("plain", "mirror", "segments"):
+            peak = json.loads(_child(["--child", config, case, str(row["segment_count"])],
+                                     cap=config == "segments"))["peak"]
+            row[f"peak_{config}"] = peak
+            log.info("%s %s: profiler peak %.0f MB", case, config, peak)
+        row["description"] = CASES[case][0]
+        rows.append(row)
+        log.info("%s", row)
+    # Rows measured by earlier runs (--keep-rows) stay in the table unless re-measured.
+    measured = {row["case"] for row in rows}
+    rows = [row for case, row in previous.items() if case not in measured] + rows
+    with open(args.rows, "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, indent=1)
+    write_section(rows, args.output)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""Executor segments: split the forward graph into pieces that are recomputed one at a time.
+
+# NOTE [ executor segments ]
+# MXNet's mirror is one level: a recomputed node is replayed once during
+# backward, and the gradient of every kept node holds its forward inputs (NOTE
+# [ what backward keeps ] in liveness.py), so a network whose boundaries are
+# small against its per-step working set (an unrolled RNN, a very deep residual
+# stack) cannot go below roughly "everything backward reads between two kept
+# tensors, plus all kept tensors".  Segments go further (torch.utils.checkpoint's
+# scheme, with MXNet executors): the graph is cut into k pieces, each bound as
+# its own executor sharing one memory pool; forward keeps only the tensors that
+# cross a cut (the boundaries); backward walks the pieces last to first,
+# re-runs a piece's forward from its stored inputs and then its backward with
+# the gradient of its outputs.  The peak is then about
+#
+#     boundaries (values, their gradients and each executor's head-gradient copy)
+#     + the largest piece's forward-and-backward working set,
+#
+# at the cost of re-running the forward of every piece but the last (under one
+# extra forward).  Inside a piece MXNet's own mirror can still be used (two
+# levels): ``SegmentSpec.mirrored``.
+#
+# The cuts are those of the cut-set chain (planners/dp.py), found on the
+# as-late-as-possible order of the graph (NOTE [ linearising for cuts ] in
+# graph.py) so that an unrolled RNN has a cut after every step.  Operators that
+# do not depend on a data input (an RNN's zero begin state, a transform of a
+# parameter), and cheap ones reading only variables (the split or embedding of
+# an RNN's input sequence, REPLAYED_OPS), are not owned by any piece: each piece
+# that reads them replays them, so they never become boundaries.  Variables (data, labels, parameters,
+# auxiliary states) are never boundaries either: every piece binds the same
+# arrays, and a parameter read by several pieces (tied weights, the shared
+# weights of an unrolled RNN) gets its gradient summed over them.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .cost import iteration_cost, node_costs
+from .graph import Graph, NodeKind
+from .planners.dp import DEFAULT_GRAD_FACTOR, CutChain, build_cut_chain
+
+__all__ = ["Entry", "SegmentSpec", "SegmentPlan", "segment_plan_for_cuts", "choose_cuts",
+           "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES"]
+
+#: A tensor: (producing node's name, output index).
+Entry = Tuple[str, int]
+
+#: Bytes of each boundary tensor counted by the estimate: its stored value, the
+#: gradient array the consumers write, and the head-gradient copy the producing
+#: executor makes in ``backward(out_grads)`` (segment-executors research).
+HEAD_GRAD_COPIES = 3
+
+#: Upper bound on segments tried when choosing k.
+MAX_SEGMENTS = 48
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment: the operators it computes and the tensors it exchanges.
+
+    Attributes
+    ----------
+    index : int
+        Position in the chain (0 first).
+    nodes : tuple of str
+        Operators it computes (owned ones and replayed data-independent ones),
+        in the graph's original topological order.
+    inputs : tuple of Entry
+        Boundary tensors it reads, produced by earlier segments.
+    outputs : tuple of Entry
+        Tensors it produces that later segments read; for the last segment, the
+        graph's outputs in order.
+    variables : tuple of str
+        Data, label, parameter and auxiliary variables it reads.
+    mirrored : frozenset of str
+        Operators of this segment bound with ``force_mirroring`` (two levels).
+    working_bytes : int
+        Modelled forward-and-backward working set (MXNet's planned bytes).
+    """
+
+    index: int
+    nodes: Tuple[str, ...]
+    inputs: Tuple[Entry, ...]
+    outputs: Tuple[Entry, ...]
+    variables: Tuple[str, ...]
+    mirrored: FrozenSet[str] = frozenset()
+    working_bytes: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe form."""
+        return {"index": self.index, "nodes": list(self.nodes),
+                "inputs": [list(e) for e in self.inputs], "outputs": [list(e) for e in self.outputs],
+                "variables": list(self.variables), "mirrored": sorted(self.mirrored),
+                "working_bytes": self.working_bytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SegmentSpec":
+        """Inverse of :meth:`to_dict`."""
+        return cls(int(data["index"]), tuple(data["nodes"]),
+                   tuple((str(n), int(o)) for n, o in data["inputs"]),
+                   tuple((str(n), int(o)) for n, o in data["outputs"]),
+                   tuple(data["variables"]), frozenset(data.get("mirrored", ())),
+                   int(data.get("working_bytes", 0)))
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """A split of the graph into segments, with its modelled memory.
+
+    Attributes
+    ----------
+    segments : tuple of SegmentSpec
+        In forward order.
+    boundary_bytes : int
+        Bytes of all boundary tensors (each stored once).
+    estimated_bytes : int
+        ``HEAD_GRAD_COPIES * boundary_bytes + max working_bytes``.
+    recompute_fraction : float
+        Forward cost of the re-run segments (all but the last) as a fraction of
+        one plain training iteration (forward + backward).
+    boundary_shapes : dict
+        Shape of each boundary tensor, keyed ``"node:output"``.
+    """
+
+    segments: Tuple[SegmentSpec, ...]
+    boundary_bytes: int
+    estimated_bytes: int
+    recompute_fraction: float
+    boundary_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Number of segments."""
+        return len(self.segments)
+
+    @property
+    def boundaries(self) -> List[Entry]:
+        """Every boundary tensor, in forward order."""
+        return [e for s in self.segments[:-1] for e in s.outputs]
+
+    def readers(self) -> Dict[str, List[int]]:
+        """For each variable, the segments that read it."""
+        found: Dict[str, List[int]] = {}
+        for segment in self.segments:
+            for name in segment.variables:
+                found.setdefault(name, []).append(segment.index)
+        return found
+
+    def shared_variables(self) -> List[str]:
+        """Variables read by more than one segment (their gradients are summed)."""
+        return sorted(n for n, r in self.readers().items() if len(r) > 1)
+
+    def owner_index(self) -> int:
+        """The segment with the largest working set (bound first: it owns the memory pool)."""
+        return max(range(self.count), key=lambda i: (self.segments[i].working_bytes, -i))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe form (for the plan cache and ``MirrorPlan.to_dict``)."""
+        return {"segments": [s.to_dict() for s in self.segments],
+                "boundary_bytes": self.boundary_bytes, "estimated_bytes": self.estimated_bytes,
+                "recompute_fraction": self.recompute_fraction,
+                "boundary_shapes": {k: list(v) for k, v in self.boundary_shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SegmentPlan":
+        """Inverse of :meth:`to_dict`."""
+        return cls(tuple(SegmentSpec.from_dict(s) for s in data["segments"]),
+                   int(data["boundary_bytes"]), int(data["estimated_bytes"]),
+                   float(data["recompute_fraction"]),
+                   {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()})
+
+    def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
+        """The same split with measured working sets (MXNet's plan of each segment), so that
+        :meth:`owner_index` binds the really largest segment first."""
+        if len(measured) != self.count:
+            raise ValueError(f"need one figure per segment ({self.count}), got {len(measured)}")
+        segments = tuple(SegmentSpec(s.index, s.nodes, s.inputs, s.outputs, s.variables, s.mirrored,
+                                     int(m)) for s, m in zip(self.segments, measured))
+        return SegmentPlan(segments, self.boundary_bytes, self.estimated_bytes,
+                           self.recompute_fraction, dict(self.boundary_shapes))
+
+    def with_mirrored(self, mirrored: Iterable[str]) -> "SegmentPlan":
+        """The same split with ``force_mirroring`` on ``mirrored`` inside each segment (two levels).
+
+        A segment's outputs are never mirrored (they are what the next segments
+        start from).
+        """
+        chosen = frozenset(mirrored)
+        segments = []
+        for segment in self.segments:
+            outputs = {name for name, _ in segment.outputs}
+            inside = frozenset(n for n in segment.nodes if n in chosen and n not in outputs)
+            segments.append(SegmentSpec(segment.index, segment.nodes, segment.inputs, segment.outputs,
+                                        segment.variables, inside, segment.working_bytes))
+        return SegmentPlan(tuple(segments), self.boundary_bytes, self.estimated_bytes,
+                           self.recompute_fraction, dict(self.boundary_shapes))
+
+
+def entry_key(entry: Entry) -> str:
+    """``"node:output"``, the key of a boundary in :attr:`SegmentPlan.boundary_shapes`."""
+    return f"{entry[0]}:{entry[1]}"
+
+
+def _depends_on_data(graph: Graph) -> List[bool]:
+    """For each node, whether it depends on a data or label input (variables: only inputs)."""
+    found = [False] * len(graph.nodes)
+    for position, node in enumerate(graph.nodes):
+        if node.kind is NodeKind.INPUT:
+            found[position] = True
+        elif node.kind is NodeKind.OP:
+            found[position] = any(found[s] for s, _ in node.inputs)
+    return found
+
+
+def _entry_bytes(graph: Graph, entry: Tuple[int, int]) -> int:
+    shapes = graph.nodes[entry[0]].output_shapes
+    shape = shapes[entry[1]] if entry[1] < len(shapes) else ()
+    return math.prod(shape) * 4 if shape else 0
+
+
+#: Cheap operators that are replayed in every segment reading them when all their inputs are
+#: variables (or such replayed operators): splitting or embedding the input sequence of an RNN
+#: would otherwise make every step's slice a boundary (three copies of the whole input).
+REPLAYED_OPS = frozenset({"SliceChannel", "split", "Embedding", "reshape", "Reshape", "transpose",
+                          "SwapAxis", "swapaxes", "expand_dims", "slice", "slice_axis", "Flatten",
+                          "flatten", "Cast", "cast", "identity", "_copy", "squeeze"})
+
+
+def _replayed(graph: Graph) -> List[bool]:
+    """Operators replayed by every segment that reads them (never boundaries): those that do
+    not depend on a data input, and cheap ones (:data:`REPLAYED_OPS`) reading only variables and
+    replayed operators."""
+    data = _depends_on_data(graph)
+    found = [False] * len(graph.nodes)
+    for position, node in enumerate(graph.nodes):
+        if node.kind is not NodeKind.OP:
+            continue
+        if not data[position]:
+            found[position] = True
+        elif node.op in REPLAYED_OPS and all(graph.nodes[s].kind is not NodeKind.OP or found[s]
+                                             for s, _ in node.inputs):
+            found[position] = True
+    return found
+
+
+class _Crossings:
+    """Which tensors cross which positions of a (late-ordered) graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        replayed = _replayed(graph)
+        self.owned = [node.kind is NodeKind.OP and not replayed[position]
+                      for position, node in enumerate(graph.nodes)]
+        size = len(graph.nodes)
+        last: Dict[Tuple[int, int], int] = {}
+        for position, node in enumerate(graph.nodes):
+            for source, output in node.inputs:
+                if self.owned[source]:
+                    last[(source, output)] = max(last.get((source, output), -1), position)
+        self.head_positions = [h[0] for h in graph.heads]
+        for head in graph.heads:
+            last[tuple(head)] = size  # type: ignore[index]
+        #: (producer position, last reader position, entry, bytes), by producer.
+        self.spans = sorted((e[0], end, e, _entry_bytes(graph, e)) for e, end in last.items()
+                            if end > e[0])
+        # Bytes crossing the gap after each position.
+        delta = [0] * (size + 2)
+        for start, end, _, nbytes in self.spans:
+            delta[start] += nbytes
+            delta[end] -= nbytes
+        self.crossing: List[int] = []
+        running = 0
+        for position in range(size):
+            running += delta[position]
+            self.crossing.append(running)
+        self.first_head = min(self.head_positions, default=size)
+
+    def valid(self, position: int) -> bool:
+        """A cut after ``position`` keeps every graph output in the last segment."""
+        return position < self.first_head and any(
+            self.owned[i] for i in range(position + 1, len(self.graph.nodes)))
+
+
+def segment_plan_for_cuts(graph: Graph, cuts: Sequence[int], chain: Optional[CutChain] = None,
+                          grad_factor: float = DEFAULT_GRAD_FACTOR,
+                          mirrored: Iterable[str] = ()) -> SegmentPlan:
+    """The segments of ``graph`` cut after the given positions of its as-late-as-possible order.
+
+    Parameters
+    ----------
+    graph : Graph
+        The forward graph (any topological order; it is linearised as late as possible).
+    cuts : sequence of int
+        Increasing positions in ``graph.as_late_as_possible()``; segment s holds
+        the owned operators after cut s-1 up to and including cut s.
+    chain : CutChain, optional
+        ``build_cut_chain(graph, ...)`` when the caller has it (for working sets).
+    grad_factor : float
+        Gradient buffers per segment, in units of its largest tensor.
+    mirrored : iterable of str
+        Operators to mirror inside the segments (two levels).
+
+    Raises
+    ------
+    ValueError
+        If the cuts are not increasing, or a cut would leave a graph output
+        outside the last segment.
+    """
+    late = graph.as_late_as_possible()
+    crossings = _Crossings(late)
+    cuts = list(cuts)
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"cut positions must increase, got {cuts}")
+    for cut in cuts:
+        if not 0 <= cut < len(late.nodes) or not crossings.valid(cut):
+            raise ValueError(f"no segment boundary can follow position {cut}: the graph outputs must "
+                             "all be computed by the last segment")
+    nodes = late.nodes
+    owner = [-1] * len(nodes)
+    for position in range(len(nodes)):
+        if crossings.owned[position]:
+            owner[position] = bisect.bisect_left(cuts, position)
+    count = len(cuts) + 1
+    original = {node.name: position for position, node in enumerate(graph.nodes)}
+
+    members: List[set] = [set() for _ in range(count)]
+    inputs: List[set] = [set() for _ in range(count)]
+    variables: List[set] = [set() for _ in range(count)]
+    outputs: List[set] = [set() for _ in range(count)]
+    for position, node in enumerate(nodes):
+        if owner[position] < 0:
+            continue
+        members[owner[position]].add(position)
+    for s in range(count):
+        stack = list(members[s])
+        while stack:
+            position = stack.pop()
+            for source, output in nodes[position].inputs:
+                producer = nodes[source]
+                if producer.kind is not NodeKind.OP:
+                    variables[s].add(producer.name)
+                elif owner[source] == s:
+                    continue
+                elif owner[source] >= 0:
+                    inputs[s].add((source, output))
+                    outputs[owner[source]].add((source, output))
+                elif source not in members[s]:   # replayed here (NOTE [ executor segments ])
+                    members[s].add(source)
+                    stack.append(source)
+    for s in range(count):
+        if not members[s]:
+            raise ValueError(f"segment {s} would be empty; cut at distinct operator positions")
+    chosen = frozenset(mirrored)
+    if chain is None:
+        chain = build_cut_chain(graph, max_frontier=len(nodes), max_cuts=len(nodes),
+                                grad_factor=grad_factor)
+    segments = []
+    boundary_shapes: Dict[str, Tuple[int, ...]] = {}
+    boundary_bytes = 0
+    cost = node_costs(late)
+    rerun = 0.0
+    bounds = [-1] + cuts + [len(nodes) - 1]
+    for s in range(count):
+        ordered = sorted(members[s], key=lambda p: original[nodes[p].name])
+        if s == count - 1:
+            out_entries = [(nodes[p].name, o) for p, o in late.heads]
+        else:
+            out_entries = [(nodes[p].name, o) for p, o in sorted(outputs[s])]
+            for p, o in sorted(outputs[s]):
+                shape = tuple(nodes[p].output_shapes[o]) if o < len(nodes[p].output_shapes) else ()
+                boundary_shapes[entry_key((nodes[p].name, o))] = shape
+                boundary_bytes += _entry_bytes(late, (p, o))
+            rerun += sum(cost.get(nodes[p].name, 0.0) for p in members[s])
+        names = [nodes[p].name for p in ordered]
+        out_names = {n for n, _ in out_entries}
+        segments.append(SegmentSpec(
+            index=s, nodes=tuple(names),
+            inputs=tuple((nodes[p].name, o) for p, o in sorted(inputs[s])),
+            outputs=tuple(out_entries),
+            variables=tuple(sorted(variables[s], key=lambda n: original[n])),
+            mirrored=frozenset(n for n in names if n in chosen and n not in out_names),
+            working_bytes=int(_working_bytes(chain, late, bounds[s], bounds[s + 1], grad_factor))))
+    total = iteration_cost(late)
+    estimate = HEAD_GRAD_COPIES * boundary_bytes + max(s.working_bytes for s in segments)
+    return SegmentPlan(tuple(segments), boundary_bytes, int(estimate),
+                       rerun / total if total else 0.0, boundary_shapes)
+
+
+def _working_bytes(chain: CutChain, late: Graph, start: int, end: int, grad_factor: float) -> float:
+    """Modelled working set of the owned operators in positions (start, end]: what backward
+    reads among their outputs plus gradient buffers (NOTE [ the cut-set chain ] in dp.py)."""
+    need = chain.need_prefix[end + 1] - chain.need_prefix[start + 1]
+    largest = max(chain.op_bytes[start + 1:end + 1], default=0)
+    return need + grad_factor * largest
+
+
+def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
+                grad_factor: float = DEFAULT_GRAD_FACTOR) -> List[int]:
+    """Positions (in the as-late-as-possible order) of ``count - 1`` cuts that split the
+    working set evenly, each the cut with the fewest crossing bytes near its target.
+
+    Fewer cuts are returned when the graph has fewer candidate positions.
+    """
+    if count <= 1:
+        return []
+    late = graph.as_late_as_possible()
+    if chain is None:
+        chain = build_cut_chain(graph, max_frontier=len(late.nodes), max_cuts=len(late.nodes),
+                                grad_factor=grad_factor)
+    crossings = _Crossings(late)
+    candidates = [p for p in chain.positions[1:-1] if crossings.valid(p)]
+    if not candidates:
+        return []
+    owned_before = [0]
+    for flag in crossings.owned:
+        owned_before.append(owned_before[-1] + flag)
+    total = chain.need_prefix[-1]
+    weight = [chain.need_prefix[p + 1] for p in candidates]
+    width = total / (2 * count)
+    cuts: List[int] = []
+    for m in range(1, count):
+        target = total * m / count
+        low = bisect.bisect_left(weight, target - width)
+        high = bisect.bisect_right(weight, target + width)
+        # Every segment must own an operator.
+        floor = owned_before[cuts[-1] + 1] if cuts else 0
+        window = [i for i in range(low, high) if owned_before[candidates[i] + 1] > floor]
+        if not window:
+            continue
+        best = min(window, key=lambda i: (crossings.crossing[candidates[i]], abs(weight[i] - target)))
+        cuts.append(candidates[best])
+    return cuts
+
+
+def plan_segments(graph: Graph, count: int, grad_factor: float = DEFAULT_GRAD_FACTOR,
+                  mirrored: Iterable[str] = ()) -> SegmentPlan:
+    """A plan with (at most) ``count`` segments (fewer when the graph has fewer cuts)."""
+    chain = build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
+                            grad_factor=grad_factor)
+    cuts = choose_cuts(graph, count, chain, grad_factor)
+    return segment_plan_for_cuts(graph, cuts, chain, grad_factor, mirrored)
+
+
+def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: float = 0.05,
+                      grad_factor: float = DEFAULT_GRAD_FACTOR) -> SegmentPlan:
+    """The plan with the least estimated memory over 1..``max_count`` segments.
+
+    Among plans within ``tolerance`` of the least estimate the one with the
+    fewest segments is returned (each segment costs executor calls and a
+    boundary copy per iteration).
+    """
+    chain = build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
+                            grad_factor=grad_factor)
+    plans: List[SegmentPlan] = []
+    seen = set()
+    for count in range(1, max_count + 1):
+        cuts = tuple(choose_cuts(graph, count, chain, grad_factor))
+        if cuts in seen:
+            continue
+        seen.add(cuts)
+        plans.append(segment_plan_for_cuts(graph, cuts, chain, grad_factor))
+    least = min(p.estimated_bytes for p in plans)
+    return min((p for p in plans if p.estimated_bytes <= least * (1 + tolerance)),
+               key=lambda p: (p.count, p.estimated_bytes))

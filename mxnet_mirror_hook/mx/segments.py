@@ -1,0 +1,490 @@
+"""Executor segments on MXNet: split a symbol by a :class:`~..core.segments.SegmentPlan`, bind a
+chain of executors sharing one memory pool, and run forward/backward with recomputation.
+
+See NOTE [ executor segments ] in :mod:`mxnet_mirror_hook.core.segments` for the scheme and
+``shared/research/segment-executors.md`` for the measured MXNet facts it relies on.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import threading
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from ..core.segments import Entry, SegmentPlan, SegmentSpec
+from ..errors import ShapeError
+from .convert import MIRROR_ATTR
+from .bind import environment
+
+__all__ = ["executor_group_for", "boundary_name", "segment_documents", "split_symbol", "SegmentChain",
+           "GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP"]
+
+logger = logging.getLogger(__name__)
+
+# NOTE [ the gradient-sum cap is read once per process ]
+# MXNET_EXEC_INPLACE_GRAD_SUM_CAP (gradients of a tensor with at least this many
+# consumers are summed in place instead of by one ElementWiseSum) lowers the plan
+# of short RNN segments a lot (bench LSTM, 20 segments: 102 MB at the default 8,
+# 55 MB at 2).  MXNet 1.9.1 reads it into a function-level ``static`` the first
+# time any gradient graph is built in the process (AggregateGradient in
+# src/nnvm/gradient.cc), so setting it around our binds only takes effect when they
+# are the first in-process binds (planning binds run in worker processes), and
+# then it also holds for every later bind of the process.  The benchmark sets it
+# before MXNet builds any graph.
+GRAD_SUM_CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
+DEFAULT_GRAD_SUM_CAP = 2
+
+
+def boundary_name(entry: Entry) -> str:
+    """Name of the variable that stands for a boundary tensor in the segments reading it."""
+    return f"{entry[0]}_output{entry[1]}_segment_boundary"
+
+
+def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
+                      rerun_cudnn_off: bool = False) -> List[Dict[str, Any]]:
+    """JSON documents of the segment symbols (JSON surgery, NOTE [ splitting by JSON ]).
+
+    # NOTE [ splitting by JSON ]
+    # Symbol composition only substitutes free variables, so an internal output
+    # cannot be replaced by a variable through the symbol API.  Instead each
+    # segment is a new node list: its operators (original order, which is
+    # topological), the variables they read, and one new variable per boundary
+    # tensor it reads (placed first); inputs are re-indexed, ``arg_nodes`` and
+    # ``heads`` rebuilt, and ``mx.sym.load_json`` parses the result.  Operators
+    # listed in the segment's ``mirrored`` set get ``force_mirroring`` (two levels).
+    #
+    # NOTE [ BatchNorm in re-run segments ]
+    # Every segment but the last runs its forward twice per iteration.  MXNet's
+    # own BatchNorm kernels update the moving statistics in backward (checked
+    # bit for bit on the CPU), cuDNN's in forward, which would update them twice.
+    # With ``rerun_cudnn_off`` (set by SegmentChain on GPU contexts) BatchNorm
+    # nodes of the re-run segments get ``cudnn_off=True``, as one-level mirrored
+    # BatchNorm nodes do (NOTE [ BatchNorm recomputed ] in apply.py).  Untested on
+    # hardware here (tests/api/test_gpu.py runs where a GPU is lent).
+    """
+    nodes = document["nodes"]
+    index = {node["name"]: i for i, node in enumerate(nodes)}
+    documents = []
+    for segment in plan.segments:
+        members = set(segment.nodes) | set(segment.variables)
+        boundary = {(index[name], out): boundary_name((name, out)) for name, out in segment.inputs}
+        new_nodes: List[Dict[str, Any]] = []
+        new_index: Dict[Any, int] = {}
+        for key, name in boundary.items():
+            new_index[key] = len(new_nodes)
+            new_nodes.append({"op": "null", "name": name, "inputs": []})
+        for i, node in enumerate(nodes):
+            if node["name"] not in members:
+                continue
+            copy = dict(node)
+            inputs = []
+            for source, out, *rest in node.get("inputs", []):
+                if (source, out) in boundary:
+                    inputs.append([new_index[(source, out)], 0, 0])
+                else:
+                    if source not in new_index:
+                        raise ValueError(f"segment {segment.index}: node {node['name']!r} reads "
+                                         f"{nodes[source]['name']!r}, which the segment neither "
+                                         "computes nor receives; the plan does not fit this symbol")
+                    inputs.append([new_index[source], out] + (rest or [0]))
+            copy["inputs"] = inputs
+            if node["op"] != "null":
+                attrs = dict(node.get("attrs") or {})
+                attrs.pop(MIRROR_ATTR, None)
+                if node["name"] in segment.mirrored:
+                    attrs[MIRROR_ATTR] = "True"
+                    if node["op"] == "BatchNorm":
+                        attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm recomputed ] in apply.py
+                rerun = segment.index < plan.count - 1
+                if rerun_cudnn_off and rerun and node["op"] == "BatchNorm":
+                    attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm in re-run segments ]
+                if attrs:
+                    copy["attrs"] = attrs
+                else:
+                    copy.pop("attrs", None)
+            new_index[i] = len(new_nodes)
+            new_nodes.append(copy)
+        heads = [[new_index[index[name]], out, 0] for name, out in segment.outputs]
+        result = {"nodes": new_nodes,
+                  "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
+                  "heads": heads}
+        if "attrs" in document:
+            result["attrs"] = document["attrs"]
+        documents.append(result)
+    return documents
+
+
+def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,
+                 rerun_cudnn_off: bool = False) -> List["mx.sym.Symbol"]:
+    """The segment symbols of ``symbol`` under ``plan`` (see :func:`segment_documents`)."""
+    document = json.loads(symbol.tojson())
+    return [mx.sym.load_json(json.dumps(d))
+            for d in segment_documents(document, plan, rerun_cudnn_off)]
+
+
+def _zeros(shape: Tuple[int, ...], ctx: "mx.Context", dtype: Any) -> "mx.nd.NDArray":
+    return mx.nd.zeros(shape, ctx=ctx, dtype=dtype)
+
+
+class SegmentChain:
+    """A chain of segment executors that behaves like one ``mx.executor.Executor``.
+
+    It offers what ``DataParallelExecutorGroup`` and ``Module`` use of an
+    executor: ``arg_dict``, ``grad_dict``, ``aux_dict``, ``arg_arrays``,
+    ``grad_arrays``, ``aux_arrays`` (in the order of the full symbol),
+    ``outputs``, ``forward``, ``backward``, ``copy_params_from`` and
+    ``reshape``.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        The full (user's) symbol.
+    plan : SegmentPlan
+        How to split it.
+    ctx : mx.Context
+        Device.
+    input_shapes : dict of str to tuple
+        Shapes of the data and label inputs.
+    type_dict : dict of str to dtype, optional
+        Types of inputs.
+    grad_req : dict of str to str
+        The user's request per argument of ``symbol``.
+    grad_sum_cap : int or None
+        ``MXNET_EXEC_INPLACE_GRAD_SUM_CAP`` for the segment binds (None: MXNet's default).
+    shared_arrays : dict, optional
+        ``arg``/``grad``/``aux`` dicts of arrays to reuse when shapes and types match
+        (``reshape``; the parameters of another bucket).
+    shared_exec : mx.executor.Executor, optional
+        An executor whose memory pool the segments share (another bucket's); by default
+        the largest segment owns the pool.
+    """
+
+    def __init__(self, symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Context",
+                 input_shapes: Mapping[str, Tuple[int, ...]],
+                 type_dict: Optional[Mapping[str, Any]] = None,
+                 grad_req: Optional[Mapping[str, str]] = None,
+                 grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP,
+                 shared_arrays: Optional[Mapping[str, Mapping[str, "mx.nd.NDArray"]]] = None,
+                 shared_exec: Optional["mx.executor.Executor"] = None) -> None:
+        self.symbol, self.plan, self.ctx = symbol, plan, ctx
+        self._input_shapes = dict(input_shapes)
+        self._type_dict = {name: np.float32 for name in self._input_shapes}
+        self._type_dict.update(type_dict or {})
+        self._grad_sum_cap = grad_sum_cap
+        arg_names = symbol.list_arguments()
+        aux_names = symbol.list_auxiliary_states()
+        requests = dict(grad_req or {})
+        self._user_req = {name: requests.get(name, "null") for name in arg_names}
+        arg_shapes, _, aux_shapes = symbol.infer_shape(**self._input_shapes)
+        arg_types, _, aux_types = symbol.infer_type(**self._type_dict)
+        if arg_shapes is None:
+            raise ShapeError("the input shapes do not determine every argument's shape; give the "
+                             "shapes of all data and label inputs")
+        shared = shared_arrays or {}
+        old_args, old_grads, old_aux = (shared.get("arg", {}), shared.get("grad", {}),
+                                        shared.get("aux", {}))
+
+        def reuse(old: Mapping[str, "mx.nd.NDArray"], name: str, shape, dtype):
+            array = old.get(name)
+            if array is not None and tuple(array.shape) == tuple(shape) and array.dtype == dtype:
+                return array
+            return _zeros(tuple(shape), ctx, dtype)
+
+        self.arg_dict: Dict[str, "mx.nd.NDArray"] = {}
+        self.grad_dict: Dict[str, Optional["mx.nd.NDArray"]] = {}
+        for name, shape, dtype in zip(arg_names, arg_shapes, arg_types):
+            self.arg_dict[name] = reuse(old_args, name, shape, dtype)
+            self.grad_dict[name] = (reuse(old_grads, name, shape, dtype)
+                                    if self._user_req[name] != "null" else None)
+        self.aux_dict = {name: reuse(old_aux, name, shape, dtype)
+                         for name, shape, dtype in zip(aux_names, aux_shapes, aux_types)}
+        self.arg_arrays = [self.arg_dict[n] for n in arg_names]
+        self.grad_arrays = [self.grad_dict[n] for n in arg_names]
+        self.aux_arrays = [self.aux_dict[n] for n in aux_names]
+
+        # NOTE [ BatchNorm in re-run segments ]
+        self.symbols = split_symbol(symbol, plan, rerun_cudnn_off=ctx.device_type == "gpu")
+        readers: Dict[str, int] = {}
+        for segment in plan.segments:
+            for name in list(segment.variables) + [boundary_name(e) for e in segment.inputs]:
+                readers[name] = readers.get(name, 0) + 1
+        self._readers = readers
+        self._allocate_boundaries()
+        self.execs: List[Optional["mx.executor.Executor"]] = [None] * plan.count
+        self._bind_all(shared_exec)
+        self._last_state_valid = False
+        self.outputs = self.execs[-1].outputs
+
+    # ---------------------------------------------------------------- binding
+    def _allocate_boundaries(self) -> None:
+        """Boundary value and gradient arrays, shapes inferred segment by segment."""
+        self.boundary: Dict[Entry, "mx.nd.NDArray"] = {}
+        self.boundary_grad: Dict[Entry, "mx.nd.NDArray"] = {}
+        known_shapes = {n: a.shape for n, a in self.arg_dict.items()}
+        known_types = {n: a.dtype for n, a in self.arg_dict.items()}
+        for segment, sym in zip(self.plan.segments[:-1], self.symbols[:-1]):
+            names = sym.list_arguments()
+            shapes = {n: known_shapes[n] for n in names if n in known_shapes}
+            types = {n: known_types[n] for n in names if n in known_types}
+            _, out_shapes, _ = sym.infer_shape(**shapes)
+            _, out_types, _ = sym.infer_type(**types)
+            for entry, shape, dtype in zip(segment.outputs, out_shapes, out_types):
+                name = boundary_name(entry)
+                self.boundary[entry] = _zeros(tuple(shape), self.ctx, dtype)
+                self.boundary_grad[entry] = _zeros(tuple(shape), self.ctx, dtype)
+                known_shapes[name], known_types[name] = tuple(shape), dtype
+
+    def _segment_req(self, name: str) -> str:
+        """Request of one segment argument: summed ('add') when several segments read it."""
+        if name in self.arg_dict:
+            request = self._user_req[name]
+            if request == "null":
+                return "null"
+            if request == "inplace":
+                request = "write"
+        else:
+            request = "write"
+        return "add" if self._readers.get(name, 0) > 1 else request
+
+    def _bind_one(self, index: int, shared_exec: Optional["mx.executor.Executor"]) -> "mx.executor.Executor":
+        segment: SegmentSpec = self.plan.segments[index]
+        sym = self.symbols[index]
+        by_name = {boundary_name(e): e for e in segment.inputs}
+        args, grads, requests = {}, {}, {}
+        for name in sym.list_arguments():
+            if name in by_name:
+                args[name] = self.boundary[by_name[name]]
+                grads[name] = self.boundary_grad[by_name[name]]
+            else:
+                args[name] = self.arg_dict[name]
+                grads[name] = self.grad_dict[name]
+            requests[name] = self._segment_req(name)
+            if grads[name] is None:
+                requests[name] = "null"
+                del grads[name]
+        aux = {name: self.aux_dict[name] for name in sym.list_auxiliary_states()}
+        return sym.bind(self.ctx, args, args_grad=grads, grad_req=requests, aux_states=aux,
+                        shared_exec=shared_exec)
+
+    @property
+    def pool_owner(self) -> "mx.executor.Executor":
+        """The executor whose memory pool the segments share."""
+        return self.execs[self.plan.owner_index()]
+
+    def _bind_all(self, shared_exec: Optional["mx.executor.Executor"] = None) -> None:
+        """Bind the segment with the largest working set first: it owns the pool (MXNet's
+        shared_exec takes blocks from the owner's pool, largest first), or shares
+        ``shared_exec``'s pool (another bucket) and passes it on."""
+        variables = {GRAD_SUM_CAP_ENV: str(self._grad_sum_cap)} if self._grad_sum_cap else {}
+        owner_index = self.plan.owner_index()
+        with environment(variables):
+            owner = self._bind_one(owner_index, shared_exec)
+            self.execs[owner_index] = owner
+            # Largest first: blocks appended to the owner's pool by a large segment can then be
+            # reused by the smaller ones (MXNet takes the smallest free block that fits).
+            others = sorted((i for i in range(self.plan.count) if i != owner_index),
+                            key=lambda i: (-self.plan.segments[i].working_bytes, i))
+            for index in others:
+                self.execs[index] = self._bind_one(index, owner)
+        # Variables read by several segments sum their gradients: cleared before each backward
+        # unless the user asked for 'add'.
+        self._zeroed = [self.grad_dict[n] for n, count in self._readers.items()
+                        if count > 1 and n in self.grad_dict and self.grad_dict[n] is not None
+                        and self._user_req[n] in ("write", "inplace")]
+        self._zeroed += [self.boundary_grad[e] for e in self.boundary
+                         if self._readers.get(boundary_name(e), 0) > 1]
+
+    # --------------------------------------------------------------- running
+    def forward(self, is_train: bool = False, **kwargs: Any) -> List["mx.nd.NDArray"]:
+        """Run every segment, keeping only the boundary tensors."""
+        for name, value in kwargs.items():
+            self.arg_dict[name][:] = value
+        last = self.plan.count - 1
+        for index, executor in enumerate(self.execs):
+            executor.forward(is_train=is_train)
+            if index < last:
+                for entry, output in zip(self.plan.segments[index].outputs, executor.outputs):
+                    output.copyto(self.boundary[entry])
+        self._last_state_valid = bool(is_train)
+        return self.outputs
+
+    def backward(self, out_grads: Optional[Sequence["mx.nd.NDArray"]] = None,
+                 is_train: bool = True) -> None:
+        """Backward through the segments last to first, re-running each one's forward
+        (the last one's state is still that of :meth:`forward`)."""
+        for array in self._zeroed:
+            array[:] = 0
+        last = self.plan.count - 1
+        if isinstance(out_grads, mx.nd.NDArray):
+            out_grads = [out_grads]
+        if not self._last_state_valid:
+            self.execs[last].forward(is_train=True)
+        self.execs[last].backward(out_grads=list(out_grads) if out_grads else None, is_train=is_train)
+        for index in range(last - 1, -1, -1):
+            executor = self.execs[index]
+            executor.forward(is_train=True)
+            heads = [self.boundary_grad[e] for e in self.plan.segments[index].outputs]
+            executor.backward(out_grads=heads, is_train=is_train)
+        # The re-runs overwrote the shared pool: another backward must re-run the last segment.
+        self._last_state_valid = False
+
+    def copy_params_from(self, arg_params: Mapping[str, "mx.nd.NDArray"],
+                         aux_params: Optional[Mapping[str, "mx.nd.NDArray"]] = None,
+                         allow_extra_params: bool = False) -> None:
+        """As ``Executor.copy_params_from``."""
+        for name, array in arg_params.items():
+            if name in self.arg_dict:
+                array.astype(self.arg_dict[name].dtype).copyto(self.arg_dict[name])
+            elif not allow_extra_params:
+                raise ValueError(f"found name {name!r} that is not in the arguments")
+        for name, array in (aux_params or {}).items():
+            if name in self.aux_dict:
+                array.astype(self.aux_dict[name].dtype).copyto(self.aux_dict[name])
+            elif not allow_extra_params:
+                raise ValueError(f"found name {name!r} that is not in the auxiliary states")
+
+    def reshape(self, partial_shaping: bool = False, allow_up_sizing: bool = False,
+                **kwargs: Any) -> "SegmentChain":
+        """A chain for new input shapes that shares this one's parameters, gradients and aux.
+
+        Only the shapes of data and label inputs may change (as ``Module.reshape``).
+        """
+        shapes = dict(self._input_shapes)
+        shapes.update({k: tuple(v) for k, v in kwargs.items()})
+        return SegmentChain(self.symbol, self.plan, self.ctx, shapes, self._type_dict,
+                            self._user_req, self._grad_sum_cap,
+                            {"arg": self.arg_dict, "grad": self.grad_dict, "aux": self.aux_dict})
+
+    def debug_str(self) -> str:
+        """Each segment's ``debug_str`` (its own full plan; the pool union is not reported)."""
+        return "\n".join(e.debug_str() for e in self.execs)
+
+    def set_monitor_callback(self, callback: Any, monitor_all: bool = False) -> None:
+        """Install a monitor callback on every segment executor."""
+        for executor in self.execs:
+            executor.set_monitor_callback(callback, monitor_all)
+
+
+class SegmentedExecutorGroup(mx.module.executor_group.DataParallelExecutorGroup):
+    """``DataParallelExecutorGroup`` whose per-device executor is a :class:`SegmentChain`.
+
+    Everything else (data slicing, parameter and gradient lists for the
+    optimizer and kvstore, outputs, metrics) is the base class's: a chain
+    offers the executor attributes it reads.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for ``DataParallelExecutorGroup``.
+    segment_plan : SegmentPlan
+        The split (the same on every device: one chain per device).
+    grad_sum_cap : int or None
+        See :class:`SegmentChain`.
+    """
+
+    def __init__(self, *args: Any, segment_plan: SegmentPlan,
+                 grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP, **kwargs: Any) -> None:
+        self.segment_plan = segment_plan
+        self.grad_sum_cap = grad_sum_cap
+        super().__init__(*args, **kwargs)
+
+    def _bind_ith_exec(self, i: int, data_shapes: Any, label_shapes: Any,
+                       shared_group: Any) -> SegmentChain:
+        input_shapes = dict(data_shapes)
+        input_types = {x.name: x.dtype for x in data_shapes}
+        if label_shapes is not None:
+            input_shapes.update(dict(label_shapes))
+            input_types.update({x.name: x.dtype for x in label_shapes})
+        shared_arrays, shared_exec = None, None
+        if shared_group is not None:
+            # Another bucket: the same parameter, gradient and auxiliary arrays (as simple_bind's
+            # shared_arg_names does) and its memory pool.
+            other = shared_group.execs[i]
+            params = set(self.param_names)
+            shared_arrays = {
+                "arg": {n: a for n, a in other.arg_dict.items() if n in params},
+                "grad": {n: a for n, a in other.grad_dict.items() if n in params and a is not None},
+                "aux": dict(other.aux_dict)}
+            shared_exec = other.pool_owner if isinstance(other, SegmentChain) else other
+        return SegmentChain(self.symbol, self.segment_plan, self.contexts[i], input_shapes,
+                            input_types, self.grad_req, self.grad_sum_cap, shared_arrays, shared_exec)
+
+    def install_monitor(self, mon: Any) -> None:
+        """Install a monitor on every segment executor."""
+        for chain in self.execs:
+            mon.install(chain)
+
+
+def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Context",
+                       shapes: Mapping[str, Tuple[int, ...]],
+                       type_dict: Optional[Mapping[str, Any]] = None,
+                       grad_req: Optional[Mapping[str, str]] = None,
+                       grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP) -> Tuple[float, List[float]]:
+    """Static memory of a segment plan in MB, and MXNet's planned MB of each segment.
+
+    # NOTE [ static memory of a segment plan ]
+    # Each segment symbol is bound on its own (in this process: the gradient-sum
+    # cap is read from the environment at bind) and its ``debug_str`` total read.
+    # The chain shares one pool, so its intermediate storage is at least the
+    # largest segment's plan; MXNet's best-fit sharing can add some (the bench
+    # reports the storage profiler's peak beside this figure).  Boundaries are
+    # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
+    # copy the producing executor makes in ``backward``.
+    """
+    from ..core.segments import HEAD_GRAD_COPIES
+    from .measure import planned_mb_in_process
+
+    requests = dict(grad_req or {})
+    known = {name: tuple(shape) for name, shape in shapes.items()}
+    for key, shape in plan.boundary_shapes.items():
+        name, _, out = key.rpartition(":")
+        known[boundary_name((name, int(out)))] = tuple(shape)
+    variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
+    per_segment = []
+    with environment(variables):
+        for sym in split_symbol(symbol, plan):
+            names = sym.list_arguments()
+            seg_shapes = {n: known[n] for n in names if n in known}
+            seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
+            seg_types.update({n: t for n, t in (type_dict or {}).items() if n in names})
+            seg_req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(n, "null"))
+                       for n in names}
+            per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
+    boundary_mb = HEAD_GRAD_COPIES * plan.boundary_bytes / 2 ** 20
+    return max(per_segment) + boundary_mb, per_segment
+
+
+_SWAP_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def executor_group_for(segment_plan: Optional[SegmentPlan]) -> Iterator[None]:
+    """While ``Module.bind`` runs, make it build a :class:`SegmentedExecutorGroup` for
+    ``segment_plan`` (nothing changes for None).
+
+    # NOTE [ swapping Module's executor group ]
+    # ``Module.bind`` constructs ``DataParallelExecutorGroup`` by the name it
+    # imported into ``mxnet.module.module``; replacing that name for the call is
+    # the one way to give it another group without copying ``bind``.  The
+    # replacement is a subclass (one segment chain per device), so everything
+    # Module does with the group afterwards is unchanged.  The swap is
+    # process-wide, so binds that swap are serialized by a lock.
+    """
+    if segment_plan is None:
+        yield
+        return
+    import mxnet.module.module as module_module
+
+    with _SWAP_LOCK:
+        original = module_module.DataParallelExecutorGroup
+        module_module.DataParallelExecutorGroup = functools.partial(SegmentedExecutorGroup,
+                                                                    segment_plan=segment_plan)
+        try:
+            yield
+        finally:
+            module_module.DataParallelExecutorGroup = original

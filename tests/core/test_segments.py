@@ -1,0 +1,157 @@
+"""Segment plans on hand-built graphs (no MXNet)."""
+from __future__ import annotations
+
+import pytest
+
+from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
+from mxnet_mirror_hook.core.segments import (HEAD_GRAD_COPIES, SegmentPlan, best_segment_plan,
+                                             plan_segments, segment_plan_for_cuts)
+from tests.graphs import GraphBuilder, chain, residual
+
+MB = 1 << 20
+
+
+def _owned_ops(graph: Graph):
+    return {n.name for n in graph.nodes if n.kind is NodeKind.OP}
+
+
+def test_every_operator_of_a_chain_is_in_exactly_one_segment_and_boundaries_link_them():
+    graph = chain(12)
+    plan = plan_segments(graph, 4)
+    assert plan.count == 4
+    seen = [name for s in plan.segments for name in s.nodes]
+    assert sorted(seen) == sorted(_owned_ops(graph))
+    for before, after in zip(plan.segments, plan.segments[1:]):
+        assert len(before.outputs) == 1            # a chain crosses each cut with one tensor
+        assert after.inputs == before.outputs
+    assert plan.segments[0].inputs == ()
+    assert plan.segments[-1].outputs == (("loss", 0),)
+    assert plan.boundary_bytes == 3 * MB          # three 1 MB boundaries
+    assert plan.estimated_bytes == HEAD_GRAD_COPIES * plan.boundary_bytes + max(
+        s.working_bytes for s in plan.segments)
+
+
+def test_residual_cuts_fall_between_blocks_and_each_segment_reads_its_own_weights():
+    graph = residual(6)
+    plan = plan_segments(graph, 3)
+    for segment in plan.segments:
+        for name in segment.variables:
+            if name.endswith("_w"):
+                block = name.split("_")[0]
+                assert any(n.startswith(block) for n in segment.nodes)
+    assert plan.shared_variables() == []
+    # A boundary inside a residual block would need two tensors: the cuts carry one.
+    assert all(len(s.outputs) == 1 for s in plan.segments)
+
+
+def _unrolled_rnn(steps: int, layer_first: bool) -> Graph:
+    """A 2-layer RNN unrolled over ``steps`` with weights shared by every step, a zero initial
+    state (an operator without inputs), and every step's top output into one concat + loss.
+    ``layer_first`` lists all of layer 0 before layer 1 (as MXNet's JSON does)."""
+    b = GraphBuilder()
+    data = b.input("data", (1, 256))
+    w0, w1 = b.param("w0", (256, 256)), b.param("w1", (256, 256))
+    zero = b.op("zeros", "_zeros", [], (1, 256))
+    bias = b.op("bias", "_ones", [], (1, 256))   # read by every step of layer 1
+    xs = [b.op(f"x{t}", "slice_axis", [data], (1, 256)) for t in range(steps)]
+    top = []
+    if layer_first:
+        h0 = [zero]
+        for t in range(steps):
+            h0.append(b.op(f"l0_t{t}", "FullyConnected", [xs[t], h0[-1], w0], (1, 256)))
+        h1 = zero
+        for t in range(steps):
+            h1 = b.op(f"l1_t{t}", "FullyConnected", [h0[t + 1], h1, w1, bias], (1, 256))
+            top.append(h1)
+    else:
+        h0 = h1 = zero
+        for t in range(steps):
+            h0 = b.op(f"l0_t{t}", "FullyConnected", [xs[t], h0, w0], (1, 256))
+            h1 = b.op(f"l1_t{t}", "FullyConnected", [h0, h1, w1, bias], (1, 256))
+            top.append(h1)
+    cat = b.op("concat", "Concat", top, (steps, 256))
+    label = b.input("label", (steps,))
+    b.op("loss", "SoftmaxOutput", [cat, label], (steps, 256))
+    return b.build()
+
+
+@pytest.mark.parametrize("layer_first", [False, True])
+def test_unrolled_rnn_shares_weights_across_segments_and_replays_its_zero_state(layer_first):
+    graph = _unrolled_rnn(12, layer_first)
+    plan = plan_segments(graph, 4)
+    assert plan.count == 4
+    assert {"w0", "w1"} <= set(plan.shared_variables())
+    assert all(name not in ("zeros", "bias") for name, _ in plan.boundaries)  # never boundaries
+    assert all("bias" in s.nodes for s in plan.segments)                  # replayed where read
+    # Owned operators are computed once; only the data-independent ones repeat.
+    counts = {}
+    for segment in plan.segments:
+        for name in segment.nodes:
+            counts[name] = counts.get(name, 0) + 1
+    assert {n for n, c in counts.items() if c > 1} == {"bias"}
+    # Cuts follow the steps even when the graph lists a whole layer first: each cut
+    # carries the two states (plus top outputs kept for the concat and the data slices).
+    for segment in plan.segments[1:]:
+        states = [e for e in segment.inputs if e[0].startswith(("l0_", "l1_"))]
+        assert states, segment.inputs
+
+
+def test_the_chosen_count_is_never_worse_than_one_segment_by_the_estimate():
+    for graph in (chain(30), residual(10), _unrolled_rnn(16, True)):
+        best = best_segment_plan(graph)
+        single = plan_segments(graph, 1)
+        assert single.count == 1 and single.boundary_bytes == 0
+        assert best.estimated_bytes <= single.estimated_bytes
+    assert best_segment_plan(chain(30)).count > 1
+
+
+def test_recomputation_is_at_most_one_forward_of_the_segments_before_the_last():
+    plan = plan_segments(chain(20), 5)
+    single = plan_segments(chain(20), 1)
+    assert single.recompute_fraction == 0.0
+    assert 0.0 < plan.recompute_fraction < 0.34   # forward : backward = 1 : 2
+
+
+def test_a_cut_after_the_graph_output_is_refused():
+    graph = chain(4)
+    late = graph.as_late_as_possible()
+    with pytest.raises(ValueError, match="last segment"):
+        segment_plan_for_cuts(graph, [late.index("loss")])
+    with pytest.raises(ValueError, match="increase"):
+        segment_plan_for_cuts(graph, [3, 2])
+
+
+def test_plans_round_trip_through_their_dict_form():
+    plan = plan_segments(residual(5), 3).with_mirrored({"b1_relu1", "b2_relu1"})
+    again = SegmentPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert {n for s in plan.segments for n in s.mirrored} == {"b1_relu1", "b2_relu1"}
+
+
+def test_two_level_marks_never_mirror_a_segment_output():
+    plan = plan_segments(chain(10), 3)
+    outputs = {name for s in plan.segments for name, _ in s.outputs}
+    marked = plan.with_mirrored(_owned_ops(chain(10)))
+    for segment in marked.segments:
+        assert not segment.mirrored & outputs
+        assert segment.mirrored
+
+
+def test_owner_is_the_segment_with_the_largest_working_set():
+    b = GraphBuilder()
+    x = b.input("data", (1, 64))
+    for i in range(6):
+        x = b.op(f"small{i}", "Activation", [x], (1, 64))
+    for i in range(6):
+        x = b.op(f"big{i}", "Activation", [x], (1, 4096))
+    label = b.input("label", (1,))
+    b.op("loss", "SoftmaxOutput", [x, label], (1, 4096))
+    plan = plan_segments(b.build(), 2)
+    owner = plan.segments[plan.owner_index()]
+    assert any(n.startswith("big") for n in owner.nodes)
+
+
+def test_single_node_graph_gives_one_segment():
+    graph = Graph([Node("data", "null", NodeKind.INPUT, [], [(1, 4)]),
+                   Node("out", "Activation", NodeKind.OP, [(0, 0)], [(1, 4)])], [(1, 0)])
+    assert best_segment_plan(graph).count == 1
