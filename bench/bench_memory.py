@@ -28,7 +28,8 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxnet_mirror_hook import MirroredModule, memonger, plan_mirror  # noqa: E402
-from mxnet_mirror_hook.testing.models import default_image_size, gluon_symbol, preact_resnet_cifar, unet  # noqa: E402
+from mxnet_mirror_hook.testing.models import (default_image_size, gluon_symbol,  # noqa: E402
+                                              last_output_lstm, preact_resnet_cifar, unet)
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
 from mxnet_mirror_hook.mx.convert import MIRROR_ATTR  # noqa: E402
 from mxnet_mirror_hook.mx.measure import builtin_mirror_mb  # noqa: E402
@@ -38,16 +39,6 @@ from bench.sections import sections_of  # noqa: E402
 log = logging.getLogger("bench")
 
 GLUON_MODELS = ["resnet50_v1b", "resnet152_v1b", "inceptionv3", "densenet121", "mobilenetv2_1.0"]
-
-
-def unrolled_lstm(layers=2, hidden=512, steps=100, classes=1000):
-    """A 2-layer LSTM unrolled over 100 steps, classifying the sequence from its last output."""
-    stack = mx.rnn.SequentialRNNCell()
-    for layer in range(layers):
-        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
-    outputs, _ = stack.unroll(steps, inputs=mx.sym.var("data"), layout="NTC", merge_outputs=False)
-    out = mx.sym.FullyConnected(outputs[-1], num_hidden=classes, name="fc")
-    return mx.sym.SoftmaxOutput(out, name="softmax")
 
 
 def with_cut_point_stages(symbol, shapes):
@@ -384,7 +375,7 @@ def model_and_shapes(name, batch=None):
     if name == "preact_resnet1001":
         return preact_resnet_cifar(1001), {"data": (batch or 64, 3, 32, 32)}
     if name == "lstm_2x512_t100":
-        return unrolled_lstm(), {"data": (batch or 32, 100, 512)}
+        return last_output_lstm(), {"data": (batch or 32, 100, 512)}
     if name == "unet":
         b = batch or 16
         return unet(), {"data": (b, 3, 256, 256), "softmax_label": (b, 256, 256)}

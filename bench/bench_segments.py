@@ -30,6 +30,7 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
+from mxnet_mirror_hook.testing.models import last_output_lstm, lstm_language_model  # noqa: E402
 
 log = logging.getLogger("bench_segments")
 
@@ -39,25 +40,8 @@ CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
 
 def language_model(vocabulary: int, hidden: int = 512, layers: int = 2, steps: int = 100):
     """example/rnn/bucketing/lstm_bucketing.py's network: every step into one softmax."""
-    data, label = mx.sym.var("data"), mx.sym.var("softmax_label")
-    embedded = mx.sym.Embedding(data, input_dim=vocabulary, output_dim=hidden, name="embed")
-    stack = mx.rnn.SequentialRNNCell()
-    for layer in range(layers):
-        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
-    outputs, _ = stack.unroll(steps, inputs=embedded, merge_outputs=True)
-    pred = mx.sym.FullyConnected(mx.sym.reshape(outputs, shape=(-1, hidden)), num_hidden=vocabulary,
-                                 name="pred")
-    return mx.sym.SoftmaxOutput(pred, label=mx.sym.reshape(label, shape=(-1,)), name="softmax")
-
-
-def last_output_lstm(layers: int = 2, hidden: int = 512, steps: int = 100, classes: int = 1000):
-    """bench/bench_memory.py's LSTM: classifies the sequence from its last output."""
-    stack = mx.rnn.SequentialRNNCell()
-    for layer in range(layers):
-        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
-    outputs, _ = stack.unroll(steps, inputs=mx.sym.var("data"), layout="NTC", merge_outputs=False)
-    out = mx.sym.FullyConnected(outputs[-1], num_hidden=classes, name="fc")
-    return mx.sym.SoftmaxOutput(out, name="softmax")
+    return lstm_language_model(steps, vocab=vocabulary, num_embed=hidden, num_hidden=hidden,
+                               num_layers=layers)
 
 
 #: name -> (description, builder, data shape, label shape, integer vocabulary of the data or 0)

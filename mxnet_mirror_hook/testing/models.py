@@ -199,3 +199,15 @@ def lstm_language_model(seq_len: int, vocab: int = 10000, num_embed: int = 200,
     pred = mx.sym.FullyConnected(data=pred, num_hidden=vocab, name="pred")
     label = mx.sym.Reshape(label, shape=(-1,))
     return mx.sym.SoftmaxOutput(data=pred, label=label, name="softmax")
+
+
+def last_output_lstm(layers: int = 2, hidden: int = 512, steps: int = 100,
+                     classes: int = 1000) -> "mx.sym.Symbol":
+    """The bench LSTM: ``layers`` LSTM cells unrolled ``steps`` steps over ``data``
+    (batch, steps, features), the sequence classified from its last output."""
+    stack = mx.rnn.SequentialRNNCell()
+    for layer in range(layers):
+        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
+    outputs, _ = stack.unroll(steps, inputs=mx.sym.var("data"), layout="NTC", merge_outputs=False)
+    out = mx.sym.FullyConnected(outputs[-1], num_hidden=classes, name="fc")
+    return mx.sym.SoftmaxOutput(out, name="softmax")

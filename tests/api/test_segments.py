@@ -26,16 +26,14 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tests.paths import ROOT
 
 from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirror  # noqa: E402
 from mxnet_mirror_hook.core.segments import SegmentPlan, plan_segments  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
 from mxnet_mirror_hook.mx.segments import (SegmentChain, boundary_name, segment_documents,  # noqa: E402
                                             split_symbol)
-from mxnet_mirror_hook.testing.models import small_resnet  # noqa: E402
+from mxnet_mirror_hook.testing.models import lstm_language_model, small_resnet  # noqa: E402
 
 
 # ------------------------------------------------------------------ networks
@@ -63,15 +61,8 @@ def language_model(vocabulary: int = 30, embed: int = 12, hidden: int = 12, laye
     """The shape of MXNet's example/rnn/bucketing/lstm_bucketing.py: Embedding, LSTM layers
     unrolled with shared (tied) weights over the steps, every step's output into one
     classifier and softmax."""
-    data, label = mx.sym.var("data"), mx.sym.var("softmax_label")
-    embedded = mx.sym.Embedding(data, input_dim=vocabulary, output_dim=embed, name="embed")
-    stack = mx.rnn.SequentialRNNCell()
-    for layer in range(layers):
-        stack.add(mx.rnn.LSTMCell(hidden, prefix=f"lstm_l{layer}_"))
-    outputs, _ = stack.unroll(steps, inputs=embedded, merge_outputs=True)
-    pred = mx.sym.FullyConnected(mx.sym.reshape(outputs, shape=(-1, hidden)), num_hidden=vocabulary,
-                                 name="pred")
-    return mx.sym.SoftmaxOutput(pred, label=mx.sym.reshape(label, shape=(-1,)), name="softmax")
+    return lstm_language_model(steps, vocab=vocabulary, num_embed=embed, num_hidden=hidden,
+                               num_layers=layers)
 
 
 def transformer(blocks: int = 2, units: int = 16, heads: int = 2, hidden: int = 32,
