@@ -31,8 +31,9 @@ product the planners may recompute.
 # MORE memory, not less: nnvm's memory planner counts every element as 4 bytes
 # whatever its dtype (a uint8 intermediate of 1M elements adds 4 MB to
 # ``Total N MB allocated``), and the selects need two conditions and two
-# two-output backward nodes.  4-layer transformer block (hidden 128, seq 256,
-# batch 8): 98 MB as written, 137 MB with the byte mask, 122 MB with this form;
+# two-output backward nodes.  A 4-layer post-norm transformer (hidden 128, seq 256,
+# batch 8, flattened into the classifier): 98 MB as written, 137 MB with the byte
+# mask, 122 MB with this form;
 # 6-layer dropout MLP (2048 wide, batch 512): 48, 52, 44 MB.  MXNet's one-level
 # mirror replays recomputed nodes early in backward, so a recomputed Dropout
 # product lives about as long as a kept one; a kept Dropout output even acts
