@@ -220,3 +220,12 @@ def test_option_lowers_the_plan_of_a_dropout_mlp_and_never_raises_one():
     off = plan_mirror(transformer, shapes, memory_budget="min", cache_dir=False)
     on = plan_mirror(transformer, shapes, memory_budget="min", cache_dir=False, recompute_dropout=True)
     assert on.planned_mb <= off.planned_mb
+
+
+def test_segments_backend_plans_the_symbol_as_written_with_a_warning(caplog):
+    symbol = dropout_mlp(3, hidden=64)
+    with caplog.at_level("WARNING", logger="mxnet_mirror_hook.plan"):
+        plan = plan_mirror(symbol, [("data", (32, 64))], cache_dir=False, backend="segments",
+                           segments=2, recompute_dropout=True)
+    assert "backend='mirror' only" in caplog.text
+    assert not any(n.endswith("_mask_draw_output") for n in plan.symbol.get_internals().list_outputs())
