@@ -116,10 +116,13 @@ class PlanKey:
     keep_ops: Tuple[str, ...] = ()
     plugin_version: str = ""
     backend: str = "mirror"
+    recompute_dropout: bool = False
 
     def as_json(self) -> Dict[str, Any]:
         """A JSON-safe form of the key."""
         extra = {} if self.backend == "mirror" else {"backend": self.backend}  # old digests unchanged
+        if self.recompute_dropout:
+            extra["recompute_dropout"] = True
         return {**extra, "structure": self.structure,
                 "inputs": [[name, list(shape), dtype] for name, shape, dtype in self.inputs],
                 "grad_req": self.grad_req, "planner": self.planner, "budget": self.budget,

@@ -22,7 +22,7 @@ __all__ = ["MirrorOptions", "OPTION_NAMES", "BACKENDS", "option_arguments", "opt
 
 #: The option names, as keyword arguments of every surface.
 OPTION_NAMES = ("planner", "memory_budget", "cache_dir", "cost_ctx", "keep_ops", "backend",
-                "segments")
+                "segments", "recompute_dropout")
 #: Execution backends: MXNet's one-level mirror, executor segments, or the lower of the two.
 BACKENDS = ("mirror", "segments", "auto")
 
@@ -54,6 +54,11 @@ class MirrorOptions:
         (segments when they measure clearly below the one-level plan).
     segments : int, optional
         Number of executor segments (default: chosen by the planner).
+    recompute_dropout : bool
+        Rewrite each ``Dropout`` into a stored 1-byte mask and elementwise
+        operators the planners may recompute, before planning
+        (:mod:`mxnet_mirror_hook.mx.dropout`; off by default: the masks are
+        drawn from another random stream than MXNet's Dropout would use).
 
     Raises
     ------
@@ -69,6 +74,7 @@ class MirrorOptions:
     keep_ops: Tuple[str, ...] = ()
     backend: str = "mirror"
     segments: Optional[int] = None
+    recompute_dropout: bool = False
 
     def __post_init__(self) -> None:
         get_planner(self.planner)  # TypeError / UnknownPlannerError naming the known ones
@@ -95,6 +101,8 @@ class MirrorOptions:
                                           or not isinstance(self.segments, int) or self.segments < 1):
             raise ValueError(f"segments must be a positive number of executor segments or None "
                              f"(chosen by the planner); got {self.segments!r}")
+        if not isinstance(self.recompute_dropout, bool):
+            raise TypeError(f"recompute_dropout must be True or False; got {self.recompute_dropout!r}")
 
     @property
     def budget(self) -> Budget:
@@ -133,7 +141,8 @@ class MirrorOptions:
         """Keyword arguments of :func:`~mxnet_mirror_hook.plan_mirror` for these options."""
         return {"planner": self.planner, "memory_budget": self.memory_budget,
                 "cache_dir": self.cache_dir, "ctx": self.cost_ctx, "keep_ops": self.keep_ops,
-                "backend": self.backend, "segments": self.segments}
+                "backend": self.backend, "segments": self.segments,
+                "recompute_dropout": self.recompute_dropout}
 
     def as_dict(self) -> Dict[str, Any]:
         """The fields by name (the keyword arguments of every surface)."""
@@ -163,7 +172,8 @@ class MirrorOptions:
         return cls.coerce(planner=first("planner", "mirror_planner"),
                           memory_budget=first("memory_budget", "budget"), cache_dir=cache_dir,
                           cost_ctx=first("cost_ctx", "ctx"), keep_ops=first("keep_ops"),
-                          backend=first("backend"), segments=first("segments"))
+                          backend=first("backend"), segments=first("segments"),
+                          recompute_dropout=True if getattr(args, "recompute_dropout", False) else None)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MirrorOptions":
@@ -211,6 +221,9 @@ _OPTIONS = (
               "auto (segments when they measure clearly lower)"}),
     ("segments", ("--segments",),
      {"type": int, "metavar": "K", "help": "number of executor segments (default: chosen)"}),
+    ("recompute_dropout", ("--recompute-dropout",),
+     {"action": "store_true", "help": "rewrite Dropout so its output can be recomputed (1-byte masks "
+                                      "from another random stream than MXNet's Dropout; off by default)"}),
 )
 
 

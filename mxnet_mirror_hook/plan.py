@@ -299,7 +299,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 fixed_param_names: Optional[Sequence[str]] = None,
                 inputs_need_grad: bool = False,
                 keep_ops: Optional[Iterable[str]] = None,
-                backend: Optional[str] = None, segments: Optional[int] = None) -> MirrorPlan:
+                backend: Optional[str] = None, segments: Optional[int] = None,
+                recompute_dropout: Optional[bool] = None) -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -340,6 +341,11 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     segments : int, optional
         Number of segments for the segments backend (default: chosen by the
         memory estimate).
+    recompute_dropout : bool, optional
+        Rewrite each ``Dropout`` before planning so that its output may be
+        recomputed (:func:`~mxnet_mirror_hook.mx.dropout.recomputable_dropout`);
+        :attr:`MirrorPlan.symbol` is then the rewritten, mirrored symbol (same
+        arguments, outputs and auxiliary states).  Off by default.
 
     Returns
     -------
@@ -362,7 +368,22 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     started = time.perf_counter()
     options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
                                    cache_dir=cache_dir, cost_ctx=ctx, keep_ops=keep_ops,
-                                   backend=backend, segments=segments)
+                                   backend=backend, segments=segments,
+                                   recompute_dropout=recompute_dropout)
+    # ---- recomputable dropout (issue 11)
+    if options.recompute_dropout and options.backend != "mirror":
+        # A re-run segment calls forward(is_train=True) again, which would draw new masks.
+        logger.warning("recompute_dropout applies to backend='mirror' only (a re-run executor "
+                       "segment would draw new masks); planning the symbol as written")
+        options = options.replace(recompute_dropout=False)
+    if options.recompute_dropout:
+        from .mx.dropout import recomputable_dropout
+        rewritten = recomputable_dropout(symbol)
+        if rewritten is not symbol:
+            return _plan_both_ways(symbol, rewritten, data_shapes, label_shapes, options=options,
+                                   grad_req=grad_req, fixed_param_names=fixed_param_names,
+                                   inputs_need_grad=inputs_need_grad)
+    # ---- end recomputable dropout
     if options.backend != "mirror":  # executor segments (plan_with_segments, below)
         return plan_with_segments(symbol, data_shapes, label_shapes, options=options,
                                   grad_req=grad_req, fixed_param_names=fixed_param_names,
@@ -377,7 +398,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     key = PlanKey(structure=structure_hash(symbol, setup.document),
                   inputs=tuple(sorted(setup.all_inputs)), grad_req=grad_req_digest(setup.requests),
                   planner=planner, budget=budget.key, mxnet_version=mx.__version__,
-                  context=context.device_type, keep_ops=setup.keep_ops, plugin_version=__version__)
+                  context=context.device_type, keep_ops=setup.keep_ops, plugin_version=__version__,
+                  recompute_dropout=options.recompute_dropout)
     cache: PlanCache = get_cache(options.cache_dir)
 
     def finish(mirrored: Sequence[str], baseline_mb: float, planned_mb: float, overhead: float,
@@ -455,6 +477,43 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     return plan_now()
 
 
+# ----------------------------------------------------------------- recomputable dropout (issue 11)
+def _plan_both_ways(symbol: "mx.sym.Symbol", rewritten: "mx.sym.Symbol", data_shapes: Any,
+                    label_shapes: Any, *, options: MirrorOptions, **rest: Any) -> MirrorPlan:
+    """The lower of the plans of ``rewritten`` (Dropout recomputable) and of ``symbol`` as written.
+
+    # NOTE [ recomputable dropout, both ways ]
+    # Making Dropout recomputable lowers MXNet's plan for some networks (a
+    # dropout MLP) and raises it for others (attention, where a kept Dropout
+    # output is a free checkpoint for MXNet's one-level mirror: NOTE [
+    # recomputable dropout form ] in mx/dropout.py).  With the option on, both
+    # symbols are planned (each through the cache: the rewritten one under a
+    # key with ``recompute_dropout``, the user's under today's key) and the
+    # lower planned MB is returned; on a tie, the user's symbol (MXNet's own
+    # Dropout draws).  So the option never plans more than leaving it off.
+    # ``plan.symbol`` tells which was taken (a rewritten symbol has
+    # ``<dropout>_mask_draw`` nodes).  A budget that only one of them reaches
+    # takes that one; when neither does, the error with the lower reachable
+    # figure is raised.
+    """
+    plans: List[MirrorPlan] = []
+    errors: List[BudgetUnreachableError] = []
+    for candidate, flag in ((symbol, False), (rewritten, True)):
+        try:
+            plans.append(plan_mirror(candidate, data_shapes, label_shapes,
+                                     options=options.replace(recompute_dropout=flag), **rest))
+        except BudgetUnreachableError as error:
+            errors.append(error)
+    if not plans:
+        raise min(errors, key=lambda e: getattr(e, "min_reachable_mb", float("inf"))) from None
+    chosen = min(plans, key=lambda plan: plan.planned_mb)  # first (the user's) on a tie
+    if len(plans) == 2:
+        logger.info("recomputable dropout: %.0f MB with Dropout rewritten, %.0f MB as written; %s",
+                    plans[1].planned_mb, plans[0].planned_mb,
+                    "rewritten" if chosen is plans[1] else "keeping the user's Dropout")
+    return chosen
+
+
 # ----------------------------------------------------------------- segments backend (issue 11)
 #: Re-run forward allowed by the default budget, as a fraction of one plain iteration: about one
 #: extra forward (forward : backward = 1 : 2).  Plain segments re-run at most one forward.
@@ -513,7 +572,8 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
                   inputs=tuple(sorted(setup.all_inputs)), grad_req=grad_req_digest(setup.requests),
                   planner=options.planner, budget=budget.key,
                   mxnet_version=mx.__version__, context=setup.context.device_type,
-                  keep_ops=setup.keep_ops, plugin_version=__version__, backend=request)
+                  keep_ops=setup.keep_ops, plugin_version=__version__, backend=request,
+                  recompute_dropout=options.recompute_dropout)
     cache = get_cache(options.cache_dir)
     cached = cache.get(key)
     if cached is not None and cached.get("backend") in ("mirror", "segments"):

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
+__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS", "KEEP_ATTR"]
 
 #: Operators never recomputed.  MXNet itself never recomputes Dropout (a new
 #: mask would change the gradients; ``need_mirror`` in
@@ -29,6 +29,11 @@ __all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS"]
 NEVER_MIRRORED_OPS = frozenset({"Dropout", "CuDNNBatchNorm", "BatchNorm_v1",
                                 "_contrib_SyncBatchNorm", "SyncBatchNorm",
                                 "Embedding", "_contrib_SparseEmbedding", "pick"})
+
+#: A node attribute (value ``'True'``) that keeps a node's output: set by the recomputable
+#: dropout rewrite (:mod:`mxnet_mirror_hook.mx.dropout`) on the nodes that draw and store a
+#: mask, which must be computed once per iteration.
+KEEP_ATTR = "__mirror_hook_keep__"
 
 #: Loss operators whose second input is a label, not something to differentiate.
 LOSS_OPS = frozenset({"SoftmaxOutput", "LinearRegressionOutput", "LogisticRegressionOutput",
@@ -105,7 +110,7 @@ class Node:
         # nothing to keep, and MXNet cannot infer the shape of their recomputed copy
         # when it came from their consumers.
         return (self.kind is NodeKind.OP and self.op not in NEVER_MIRRORED_OPS
-                and not self.pinned and bool(self.inputs))
+                and not self.pinned and bool(self.inputs) and self.attrs.get(KEEP_ATTR) != "True")
 
     @property
     def mirror_stage(self) -> Optional[str]:
