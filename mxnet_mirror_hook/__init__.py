@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys as _sys
 
 from ._version import __version__
-from .errors import (BudgetError, BudgetUnreachableError, MeasurementError,
+from .errors import (BackendError, BudgetError, BudgetUnreachableError, MeasurementError,
                      MirrorHookError, ShapeError, UnknownPlannerError)
 from .core.budget import parse_budget
 from .core.planners import list_planners, register_planner
@@ -25,5 +25,5 @@ __all__ = [
     "__version__", "MirrorOptions", "MirroredModule", "MirroredBucketingModule", "MirrorPlan",
     "add_arguments", "from_args", "mirrored_modules", "plan_mirror", "list_planners",
     "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
-    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "memonger",
+    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "BackendError", "memonger",
 ]

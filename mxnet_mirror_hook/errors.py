@@ -14,6 +14,7 @@ __all__ = [
     "UnknownPlannerError",
     "MeasurementError",
     "GluonMirrorError",
+    "BackendError",
 ]
 
 
@@ -65,4 +66,13 @@ class GluonMirrorError(MirrorHookError, TypeError):
     at a mirrored block's forward or backward (an output that cannot be traced
     to a symbol, an input that is itself the output of recorded operations,
     a forward overwritten before its backward); the message says what to do.
+    """
+
+
+class BackendError(MirrorHookError, ValueError):
+    """The chosen execution backend cannot train this network exactly.
+
+    Executor segments re-run a segment's forward pass during backward; a
+    network that draws random numbers in its forward pass (Dropout, samplers)
+    would draw new ones there and get the gradients of other masks.
     """

@@ -15,14 +15,14 @@ from ._version import __version__
 from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
 from .core.budget import Budget, BudgetLike
 from .core.cost import recompute_overhead
-from .core.graph import Graph, NodeKind
+from .core.graph import Graph, NodeKind, draws_random
 from .core.liveness import kept_bytes
 from .core.units import MB
 from .core.planners import get_planner
 from .core.planners.base import NullProgress
 from .core.segments import SegmentPlan
 from .core.allocator import ExecutedGraph
-from .errors import BudgetUnreachableError, MeasurementError, ShapeError
+from .errors import BackendError, BudgetUnreachableError, MeasurementError, ShapeError
 from .options import MirrorOptions, normalize_keep_ops
 from .progress import PlanProgress
 from .mx.apply import MirrorTemplate
@@ -566,6 +566,22 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
         return one_level
     setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=options.cost_ctx,
                              keep_ops=options.keep_ops, **rest)
+    # NOTE [ segments and random operators ]
+    # A segment's forward runs again before its backward; a Dropout (or sampler)
+    # in it would draw a new mask there, and backward would differentiate a mask
+    # forward never used: silently wrong gradients.  Such networks keep MXNet's
+    # one-level mirror, which never recomputes Dropout.
+    random_nodes = [n.name for n in setup.graph.op_nodes if draws_random(n.op, n.attrs)]
+    if random_nodes:
+        if backend == "segments":
+            raise BackendError(
+                f"backend='segments' re-runs forward passes during backward, and this network "
+                f"draws random numbers in forward ({', '.join(random_nodes[:3])}"
+                f"{' ...' if len(random_nodes) > 3 else ''}): the re-run would use other dropout "
+                f"masks. Use backend='mirror' (or 'auto', which keeps the one-level plan here)")
+        logger.info("segments not considered: %d nodes draw random numbers in forward (%s)",
+                    len(random_nodes), random_nodes[0])
+        return one_level
     budget = options.budget
     request = backend if segments is None else f"{backend}:{segments}"
     key = PlanKey(structure=structure_hash(symbol, setup.document),

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS", "KEEP_ATTR"]
+__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS", "KEEP_ATTR", "draws_random"]
 
 #: Operators never recomputed.  MXNet itself never recomputes Dropout (a new
 #: mask would change the gradients; ``need_mirror`` in
@@ -34,6 +34,25 @@ NEVER_MIRRORED_OPS = frozenset({"Dropout", "CuDNNBatchNorm", "BatchNorm_v1",
 #: dropout rewrite (:mod:`mxnet_mirror_hook.mx.dropout`) on the nodes that draw and store a
 #: mask, which must be computed once per iteration.
 KEEP_ATTR = "__mirror_hook_keep__"
+
+#: Operator name prefixes of MXNet's random samplers (``_random_uniform``, ``_sample_normal``...).
+RANDOM_OP_PREFIXES = ("_random_", "_sample_", "random_", "sample_", "_npi_random", "_shuffle")
+
+
+def draws_random(op: str, attrs: Dict[str, str]) -> bool:
+    """Whether operator ``op`` draws random numbers in a training forward pass.
+
+    Running such a node's forward again draws new numbers: Dropout with ``p > 0``,
+    a fused RNN with dropout, randomized leaky ReLU, and the samplers.
+    """
+    if op == "Dropout":
+        return float(attrs.get("p", "0.5")) > 0
+    if op == "RNN":
+        return float(attrs.get("p", "0")) > 0
+    if op == "LeakyReLU":
+        return attrs.get("act_type", "leaky") == "rrelu"
+    return op.startswith(RANDOM_OP_PREFIXES)
+
 
 #: Loss operators whose second input is a label, not something to differentiate.
 LOSS_OPS = frozenset({"SoftmaxOutput", "LinearRegressionOutput", "LogisticRegressionOutput",

@@ -415,3 +415,24 @@ def test_bad_backend_is_refused_where_it_is_written():
 if __name__ == "__main__":
     print(json.dumps(compare_case(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                   None if sys.argv[4] == "auto" else sys.argv[4])))
+
+
+def test_segments_refuse_a_network_that_draws_random_numbers_and_auto_keeps_one_level():
+    from mxnet_mirror_hook import BackendError
+    from tests.helpers import dropout_mlp
+
+    symbol = dropout_mlp(4, hidden=256)
+    shapes = [("data", (64, 256))]
+    with pytest.raises(BackendError, match="dropout masks"):
+        plan_mirror(symbol, shapes, backend="segments", cache_dir=False)
+    plan = plan_mirror(symbol, shapes, backend="auto", cache_dir=False)
+    assert plan.backend == "mirror" and plan.segment_plan is None
+
+
+def test_random_operators_are_recognised():
+    from mxnet_mirror_hook.core.graph import draws_random
+
+    assert draws_random("Dropout", {"p": "0.1"}) and not draws_random("Dropout", {"p": "0"})
+    assert draws_random("_random_uniform", {}) and draws_random("_sample_normal", {})
+    assert draws_random("LeakyReLU", {"act_type": "rrelu"})
+    assert not draws_random("LeakyReLU", {"act_type": "leaky"}) and not draws_random("Convolution", {})
