@@ -626,7 +626,8 @@ def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = Non
     Raises
     ------
     GluonMirrorError
-        For a plain (non-hybrid) ``Block``.
+        For a plain (non-hybrid) ``Block``, or options asking for executor
+        segments (not available for Gluon yet).
     """
     if not isinstance(block, gluon.HybridBlock):
         raise GluonMirrorError(f"mirror() needs a gluon.HybridBlock (it is traced to a symbol), got "
@@ -634,6 +635,10 @@ def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = Non
                                f"hybrid_forward, or mirror a HybridBlock inside it")
     opts = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
                                 cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops)
+    if opts.backend != "mirror":
+        # Executor segments run outside one executor; the Gluon path binds one per context.
+        raise GluonMirrorError(f"backend={opts.backend!r} is not available for Gluon blocks yet "
+                               f"(MirroredModule and plan_mirror take it); use backend='mirror'")
     state: Optional[MirrorState] = getattr(block, _STATE_ATTR, None)
     if state is not None:
         if state.options != opts:

@@ -569,3 +569,14 @@ def test_reinitialized_parameters_are_bound_again(tmp_path):
     for model, tr in ((plain, plain_trainer), (net, trainer)):
         _train_step(model, tr, data, label, [mx.cpu()], loss_fn)
     _assert_identical(plain, net)
+
+
+def test_mirror_refuses_the_segments_backend_with_a_clear_error():
+    from mxnet_mirror_hook import MirrorOptions
+    from mxnet_mirror_hook.errors import GluonMirrorError
+
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4))
+    with pytest.raises(GluonMirrorError, match="backend='segments'"):
+        mirror(net, options=MirrorOptions(backend="segments"))
+    assert not is_mirrored(net)
