@@ -92,8 +92,18 @@ def measure_static(case: str) -> dict:
         module.bind([("data", small)], [("softmax_label", (TIMING_BATCH,))])
         module.init_params(mx.init.Xavier())
         module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
+    times = _interleaved_seconds(modules, batch, TIMING_ITERATIONS)
+    row.update({"mirror_time": times["mirror"] / times["plain"],
+                "segments_time": times["segments"] / times["plain"],
+                "time_note": f"batch {TIMING_BATCH}, plans for batch {TIMING_BATCH}"})
+    return row
+
+
+def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int) -> dict:
+    """Median seconds of a training iteration per module, the modules stepped in turn round
+    after round (the first round warms up) so that a noisy machine slows them alike."""
     times = {config: [] for config in modules}
-    for repeat in range(TIMING_ITERATIONS + 1):
+    for repeat in range(iterations + 1):
         for config, module in modules.items():
             started = time.perf_counter()
             module.forward_backward(batch)
@@ -101,11 +111,7 @@ def measure_static(case: str) -> dict:
             mx.nd.waitall()
             if repeat:
                 times[config].append(time.perf_counter() - started)
-    plain = float(np.median(times["plain"]))
-    row.update({"mirror_time": float(np.median(times["mirror"])) / plain,
-                "segments_time": float(np.median(times["segments"])) / plain,
-                "time_note": f"batch {TIMING_BATCH}, plans for batch {TIMING_BATCH}"})
-    return row
+    return {config: float(np.median(values)) for config, values in times.items()}
 
 
 def _batch(case: str, seed: int = 0) -> mx.io.DataBatch:
@@ -167,19 +173,10 @@ def measure_case(case: str, segments: int, iterations: int) -> dict:
     for module in modules.values():
         module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
     batch = _batch(case)
-    times = {config: [] for config in modules}
-    for repeat in range(iterations + 1):
-        for config, module in modules.items():
-            started = time.perf_counter()
-            module.forward_backward(batch)
-            module.update()
-            mx.nd.waitall()
-            if repeat:  # the first round warms up
-                times[config].append(time.perf_counter() - started)
-    plain = float(np.median(times["plain"]))
-    result.update({"plain_seconds": plain,
-                   "mirror_time": float(np.median(times["mirror"])) / plain,
-                   "segments_time": float(np.median(times["segments"])) / plain})
+    times = _interleaved_seconds(modules, batch, iterations)
+    result.update({"plain_seconds": times["plain"],
+                   "mirror_time": times["mirror"] / times["plain"],
+                   "segments_time": times["segments"] / times["plain"]})
     return result
 
 

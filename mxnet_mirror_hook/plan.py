@@ -434,19 +434,12 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                             "planned_mb": baseline_mb, "overhead": 0.0, "label": "unmirrored"})
             return plan
         label = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape, _ in setup.all_inputs)
+        # A BudgetUnreachableError comes out unchained, with one smallest-reachable figure:
+        # auto's search under a limit runs outside its except block (core/planners/auto).
         try:
             with PlanProgress(label) as progress:
                 setup.measure.progress = progress
                 outcome = chosen_planner.plan(graph, budget, setup.measure)
-        except BudgetUnreachableError as error:
-            # NOTE [ one unreachable-budget error ]
-            # A planner may try again after a first BudgetUnreachableError (auto
-            # searches against the allocator model from the lowest bound plan) and
-            # raise a second one from inside its ``except`` block: Python would
-            # print both, chained, with two different "smallest reachable" figures.
-            # The last one is the one that counts (it has seen every candidate
-            # MXNet measured), so it is the only one shown.
-            raise error from None
         finally:
             setup.measure.progress = NullProgress()
         chosen = outcome.chosen

@@ -68,6 +68,8 @@ def test_budget_fraction_is_respected_and_impossible_budget_names_the_minimum(re
         plan_mirror(resnet, DATA, LABEL, memory_budget="1MB")
     assert error.value.min_reachable_mb == minimum.planned_mb
     assert f"{minimum.planned_mb:.0f} MB" in str(error.value)
+    # One error with one figure: not chained to an earlier one with another figure.
+    assert error.value.__context__ is None and error.value.__cause__ is None
 
 
 def test_planner_choice_follows_the_budget(resnet):
