@@ -498,7 +498,7 @@ def _plan_both_ways(symbol: "mx.sym.Symbol", rewritten: "mx.sym.Symbol", data_sh
         except BudgetUnreachableError as error:
             errors.append(error)
     if not plans:
-        raise min(errors, key=lambda e: getattr(e, "min_reachable_mb", float("inf"))) from None
+        raise min(errors, key=lambda e: e.min_reachable_mb) from None
     chosen = min(plans, key=lambda plan: plan.planned_mb)  # first (the user's) on a tie
     if len(plans) == 2:
         logger.info("recomputable dropout: %.0f MB with Dropout rewritten, %.0f MB as written; %s",
