@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint bench horovod clean
 
-$(STAMP): setup.py setup.cfg constraints.txt
+$(STAMP): setup.py setup.cfg constraints.txt mxnet_mirror_hook/core/_replay.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[cpu,test]"

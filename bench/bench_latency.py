@@ -79,6 +79,42 @@ def one(name):
                       "same_plan_twice": all(a.mirrored == b.mirrored for a, b in zip(plans, again))}))
 
 
+def one_fit(name):
+    """Runs in a fresh process: the six buckets as ``MirroredBucketingModule.fit`` plans them
+    (the default bucket at bind, the others up front with ``prepare_buckets``); prints JSON."""
+    import mxnet as mx
+
+    from mxnet_mirror_hook import cache
+    from mxnet_mirror_hook.bucketing import MirroredBucketingModule
+    from mxnet_mirror_hook.testing.models import lstm_language_model
+
+    default = BUCKETS[-1]
+    data = [("data", (32, default))]
+    labels = [("softmax_label", (32, default))]
+
+    def sym_gen(key):
+        return lstm_language_model(key), ("data",), ("softmax_label",)
+
+    def plan_all(cache_dir):
+        cache._CACHES.clear()
+        started = time.perf_counter()
+        module = MirroredBucketingModule(sym_gen, default_bucket_key=default, context=mx.cpu(),
+                                         cache_dir=cache_dir)
+        module.bind(data, labels)
+        plans = module.prepare_buckets(BUCKETS, data, labels)
+        return time.perf_counter() - started, [plans[key] for key in BUCKETS]
+
+    cold, plans = plan_all(False)
+    warm, again = plan_all(False)
+    with tempfile.TemporaryDirectory() as directory:
+        plan_all(directory)
+        cached, _ = plan_all(directory)
+    print(json.dumps({"name": name, "cold": cold, "warm": warm, "cached": cached,
+                      "baseline_mb": [p.baseline_mb for p in plans],
+                      "planned_mb": [p.planned_mb for p in plans],
+                      "same_plan_twice": all(a.mirrored == b.mirrored for a, b in zip(plans, again))}))
+
+
 def measure(name):
     output = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name],
                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
@@ -98,7 +134,10 @@ def write(rows, path, label, before=None, before_label=""):
         "fresh process with the cache disabled, worker processes started by it; *warm*: the same "
         "again in that process (workers running, cache disabled); *cached*: a plan read from the "
         "disk cache. Seconds; the LSTM row is the six buckets of MXNet's `lstm_bucketing.py` "
-        "(lengths 10-60, 2x200 LSTM, vocabulary 10000, batch 32) planned one after the other.",
+        "(lengths 10-60, 2x200 LSTM, vocabulary 10000, batch 32) planned one after the other by "
+        "`plan_mirror`; *lstm_buckets_fit* is the same six as `MirroredBucketingModule.fit` plans them: "
+        "the default bucket (60) at `bind`, the others up front with `prepare_buckets` (two at a "
+        "time), before the first batch.",
         "",
         f"Columns marked *before* were measured right before, in the same conditions, on "
         f"{before_label}." if before else "",
@@ -130,7 +169,8 @@ def write(rows, path, label, before=None, before_label=""):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--networks", nargs="*", default=CLASSIFIERS + ["mnist_mlp", "lstm_buckets"])
+    parser.add_argument("--networks", nargs="*", default=CLASSIFIERS + ["mnist_mlp", "lstm_buckets",
+                                                                   "lstm_buckets_fit"])
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -139,7 +179,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.one:
         logging.basicConfig(level=logging.WARNING)
-        one(args.one)
+        (one_fit if args.one == "lstm_buckets_fit" else one)(args.one)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []

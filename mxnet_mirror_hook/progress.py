@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -63,6 +64,9 @@ class PlanProgress:
         self.enabled = _wanted() if enabled is None else enabled
         self._started = time.monotonic()
         self._name, self._total, self._done = "", None, 0
+        # Only the planning thread reports: measurements started in the background
+        # (CandidateEvaluator.prefetch) would otherwise reset its phase or open a second bar.
+        self._owner = threading.get_ident()
 
     def _show(self) -> None:
         if not self.enabled:
@@ -80,6 +84,8 @@ class PlanProgress:
 
     def phase(self, name: str, total: Optional[int] = None) -> None:
         """Start a phase of ``total`` steps (None: unknown)."""
+        if threading.get_ident() != self._owner:
+            return
         self._name, self._total, self._done = name, total, 0
         if self._bar is not None:
             self._bar.reset(total=total)
@@ -88,6 +94,8 @@ class PlanProgress:
 
     def advance(self, steps: int = 1) -> None:
         """``steps`` more steps done in the current phase."""
+        if threading.get_ident() != self._owner:
+            return
         self._done += steps
         self._show()
 

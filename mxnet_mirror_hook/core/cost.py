@@ -127,6 +127,12 @@ def recompute_overhead(graph: Graph, mirrored: Iterable[str]) -> float:
     total = iteration_cost(graph)
     if total <= 0:
         return 0.0
-    costs = node_costs(graph)
-    extra = sum(costs.get(name, 0.0) for name in mirrored if graph.node(name).can_mirror)
+    # The planner's search calls this once per evaluation: the costs of the nodes MXNet
+    # can recompute are looked up in one dict (others add 0.0, which leaves the sum as it was).
+    costs = getattr(graph, "_mirror_costs", None)
+    if costs is None:
+        every = node_costs(graph)
+        costs = {node.name: every.get(node.name, 0.0) for node in graph.op_nodes if node.can_mirror}
+        graph._mirror_costs = costs  # type: ignore[attr-defined]
+    extra = sum(costs.get(name, 0.0) for name in mirrored)
     return extra / total

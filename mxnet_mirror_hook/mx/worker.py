@@ -184,6 +184,11 @@ class MeasureWorker:
             self._stop()
 
 
+#: A first ``measure_many`` with at most this many requests is served by the ready workers
+#: alone (NOTE [ only ready workers measure ]).
+FEW_REQUESTS = 4
+
+
 class WorkerPool:
     """A few :class:`MeasureWorker` processes measuring independent candidates in parallel.
 
@@ -195,7 +200,11 @@ class WorkerPool:
     # by the time candidates are bound) and starts the others in the
     # background, for later plans; only when none is ready does it start one
     # and wait.  Every worker gives the same figure for a symbol, so which one
-    # measures does not change a plan.
+    # measures does not change a plan.  The first call, when it brings only the
+    # few binds that confirm a modelled plan (:data:`FEW_REQUESTS`), starts no
+    # other worker: on two cores their imports (~1.5 s of CPU each) would slow
+    # that first plan, which the capture worker serves alone in a second or
+    # less; a process that goes on planning starts them with its next call.
 
     Parameters
     ----------
@@ -207,6 +216,7 @@ class WorkerPool:
     def __init__(self, size: Optional[int] = None) -> None:
         size = env.worker_count() if size is None else max(1, size)
         self.workers = [MeasureWorker() for _ in range(size)]
+        self.calls = 0
         #: Other workers that may measure when they are ready (the capture worker).
         self.helpers: List[MeasureWorker] = []
 
@@ -219,8 +229,11 @@ class WorkerPool:
             The first error (in request order) any request met; the others
             still finish.
         """
+        self.calls += 1
         ready = [w for w in self.workers + self.helpers if w.ready]
         starting = [w for w in self.workers if not w.ready]
+        if ready and self.calls == 1 and len(requests) <= FEW_REQUESTS:
+            starting = []  # NOTE [ only ready workers measure ]: the first plan's few binds
         for worker in starting:
             worker.warm_in_background()
         if not ready:

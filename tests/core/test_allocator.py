@@ -7,10 +7,12 @@ block when nothing else reads it; variables and gradients are not planned.
 """
 from __future__ import annotations
 
+import random
 from typing import List, Sequence, Tuple
 
 import pytest
 
+from mxnet_mirror_hook.core import allocator
 from mxnet_mirror_hook.core.allocator import (AllocatorModel, ExecutedGraph, ExecutedNode,
                                               search_allocator_plan)
 
@@ -216,3 +218,61 @@ def test_a_bounded_replay_is_exact_under_its_limit_and_above_it_otherwise():
         assert model.planned_bytes(mirrored, limit=exact + 1) == exact
         if exact > 0:
             assert model.planned_bytes(mirrored, limit=exact - 1) > exact - 1
+
+
+def random_executed_graph(rng: random.Random, forward: int) -> ExecutedGraph:
+    """A random forward DAG of ``forward`` operators (in-place, identity, two-input and
+    two-output operators among them) with MXNet-shaped backward nodes: each forward node's
+    backward reads the output gradient, its inputs and outputs, and depends on its owner."""
+    ops = ["Convolution", "Activation", "elemwise_add", "Reshape", "BatchNorm", "Dropout", "_copy",
+           "SoftmaxOutput", "SliceChannel"]
+    nodes: List[ExecutedNode] = []
+    for index in range(forward):
+        op = rng.choice(ops) if index else "Convolution"
+        arity = 2 if op == "elemwise_add" and index > 1 else 1
+        inputs = [(rng.randrange(max(0, index - 4), index), 0) if index else VAR for _ in range(arity)]
+        inputs = [(s, rng.randrange(len(nodes[s].output_bytes))) if s >= 0 else (s, k) for s, k in inputs]
+        outputs = 2 if op in ("SliceChannel", "BatchNorm") else 1
+        size = rng.choice([1, 2, 4, 8, 4, 0.5])
+        sizes = [size] * outputs if op != "Reshape" and op != "_copy" and op != "Activation" else None
+        if sizes is None:  # same-size unary operators, so that in-place sharing can happen
+            s, k = inputs[0]
+            sizes = [nodes[s].output_bytes[k] / MB if s >= 0 else size]
+        nodes.append(node(op, f"n{index}", inputs + [VAR], *sizes))
+    gradient_of = {}
+    for index in reversed(range(forward)):
+        f = nodes[index]
+        head = [gradient_of.get(index, VAR)]
+        reads = head + [i for i in f.inputs if i[0] >= 0] + [(index, 0)]
+        grads = [f.output_bytes[0] / MB] * len(f.inputs)
+        nodes.append(node(f"_backward_{f.op}", f"{f.name}_backward", reads, *grads, deps=[index]))
+        for position, (s, _) in enumerate(f.inputs):
+            if s >= 0:
+                gradient_of[s] = (len(nodes) - 1, position)
+    last = len(nodes) - 1
+    outputs = ((forward - 1, 0),) + tuple((v, k) for v in range(forward, len(nodes))
+                                          for k in range(len(nodes[v].output_bytes))
+                                          if nodes[v].inputs[-1] == VAR or v == last)[:6]
+    return ExecutedGraph(nodes, forward, outputs, 1)
+
+
+@pytest.mark.skipif(allocator._replay is None, reason="the compiled replay was not built (no C compiler)")
+@pytest.mark.parametrize("seed", range(12))
+def test_the_compiled_replay_gives_the_python_walks_bytes(seed):
+    rng = random.Random(seed)
+    model = AllocatorModel(random_executed_graph(rng, rng.randrange(3, 40)))
+    assert model._compiled is not None
+    names = [model.graph.nodes[i].name for i in range(model.graph.num_forward)]
+    for _ in range(25):
+        mirrored = {n for n in names if rng.random() < rng.choice([0.1, 0.5, 0.9])}
+        exact = model._planned_bytes_python(mirrored)
+        assert model.planned_bytes(mirrored) == exact
+        limit = rng.randrange(0, exact + 2) if exact else 0
+        assert model.planned_bytes(mirrored, limit=limit) == model._planned_bytes_python(mirrored, limit)
+
+
+@pytest.mark.skipif(allocator._replay is None, reason="the compiled replay was not built (no C compiler)")
+def test_the_compiled_replay_refuses_unsorted_copies_clearly():
+    model = AllocatorModel(_two_stage_graph())
+    with pytest.raises(ValueError, match="sorted"):
+        allocator._replay.planned_bytes(model._compiled, allocator.array("q", [2, 1]), -1)

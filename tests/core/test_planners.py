@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import threading
+
 import pytest
 from hypothesis import given, settings
 
@@ -286,3 +288,47 @@ def test_candidates_mxnet_refuses_are_skipped_but_a_refused_baseline_fails():
 
     with pytest.raises(MeasurementError):
         get_planner("auto").plan(graph, parse_budget(None), refuses_all)
+
+
+class _SlowFirst:
+    """A measurement whose first batch (the prefetched one) answers last."""
+
+    def __init__(self, graph):
+        from mxnet_mirror_hook.core.planners.base import NullProgress
+
+        self.graph = graph
+        self.calls = []
+        self.first = threading.Event()
+        self.progress = NullProgress()
+
+    def executed_graph(self):
+        return None
+
+    def __call__(self, mirrored):
+        return self.many([mirrored])[0]
+
+    def many(self, keys):
+        self.calls.append(list(keys))
+        if len(self.calls) == 1:
+            self.first.wait(5)  # released once the planning thread has measured its own
+        else:
+            self.first.set()
+        return [float(estimate_planned_bytes(self.graph, k)) for k in keys]
+
+
+def test_prefetched_candidates_are_recorded_in_the_order_they_are_evaluated():
+    from mxnet_mirror_hook.core.planners.base import CandidateEvaluator
+
+    graph = chain(6)
+    names = [n.name for n in graph.op_nodes if n.can_mirror]
+    measure = _SlowFirst(graph)
+    evaluator = CandidateEvaluator(graph, measure)
+    best = [Decision(frozenset(names[:2]), "best"), Decision(frozenset(names[2:4]), "second")]
+    evaluator.prefetch(best)
+    searched = Decision(frozenset(names[1:3]), "searched")
+    results = evaluator.evaluate_many([searched] + best)
+    evaluator.close()
+    assert [c.decision.label for c in results] == ["searched", "best", "second"]
+    assert [c.decision.label for c in evaluator.candidates] == ["searched", "best", "second"]
+    # Each decision was measured once: the prefetched pair in the background, the other here.
+    assert sorted(len(call) for call in measure.calls) == [1, 2]

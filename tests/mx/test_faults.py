@@ -45,7 +45,9 @@ def test_interrupt_during_planning_leaves_no_entry(isolated_cache, monkeypatch):
     monkeypatch.setattr(plan_module, "executed_graph", counted(real_capture))
     with pytest.raises(KeyboardInterrupt):
         plan_mirror(small_resnet(4, 16), DATA)
-    assert calls["n"] == 2
+    # The second bind raised (the confirmations bound in the background while the search
+    # runs may have started a third before the interrupt reached the planning thread).
+    assert calls["n"] >= 2
     assert _files(isolated_cache) == []
     monkeypatch.setattr(plan_module, "planned_mb_many", real)
     monkeypatch.setattr(plan_module, "executed_graph", real_capture)

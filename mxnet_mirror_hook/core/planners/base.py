@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from ...errors import BudgetUnreachableError, MeasurementError
 from ..budget import Budget
@@ -188,6 +189,9 @@ class CandidateEvaluator:
         self.measurement = as_measurement(measure)
         self._seen: Dict[FrozenSet[str], Candidate] = {}
         self.candidates: List[Candidate] = []
+        # Measurements started by prefetch: key -> (future of the batch, index in it).
+        self._pending: Dict[FrozenSet[str], Tuple["Future[List[Optional[float]]]", int]] = {}
+        self._background: Optional[ThreadPoolExecutor] = None
 
     def effective(self, decision: Decision) -> Decision:
         """``decision`` without the nodes that may not be recomputed (what is measured)."""
@@ -198,6 +202,37 @@ class CandidateEvaluator:
     def evaluate(self, decision: Decision) -> Optional[Candidate]:
         """The candidate for ``decision``, measuring it only the first time."""
         return self.evaluate_many([decision])[0]
+
+    def prefetch(self, decisions: Sequence[Decision]) -> None:
+        """Start measuring ``decisions`` in a background thread and return at once.
+
+        A later :meth:`evaluate_many` of them waits for these results instead of
+        measuring again, and records candidates in its own order, so a plan does
+        not depend on which measurement finished first.  Used to bind candidates
+        while this thread searches (the binds run in worker processes).
+        """
+        keys: List[FrozenSet[str]] = []
+        labels: List[str] = []
+        for decision in (self.effective(d) for d in decisions):
+            if (decision.mirrored not in self._seen and decision.mirrored not in self._pending
+                    and decision.mirrored not in keys):
+                keys.append(decision.mirrored)
+                labels.append(decision.label)
+        if not keys:
+            return
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-prefetch")
+        future = self._background.submit(self._measure_all, keys, labels)
+        for index, key in enumerate(keys):
+            self._pending[key] = (future, index)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the background thread, waiting for its measurements unless ``wait`` is False
+        (an interrupted plan: a bind under way finishes in its worker, unread)."""
+        if self._background is not None:
+            self._background.shutdown(wait=wait, cancel_futures=not wait)
+            self._background = None
+            self._pending.clear()
 
     def evaluate_many(self, decisions: Sequence[Decision]) -> List[Optional[Candidate]]:
         """Candidates for ``decisions``, in order; new ones are measured together.
@@ -215,8 +250,14 @@ class CandidateEvaluator:
                 fresh[decision.mirrored] = decision
         if fresh:
             keys = list(fresh)
-            measured = self._measure_all(keys, [fresh[k].label for k in keys])
-            for key, planned_mb in zip(keys, measured):
+            now = [k for k in keys if k not in self._pending]
+            values = dict(zip(now, self._measure_all(now, [fresh[k].label for k in now]) if now else []))
+            for key in keys:
+                if key in self._pending:
+                    future, index = self._pending.pop(key)
+                    values[key] = future.result()[index]
+            for key in keys:
+                planned_mb = values[key]
                 if planned_mb is None:
                     continue
                 candidate = Candidate(fresh[key], float(planned_mb),

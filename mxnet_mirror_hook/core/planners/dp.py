@@ -43,9 +43,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from ..cost import node_costs
 from ..graph import Graph, NodeKind
@@ -102,6 +103,11 @@ class CutChain:
     need_at: List[int] = field(default_factory=list)
     pinned_at: List[int] = field(default_factory=list)
     cost_at: List[float] = field(default_factory=list)
+    # Per cut j, for segments starting after some of its frontier (the slow path):
+    # (node, crossing bytes, unread bytes, cost or None) per frontier node in order, and
+    # (source, last frontier node holding it, bytes) per distinct held input.
+    frontier_terms: List[List[Tuple[int, int, int, Optional[float]]]] = field(default_factory=list)
+    held_terms: List[List[Tuple[int, int, int]]] = field(default_factory=list)
 
     def _precompute(self) -> None:
         """Fill the fast-path fields: a segment starting before ``settled[j]`` sees all of cut j's
@@ -115,6 +121,18 @@ class CutChain:
             self.cost_at.append(self.cost_prefix[position + 1])
             previous = position
         for j, frontier in enumerate(self.frontier):
+            self.frontier_terms.append([
+                (x, 0 if self.read[x] and not self.mirrorable[x] else self.op_bytes[x],
+                 0 if self.read[x] else self.op_bytes[x], self.cost[x] if self.mirrorable[x] else None)
+                for x in frontier])
+            holders: Dict[int, int] = {}
+            for x in frontier:
+                if self.reads_inputs[x]:
+                    for source, _ in nodes[x].inputs:
+                        if self.mirrorable[source] and source not in frontier:
+                            holders[source] = max(holders.get(source, x), x)
+            self.held_terms.append([(source, last, self.op_bytes[source])
+                                    for source, last in sorted(holders.items())])
             held = self._held_inputs(j, -1)
             self.settled.append(min(list(frontier) + list(held), default=len(nodes)))
             crossing, unread, frontier_cost = self._frontier_terms(j, -1)
@@ -135,11 +153,20 @@ class CutChain:
         """For a segment from position ``start`` to cut j: bytes its frontier adds when the
         segment is recomputed (held inputs included), its frontier bytes backward does not
         read, and the forward cost of its mirrorable frontier nodes."""
-        inside = [x for x in self.frontier[j] if x > start]
-        crossing = (sum(self.op_bytes[x] for x in inside if not (self.read[x] and not self.mirrorable[x]))
-                    + sum(self.op_bytes[y] for y in self._held_inputs(j, start)))
-        unread = sum(self.op_bytes[x] for x in inside if not self.read[x])
-        return crossing, unread, sum(self.cost[x] for x in inside if self.mirrorable[x])
+        # The terms precomputed per cut (_precompute), summed in the frontier's order so that
+        # the float cost is the same sum as walking the nodes.
+        crossing = unread = 0
+        cost = 0
+        for x, crossing_bytes, unread_bytes, node_cost in self.frontier_terms[j]:
+            if x > start:
+                crossing += crossing_bytes
+                unread += unread_bytes
+                if node_cost is not None:
+                    cost += node_cost
+        for source, last, nbytes in self.held_terms[j]:
+            if source > start and last > start:
+                crossing += nbytes
+        return crossing, unread, cost
 
     @property
     def end(self) -> int:
@@ -188,8 +215,9 @@ class CutChain:
                 yield (j, need, work, self.pinned_at[j] - pinned0 + self.crossing_full[j],
                        need + self.unread_full[j], self.cost_at[j] - cost0 - self.frontier_cost_full[j])
             else:
-                yield (j, need, work, self.kept_after(i, j, True), self.kept_after(i, j, False),
-                       self.recompute_cost(i, j))
+                crossing, unread, frontier_cost = self._frontier_terms(j, start)
+                yield (j, need, work, self.pinned_at[j] - pinned0 + crossing, need + unread,
+                       self.cost_at[j] - cost0 - frontier_cost)
 
     def recompute_cost(self, i: int, j: int) -> float:
         """Forward cost of the operators segment (i, j] mirrors when recomputed."""
@@ -437,8 +465,11 @@ def least_memory_decisions(graph: Graph, variants: Sequence[Tuple[int, float]] =
     without duplicates."""
     decisions: List[Decision] = []
     seen = set()
+    chains: Dict[int, CutChain] = {}  # the cuts do not depend on grad_factor: found once
     for max_frontier, grad_factor in variants:
-        chain = build_cut_chain(graph, max_frontier, max_cuts, grad_factor)
+        if max_frontier not in chains:
+            chains[max_frontier] = build_cut_chain(graph, max_frontier, max_cuts, grad_factor)
+        chain = dataclasses.replace(chains[max_frontier], grad_factor=grad_factor)
         least, schedule = min_peak_schedule(chain)
         decision = schedule_decision(chain, schedule)
         if decision and decision not in seen:

@@ -90,9 +90,18 @@ def plan_on_model(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
     if not ranked:
         return evaluator.outcome(budget, baseline)
     confirm = [decision for _, decision in ranked[:CONFIRMED_BY_BIND]]
-    confirm.insert(0, allocator_search(graph, model, confirm[0], cap, search_evaluations,
-                                       evaluator.measurement.progress))
-    for candidate in evaluator.evaluate_many(confirm):
+    # The best ranked are bound in the workers while this thread searches; the candidates
+    # are still recorded searched-first, as if bound after the search.
+    evaluator.prefetch(confirm)
+    try:
+        confirm.insert(0, allocator_search(graph, model, confirm[0], cap, search_evaluations,
+                                           evaluator.measurement.progress))
+        confirmed = evaluator.evaluate_many(confirm)
+    except BaseException:
+        evaluator.close(wait=False)  # Ctrl-C during the search: do not wait for the binds
+        raise
+    evaluator.close()
+    for candidate in confirmed:
         if candidate is None:
             continue
         modelled = model.planned_mb(candidate.decision.mirrored)
