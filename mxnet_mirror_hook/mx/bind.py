@@ -3,21 +3,20 @@
 Every module of :mod:`mxnet_mirror_hook.mx` that binds (measuring, capturing
 the executed graph, timing) goes through :func:`bind_symbol`, so dtype
 handling, error wording and the release of the executor are the same
-everywhere.  This module imports nothing else from ``mx/``.
+everywhere.  This module imports nothing else from ``mx/`` but the pure :mod:`.text`.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 from typing import ContextManager, Dict, Iterator, Mapping, Optional, Union
 
 import mxnet as mx
 import numpy as np
 
 from .. import env
-from ..core.units import MB
 from ..errors import MeasurementError
+from .process import resident_bytes, resident_mb
+from .text import parse_planned_mb
 
 __all__ = ["GradReq", "bind_symbol", "bound", "planned_mb_in_process", "parse_planned_mb",
            "mxnet_error_line", "environment", "to_context", "resident_bytes", "resident_mb"]
@@ -25,7 +24,6 @@ __all__ = ["GradReq", "bind_symbol", "bound", "planned_mb_in_process", "parse_pl
 #: ``grad_req`` as ``simple_bind`` takes it.
 GradReq = Union[str, Dict[str, str]]
 
-_TOTAL = re.compile(r"Total\s+(\d+(?:\.\d+)?)\s+MB\s+allocated")
 _ERROR_MARKERS = ("Error", "Check failed", "error")
 
 
@@ -43,23 +41,6 @@ def mxnet_error_line(error: BaseException, limit: int = 400) -> str:
     return text.splitlines()[0][:limit] if text else repr(error)
 
 
-def parse_planned_mb(debug_text: str) -> float:
-    """Read ``Total N MB allocated`` from an executor's ``debug_str()``.
-
-    The line's position varies between MXNet builds (the seed read it by
-    position); this finds it wherever it is, and takes the last one.
-
-    Raises
-    ------
-    MeasurementError
-        If the text has no such line.
-    """
-    found = _TOTAL.findall(debug_text)
-    if not found:
-        raise MeasurementError(
-            "MXNet's debug_str() has no 'Total N MB allocated' line; this MXNet build does not "
-            "report its memory plan, so plans cannot be measured")
-    return float(found[-1])
 
 
 def to_context(ctx: Union[None, str, "mx.Context"]) -> "mx.Context":
@@ -147,18 +128,3 @@ def planned_mb_in_process(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Ma
 def environment(variables: Mapping[str, str]) -> ContextManager[None]:
     """Set environment variables for the duration of a block (MXNet reads some at bind time)."""
     return env.scoped(variables)
-
-
-def resident_bytes() -> int:
-    """Resident memory of this process in bytes (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", "r", encoding="ascii") as handle:
-            pages = int(handle.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def resident_mb() -> float:
-    """Resident memory of this process in MB."""
-    return resident_bytes() / MB

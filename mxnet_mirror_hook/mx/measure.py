@@ -72,13 +72,27 @@ def worker_request(symbol_json: str, ctx: "mx.Context", shapes: Mapping[str, tup
                    type_dict: Optional[Mapping[str, np.dtype]], grad_req: GradReq,
                    capture: bool = False) -> Dict[str, object]:
     """One request to a worker process (protocol in :mod:`.worker`)."""
+    types = {k: np.dtype(v) for k, v in (type_dict or {}).items()}
     request: Dict[str, object] = {
         "symbol": symbol_json, "shapes": {k: list(v) for k, v in shapes.items()},
-        "types": {k: np.dtype(v).name for k, v in (type_dict or {}).items()},
+        "types": {k: v.name for k, v in types.items()},
         "grad_req": grad_req, "ctx": [ctx.device_type, ctx.device_id]}
+    # For the C API path (NOTE [ binding without the mxnet package ] in capi.py): MXNet's
+    # device type id and dtype ids, as ``simple_bind`` converts them (dtypes without an
+    # id are left out, as it leaves them out).
+    codes = _dtype_codes()
+    if codes is not None:
+        request["device"] = [ctx.device_typeid, ctx.device_id]
+        request["type_ids"] = {k: codes[v.type] for k, v in types.items() if v.type in codes}
     if capture:
         request["capture"] = True
     return request
+
+
+def _dtype_codes() -> Optional[Mapping[type, int]]:
+    """MXNet's numpy-type -> dtype id table (None if this MXNet has none where expected)."""
+    table = getattr(mx.ndarray.ndarray, "_DTYPE_NP_TO_MX", None)
+    return table if isinstance(table, dict) else None
 
 
 def measures_in_process(symbol_json: str) -> bool:

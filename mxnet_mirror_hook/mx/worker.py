@@ -15,9 +15,13 @@
 
 Protocol: one JSON object per line each way.  Request: ``symbol`` (JSON text),
 ``shapes``, ``types``, ``grad_req``, ``ctx`` ([device type, id]), optionally
-``capture: true``.  Reply: ``{"ok": true, "mb": float, "rss": int}`` (with
-``executed``, the executed graph's dict, when capturing) or
-``{"ok": false, "error": str}``.
+``capture: true``, and for the C API path ``device`` ([device type id, id]) and
+``type_ids``.  Reply: ``{"ok": true, "mb": float, "rss": int, "via": "capi" | "package"}``
+(with ``executed``, the executed graph's dict, when capturing) or
+``{"ok": false, "error": str}``.  The child is started with the path of the MXNet library
+the parent loaded and binds through MXNet's C API without importing the ``mxnet``
+package (NOTE [ binding without the mxnet package ] in capi.py); a request that path
+cannot serve is answered through the package, imported then.
 """
 from __future__ import annotations
 
@@ -94,8 +98,13 @@ class MeasureWorker:
             # MXNet reads this once per process, at the first bind: set from the start,
             # every bind logs its memory plan (to /dev/null, or to the capture's file).
             child_env[env.MEM_PLAN_VERBOSE] = "1"
+        # The library the user's process loaded, for the C API path (NOTE [ binding without
+        # the mxnet package ] in capi.py); the child imports the package only if it must.
+        mxnet_module = sys.modules.get("mxnet")
+        library = getattr(getattr(getattr(mxnet_module, "base", None), "_LIB", None), "_name", None)
         return subprocess.Popen(
-            [sys.executable, "-m", "mxnet_mirror_hook.mx.worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "mxnet_mirror_hook.mx.worker"] + ([library] if library else []),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env, text=True, bufsize=1)
 
     def _stop(self, kill: bool = False) -> None:
@@ -322,34 +331,82 @@ def shutdown_workers() -> None:
 atexit.register(shutdown_workers)
 
 
-def _serve() -> int:
-    """Child side: answer requests until stdin closes."""
+def _answer_with_package(request: Mapping[str, Any]) -> Dict[str, Any]:
+    """One request through :mod:`.bind` with the ``mxnet`` package imported (the path every
+    request took before NOTE [ binding without the mxnet package ]; now the fallback)."""
     import mxnet as mx
     import numpy as np
 
-    from .bind import planned_mb_in_process, resident_bytes
+    from .bind import planned_mb_in_process
     from .executed import capture_executed_graph
 
+    symbol = mx.sym.load_json(request["symbol"])
+    kind, index = request["ctx"]
+    types = {k: np.dtype(v) for k, v in request.get("types", {}).items()}
+    shapes = {k: tuple(v) for k, v in request["shapes"].items()}
+    ctx = mx.Context(kind, index)
+    if request.get("capture"):
+        executed = capture_executed_graph(symbol, ctx, shapes, types, request["grad_req"])
+        return {"ok": True, "executed": executed.to_dict(), "mb": executed.measured_mb}
+    return {"ok": True, "mb": planned_mb_in_process(symbol, ctx, shapes, types, request["grad_req"])}
+
+
+def _answer_with_library(binder: Any, request: Mapping[str, Any]) -> Dict[str, Any]:
+    """One request through MXNet's C API (raises ``CApiUnsupported`` to fall back)."""
+    import tempfile
+
+    from ..core.allocator import DEFAULT_MATCH_RANGE
+    from .capi import CApiUnsupported
+    from .text import parse_executed_graph, parse_planned_mb
+
+    if "device" not in request:
+        raise CApiUnsupported("the request has no device id")
+    shapes = {k: tuple(v) for k, v in request["shapes"].items()}
+    args = (request["symbol"], tuple(request["device"]), shapes, request.get("type_ids") or None,
+            request["grad_req"])
+    with env.scoped(env.quiet_bind()):
+        if not request.get("capture"):
+            debug, _ = binder.debug_str(*args)
+            return {"ok": True, "mb": parse_planned_mb(debug)}
+        match_range = env.match_range(DEFAULT_MATCH_RANGE)
+        if env.auto_search_match_range():
+            raise MeasurementError(f"{env.AUTO_SEARCH_MATCH_RANGE} is set: the allocator model "
+                                   f"follows only a fixed match range")
+        with tempfile.TemporaryFile(mode="w+b") as log_file:
+            with env.scoped({env.MEM_PLAN_VERBOSE: "1"}):
+                debug, num_heads = binder.debug_str(*args, log_fd=log_file.fileno())
+            log_file.seek(0)
+            log_text = log_file.read().decode("utf-8", "replace")
+    graph = parse_executed_graph(debug, log_text, num_heads, match_range)
+    graph.measured_mb = parse_planned_mb(debug)
+    return {"ok": True, "executed": graph.to_dict(), "mb": graph.measured_mb}
+
+
+def _serve(library: Optional[str] = None) -> int:
+    """Child side: answer requests until stdin closes (C API first, the package if needed)."""
+    from .process import resident_bytes
+    from .capi import CApiBinder, CApiUnsupported
+
+    binder = None
+    if library:
+        try:
+            binder = CApiBinder(library)
+        except (CApiUnsupported, OSError):
+            binder = None
     for line in sys.stdin:
         try:
             request = json.loads(line)
             if request.get("ping"):
-                sys.stdout.write(json.dumps({"ok": True, "mb": 0.0, "rss": resident_bytes(),
-                                             "id": request.get("id")}) + "\n")
-                sys.stdout.flush()
-                continue
-            symbol = mx.sym.load_json(request["symbol"])
-            kind, index = request["ctx"]
-            types = {k: np.dtype(v) for k, v in request.get("types", {}).items()}
-            shapes = {k: tuple(v) for k, v in request["shapes"].items()}
-            ctx = mx.Context(kind, index)
-            reply: Dict[str, Any] = {"ok": True}
-            if request.get("capture"):
-                executed = capture_executed_graph(symbol, ctx, shapes, types, request["grad_req"])
-                reply["executed"] = executed.to_dict()
-                reply["mb"] = executed.measured_mb
+                reply: Dict[str, Any] = {"ok": True, "mb": 0.0}
             else:
-                reply["mb"] = planned_mb_in_process(symbol, ctx, shapes, types, request["grad_req"])
+                try:
+                    if binder is None:
+                        raise CApiUnsupported("no library")
+                    reply = _answer_with_library(binder, request)
+                    reply["via"] = "capi"
+                except CApiUnsupported:
+                    reply = _answer_with_package(request)
+                    reply["via"] = "package"
             reply["rss"] = resident_bytes()
         except MeasurementError as error:
             reply = {"ok": False, "error": str(error)}
@@ -365,4 +422,4 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve())
+    sys.exit(_serve(sys.argv[1] if len(sys.argv) > 1 else None))

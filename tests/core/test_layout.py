@@ -93,15 +93,31 @@ def test_the_cycle_finder_sees_a_cycle_between_a_package_and_its_module(tmp_path
 
 
 def test_only_the_bind_helper_calls_simple_bind_in_the_adapter():
+    # mx/capi.py makes the same call through MXNet's C API for workers without the package
+    # (NOTE [ binding without the mxnet package ]); tests/mx/test_capi_worker.py holds them equal.
     modules = _modules()
     callers = sorted(name for name, path in modules.items()
                      if name.startswith(f"{PACKAGE}.mx.") and "simple_bind(" in open(path).read())
     assert callers == [f"{PACKAGE}.mx.bind"]
+    c_callers = sorted(name for name, path in modules.items()
+                       if "MXExecutorSimpleBind" in open(path).read() and name.startswith(PACKAGE))
+    assert c_callers == [f"{PACKAGE}.mx.capi"]
 
 
-def test_the_bind_helper_imports_nothing_else_from_the_adapter():
+def test_the_bind_helper_imports_nothing_else_from_the_adapter_but_its_pure_helpers():
     graph = _graph()
-    assert not {t for t in graph[f"{PACKAGE}.mx.bind"] if t.startswith(f"{PACKAGE}.mx.")}
+    assert {t for t in graph[f"{PACKAGE}.mx.bind"] if t.startswith(f"{PACKAGE}.mx.")} <= {
+        f"{PACKAGE}.mx.text", f"{PACKAGE}.mx.process"}
+
+
+def test_a_measuring_worker_imports_no_mxnet():
+    import subprocess
+    import sys
+
+    code = ("import sys, mxnet_mirror_hook.mx.worker, mxnet_mirror_hook.mx.capi, "
+            "mxnet_mirror_hook.mx.text; print('mxnet' in sys.modules, 'numpy' in sys.modules)")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert output.stdout.split() == ["False", "False"]
 
 
 def test_the_core_imports_nothing_outside_itself_but_errors():

@@ -63,3 +63,12 @@ def test_the_first_error_in_request_order_is_raised_after_the_rest_finish():
     with pytest.raises(MeasurementError, match="refused 3"):
         pool.measure_many([{"n": n} for n in range(10)])
     assert sorted(a.seen + b.seen) == list(range(10))
+
+
+def test_a_first_plans_few_binds_start_no_other_worker_and_later_calls_do():
+    idle, capture = FakeWorker(ready=False), FakeWorker(ready=True)
+    pool = _pool([idle], [capture])
+    assert pool.measure_many([{"n": n} for n in range(3)]) == [0.0, 10.0, 20.0]
+    assert not idle.started_in_background and sorted(capture.seen) == [0, 1, 2]
+    pool.measure_many([{"n": 3}, {"n": 4}])
+    assert idle.started_in_background
