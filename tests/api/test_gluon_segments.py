@@ -311,6 +311,38 @@ def test_retain_graph_second_backward_reruns_the_chain(tmp_path):
                                        atol=ATOL, err_msg=name)
 
 
+def test_two_forwards_before_one_backward(tmp_path):
+    """A second forward binds a second chain writing private gradients, then added to the
+    Parameters' (as autograd sums two uses of one Parameter)."""
+    plain, net = _twins("lstm", str(tmp_path), [mx.cpu()], backend="segments", segments=3)
+    (a, label), (b, _) = _batches("lstm", 2)
+    for model in (plain, net):
+        with autograd.record():
+            loss = gluon.loss.SoftmaxCrossEntropyLoss()(model(a), label) + \
+                gluon.loss.L2Loss()(model(b), mx.nd.zeros((b.shape[0], 12, 10)))
+        loss.backward()
+        gluon.Trainer(model.collect_params(), "sgd", OPTIMIZER).step(a.shape[0])
+    assert len(mirror_state(net).executors()) == 2
+    expected, actual = _state(plain, mx.cpu()), _state(net, mx.cpu())
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, rtol=ROUNDING, atol=ATOL, err_msg=key)
+
+
+def test_an_attached_input_gets_its_gradient(tmp_path):
+    plain, net = _twins("lstm", str(tmp_path), [mx.cpu()], backend="segments", segments=3)
+    (data, label), = _batches("lstm", 1)
+    grads = []
+    for model in (plain, net):
+        x = data.copy()
+        x.attach_grad()
+        with autograd.record():
+            loss = gluon.loss.SoftmaxCrossEntropyLoss()(model(x), label)
+            extra = (x * x).sum()  # a second path to x outside the mirrored block
+        autograd.backward([loss, extra])
+        grads.append(x.grad.asnumpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=ROUNDING, atol=ATOL)
+
+
 def test_eval_forward_is_the_plain_block_and_binds_nothing(tmp_path):
     plain, net = _twins("residual", str(tmp_path), [mx.cpu()], backend="segments", segments=3)
     (data, label), = _batches("residual", 1)
