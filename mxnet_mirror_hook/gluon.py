@@ -20,7 +20,9 @@ they are::
 
 Outside ``autograd.record()`` or under ``autograd.predict_mode()`` the block
 runs as before (CachedOp when hybridized), with no planning and no overhead.
-``MirroredTrainer`` is a small training loop built on the same path.
+With ``backend='segments'`` (or ``'auto'`` choosing them) the executor is a
+chain of executor segments instead (NOTE [ executor segments behind a mirrored
+block ]).  ``MirroredTrainer`` is a small training loop built on the same path.
 """
 from __future__ import annotations
 
@@ -394,7 +396,8 @@ class MirrorState:
         return [entry.plan for entry in self._entries.values()]
 
     def executors(self) -> List["mx.executor.Executor"]:
-        """The executors currently bound (every context and signature)."""
+        """The executors currently bound (every context and signature; a
+        :class:`~.mx.segments.SegmentChain` per executor for segment plans)."""
         return [slot.executor for entry in self._entries.values() for slot in entry.slots]
 
     def release(self) -> None:
