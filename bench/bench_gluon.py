@@ -7,9 +7,10 @@ executor unmirrored; and the CPU time of one Gluon training step
 (``autograd.record`` forward + loss, ``autograd.backward``, ``Trainer.step``)
 mirrored against plain hybridized Gluon, both in this process, interleaved
 step by step, at a small batch.  A sequence row (``--sequence``, on by default)
-does the same for an unrolled 2x512 LSTM HybridBlock with three arms: plain
-hybridized Gluon, ``mirror(net)`` (one level) and ``mirror(net,
-backend='segments')`` (executor segments), in a child process started with
+does the same for an unrolled 2x512 LSTM HybridBlock with four arms: plain
+hybridized Gluon, ``mirror(net)`` (one level), ``mirror(net,
+backend='segments')`` (executor segments) and ``mirror(net, planner='none')``
+(the path alone), in a child process started with
 ``MXNET_EXEC_INPLACE_GRAD_SUM_CAP=2`` as ``bench/bench_segments.py`` does.
 Writes the section between ``<!-- gluon:begin -->`` and ``<!-- gluon:end -->``
 of ``bench/RESULTS.md``.
@@ -141,12 +142,14 @@ def bench_sequence(args) -> dict:
         path = os.path.join(workdir, "lstm.params")
         source.save_parameters(path)
         nets = {}
-        for arm, backend in (("plain", None), ("mirror", "mirror"), ("segments", "segments")):
+        arms = (("plain", None, None), ("mirror", "mirror", None), ("segments", "segments", None),
+                ("unplanned", "mirror", "none"))
+        for arm, backend, planner in arms:
             net = UnrolledLSTM(*LSTM_SHAPE)
             net.load_parameters(path)
             net.hybridize(static_alloc=True)
             if backend:
-                mirror(net, cache_dir=cache, backend=backend)
+                mirror(net, cache_dir=cache, backend=backend, planner=planner)
             nets[arm] = net
         log.info("LSTM: planning one level at batch %d", shape[0])
         one_level = plan_block(nets["mirror"], shape)  # worker processes, started without the cap
@@ -162,14 +165,15 @@ def bench_sequence(args) -> dict:
         data = mx.nd.array(rng.uniform(-1, 1, shape))
         label = mx.nd.array(rng.randint(0, classes, shape[0]))
         times = {arm: [] for arm in nets}
-        arms = list(nets)
+        order = list(nets)
         for i in range(args.warmup + args.sequence_steps):
-            for arm in arms[i % 3:] + arms[:i % 3]:
+            for arm in order[i % len(order):] + order[:i % len(order)]:
                 seconds = _step(nets[arm], trainers[arm], loss_fn, data, label)
                 if i >= args.warmup:
                     times[arm].append(seconds)
         used = mirror_state(nets["segments"]).last_plan
-    ratios = {arm: [t / p for t, p in zip(times[arm], times["plain"])] for arm in ("mirror", "segments")}
+    ratios = {arm: [t / p for t, p in zip(times[arm], times["plain"])]
+              for arm in ("mirror", "segments", "unplanned")}
     return {"description": f"LSTM {layers}x{hidden}, {steps} steps, last output, {classes} classes",
             "batch": shape[0], "baseline_mb": one_level.baseline_mb, "mirror_mb": one_level.planned_mb,
             "segments_mb": segments.planned_mb, "segment_count": segments.segment_count,
@@ -178,6 +182,7 @@ def bench_sequence(args) -> dict:
             "mirror_ratio": statistics.median(ratios["mirror"]),
             "segments_ratio": statistics.median(ratios["segments"]),
             "segments_min": min(ratios["segments"]), "segments_max": max(ratios["segments"]),
+            "path_ratio": statistics.median(ratios["unplanned"]),
             "steps": args.sequence_steps}
 
 
@@ -229,18 +234,18 @@ def render(rows, args, sequence=None) -> str:
             f"as a Gluon HybridBlock (`gluon.rnn.LSTMCell` x2, `unroll`), batch {r['batch']}, plans and "
             f"time at that batch, in a child process with `{CAP_ENV}=2` (as `bench/bench_segments.py`; "
             f"one-level plans are made in worker processes without it); time: median of {r['steps']} "
-            f"steps after {args.warmup} warm-up, three arms interleaved (plain hybridized Gluon, "
-            f"`mirror(net)`, `mirror(net, backend='segments')`), ratios are medians of per-step "
-            f"ratios to plain.",
+            f"steps after {args.warmup} warm-up, four arms interleaved (plain hybridized Gluon, "
+            f"`mirror(net)`, `mirror(net, backend='segments')`, `mirror(net, planner='none')`: the "
+            f"path only), ratios are medians of per-step ratios to plain.",
             "",
             f"| network (batch {r['batch']}) | unmirrored MB | one-level MB | segments MB (k) | "
-            f"plain s/step | one-level time | segments time (min-max) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            f"plain s/step | one-level time | segments time (min-max) | path only, no recompute |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
             f"| {r['description']} | {r['baseline_mb']:.0f} | {r['mirror_mb']:.0f} "
             f"({r['mirror_mb'] / r['baseline_mb']:.2f}x) | {r['segments_mb']:.0f} "
             f"({r['segments_mb'] / r['baseline_mb']:.2f}x, {r['segment_count']}) | {r['plain_s']:.2f} | "
             f"{r['mirror_ratio']:.2f}x | {r['segments_ratio']:.2f}x "
-            f"({r['segments_min']:.2f}-{r['segments_max']:.2f}) |",
+            f"({r['segments_min']:.2f}-{r['segments_max']:.2f}) | {r['path_ratio']:.2f}x |",
         ]
     lines += [
         "",
