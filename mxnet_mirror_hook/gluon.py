@@ -20,7 +20,9 @@ they are::
 
 Outside ``autograd.record()`` or under ``autograd.predict_mode()`` the block
 runs as before (CachedOp when hybridized), with no planning and no overhead.
-``MirroredTrainer`` is a small training loop built on the same path.
+With ``backend='segments'`` (or ``'auto'`` choosing them) the executor is a
+chain of executor segments instead (NOTE [ executor segments behind a mirrored
+block ]).  ``MirroredTrainer`` is a small training loop built on the same path.
 """
 from __future__ import annotations
 
@@ -300,6 +302,57 @@ def _in_autograd_graph(array: "mx.nd.NDArray") -> bool:
     return True
 
 
+# NOTE [ executor segments behind a mirrored block ]
+# With backend 'segments' (or 'auto' choosing them) a slot's "executor" is a
+# SegmentChain (mx/segments.py): the traced symbol split at the plan's cuts, one
+# executor per segment sharing one memory pool.  The chain offers what this module
+# uses of an executor (arg_dict, grad_dict, grad_arrays, outputs, forward,
+# backward), so everything above is unchanged: the forward in record runs every
+# segment on the main thread keeping only the boundary tensors, the catcher copies
+# the last segment's outputs, and `_run_backward` calls chain.backward(head
+# gradients) from the main thread, which runs the last segment's backward and then
+# re-runs each earlier segment's forward and backward, last to first.  The chain is
+# given the Parameters' own arrays (SegmentChain reuses shared arrays whose shape and
+# dtype match), so its segments read the weights and write the gradients and
+# BatchNorm statistics of the Parameters, as the one-level executor does:
+#  * grad_req 'write': a Parameter read by one segment is written by it; one read by
+#    several segments (weights an unrolled RNN shares over its steps) is bound 'add'
+#    in each and zeroed by the chain before its backward; 'add' adds in every segment.
+#    A second executor's private gradients go through the same path, then into the
+#    Parameters' (`_run_backward`).
+#  * BatchNorm statistics are updated in the CPU backward only, once per iteration
+#    (the re-run forward does not touch them; on the GPU the chain binds re-run
+#    segments' BatchNorm with cudnn_off).  The aux arrays are the Parameters'.
+#  * retain_graph: the second backward re-runs the whole chain's forward first.
+#  * Inputs: the chain allocates its own input (and input-gradient) arrays.
+# Networks drawing random numbers are refused by plan_with_segments ('segments') or
+# kept one-level ('auto'): a re-run segment would draw new masks.
+def _segment_chain(plan: MirrorPlan, context: "mx.Context", names: List[str],
+                   args: Sequence["mx.nd.NDArray"], arrays: Dict[str, "mx.nd.NDArray"],
+                   grads: Dict[str, "mx.nd.NDArray"], requests: Dict[str, str],
+                   aux: Dict[str, "mx.nd.NDArray"]) -> Any:
+    """A :class:`~.mx.segments.SegmentChain` of ``plan`` bound to the Parameters' arrays."""
+    from .mx.segments import SegmentChain
+
+    params = {name: array for name, array in arrays.items() if name not in names}
+    shared = {"arg": params, "grad": {name: grads[name] for name in params if name in grads},
+              "aux": aux}
+    chain = SegmentChain(plan.symbol, plan.segment_plan, context,
+                         {name: tuple(x.shape) for name, x in zip(names, args)},
+                         {name: np.dtype(x.dtype) for name, x in zip(names, args)},
+                         requests, shared_arrays=shared)
+    # The chain reuses a given array only when its shape and dtype match what it infers; a fresh
+    # array would train a copy of the Parameter.
+    given = [(chain.arg_dict, shared["arg"]), (chain.grad_dict, shared["grad"]), (chain.aux_dict, aux)]
+    detached = [name for bound, wanted in given for name, array in wanted.items()
+                if bound.get(name) is not array]
+    if detached:
+        raise GluonMirrorError(f"the executor segments could not be bound to the Parameters' own "
+                               f"arrays ({detached[:3]}: shape or dtype differ from what the traced "
+                               f"symbol infers); use backend='mirror' for this block")
+    return chain
+
+
 class _Entry:
     """A plan and the executors bound from it for one context and input signature."""
 
@@ -343,7 +396,8 @@ class MirrorState:
         return [entry.plan for entry in self._entries.values()]
 
     def executors(self) -> List["mx.executor.Executor"]:
-        """The executors currently bound (every context and signature)."""
+        """The executors currently bound (every context and signature; a
+        :class:`~.mx.segments.SegmentChain` per executor for segment plans)."""
         return [slot.executor for entry in self._entries.values() for slot in entry.slots]
 
     def release(self) -> None:
@@ -492,8 +546,12 @@ class MirrorState:
                         bind_requests[name] = "write"
         aux = {name: params[name].data(context) for name in symbol.list_auxiliary_states()}
         try:
-            executor = symbol.bind(context, arrays, args_grad=grads, grad_req=bind_requests,
-                                   aux_states=aux)
+            if entry.plan.backend == "segments":
+                executor = _segment_chain(entry.plan, context, names, args, arrays, grads,
+                                          bind_requests, aux)
+            else:
+                executor = symbol.bind(context, arrays, args_grad=grads, grad_req=bind_requests,
+                                       aux_states=aux)
         except mx.base.MXNetError as error:
             raise GluonMirrorError(f"MXNet cannot bind the mirrored {type(block).__name__} ({error}); "
                                    f"call unmirror(net) to train it plainly") from error
@@ -588,7 +646,8 @@ def _mirrored_forward(block: "gluon.HybridBlock", original: Any, *args: Any) -> 
 def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = None,
            memory_budget: BudgetLike = None, planner: Optional[str] = None,
            cache_dir: Union[None, str, bool] = None, cost_ctx: Optional["mx.Context"] = None,
-           keep_ops: Optional[Sequence[str]] = None, max_shapes: int = 2,
+           keep_ops: Optional[Sequence[str]] = None, backend: Optional[str] = None,
+           segments: Optional[int] = None, max_shapes: int = 2,
            max_pending: int = 2) -> "gluon.HybridBlock":
     """Mirror ``block`` in place whenever autograd records for training; returns ``block``.
 
@@ -609,8 +668,12 @@ def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = Non
         recorded operations).
     options : MirrorOptions, optional
         Planning options; the keyword arguments below override its fields.
-    memory_budget, planner, cache_dir, cost_ctx, keep_ops
-        As for :class:`~mxnet_mirror_hook.options.MirrorOptions`.
+    memory_budget, planner, cache_dir, cost_ctx, keep_ops, backend, segments
+        As for :class:`~mxnet_mirror_hook.options.MirrorOptions`.  With
+        ``backend='segments'`` (or ``'auto'`` choosing them, as
+        :func:`~mxnet_mirror_hook.plan.plan_mirror` does) the block runs as a
+        chain of executor segments (NOTE [ executor segments behind a mirrored
+        block ]).
     max_shapes : int
         Input signatures (shapes/dtypes) whose executors stay bound per
         context; the least recently used is released beyond it.
@@ -626,19 +689,20 @@ def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = Non
     Raises
     ------
     GluonMirrorError
-        For a plain (non-hybrid) ``Block``, or options asking for executor
-        segments (not available for Gluon yet).
+        For a plain (non-hybrid) ``Block``.
+    BackendError
+        At the first training forward, with ``backend='segments'``, for a
+        network that draws random numbers in forward (Dropout): a re-run
+        segment would draw other masks.  ``'auto'`` keeps the one-level
+        mirror for such networks.
     """
     if not isinstance(block, gluon.HybridBlock):
         raise GluonMirrorError(f"mirror() needs a gluon.HybridBlock (it is traced to a symbol), got "
                                f"{type(block).__name__}; rewrite it as a HybridBlock with "
                                f"hybrid_forward, or mirror a HybridBlock inside it")
     opts = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
-                                cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops)
-    if opts.backend != "mirror":
-        # Executor segments run outside one executor; the Gluon path binds one per context.
-        raise GluonMirrorError(f"backend={opts.backend!r} is not available for Gluon blocks yet "
-                               f"(MirroredModule and plan_mirror take it); use backend='mirror'")
+                                cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops,
+                                backend=backend, segments=segments)
     state: Optional[MirrorState] = getattr(block, _STATE_ATTR, None)
     if state is not None:
         if state.options != opts:
@@ -765,7 +829,7 @@ class MirroredTrainer:
         ``DistributedTrainer`` included), used as it is.
     optimizer_params : dict, optional
         As for ``gluon.Trainer`` (not with a ready Trainer).
-    memory_budget, planner, cache_dir, cost_ctx, keep_ops, options
+    memory_budget, planner, cache_dir, cost_ctx, keep_ops, options, backend, segments
         As for :func:`mirror`.
     context : Context or list of Context, optional
         Devices to train on (default: the contexts the Parameters live on).
@@ -787,7 +851,8 @@ class MirroredTrainer:
                  planner: Optional[str] = None, cache_dir: Union[None, str, bool] = None,
                  cost_ctx: Optional["mx.Context"] = None,
                  keep_ops: Optional[Sequence[str]] = None, max_bound_shapes: int = 2,
-                 options: Optional[MirrorOptions] = None) -> None:
+                 options: Optional[MirrorOptions] = None, backend: Optional[str] = None,
+                 segments: Optional[int] = None) -> None:
         if not isinstance(net, gluon.HybridBlock):
             raise GluonMirrorError(f"net must be a gluon.HybridBlock (it is traced to a symbol), got "
                                    f"{type(net).__name__}; hybrid_forward-based blocks all qualify")
@@ -811,8 +876,8 @@ class MirroredTrainer:
             self.trainer = gluon.Trainer(self._params, optimizer, optimizer_params, kvstore=kvstore)
         self._context = context
         mirror(net, options=options, memory_budget=memory_budget, planner=planner,
-               cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops,
-               max_shapes=max_bound_shapes)
+               cache_dir=cache_dir, cost_ctx=cost_ctx, keep_ops=keep_ops, backend=backend,
+               segments=segments, max_shapes=max_bound_shapes)
 
     @property
     def mirror_plan(self) -> Optional[MirrorPlan]:

@@ -689,6 +689,6 @@ def _segments_result(symbol: "mx.sym.Symbol", one_level: MirrorPlan, chosen: Seg
                       overhead=overhead, budget=one_level.budget, context=one_level.context,
                       kept_count=one_level.kept_count + len(one_level.mirrored) - len(mirrored),
                       planning_seconds=time.perf_counter() - started, from_cache=from_cache,
-                      backend="segments", segment_plan=chosen)
+                      inputs=one_level.inputs, backend="segments", segment_plan=chosen)
     logger.info("%s", plan.summary())
     return plan

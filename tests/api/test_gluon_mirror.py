@@ -571,12 +571,15 @@ def test_reinitialized_parameters_are_bound_again(tmp_path):
     _assert_identical(plain, net)
 
 
-def test_mirror_refuses_the_segments_backend_with_a_clear_error():
+def test_mirror_takes_the_backend_options_and_keeps_them():
+    """Segments behind a mirrored block are tested in tests/api/test_gluon_segments.py."""
     from mxnet_mirror_hook import MirrorOptions
-    from mxnet_mirror_hook.errors import GluonMirrorError
 
     net = gluon.nn.HybridSequential()
     net.add(gluon.nn.Dense(4))
-    with pytest.raises(GluonMirrorError, match="backend='segments'"):
-        mirror(net, options=MirrorOptions(backend="segments"))
-    assert not is_mirrored(net)
+    mirror(net, options=MirrorOptions(backend="segments"), segments=3)
+    assert mirror_state(net).options.backend == "segments" and mirror_state(net).options.segments == 3
+    mirror(net, backend="auto")
+    assert mirror_state(net).options.backend == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        mirror(gluon.nn.HybridSequential(), backend="checkpoint")
