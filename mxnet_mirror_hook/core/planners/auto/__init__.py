@@ -27,7 +27,7 @@
 # model instead of bound, when it reproduces MXNet for the unmirrored graph
 # (NOTE [ replaying MXNet's memory plan ] in core/allocator.py); a search
 # walks from the best one (NOTE [ searching against the allocator ]) and
-# MXNet binds only the searched plan and the two best candidates.
+# MXNet binds only the searched plan and the best-ranked candidate.
 """
 from __future__ import annotations
 
