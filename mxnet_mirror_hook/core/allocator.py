@@ -579,6 +579,7 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
     started = time.perf_counter()
     names = [n for n in movable if n in model.forward_index]
     position = {n: i for i, n in enumerate(names)}
+    names_set = frozenset(names)
     graph = model.graph
     neighbours: Dict[str, List[str]] = {n: [] for n in names}
     producers: Dict[str, List[str]] = {n: [] for n in names}
@@ -625,9 +626,10 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
             last_gain = evaluations
             continue
         candidate = set(current)
-        kept = [n for n in names if n not in current]
-        if kept and rng.random() < 0.5:
-            pivot = rng.choice(kept)
+        # (the list of kept names is built only when a move next to one is drawn; whether it
+        # is empty is asked first, as before, so the random sequence is the same)
+        if not names_set.issubset(current) and rng.random() < 0.5:
+            pivot = rng.choice([n for n in names if n not in current])
             move = rng.randrange(4)
             if move == 0 or not neighbours[pivot]:
                 candidate ^= {pivot}
