@@ -263,8 +263,8 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
     mx.sym.Symbol
         Inputs ``data`` and ``token_types`` (batch, seq_len), ``masked_positions`` (batch,
         masked; positions within each sequence) unless ``masked`` is None, ``valid_length``
-        (batch,) with ``padding_mask``, and label
-        ``softmax_label`` (batch * masked,) or (batch * seq_len,).
+        (batch,) with ``padding_mask``, and label ``softmax_label`` (batch, masked) or (batch,
+        seq_len), flattened in the graph (so ``Module`` splits every input on its batch axis).
     """
     if seq_len > max_length:
         raise ValueError(f"seq_len {seq_len} exceeds max_length {max_length}")
@@ -331,7 +331,8 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
     x = mx.sym.LayerNorm(gelu_of(x, "mlm_gelu"), name="mlm_ln")
     out_weight = word_weight if tied else mx.sym.var("mlm_out_weight")
     logits = mx.sym.FullyConnected(x, weight=out_weight, num_hidden=vocab, name="mlm_out")
-    return mx.sym.SoftmaxOutput(logits, name="softmax")
+    label = mx.sym.reshape(mx.sym.var("softmax_label"), shape=(-1,), name="label_flat")
+    return mx.sym.SoftmaxOutput(logits, label, name="softmax")
 
 
 def bert_mlm_shapes(batch: int = 8, seq_len: int = 512, masked: int = 80,
@@ -342,5 +343,4 @@ def bert_mlm_shapes(batch: int = 8, seq_len: int = 512, masked: int = 80,
         data.append(("masked_positions", (batch, masked)))
     if padding_mask:
         data.append(("valid_length", (batch,)))
-    rows = batch * (masked if masked is not None else seq_len)
-    return data, [("softmax_label", (rows,))]
+    return data, [("softmax_label", (batch, masked if masked is not None else seq_len))]
