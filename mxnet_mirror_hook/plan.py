@@ -128,6 +128,8 @@ class MirrorPlan:
         """One line for logs."""
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.inputs)
         backend = (f", {self.segment_count} segments" if self.backend == "segments" else "")
+        if self.segment_plan is not None and self.segment_plan.replay_random:
+            backend += ", random draws replayed"
         return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}{backend}]"
                 f"{' for ' + shapes if shapes else ''}: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
@@ -345,7 +347,9 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         Rewrite each ``Dropout`` before planning so that its output may be
         recomputed (:func:`~mxnet_mirror_hook.mx.dropout.recomputable_dropout`);
         :attr:`MirrorPlan.symbol` is then the rewritten, mirrored symbol (same
-        arguments, outputs and auxiliary states).  Off by default.
+        arguments, outputs and auxiliary states).  With executor segments,
+        networks with Dropout may be split instead, re-run segments replaying
+        their draws (``segment_plan.replay_random``).  Off by default.
 
     Returns
     -------

@@ -510,6 +510,14 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # reports the storage profiler's peak beside this figure).  Boundaries are
     # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
     # copy the producing executor makes in ``backward``.
+    #
+    # Each measuring bind creates its argument and gradient arrays; MXNet pushes
+    # their zero-fill (which allocates) and, when the executor is dropped, their
+    # release to the engine, which works through them later.  Without a wait a
+    # plan of many candidates piles them up: BERT-base (15 candidates, 171
+    # segment binds of ~0.9 GB of parameters and gradients each) reached 16-19 GB
+    # resident at the next synchronisation and was killed by the OOM killer.
+    # Waiting after each bind keeps it to one bind's arrays.
     """
     from ..core.segments import HEAD_GRAD_COPIES
     from .measure import planned_mb_in_process
@@ -530,6 +538,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
             seg_req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(n, "null"))
                        for n in names}
             per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
+            mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
     boundary_mb = HEAD_GRAD_COPIES * plan.boundary_bytes / 2 ** 20
     return max(per_segment) + boundary_mb, per_segment
 
