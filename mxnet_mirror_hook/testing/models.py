@@ -217,11 +217,12 @@ def last_output_lstm(layers: int = 2, hidden: int = 512, steps: int = 100,
 def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 3072,
              vocab: int = 30522, seq_len: int = 512, max_length: int = 512, dropout: float = 0.1,
              masked: int = 80, tied: bool = True, type_vocab: int = 2,
-             padding_mask: bool = False, gelu: str = "fused") -> "mx.sym.Symbol":
+             padding_mask: bool = False) -> "mx.sym.Symbol":
     """A BERT-shaped masked-language-model training symbol of the project's own (no gluonnlp).
 
     The layout of gluonnlp 0.10's ``bert_12_768_12`` with its masked-LM decoder: word,
-    token-type and learned position embeddings summed, LayerNorm and Dropout; ``layers``
+    token-type and learned position embeddings summed, LayerNorm and Dropout (Google's BERT
+    order; gluonnlp 0.10 drops before its LayerNorm); ``layers``
     post-norm encoder cells, each a fused query-key-value projection and MXNet's interleaved
     self-attention operators (``_contrib_interleaved_matmul_selfatt_qk``/``_valatt``, as gluonnlp
     0.10 uses them, sequence-major layout), softmax, Dropout on the attention probabilities, an
@@ -229,8 +230,11 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
     (``hidden`` units, ``LeakyReLU(act_type='gelu')``), Dropout, residual and LayerNorm.  The
     decoder (dense, GELU, LayerNorm, then a ``vocab``-way classifier) runs on ``masked``
     positions per sequence, gathered as gluonnlp's ``_decode`` does (``masked=None``: every
-    position), into ``SoftmaxOutput``.  Not modelled: the attention's padding mask
-    (``valid_length``), the pooler and the next-sentence classifier.
+    position), into ``SoftmaxOutput``.  With ``padding_mask`` the attention softmax takes
+    each row's valid length (input ``valid_length`` (batch,); ``softmax(..., use_length=True)``)
+    as gluonnlp 0.10's ``DotProductSelfAttentionCell`` does.  Not modelled: the pooler and the
+    next-sentence classifier, gluonnlp's per-call concatenation of the query, key and value
+    weights, and its final ``SequenceMask``.
 
     Parameters
     ----------
@@ -252,11 +256,7 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
         The classifier's weight is the word embedding's (as in BERT and gluonnlp); False gives
         it its own ``mlm_out_weight``.
     padding_mask : bool
-        Mask the attention by ``valid_length`` as gluonnlp does (off: no padding).
-    gelu : str
-        ``'fused'``: ``LeakyReLU(act_type='gelu')``, one operator; ``'erf'``: the formula
-        ``x * 0.5 * (1 + erf(x / sqrt(2)))`` in elementwise operators, as gluonnlp 0.10's
-        ``GELU`` block computes it (more tensors for backward).
+        Mask the attention by ``valid_length`` as gluonnlp 0.10 does (off: no padding).
 
     Returns
     -------
@@ -271,16 +271,11 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
     if units % heads:
         raise ValueError(f"units ({units}) must be a multiple of heads ({heads})")
 
-    if gelu not in ("fused", "erf"):
-        raise ValueError(f"gelu must be 'fused' or 'erf', got {gelu!r}")
-
     def drop(x, name):
         return mx.sym.Dropout(x, p=dropout, name=name) if dropout else x
 
     def gelu_of(x, name):
-        if gelu == "fused":
-            return mx.sym.LeakyReLU(x, act_type="gelu", name=name)
-        return x * 0.5 * (1.0 + mx.sym.erf(x * (1.0 / 2 ** 0.5), name=name + "_erf"))
+        return mx.sym.LeakyReLU(x, act_type="gelu", name=name)
 
     data = mx.sym.var("data")
     word_weight = mx.sym.var("word_embed_weight")
@@ -293,24 +288,22 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
     embed = mx.sym.broadcast_add(embed, mx.sym.expand_dims(position, axis=0), name="embed_sum")
     x = drop(mx.sym.LayerNorm(embed, name="embed_ln"), "embed_drop")
     x = mx.sym.transpose(x, axes=(1, 0, 2), name="to_tnc")     # (seq, batch, units)
-    mask = None
-    if padding_mask:
+    lengths = None
+    if padding_mask:   # gluonnlp 0.10: the valid length of every query row, per head
         steps = mx.sym.contrib.arange_like(data, axis=1)
-        valid = mx.sym.broadcast_lesser(mx.sym.reshape(steps, shape=(1, -1)),
-                                        mx.sym.reshape(mx.sym.var("valid_length"), shape=(-1, 1)))
-        mask = mx.sym.broadcast_mul(mx.sym.expand_dims(valid, axis=1),
-                                    mx.sym.expand_dims(valid, axis=2), name="att_mask")
-        mask = mx.sym.reshape(mx.sym.broadcast_axis(mx.sym.expand_dims(mask, axis=1), axis=1,
-                                                    size=heads), shape=(-3, -2), name="att_mask_heads")
+        lengths = mx.sym.broadcast_add(mx.sym.reshape(mx.sym.var("valid_length"), shape=(-1, 1)),
+                                       mx.sym.reshape(mx.sym.zeros_like(steps), shape=(1, -1)))
+        lengths = mx.sym.cast(lengths, dtype="int32")
+        lengths = mx.sym.reshape(mx.sym.broadcast_axis(mx.sym.expand_dims(lengths, axis=1), axis=1,
+                                                       size=heads), shape=(-3, 0), name="att_lengths")
     for i in range(layers):
         pre = f"enc{i}_"
         qkv = mx.sym.FullyConnected(x, num_hidden=3 * units, flatten=False, name=pre + "qkv")
         scores = mx.sym.contrib.interleaved_matmul_selfatt_qk(qkv, heads=heads, name=pre + "scores")
-        if mask is None:
+        if lengths is None:
             probs = mx.sym.softmax(scores, axis=-1, name=pre + "probs")
-        else:   # gluonnlp 0.10's _masked_softmax
-            scores = mx.sym.where(mask, scores, -1e18 * mx.sym.ones_like(scores), name=pre + "fill")
-            probs = mx.sym.softmax(scores, axis=-1) * mask
+        else:
+            probs = mx.sym.softmax(scores, lengths, axis=-1, use_length=True, name=pre + "probs")
         probs = drop(probs, pre + "att_drop")
         context = mx.sym.contrib.interleaved_matmul_selfatt_valatt(qkv, probs, heads=heads,
                                                                    name=pre + "context")

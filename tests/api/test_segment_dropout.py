@@ -354,3 +354,22 @@ def test_small_bert_trains_with_replayed_dropout_like_a_plain_module_fed_its_mas
         # MKLDNN changes layouts at cuts (NOTE [ exact or within rounding ] in test_segments.py).
         np.testing.assert_allclose(grads[name][0].asnumpy(), plain.grad_dict[name].asnumpy(),
                                    rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("padding_mask", [False, True])
+def test_bert_mlm_builds_at_any_size_with_the_documented_inputs(padding_mask):
+    symbol = bert_mlm(layers=1, units=16, heads=2, hidden=32, vocab=40, seq_len=8, max_length=12,
+                      dropout=0.1, masked=3, padding_mask=padding_mask)
+    data_shapes, label_shapes = bert_mlm_shapes(batch=2, seq_len=8, masked=3, padding_mask=padding_mask)
+    names = [n for n, _ in data_shapes + label_shapes]
+    assert sorted(n for n in symbol.list_arguments() if "weight" not in n and "bias" not in n
+                  and "gamma" not in n and "beta" not in n) == sorted(names)
+    arg_shapes, out_shapes, _ = symbol.infer_shape(**dict(data_shapes + label_shapes))
+    assert out_shapes == [(6, 40)]
+    assert dict(zip(symbol.list_arguments(), arg_shapes))["position_weight"] == (12, 16)
+    # Tied decoder: one word-embedding weight; untied: the classifier's own.
+    assert "mlm_out_weight" not in symbol.list_arguments()
+    assert "mlm_out_weight" in bert_mlm(layers=1, units=16, heads=2, hidden=32, vocab=40, seq_len=8,
+                                        max_length=12, tied=False).list_arguments()
+    with pytest.raises(ValueError, match="max_length"):
+        bert_mlm(seq_len=600)
