@@ -119,8 +119,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--backend", action="append", choices=("mirror", "segments"),
-                        help="backends to plan (default mirror; segments gives static figures only: "
-                             "the option is not offered there, a re-run segment draws new masks)")
+                        help="backends to plan (default mirror). Segments refuse the networks "
+                             "here (they draw random numbers and the rewrite is planned with the "
+                             "option off); with recompute_dropout segments replay the user's "
+                             "Dropout instead: see bench_segments.py's BERT rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     text = table(list(rows(args.quick, tuple(args.backend or ("mirror",)))))

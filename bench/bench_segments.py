@@ -65,6 +65,78 @@ STATIC_ONLY = {
 
 TIMING_BATCH, TIMING_ITERATIONS = 4, 5
 
+#: BERT rows (issue 11): name -> (description, dropout).  The project's own BERT-base-shaped
+#: masked-LM symbol (``testing.models.bert_mlm``: 12 x 768, 12 heads, FFN 3072, fused GELU, tied
+#: decoder over 80 masked positions per sequence), seq 512, batch 8, all plans under 'min';
+#: with dropout 0.1 both one-level and segment plans have ``recompute_dropout`` on.
+BERT_CASES = {
+    "bert_base_dropout": ("BERT-base MLM, seq 512, batch 8, dropout 0.1 (recompute_dropout on), "
+                          "budget 'min'", 0.1),
+    "bert_base": ("BERT-base MLM, seq 512, batch 8, no dropout, budget 'min'", 0.0),
+}
+BERT_BATCH, BERT_SEQ, BERT_MASKED = 8, 512, 80
+
+
+def _bert(case: str):
+    from mxnet_mirror_hook.options import MirrorOptions
+    from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes
+
+    dropout = BERT_CASES[case][1]
+    symbol = bert_mlm(dropout=dropout, seq_len=BERT_SEQ, masked=BERT_MASKED)
+    data, labels = bert_mlm_shapes(BERT_BATCH, BERT_SEQ, BERT_MASKED)
+    options = MirrorOptions(memory_budget="min", cache_dir=False, recompute_dropout=dropout > 0)
+    return symbol, data, labels, options
+
+
+def measure_bert(case: str) -> dict:
+    """Static plans of a BERT row: plain, one-level and segments (MXNet's figures)."""
+    symbol, data, labels, options = _bert(case)
+    one_level = plan_mirror(symbol, data, labels, options=options)
+    os.environ[CAP_ENV] = "2"  # NOTE [ the gradient-sum cap is read once per process ]
+    seg = plan_mirror(symbol, data, labels, options=options.replace(backend="segments"))
+    return {"case": case, "description": BERT_CASES[case][0], "baseline_mb": one_level.baseline_mb,
+            "mirror_mb": one_level.planned_mb, "segments_mb": seg.planned_mb,
+            "segment_count": seg.segment_count, "segment_overhead": seg.overhead,
+            "mirror_overhead": one_level.overhead,
+            "mirror_rewritten": "_mask_draw" in one_level.symbol.tojson()}
+
+
+def profile_bert(case: str, config: str) -> dict:
+    """Storage profiler peak (MB) and seconds of bind + one forward/backward of a BERT row, in
+    this (fresh) process."""
+    symbol, data, labels, options = _bert(case)
+    names = [name for name, _ in data]
+    options = options.replace(backend="segments" if config == "segments" else "mirror")
+    if config != "plain":
+        # Planned before the profiler starts (its in-process binds are not training memory);
+        # the module's bind then takes the plan from the process's memory cache.
+        plan_mirror(symbol, data, labels, options=options)
+    rng = np.random.RandomState(0)
+    values = [rng.randint(0, 30522, (BERT_BATCH, BERT_SEQ)), rng.randint(0, 2, (BERT_BATCH, BERT_SEQ)),
+              np.stack([rng.choice(BERT_SEQ, BERT_MASKED, replace=False) for _ in range(BERT_BATCH)])]
+    batch = mx.io.DataBatch([mx.nd.array(v) for v in values],
+                            [mx.nd.array(rng.randint(0, 30522, (BERT_BATCH, BERT_MASKED)))])
+    path = os.path.join(tempfile.mkdtemp(), "profile.json")
+    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
+                           profile_api=False, aggregate_stats=False, filename=path)
+    mx.profiler.set_state("run")
+    module = (mx.mod.Module(symbol, data_names=names) if config == "plain"
+              else MirroredModule(symbol, data_names=names, options=options))
+    module.bind(data, labels)
+    if config != "plain":
+        assert module.mirror_plan.from_cache, "the profiled bind planned again"
+    module.init_params(mx.init.Xavier())
+    started = time.perf_counter()
+    module.forward_backward(batch)
+    mx.nd.waitall()
+    seconds = time.perf_counter() - started
+    mx.profiler.set_state("stop")
+    mx.profiler.dump()
+    with open(path, "r", encoding="utf-8") as handle:
+        events = json.load(handle)["traceEvents"]
+    values = [v for e in events if e.get("name") == "Memory: cpu/0" for v in e["args"].values()]
+    return {"peak": max(values) / 2 ** 20, "seconds": seconds}
+
 
 def measure_static(case: str) -> dict:
     """One-level and segment plans of a heavy row, MXNet's static figures only."""
@@ -207,6 +279,18 @@ def write_section(rows: list, path: str) -> None:
              "| profiler peak plain / one-level / segments | time one-level | time segments |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        if row["case"] in BERT_CASES:
+            peaks = (f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f}"
+                     if "peak_plain" in row else "-")
+            times = ("- | - |" if "seconds_plain" not in row else
+                     f"{row['seconds_mirror'] / row['seconds_plain']:.2f}x (one run) | "
+                     f"{row['seconds_segments'] / row['seconds_plain']:.2f}x (one run) |")
+            lines.append(
+                f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
+                f"({row['mirror_mb'] / row['baseline_mb']:.2f}x, est. +{row['mirror_overhead']:.0%}) | "
+                f"{row['segments_mb']:.0f} ({row['segment_count']}, est. +{row['segment_overhead']:.0%}) "
+                f"| {row['segments_mb'] / row['baseline_mb']:.2f}x | {peaks} | {times}")
+            continue
         if "peak_plain" not in row:
             lines.append(
                 f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
@@ -223,8 +307,14 @@ def write_section(rows: list, path: str) -> None:
             f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
             f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
     timed = [r for r in rows if "plain_seconds" in r]
+    berts = [r for r in rows if r["case"] in BERT_CASES and "seconds_plain" in r]
+    bert_note = ("" if not berts else
+                 " BERT rows: the project's own BERT-base-shaped symbol (`testing.models.bert_mlm`, "
+                 "no gluonnlp), plans under `'min'`; the profiler peak and time are of ONE "
+                 "forward/backward per configuration, each in its own process (not interleaved), "
+                 "plain " + ", ".join(f"{r['case']} {r['seconds_plain']:.0f} s" for r in berts) + ".")
     lines += ["", "Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in timed)
-              + f". Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
+              + "." + bert_note + f" Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
               "`bench/bench_segments.py`.", END]
     section = "\n".join(lines)
     text = open(path, "r", encoding="utf-8").read() if os.path.exists(path) else ""
@@ -240,7 +330,9 @@ def write_section(rows: list, path: str) -> None:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="lm_lstm_v10000,lm_lstm_v1000,bench_lstm",
-                        help="comma-separated; also resnet152_min (static plans only, heavy)")
+                        help="comma-separated; also resnet152_min (static plans only, heavy), "
+                             "bert_base_dropout and bert_base (static plans, one profiled "
+                             "forward/backward per configuration)")
     parser.add_argument("--segments", default="",
                         help="segments per case, e.g. bench_lstm=20 (default: the planner's choice)")
     parser.add_argument("--iterations", type=int, default=3)
@@ -249,6 +341,8 @@ def main(argv=None) -> list:
                         help="where the measured rows are kept (JSON)")
     parser.add_argument("--keep-rows", action="store_true",
                         help="keep rows of other networks from the last run's --rows file")
+    parser.add_argument("--no-bert-profile", dest="bert_profile", action="store_false",
+                        help="BERT rows: static plans only (no profiled forward/backward)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "CASE", "SEGMENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -258,6 +352,10 @@ def main(argv=None) -> list:
             print(json.dumps(measure_case(case, int(segments), args.iterations)))
         elif kind == "static":
             print(json.dumps(measure_static(case)))
+        elif kind == "bert":
+            print(json.dumps(measure_bert(case)))
+        elif case in BERT_CASES:
+            print(json.dumps(profile_bert(case, kind)))
         else:
             print(json.dumps({"peak": profile_peak(case, kind, int(segments))}))
         return []
@@ -271,6 +369,20 @@ def main(argv=None) -> list:
         if case in STATIC_ONLY:
             rows.append(json.loads(_child(["--child", "static", case, "0"], cap=False)))
             log.info("%s", rows[-1])
+            continue
+        if case in BERT_CASES:
+            row = json.loads(_child(["--child", "bert", case, "0"], cap=False))
+            if args.bert_profile:
+                # One forward/backward per configuration, each in its own process (tens of
+                # seconds each on the bench machine), under the cap for the segments.
+                for config in ("plain", "mirror", "segments"):
+                    found = json.loads(_child(["--child", config, case, "0"],
+                                              cap=config == "segments"))
+                    row[f"peak_{config}"], row[f"seconds_{config}"] = found["peak"], found["seconds"]
+                    log.info("%s %s: profiler peak %.0f MB, %.1f s", case, config, found["peak"],
+                             found["seconds"])
+            rows.append(row)
+            log.info("%s", row)
             continue
         segments = counts.get(case, "0")
         log.info("%s: planning and timing", case)

@@ -55,10 +55,15 @@ class MirrorOptions:
     segments : int, optional
         Number of executor segments (default: chosen by the planner).
     recompute_dropout : bool
-        Rewrite each ``Dropout`` into a stored 1-byte mask and elementwise
-        operators the planners may recompute, before planning
-        (:mod:`mxnet_mirror_hook.mx.dropout`; off by default: the masks are
-        drawn from another random stream than MXNet's Dropout would use).
+        Let Dropout be recomputed.  One-level mirror: each ``Dropout`` is
+        rewritten into a stored mask and an elementwise product the planners
+        may recompute (:mod:`mxnet_mirror_hook.mx.dropout`).  Executor
+        segments: a network that draws random numbers may be split, each
+        re-run segment replaying its forward's draws by re-seeding the
+        device's generator (NOTE [ replaying random draws in re-run segments ]
+        in :mod:`mxnet_mirror_hook.mx.segments`).  Off by default: either way
+        the masks are drawn from another random stream than MXNet's Dropout
+        would use.
 
     Raises
     ------

@@ -15,7 +15,7 @@ from ._version import __version__
 from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
 from .core.budget import Budget, BudgetLike
 from .core.cost import recompute_overhead
-from .core.graph import Graph, NodeKind, draws_random
+from .core.graph import Graph, NodeKind, draws_random, replays_random
 from .core.liveness import kept_bytes
 from .core.units import MB
 from .core.planners import get_planner
@@ -128,6 +128,8 @@ class MirrorPlan:
         """One line for logs."""
         shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.inputs)
         backend = (f", {self.segment_count} segments" if self.backend == "segments" else "")
+        if self.segment_plan is not None and self.segment_plan.replay_random:
+            backend += ", random draws replayed"
         return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}{backend}]"
                 f"{' for ' + shapes if shapes else ''}: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
@@ -345,7 +347,9 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         Rewrite each ``Dropout`` before planning so that its output may be
         recomputed (:func:`~mxnet_mirror_hook.mx.dropout.recomputable_dropout`);
         :attr:`MirrorPlan.symbol` is then the rewritten, mirrored symbol (same
-        arguments, outputs and auxiliary states).  Off by default.
+        arguments, outputs and auxiliary states).  With executor segments,
+        networks with Dropout may be split instead, re-run segments replaying
+        their draws (``segment_plan.replay_random``).  Off by default.
 
     Returns
     -------
@@ -370,12 +374,11 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                                    cache_dir=cache_dir, cost_ctx=ctx, keep_ops=keep_ops,
                                    backend=backend, segments=segments,
                                    recompute_dropout=recompute_dropout)
+    if options.backend != "mirror":  # executor segments (plan_with_segments, below)
+        return plan_with_segments(symbol, data_shapes, label_shapes, options=options,
+                                  grad_req=grad_req, fixed_param_names=fixed_param_names,
+                                  inputs_need_grad=inputs_need_grad)
     # ---- recomputable dropout (issue 11)
-    if options.recompute_dropout and options.backend != "mirror":
-        # A re-run segment calls forward(is_train=True) again, which would draw new masks.
-        logger.warning("recompute_dropout applies to backend='mirror' only (a re-run executor "
-                       "segment would draw new masks); planning the symbol as written")
-        options = options.replace(recompute_dropout=False)
     if options.recompute_dropout:
         from .mx.dropout import recomputable_dropout
         rewritten = recomputable_dropout(symbol)
@@ -384,10 +387,6 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                                    grad_req=grad_req, fixed_param_names=fixed_param_names,
                                    inputs_need_grad=inputs_need_grad)
     # ---- end recomputable dropout
-    if options.backend != "mirror":  # executor segments (plan_with_segments, below)
-        return plan_with_segments(symbol, data_shapes, label_shapes, options=options,
-                                  grad_req=grad_req, fixed_param_names=fixed_param_names,
-                                  inputs_need_grad=inputs_need_grad)
     planner = options.planner
     chosen_planner = get_planner(planner)
     budget = options.budget
@@ -562,19 +561,31 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
     # NOTE [ segments and random operators ]
     # A segment's forward runs again before its backward; a Dropout (or sampler)
     # in it would draw a new mask there, and backward would differentiate a mask
-    # forward never used: silently wrong gradients.  Such networks keep MXNet's
-    # one-level mirror, which never recomputes Dropout.
+    # forward never used: silently wrong gradients.  Without recompute_dropout
+    # such networks keep MXNet's one-level mirror, which never recomputes
+    # Dropout.  With it, the chain re-seeds the context's generator so that a
+    # re-run segment draws what its forward drew (NOTE [ replaying random draws
+    # in re-run segments ] in mx/segments.py); operators re-seeding is not known
+    # to replay (a fused RNN's dropout, rrelu) are refused all the same.
     random_nodes = [n.name for n in setup.graph.op_nodes if draws_random(n.op, n.attrs)]
+    if random_nodes and options.recompute_dropout:
+        random_nodes = [n.name for n in setup.graph.op_nodes if not replays_random(n.op, n.attrs)]
     if random_nodes:
         if backend == "segments":
             raise BackendError(
                 f"backend='segments' re-runs forward passes during backward, and this network "
                 f"draws random numbers in forward ({', '.join(random_nodes[:3])}"
                 f"{' ...' if len(random_nodes) > 3 else ''}): the re-run would use other dropout "
-                f"masks. Use backend='mirror' (or 'auto', which keeps the one-level plan here)")
+                f"masks. " + ("Re-seeding is not known to replay these operators' draws; "
+                              if options.recompute_dropout else
+                              "Pass recompute_dropout=True to replay Dropout draws (masks drawn "
+                              "from per-segment seeds, not MXNet's own draws), or ")
+                + "use backend='mirror' (or 'auto', which keeps the one-level plan here)")
         logger.info("segments not considered: %d nodes draw random numbers in forward (%s)",
                     len(random_nodes), random_nodes[0])
         return one_level
+    replay = options.recompute_dropout and any(draws_random(n.op, n.attrs)
+                                               for n in setup.graph.op_nodes)
     budget = options.budget
     request = backend if segments is None else f"{backend}:{segments}"
     key = PlanKey(structure=structure_hash(symbol, setup.document),
@@ -614,6 +625,7 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
                 counts.add(split.count)
                 splits.append(split)
         splits = splits or [first]
+    splits = [split.with_replay_random(replay) for split in splits]
     candidates = list(splits)
     if budget.key == "min":
         # Two levels: today's decision inside each segment, and (for coarse splits) a plan
@@ -673,9 +685,10 @@ def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: P
             inputs.append((boundary_name(entry), tuple(split.boundary_shapes[key]), "float32"))
         requests = {n: setup.requests.get(n, "null") for n in arguments}
         requests.update({boundary_name(e): "write" for e in segment.inputs})
+        # The pieces are bound as written (a replayed Dropout is the user's), so planned so.
         piece_plan = plan_mirror(piece, inputs, None, grad_req=requests,
                                  options=options.replace(memory_budget="min", backend="mirror",
-                                                         segments=None))
+                                                         segments=None, recompute_dropout=False))
         mirrored.update(piece_plan.mirrored)
     return split.with_mirrored(mirrored)
 

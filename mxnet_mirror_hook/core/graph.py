@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS", "KEEP_ATTR", "draws_random"]
+__all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS", "KEEP_ATTR", "draws_random",
+           "replays_random"]
 
 #: Operators never recomputed.  MXNet itself never recomputes Dropout (a new
 #: mask would change the gradients; ``need_mirror`` in
@@ -52,6 +53,20 @@ def draws_random(op: str, attrs: Dict[str, str]) -> bool:
     if op == "LeakyReLU":
         return attrs.get("act_type", "leaky") == "rrelu"
     return op.startswith(RANDOM_OP_PREFIXES)
+
+
+#: Prefixes of the samplers whose draws re-seeding the context reproduces (checked: uniform,
+#: normal_like), besides Dropout (NOTE [ replaying random draws in re-run segments ], mx/segments.py).
+REPLAYABLE_RANDOM_PREFIXES = ("_random_", "_sample_", "random_", "sample_")
+
+
+def replays_random(op: str, attrs: Dict[str, str]) -> bool:
+    """Whether re-seeding the context's generator makes operator ``op`` draw again exactly what
+    it drew: MXNet's Dropout and samplers (checked on the CPU).  A fused RNN's dropout, rrelu and
+    the NumPy-interface samplers are not known to."""
+    if not draws_random(op, attrs):
+        return True
+    return op == "Dropout" or op.startswith(REPLAYABLE_RANDOM_PREFIXES)
 
 
 #: Loss operators whose second input is a label, not something to differentiate.

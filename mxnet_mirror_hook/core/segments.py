@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -123,6 +124,10 @@ class SegmentPlan:
         one plain training iteration (forward + backward).
     boundary_shapes : dict
         Shape of each boundary tensor, keyed ``"node:output"``.
+    replay_random : bool
+        Segments that draw random numbers (Dropout) replay their forward draws when re-run
+        (``recompute_dropout=True``; NOTE [ replaying random draws in re-run segments ] in
+        ``mx/segments.py``).  Without it a chain refuses such segments.
     """
 
     segments: Tuple[SegmentSpec, ...]
@@ -130,6 +135,7 @@ class SegmentPlan:
     estimated_bytes: int
     recompute_fraction: float
     boundary_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    replay_random: bool = False
 
     @property
     def count(self) -> int:
@@ -162,7 +168,8 @@ class SegmentPlan:
         return {"segments": [s.to_dict() for s in self.segments],
                 "boundary_bytes": self.boundary_bytes, "estimated_bytes": self.estimated_bytes,
                 "recompute_fraction": self.recompute_fraction,
-                "boundary_shapes": {k: list(v) for k, v in self.boundary_shapes.items()}}
+                "boundary_shapes": {k: list(v) for k, v in self.boundary_shapes.items()},
+                "replay_random": self.replay_random}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SegmentPlan":
@@ -170,7 +177,8 @@ class SegmentPlan:
         return cls(tuple(SegmentSpec.from_dict(s) for s in data["segments"]),
                    int(data["boundary_bytes"]), int(data["estimated_bytes"]),
                    float(data["recompute_fraction"]),
-                   {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()})
+                   {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()},
+                   bool(data.get("replay_random", False)))
 
     def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
         """The same split with measured working sets (MXNet's plan of each segment), so that
@@ -179,8 +187,11 @@ class SegmentPlan:
             raise ValueError(f"need one figure per segment ({self.count}), got {len(measured)}")
         segments = tuple(SegmentSpec(s.index, s.nodes, s.inputs, s.outputs, s.variables, s.mirrored,
                                      int(m)) for s, m in zip(self.segments, measured))
-        return SegmentPlan(segments, self.boundary_bytes, self.estimated_bytes,
-                           self.recompute_fraction, dict(self.boundary_shapes))
+        return dataclasses.replace(self, segments=segments)
+
+    def with_replay_random(self, replay: bool = True) -> "SegmentPlan":
+        """The same split with :attr:`replay_random` set."""
+        return dataclasses.replace(self, replay_random=bool(replay))
 
     def with_mirrored(self, mirrored: Iterable[str]) -> "SegmentPlan":
         """The same split with ``force_mirroring`` on ``mirrored`` inside each segment (two levels).
@@ -195,8 +206,7 @@ class SegmentPlan:
             inside = frozenset(n for n in segment.nodes if n in chosen and n not in outputs)
             segments.append(SegmentSpec(segment.index, segment.nodes, segment.inputs, segment.outputs,
                                         segment.variables, inside, segment.working_bytes))
-        return SegmentPlan(tuple(segments), self.boundary_bytes, self.estimated_bytes,
-                           self.recompute_fraction, dict(self.boundary_shapes))
+        return dataclasses.replace(self, segments=tuple(segments))
 
 
 def entry_key(entry: Entry) -> str:

@@ -16,8 +16,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
+from ..core.graph import draws_random
 from ..core.segments import Entry, SegmentPlan, SegmentSpec
-from ..errors import ShapeError
+from ..errors import BackendError, ShapeError
 from .convert import MIRROR_ATTR
 from .bind import environment
 
@@ -66,6 +67,12 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
     # nodes of the re-run segments get ``cudnn_off=True``, as one-level mirrored
     # BatchNorm nodes do (NOTE [ BatchNorm recomputed ] in apply.py).  Untested on
     # hardware here (tests/api/test_gpu.py runs where a GPU is lent).
+    # With ``rerun_cudnn_off`` and ``plan.replay_random``, every Dropout (in all
+    # segments: the first forward must draw as the re-run does) gets
+    # ``cudnn_off=True`` too: MXNet's own GPU Dropout draws from the context's
+    # parallel generator, which ``mx.random.seed(seed, ctx)`` re-seeds; cuDNN's
+    # dropout keeps its own state (NOTE [ replaying random draws in re-run
+    # segments ]).
     """
     nodes = document["nodes"]
     index = {node["name"]: i for i, node in enumerate(nodes)}
@@ -103,6 +110,8 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
                 rerun = segment.index < plan.count - 1
                 if rerun_cudnn_off and rerun and node["op"] == "BatchNorm":
                     attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm in re-run segments ]
+                if rerun_cudnn_off and plan.replay_random and node["op"] == "Dropout":
+                    attrs["cudnn_off"] = "True"  # seeded generator, not cuDNN's own state
                 if attrs:
                     copy["attrs"] = attrs
                 else:
@@ -125,6 +134,16 @@ def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,
     document = json.loads(symbol.tojson())
     return [mx.sym.load_json(json.dumps(d))
             for d in segment_documents(document, plan, rerun_cudnn_off)]
+
+
+#: Seeds drawn for replayed segments are in [1, SEED_LIMIT) (``mx.random.seed`` takes a C int).
+SEED_LIMIT = 2 ** 31 - 1
+
+
+def _draws_random(symbol: "mx.sym.Symbol") -> bool:
+    """Whether any operator of ``symbol`` draws random numbers in a training forward."""
+    return any(node["op"] != "null" and draws_random(node["op"], node.get("attrs") or {})
+               for node in json.loads(symbol.tojson())["nodes"])
 
 
 def _zeros(shape: Tuple[int, ...], ctx: "mx.Context", dtype: Any) -> "mx.nd.NDArray":
@@ -209,6 +228,14 @@ class SegmentChain:
 
         # NOTE [ BatchNorm in re-run segments ]
         self.symbols = split_symbol(symbol, plan, rerun_cudnn_off=ctx.device_type == "gpu")
+        # NOTE [ replaying random draws in re-run segments ]
+        self._random_segments = frozenset(i for i, sym in enumerate(self.symbols) if _draws_random(sym))
+        if self._random_segments and not plan.replay_random:
+            raise BackendError(
+                "this segment plan re-runs segments that draw random numbers (Dropout) without "
+                "replaying their draws: backward would differentiate masks forward never used. "
+                "Plan with recompute_dropout=True, or use backend='mirror'")
+        self._seeds: Optional[List[int]] = None
         readers: Dict[str, int] = {}
         for segment in plan.segments:
             for name in list(segment.variables) + [boundary_name(e) for e in segment.inputs]:
@@ -300,18 +327,65 @@ class SegmentChain:
                          if self._readers.get(boundary_name(e), 0) > 1]
 
     # --------------------------------------------------------------- running
+    # NOTE [ replaying random draws in re-run segments ]
+    # A segment that draws random numbers (Dropout with p > 0, a sampler) would
+    # draw new ones when backward re-runs its forward, and backward would then
+    # differentiate masks forward never used.  MXNet 1.9.1 cannot save or
+    # restore a generator's state, but ``mx.random.seed(seed, ctx)`` resets the
+    # context's generators (the CPU's are shared by all CPU contexts) through
+    # an engine operation ordered with the operators that read them, and an
+    # executor's operators then draw the same numbers again: checked bit for
+    # bit for CPU Dropout (MXNet's kernel, MKLDNN build) over repeated forwards
+    # and across executors.  So, with ``plan.replay_random`` (the
+    # ``recompute_dropout`` option), a training forward first draws k + 2
+    # integers from the user's stream (``mx.nd.random.randint`` on the chain's
+    # context, read back: one small synchronisation per iteration), seeds the
+    # context with the i-th before each segment that draws, and with the
+    # (k+1)-th after the last segment; backward seeds the i-th again before
+    # re-running segment i, and the (k+2)-th when it is done.  The masks are a
+    # deterministic function of the user's stream at forward (``mx.random.seed``
+    # reproduces a run), and the user's stream advances deterministically,
+    # but the draws are not those a plain Module would make at the same seed:
+    # hence an option, off by default.  A chain whose segments draw nothing
+    # never touches the stream.  GPU: cuDNN's dropout keeps a state of its own,
+    # so such plans bind Dropout with ``cudnn_off=True`` there (NOTE [ BatchNorm
+    # in re-run segments ]); untested on hardware.
+    def _draw_seeds(self) -> List[int]:
+        count = self.plan.count + 2
+        values = mx.nd.random.randint(1, SEED_LIMIT, shape=(count,), ctx=self.ctx, dtype="int64")
+        return [int(v) for v in values.asnumpy()]
+
+    def _seed(self, seed: int) -> None:
+        mx.random.seed(seed, ctx=self.ctx)
+
     def forward(self, is_train: bool = False, **kwargs: Any) -> List["mx.nd.NDArray"]:
-        """Run every segment, keeping only the boundary tensors."""
+        """Run every segment, keeping only the boundary tensors (NOTE [ replaying random draws
+        in re-run segments ] for networks that draw random numbers)."""
         for name, value in kwargs.items():
             self.arg_dict[name][:] = value
+        replay = bool(is_train and self._random_segments)
+        self._seeds = self._draw_seeds() if replay else None
         last = self.plan.count - 1
         for index, executor in enumerate(self.execs):
+            if replay and index in self._random_segments:
+                self._seed(self._seeds[index])
             executor.forward(is_train=is_train)
             if index < last:
                 for entry, output in zip(self.plan.segments[index].outputs, executor.outputs):
                     output.copyto(self.boundary[entry])
+        if replay:
+            self._seed(self._seeds[-2])
         self._last_state_valid = bool(is_train)
         return self.outputs
+
+    def _rerun(self, index: int) -> None:
+        """Forward of segment ``index`` again, drawing what the training forward drew."""
+        if index in self._random_segments:
+            if self._seeds is None:
+                raise BackendError("backward re-runs segments that draw random numbers and needs the "
+                                   "draws of a training forward: call forward(is_train=True) first")
+            self._seed(self._seeds[index])
+        self.execs[index].forward(is_train=True)
 
     def backward(self, out_grads: Optional[Sequence["mx.nd.NDArray"]] = None,
                  is_train: bool = True) -> None:
@@ -323,13 +397,14 @@ class SegmentChain:
         if isinstance(out_grads, mx.nd.NDArray):
             out_grads = [out_grads]
         if not self._last_state_valid:
-            self.execs[last].forward(is_train=True)
+            self._rerun(last)
         self.execs[last].backward(out_grads=list(out_grads) if out_grads else None, is_train=is_train)
         for index in range(last - 1, -1, -1):
-            executor = self.execs[index]
-            executor.forward(is_train=True)
+            self._rerun(index)
             heads = [self.boundary_grad[e] for e in self.plan.segments[index].outputs]
-            executor.backward(out_grads=heads, is_train=is_train)
+            self.execs[index].backward(out_grads=heads, is_train=is_train)
+        if self._random_segments and self._seeds is not None:
+            self._seed(self._seeds[-1])
         # The re-runs overwrote the shared pool: another backward must re-run the last segment.
         self._last_state_valid = False
 
@@ -435,6 +510,14 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # reports the storage profiler's peak beside this figure).  Boundaries are
     # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
     # copy the producing executor makes in ``backward``.
+    #
+    # Each measuring bind creates its argument and gradient arrays; MXNet pushes
+    # their zero-fill (which allocates) and, when the executor is dropped, their
+    # release to the engine, which works through them later.  Without a wait a
+    # plan of many candidates piles them up: BERT-base (15 candidates, 171
+    # segment binds of ~0.9 GB of parameters and gradients each) reached 16-19 GB
+    # resident at the next synchronisation and was killed by the OOM killer.
+    # Waiting after each bind keeps it to one bind's arrays.
     """
     from ..core.segments import HEAD_GRAD_COPIES
     from .measure import planned_mb_in_process
@@ -455,6 +538,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
             seg_req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(n, "null"))
                        for n in names}
             per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
+            mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
     boundary_mb = HEAD_GRAD_COPIES * plan.boundary_bytes / 2 ** 20
     return max(per_segment) + boundary_mb, per_segment
 

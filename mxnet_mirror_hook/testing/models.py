@@ -10,7 +10,8 @@ from typing import Tuple
 import mxnet as mx
 
 __all__ = ["preact_resnet_cifar", "memonger_resnet", "small_resnet", "gluon_symbol",
-           "default_image_size"]
+           "default_image_size", "unet", "lstm_language_model", "last_output_lstm", "bert_mlm",
+           "bert_mlm_shapes"]
 
 
 def _conv_bn_relu(data, num_filter, kernel, stride, pad, name, act=True):
@@ -211,3 +212,128 @@ def last_output_lstm(layers: int = 2, hidden: int = 512, steps: int = 100,
     outputs, _ = stack.unroll(steps, inputs=mx.sym.var("data"), layout="NTC", merge_outputs=False)
     out = mx.sym.FullyConnected(outputs[-1], num_hidden=classes, name="fc")
     return mx.sym.SoftmaxOutput(out, name="softmax")
+
+
+def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 3072,
+             vocab: int = 30522, seq_len: int = 512, max_length: int = 512, dropout: float = 0.1,
+             masked: int = 80, tied: bool = True, type_vocab: int = 2,
+             padding_mask: bool = False) -> "mx.sym.Symbol":
+    """A BERT-shaped masked-language-model training symbol of the project's own (no gluonnlp).
+
+    The layout of gluonnlp 0.10's ``bert_12_768_12`` with its masked-LM decoder: word,
+    token-type and learned position embeddings summed, LayerNorm and Dropout (Google's BERT
+    order; gluonnlp 0.10 drops before its LayerNorm); ``layers``
+    post-norm encoder cells, each a fused query-key-value projection and MXNet's interleaved
+    self-attention operators (``_contrib_interleaved_matmul_selfatt_qk``/``_valatt``, as gluonnlp
+    0.10 uses them, sequence-major layout), softmax, Dropout on the attention probabilities, an
+    output projection, Dropout, residual and LayerNorm, then a GELU feed-forward block
+    (``hidden`` units, ``LeakyReLU(act_type='gelu')``), Dropout, residual and LayerNorm.  The
+    decoder (dense, GELU, LayerNorm, then a ``vocab``-way classifier) runs on ``masked``
+    positions per sequence, gathered as gluonnlp's ``_decode`` does (``masked=None``: every
+    position), into ``SoftmaxOutput``.  With ``padding_mask`` the attention softmax takes
+    each row's valid length (input ``valid_length`` (batch,); ``softmax(..., use_length=True)``)
+    as gluonnlp 0.10's ``DotProductSelfAttentionCell`` does.  Not modelled: the pooler and the
+    next-sentence classifier, gluonnlp's per-call concatenation of the query, key and value
+    weights, and its final ``SequenceMask``.
+
+    Parameters
+    ----------
+    layers, units, heads, hidden : int
+        Encoder cells, model width, attention heads, feed-forward width (BERT-base: 12, 768, 12,
+        3072).
+    vocab : int
+        Vocabulary (30522 for BERT's uncased WordPiece).
+    seq_len, max_length : int
+        Sequence length of the inputs, and rows of the position embedding (``seq_len <=
+        max_length``).
+    dropout : float
+        Dropout probability on the embeddings, the attention probabilities and after each
+        sublayer (BERT: 0.1); 0 leaves the Dropout nodes out.
+    masked : int or None
+        Masked positions decoded per sequence (gluonnlp's pretraining: 80 of 512); None decodes
+        all ``seq_len`` positions.
+    tied : bool
+        The classifier's weight is the word embedding's (as in BERT and gluonnlp); False gives
+        it its own ``mlm_out_weight``.
+    padding_mask : bool
+        Mask the attention by ``valid_length`` as gluonnlp 0.10 does (off: no padding).
+
+    Returns
+    -------
+    mx.sym.Symbol
+        Inputs ``data`` and ``token_types`` (batch, seq_len), ``masked_positions`` (batch,
+        masked; positions within each sequence) unless ``masked`` is None, ``valid_length``
+        (batch,) with ``padding_mask``, and label ``softmax_label`` (batch, masked) or (batch,
+        seq_len), flattened in the graph (so ``Module`` splits every input on its batch axis).
+    """
+    if seq_len > max_length:
+        raise ValueError(f"seq_len {seq_len} exceeds max_length {max_length}")
+    if units % heads:
+        raise ValueError(f"units ({units}) must be a multiple of heads ({heads})")
+
+    def drop(x, name):
+        return mx.sym.Dropout(x, p=dropout, name=name) if dropout else x
+
+    def gelu_of(x, name):
+        return mx.sym.LeakyReLU(x, act_type="gelu", name=name)
+
+    data = mx.sym.var("data")
+    word_weight = mx.sym.var("word_embed_weight")
+    embed = mx.sym.Embedding(data, weight=word_weight, input_dim=vocab, output_dim=units,
+                             name="word_embed")
+    embed = embed + mx.sym.Embedding(mx.sym.var("token_types"), input_dim=type_vocab,
+                                     output_dim=units, name="token_type_embed")
+    position = mx.sym.slice_axis(mx.sym.var("position_weight", shape=(max_length, units)), axis=0,
+                                 begin=0, end=seq_len, name="position_slice")
+    embed = mx.sym.broadcast_add(embed, mx.sym.expand_dims(position, axis=0), name="embed_sum")
+    x = drop(mx.sym.LayerNorm(embed, name="embed_ln"), "embed_drop")
+    x = mx.sym.transpose(x, axes=(1, 0, 2), name="to_tnc")     # (seq, batch, units)
+    lengths = None
+    if padding_mask:   # gluonnlp 0.10: the valid length of every query row, per head
+        steps = mx.sym.contrib.arange_like(data, axis=1)
+        lengths = mx.sym.broadcast_add(mx.sym.reshape(mx.sym.var("valid_length"), shape=(-1, 1)),
+                                       mx.sym.reshape(mx.sym.zeros_like(steps), shape=(1, -1)))
+        lengths = mx.sym.cast(lengths, dtype="int32")
+        lengths = mx.sym.reshape(mx.sym.broadcast_axis(mx.sym.expand_dims(lengths, axis=1), axis=1,
+                                                       size=heads), shape=(-3, 0), name="att_lengths")
+    for i in range(layers):
+        pre = f"enc{i}_"
+        qkv = mx.sym.FullyConnected(x, num_hidden=3 * units, flatten=False, name=pre + "qkv")
+        scores = mx.sym.contrib.interleaved_matmul_selfatt_qk(qkv, heads=heads, name=pre + "scores")
+        if lengths is None:
+            probs = mx.sym.softmax(scores, axis=-1, name=pre + "probs")
+        else:
+            probs = mx.sym.softmax(scores, lengths, axis=-1, use_length=True, name=pre + "probs")
+        probs = drop(probs, pre + "att_drop")
+        context = mx.sym.contrib.interleaved_matmul_selfatt_valatt(qkv, probs, heads=heads,
+                                                                   name=pre + "context")
+        out = mx.sym.FullyConnected(context, num_hidden=units, flatten=False, name=pre + "proj")
+        x = mx.sym.LayerNorm(x + drop(out, pre + "proj_drop"), name=pre + "ln1")
+        ffn = mx.sym.FullyConnected(x, num_hidden=hidden, flatten=False, name=pre + "ffn1")
+        ffn = gelu_of(ffn, pre + "gelu")
+        ffn = mx.sym.FullyConnected(ffn, num_hidden=units, flatten=False, name=pre + "ffn2")
+        x = mx.sym.LayerNorm(x + drop(ffn, pre + "ffn_drop"), name=pre + "ln2")
+    x = mx.sym.transpose(x, axes=(1, 0, 2), name="to_ntc")     # (batch, seq, units)
+    x = mx.sym.reshape(x, shape=(-1, units), name="flat")
+    if masked is not None:
+        positions = mx.sym.var("masked_positions")
+        offsets = mx.sym.contrib.arange_like(positions, axis=0) * seq_len
+        flat = mx.sym.broadcast_add(positions, mx.sym.expand_dims(offsets, axis=1))
+        x = mx.sym.take(x, mx.sym.reshape(flat, shape=(-1,)), axis=0, name="mlm_gather")
+    x = mx.sym.FullyConnected(x, num_hidden=units, name="mlm_dense")
+    x = mx.sym.LayerNorm(gelu_of(x, "mlm_gelu"), name="mlm_ln")
+    out_weight = word_weight if tied else mx.sym.var("mlm_out_weight")
+    logits = mx.sym.FullyConnected(x, weight=out_weight, num_hidden=vocab, name="mlm_out")
+    label = mx.sym.reshape(mx.sym.var("softmax_label"), shape=(-1,), name="label_flat")
+    return mx.sym.SoftmaxOutput(logits, label, name="softmax")
+
+
+def bert_mlm_shapes(batch: int = 8, seq_len: int = 512, masked: int = 80,
+                    padding_mask: bool = False):
+    """``(data_shapes, label_shapes)`` of :func:`bert_mlm` (``masked=None``: every position)."""
+    data = [("data", (batch, seq_len)), ("token_types", (batch, seq_len))]
+    if masked is not None:
+        data.append(("masked_positions", (batch, masked)))
+    if padding_mask:
+        data.append(("valid_length", (batch,)))
+    return data, [("softmax_label", (batch, masked if masked is not None else seq_len))]

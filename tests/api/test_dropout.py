@@ -222,18 +222,19 @@ def test_option_lowers_the_plan_of_a_dropout_mlp_and_never_raises_one():
     assert on.planned_mb <= off.planned_mb
 
 
-def test_segments_backend_does_not_rewrite_dropout_and_refuses_the_network(caplog):
-    # The option applies to backend='mirror' only; and executor segments never train a network
-    # that draws random numbers in forward (a re-run segment would draw other masks).
+def test_segments_backend_replays_the_users_dropout_instead_of_rewriting_it():
+    # With executor segments the option replays each re-run segment's draws (tests/api/
+    # test_segment_dropout.py): the segments bind the user's Dropout, not the rewritten form;
+    # without the option segments refuse the network and 'auto' keeps the one-level plan.
     from mxnet_mirror_hook import BackendError
 
     symbol = dropout_mlp(3, hidden=64)
-    with caplog.at_level("WARNING", logger="mxnet_mirror_hook.plan"):
-        with pytest.raises(BackendError, match="dropout masks"):
-            plan_mirror(symbol, [("data", (32, 64))], cache_dir=False, backend="segments",
-                        segments=2, recompute_dropout=True)
-    assert "backend='mirror' only" in caplog.text
-    plan = plan_mirror(symbol, [("data", (32, 64))], cache_dir=False, backend="auto",
-                       recompute_dropout=True)
+    plan = plan_mirror(symbol, [("data", (32, 64))], cache_dir=False, backend="segments",
+                       segments=2, recompute_dropout=True)
+    assert plan.backend == "segments" and plan.segment_plan.replay_random
+    assert plan.symbol is symbol
+    with pytest.raises(BackendError, match="dropout masks"):
+        plan_mirror(symbol, [("data", (32, 64))], cache_dir=False, backend="segments", segments=2)
+    plan = plan_mirror(symbol, [("data", (32, 64))], cache_dir=False, backend="auto")
     assert plan.backend == "mirror"
     assert not any(n.endswith("_mask_draw_output") for n in plan.symbol.get_internals().list_outputs())

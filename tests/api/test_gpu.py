@@ -63,3 +63,28 @@ def test_segment_reruns_update_batchnorm_statistics_once_on_the_gpu():
         np.testing.assert_allclose(auxs[name], plain_auxs[name], rtol=1e-3, atol=1e-4)
     for name in plain_args:
         np.testing.assert_allclose(args[name], plain_args[name], rtol=1e-3, atol=1e-4)
+
+
+@requires_gpu
+def test_segments_replay_dropout_masks_on_the_gpu():
+    """Replayed Dropout in re-run segments is bound with cudnn_off (MXNet's kernel draws from the
+    re-seeded generator; NOTE [ replaying random draws in re-run segments ]): the re-run masks are
+    the forward's."""
+    from mxnet_mirror_hook.options import MirrorOptions
+    from tests.api.test_segment_dropout import MaskRecorder, _batch
+    from tests.helpers import dropout_mlp
+
+    module = MirroredModule(dropout_mlp(6, hidden=64), context=mx.gpu(),
+                            options=MirrorOptions(cache_dir=False, backend="segments", segments=3,
+                                                  recompute_dropout=True))
+    module.bind([("data", (32, 48))], [("softmax_label", (32,))])
+    module.init_params(mx.init.Xavier())
+    recorder = MaskRecorder(module)
+    module.forward(_batch(0), is_train=True)
+    mx.nd.waitall()
+    recorder.phase = "backward"
+    module.backward()
+    mx.nd.waitall()
+    assert recorder.masks["backward"][0]
+    for name, mask in recorder.masks["backward"][0].items():
+        np.testing.assert_array_equal(mask, recorder.masks["forward"][0][name], err_msg=name)

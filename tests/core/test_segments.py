@@ -126,6 +126,14 @@ def test_plans_round_trip_through_their_dict_form():
     again = SegmentPlan.from_dict(plan.to_dict())
     assert again == plan
     assert {n for s in plan.segments for n in s.mirrored} == {"b1_relu1", "b2_relu1"}
+    # The replay flag (recompute_dropout with segments) survives the dict form and the other
+    # derivations; entries written before it existed read as False.
+    replayed = plan.with_replay_random().with_mirrored({"b1_relu1"}).with_working_bytes(
+        [1] * plan.count)
+    assert replayed.replay_random and SegmentPlan.from_dict(replayed.to_dict()) == replayed
+    old = plan.to_dict()
+    del old["replay_random"]
+    assert SegmentPlan.from_dict(old).replay_random is False
 
 
 def test_two_level_marks_never_mirror_a_segment_output():
