@@ -417,6 +417,47 @@ def test_dropout_network_refused_by_segments_and_kept_one_level_by_auto():
     assert plan.backend == "mirror" and plan.segment_plan is None
 
 
+class _LinearDropoutNet(gluon.HybridBlock):
+    """Linear in its input for fixed dropout masks (no biases, no activations)."""
+
+    def __init__(self):
+        super().__init__()
+        with self.name_scope():
+            self.layers = gluon.nn.HybridSequential()
+            for units in (256, 256, 256, 16):
+                self.layers.add(gluon.nn.Dense(units, use_bias=False, flatten=False),
+                                gluon.nn.Dropout(0.5))
+
+    def hybrid_forward(self, F, x):
+        return self.layers(x)
+
+
+def test_replayed_dropout_in_segments_gives_the_gradient_of_the_masks_forward_used():
+    # For fixed masks the net is a linear map y = M x, so the gradient of sum(w * y) is M^T w and
+    # <x, grad> == <w, y>.  Masks drawn again in backward would break the identity.
+    from mxnet_mirror_hook import MirrorOptions
+
+    mx.random.seed(3)
+    net = _LinearDropoutNet()
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    mirror(net, options=MirrorOptions(backend="segments", segments=3, recompute_dropout=True,
+                                      cache_dir=False))
+    x = mx.nd.random.uniform(shape=(16, 64))
+    w = mx.nd.random.uniform(-1, 1, shape=(16, 16))
+    x.attach_grad()
+    with autograd.record():
+        y = net(x)
+        loss = (w * y).sum()
+    loss.backward()
+    plan = mirror_state(net).last_plan
+    assert plan.backend == "segments" and plan.segment_plan is not None
+    assert not np.allclose(y.asnumpy(), net(x).asnumpy())  # dropout was active in training
+    forward = float((w * y).sum().asscalar())
+    backward = float((x * x.grad).sum().asscalar())
+    assert abs(forward - backward) <= 1e-4 * abs(forward)
+
+
 if __name__ == "__main__":
     print(json.dumps(compare(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4],
                              int(sys.argv[5]) or None)))
