@@ -110,6 +110,7 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
             new_index[i] = len(new_nodes)
             new_nodes.append(copy)
         heads = [[new_index[index[name]], out, 0] for name, out in segment.outputs]
+        _slice_replayed_steps(new_nodes, heads)
         result = {"nodes": new_nodes,
                   "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
                   "heads": heads}
@@ -117,6 +118,68 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
             result["attrs"] = document["attrs"]
         documents.append(result)
     return documents
+
+
+def _slice_replayed_steps(nodes: List[Dict[str, Any]], heads: List[List[int]]) -> None:
+    """Embed only the steps a segment reads (in place on a segment's node list).
+
+    # NOTE [ slicing the replayed embedding ]
+    # An unrolled language model splits ``Embedding(data)`` into its steps
+    # (``SliceChannel`` with ``squeeze_axis``).  Both are replayed by every
+    # segment (NOTE [ executor segments ]), so each segment embedded the whole
+    # sequence and, in backward, built the gradient of the whole embedding
+    # (zeros for the steps it does not own): about 3 x batch x steps x embed
+    # floats per segment (~19 MB of a 59 MB segment of the 2x512 bench language
+    # model).  Here a segment reading steps lo..hi embeds ``slice_axis(data, lo,
+    # hi + 1)`` and splits that.  The values are the same (a gather); the
+    # embedding weight's gradient adds the same rows in the same order, minus
+    # the zero rows.
+    """
+    def flag(value: Any) -> bool:
+        return str(value).strip().lower() in ("true", "1")
+
+    def readers(index: int) -> List[List[int]]:
+        found = [ref for node in nodes for ref in node.get("inputs", []) if ref[0] == index]
+        return found + [ref for ref in heads if ref[0] == index]
+
+    position = 0
+    while position < len(nodes):
+        node = nodes[position]
+        attrs = node.get("attrs") or {}
+        position += 1
+        if node["op"] != "SliceChannel" or not flag(attrs.get("squeeze_axis", "False")):
+            continue
+        split_index = position - 1
+        embed_index, embed_out = node["inputs"][0][:2]
+        embed = nodes[embed_index]
+        axis = int(attrs.get("axis", 1))
+        if embed["op"] != "Embedding" or embed_out != 0 or axis < 0:
+            continue
+        data_index = embed["inputs"][0][0]
+        if nodes[data_index]["op"] != "null" or len(readers(embed_index)) != 1:
+            continue
+        used = sorted({ref[1] for ref in readers(split_index)})
+        count = int(attrs["num_outputs"])
+        if not used or (used[0] == 0 and used[-1] == count - 1):
+            continue
+        low, high = used[0], used[-1]
+        # Insert slice_axis(data) just before the Embedding (topological order), shifting indices.
+        for other in nodes:
+            for ref in other.get("inputs", []):
+                if ref[0] >= embed_index:
+                    ref[0] += 1
+        for ref in heads:
+            if ref[0] >= embed_index:
+                ref[0] += 1
+        nodes.insert(embed_index, {"op": "slice_axis", "inputs": [[data_index, 0, 0]],
+                                   "name": f"{nodes[data_index]['name']}_steps_{low}_{high}_of_{node['name']}",
+                                   "attrs": {"axis": str(axis), "begin": str(low), "end": str(high + 1)}})
+        embed["inputs"][0] = [embed_index, 0, 0]
+        split_index += 1
+        node["attrs"] = dict(attrs, num_outputs=str(high - low + 1))
+        for ref in readers(split_index):
+            ref[1] -= low
+        position += 1
 
 
 def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,

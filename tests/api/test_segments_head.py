@@ -15,6 +15,7 @@ against a plain ``mx.mod.Module`` / ``mx.mod.BucketingModule``:
 """
 from __future__ import annotations
 
+import json
 from typing import Dict
 
 import mxnet as mx
@@ -249,3 +250,35 @@ def test_chunked_head_outputs_are_bit_identical_to_the_unchunked_head(small_chun
     np.testing.assert_array_equal(chunked, single)
     for name, grad in single_grads.items():
         assert _relative(grad, chunked_grads[name]) < 2e-6, name
+
+
+def test_sliced_embedding_gives_the_gradients_of_the_whole_embedding(monkeypatch):
+    """NOTE [ slicing the replayed embedding ]: segments that embed only their own steps give
+    bit for bit the gradients of segments that embed the whole sequence."""
+    import mxnet_mirror_hook.mx.segments as mx_segments
+
+    symbol = lm(vocab=50)
+    graph = _graph(symbol)
+    head, _ = loss_head(graph)
+    plan = plan_segments_with_head(graph, 4, head).with_head_chunks(0)
+    shapes = {"data": (BATCH, STEPS), "softmax_label": (BATCH, STEPS)}
+    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
+    types = {n: np.dtype("float32") for n in shapes}
+    rng = np.random.RandomState(5)
+    values = {"data": rng.randint(0, 50, shapes["data"]), "softmax_label": rng.randint(0, 50, shapes["data"])}
+    results = []
+    for sliced in (True, False):
+        if not sliced:
+            monkeypatch.setattr(mx_segments, "_slice_replayed_steps", lambda nodes, heads: None)
+        pieces = [json.loads(s.tojson()) for s in mx_segments.split_symbol(symbol, plan)]
+        assert sliced == any(n["op"] == "slice_axis" for p in pieces for n in p["nodes"])
+        chain = SegmentChain(symbol, plan, mx.cpu(), shapes, types, requests)
+        mx.random.seed(0)
+        for name, array in chain.arg_dict.items():
+            array[:] = values[name] if name in values else mx.nd.random.uniform(-0.3, 0.3, array.shape)
+        chain.forward(is_train=True)
+        chain.backward()
+        mx.nd.waitall()
+        results.append({k: g.asnumpy() for k, g in chain.grad_dict.items() if g is not None})
+    for name, grad in results[1].items():
+        np.testing.assert_array_equal(results[0][name], grad, err_msg=name)
