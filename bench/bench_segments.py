@@ -99,9 +99,13 @@ def measure_static(case: str) -> dict:
     return row
 
 
-def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int) -> dict:
+def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int,
+                         rounds: dict = None) -> dict:
     """Median seconds of a training iteration per module, the modules stepped in turn round
-    after round (the first round warms up) so that a noisy machine slows them alike."""
+    after round (the first round warms up) so that a noisy machine slows them alike.
+
+    ``rounds``, when given, receives each configuration's per-round ratio to the first
+    (plain) configuration of the same round, for the spread."""
     times = {config: [] for config in modules}
     for repeat in range(iterations + 1):
         for config, module in modules.items():
@@ -111,6 +115,10 @@ def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int)
             mx.nd.waitall()
             if repeat:
                 times[config].append(time.perf_counter() - started)
+    if rounds is not None:
+        first = next(iter(modules))
+        for config, values in times.items():
+            rounds[config] = [v / p for v, p in zip(values, times[first])]
     return {config: float(np.median(values)) for config, values in times.items()}
 
 
@@ -173,10 +181,13 @@ def measure_case(case: str, segments: int, iterations: int) -> dict:
     for module in modules.values():
         module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
     batch = _batch(case)
-    times = _interleaved_seconds(modules, batch, iterations)
+    rounds: dict = {}
+    times = _interleaved_seconds(modules, batch, iterations, rounds)
     result.update({"plain_seconds": times["plain"],
                    "mirror_time": times["mirror"] / times["plain"],
-                   "segments_time": times["segments"] / times["plain"]})
+                   "segments_time": times["segments"] / times["plain"],
+                   "segments_time_rounds": rounds["segments"], "mirror_time_rounds": rounds["mirror"],
+                   "head_chunks": seg.segment_plan.head_chunks if seg.segment_plan else 0})
     return result
 
 

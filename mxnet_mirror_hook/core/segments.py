@@ -501,16 +501,20 @@ def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: fl
 #             backward, so the full softmax output stays);
 #   backward  for each chunk: SoftmaxOutput's gradient, which needs only its
 #             output and the labels, into the work buffer (MXNet's own backward
-#             kernel, so no forward re-run), then the classifier's gradients:
-#             the input rows' gradient (written, rows are independent), the
-#             weight and bias gradients accumulated over chunks (the first chunk
-#             writes when the request is 'write').
+#             kernel, so no forward re-run), then FullyConnected's own backward
+#             kernel: the input rows' gradient (written, rows are independent),
+#             the weight and bias gradients accumulated over chunks (the first
+#             chunk writes when the request is 'write'; the others write a
+#             (V, H) work buffer that is added: MXNet's imperative operators
+#             cannot add into their outputs, and ``dot`` products, which could
+#             accumulate in place, ran four times slower than MKLDNN's kernel).
 #
-# The head then holds N * V (output) + c * V (work) + V + c floats instead of
-# MXNet's plan of the whole head.  Exactness: outputs and the input gradient
-# are bit-identical to plain MXNet (tests/api/test_segments.py); the weight and
-# bias gradients are sums over chunks, so they differ from the one-GEMM sum in
-# float32 rounding (~1e-7 relative).  SoftmaxOutput's normalization is applied
+# The head then holds N * V (output) + c * V (work) + V * H (weight-gradient
+# work) + V + c floats instead of MXNet's plan of the whole head.  Exactness:
+# the outputs and the input gradient are bit-identical to the head as one
+# executor (tests/api/test_segments_head.py) when the chunk rows are a multiple
+# of HEAD_ROW_MULTIPLE; the weight and bias gradients are sums over chunks, so
+# they differ from the one-GEMM sum in float32 rounding (~1e-7 relative).  SoftmaxOutput's normalization is applied
 # over the whole batch: 'batch' and 'valid' divide by the full row count (or the
 # count of labels other than ignore_label, counted over all rows), exactly as
 # MXNet computes the factor.  Forms whose gradient is not row-local or not a
@@ -567,10 +571,12 @@ class LossHead:
         return frozenset({self.fc, self.softmax})
 
     def head_bytes(self, chunks: int, extra_input_rows: bool = False) -> int:
-        """Bytes a chunked head holds: the output, the (rows, V) work buffer, the label-gradient
-        and bias buffers (and a (rows, H) buffer when the input's gradient is accumulated)."""
+        """Bytes a chunked head holds: the output, the (rows, V) work buffer, the label-gradient,
+        weight-gradient and bias-gradient buffers (and a (rows, H) buffer when the input's
+        gradient is accumulated)."""
         rows = head_chunk_rows(self.rows, chunks)
-        floats = self.rows * self.classes + rows * self.classes + rows + self.classes
+        floats = (self.rows * self.classes + rows * self.classes + rows + self.classes
+                  + self.classes * self.hidden)
         if extra_input_rows:
             floats += rows * self.hidden
         return 4 * floats

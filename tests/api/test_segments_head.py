@@ -153,7 +153,9 @@ def test_bucketing_module_with_a_chunked_head_trains_like_bucketing_module(small
                                      cache_dir=False)
     bucketed = run(module)
     assert sorted(module.mirror_plans) == [4, 8]
-    assert all(p.segment_plan.head_chunks > 1 for p in module.mirror_plans.values())
+    # The default bucket's plan runs its head in chunks (the short bucket may measure lower
+    # without: each bucket is planned on its own figures).
+    assert module.mirror_plans[8].segment_plan.head_chunks > 1
     for name, value in plain.items():
         assert _relative(value, bucketed[name]) < 1e-5, name
 
