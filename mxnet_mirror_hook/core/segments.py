@@ -510,14 +510,17 @@ def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: fl
 #             accumulate in place, ran four times slower than MKLDNN's kernel).
 #
 # The head then holds N * V (output) + c * V (work) + V * H (weight-gradient
-# work) + V + c floats instead of MXNet's plan of the whole head.  Exactness:
+# work) + V + c floats instead of MXNet's plan of the whole head, all allocated
+# at bind by the chain and counted in the static figure (NOTE [ static memory of
+# a segment plan ] in mx/segments.py).  Exactness:
 # the outputs and the input gradient are bit-identical to the head as one
 # executor (tests/api/test_segments_head.py) when the chunk rows are a multiple
 # of HEAD_ROW_MULTIPLE; the weight and bias gradients are sums over chunks, so
-# they differ from the one-GEMM sum in float32 rounding (~1e-7 relative).  SoftmaxOutput's normalization is applied
-# over the whole batch: 'batch' and 'valid' divide by the full row count (or the
-# count of labels other than ignore_label, counted over all rows), exactly as
-# MXNet computes the factor.  Forms whose gradient is not row-local or not a
+# they differ from the one-GEMM sum in float32 rounding (~1e-7 relative).
+# SoftmaxOutput's normalization is applied over the whole batch: 'batch' and
+# 'valid' divide by the full row count (or the count of labels other than
+# ignore_label, counted over all rows), folded into each chunk's grad_scale
+# exactly as MXNet computes the factor (float32 grad_scale / count).  Forms whose gradient is not row-local or not a
 # function of the output and label alone (multi_output, preserve_shape,
 # out_grad, smooth_alpha, probability labels) are refused by :func:`loss_head`
 # with the reason, and the plan keeps an unchunked last segment.

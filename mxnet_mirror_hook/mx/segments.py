@@ -171,8 +171,8 @@ def _slice_replayed_steps(nodes: List[Dict[str, Any]], heads: List[List[int]]) -
         for ref in heads:
             if ref[0] >= embed_index:
                 ref[0] += 1
-        nodes.insert(embed_index, {"op": "slice_axis", "inputs": [[data_index, 0, 0]],
-                                   "name": f"{nodes[data_index]['name']}_steps_{low}_{high}_of_{node['name']}",
+        name = f"{nodes[data_index]['name']}_steps_{low}_{high}_of_{node['name']}"
+        nodes.insert(embed_index, {"op": "slice_axis", "inputs": [[data_index, 0, 0]], "name": name,
                                    "attrs": {"axis": str(axis), "begin": str(low), "end": str(high + 1)}})
         embed["inputs"][0] = [embed_index, 0, 0]
         split_index += 1
