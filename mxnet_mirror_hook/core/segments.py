@@ -520,8 +520,8 @@ def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: fl
 # SoftmaxOutput's normalization is applied over the whole batch: 'batch' and
 # 'valid' divide by the full row count (or the count of labels other than
 # ignore_label, counted over all rows), folded into each chunk's grad_scale
-# exactly as MXNet computes the factor (float32 grad_scale / count).  Forms whose gradient is not row-local or not a
-# function of the output and label alone (multi_output, preserve_shape,
+# exactly as MXNet computes the factor (float32 grad_scale / count).  Forms
+# whose gradient is not row-local or not a function of the output and label alone (multi_output, preserve_shape,
 # out_grad, smooth_alpha, probability labels) are refused by :func:`loss_head`
 # with the reason, and the plan keeps an unchunked last segment.
 
