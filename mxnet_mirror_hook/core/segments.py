@@ -521,9 +521,10 @@ def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: fl
 # 'valid' divide by the full row count (or the count of labels other than
 # ignore_label, counted over all rows), folded into each chunk's grad_scale
 # exactly as MXNet computes the factor (float32 grad_scale / count).  Forms
-# whose gradient is not row-local or not a function of the output and label alone (multi_output, preserve_shape,
-# out_grad, smooth_alpha, probability labels) are refused by :func:`loss_head`
-# with the reason, and the plan keeps an unchunked last segment.
+# whose gradient is not row-local or not a function of the output and label
+# alone (multi_output, preserve_shape, out_grad, smooth_alpha, probability
+# labels) are refused by :func:`loss_head` with the reason, and the plan keeps
+# an unchunked last segment.
 
 #: Target bytes of a chunk's (rows, V) work buffer.
 HEAD_CHUNK_BYTES = 4 * 2 ** 20
