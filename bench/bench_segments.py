@@ -203,14 +203,25 @@ def _child(args: list, cap: bool) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def _time(row: dict, config: str) -> str:
+    """Median time ratio, with the range of the per-round ratios when recorded."""
+    rounds = row.get(f"{config}_time_rounds")
+    text = f"{row[f'{config}_time']:.2f}x"
+    if rounds:
+        text += f" ({min(rounds):.2f}-{max(rounds):.2f}, {len(rounds)} rounds)"
+    return text
+
+
 def write_section(rows: list, path: str) -> None:
     """Replace (or append) the segments section of RESULTS.md."""
     lines = [BEGIN, "## Executor segments (issue 11)", "",
              "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
-             "boundary tensors, NOTE [ static memory of a segment plan ]). Profiler peak: MXNet's storage "
+             "boundary tensors + the chain's copy of the outputs, or, for a loss head run in row chunks, "
+             "the head's output and work buffers; NOTE [ static memory of a segment plan ]). Profiler peak: MXNet's storage "
              "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
              "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
-             "update) against plain `Module`, same process, interleaved, median. Segment runs use "
+             "update) against plain `Module`, same process, interleaved rounds: ratio of the median "
+             "seconds (in brackets the range of the per-round ratios). Segment runs use "
              f"`{CAP_ENV}=2` (set before MXNet builds a graph; plain and one-level timings in the same "
              "process share it). The bench machine is shared (2 cores, other jobs): time ratios of "
              "the same plan moved by up to 0.2 between runs.", "",
@@ -227,12 +238,13 @@ def write_section(rows: list, path: str) -> None:
                 + (f"{row['mirror_time']:.2f}x ({row['time_note']}) | {row['segments_time']:.2f}x "
                    f"({row['time_note']}) |" if "segments_time" in row else "- | - |"))
             continue
+        head = f", head in {row['head_chunks']} row chunks" if row.get("head_chunks") else ""
         lines.append(
             f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
             f"({row['mirror_mb'] / row['baseline_mb']:.2f}x) | {row['segments_mb']:.0f} "
-            f"({row['segment_count']}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
+            f"({row['segment_count']}{head}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
             f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
-            f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
+            f"{_time(row, 'mirror')} | {_time(row, 'segments')} |")
     timed = [r for r in rows if "plain_seconds" in r]
     lines += ["", "Plain iteration: " + ", ".join(f"{r['case']} {r['plain_seconds']:.2f} s" for r in timed)
               + f". Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
@@ -254,7 +266,7 @@ def main(argv=None) -> list:
                         help="comma-separated; also resnet152_min (static plans only, heavy)")
     parser.add_argument("--segments", default="",
                         help="segments per case, e.g. bench_lstm=20 (default: the planner's choice)")
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=7)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "segments_rows.json"),
                         help="where the measured rows are kept (JSON)")
@@ -287,9 +299,10 @@ def main(argv=None) -> list:
         log.info("%s: planning and timing", case)
         row = json.loads(_child(["--iterations", str(args.iterations), "--child", "measure", case,
                                  segments], cap=False))
-        # The measured plan's count, so that the profiled chain is the one in the table.
+        # The same request as the measured plan (planning is deterministic), so that the profiled
+        # chain is the one in the table.
         for config in ("plain", "mirror", "segments"):
-            peak = json.loads(_child(["--child", config, case, str(row["segment_count"])],
+            peak = json.loads(_child(["--child", config, case, segments],
                                      cap=config == "segments"))["peak"]
             row[f"peak_{config}"] = peak
             log.info("%s %s: profiler peak %.0f MB", case, config, peak)
