@@ -217,7 +217,8 @@ def write_section(rows: list, path: str) -> None:
     lines = [BEGIN, "## Executor segments (issue 11)", "",
              "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
              "boundary tensors + the chain's copy of the outputs, or, for a loss head run in row chunks, "
-             "the head's output and work buffers; NOTE [ static memory of a segment plan ]). Profiler peak: MXNet's storage "
+             "the head's output and work buffers; NOTE [ static memory of a segment plan ]). "
+             "Profiler peak: MXNet's storage "
              "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
              "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
              "update) against plain `Module`, same process, interleaved rounds: ratio of the median "
