@@ -130,6 +130,7 @@ def test_chunked_head_with_user_add_accumulates_over_backwards(small_chunks):
         assert _relative(grad, summed[name]) < 2e-6, name
 
 
+@pytest.mark.slow
 def test_bucketing_module_with_a_chunked_head_trains_like_bucketing_module(small_chunks):
     def sym_gen(length):
         return lm(steps=length), ("data",), ("softmax_label",)
