@@ -15,6 +15,7 @@ of ``bench/RESULTS.md`` (appended when absent).  Run ``python bench/bench_segmen
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -171,9 +172,13 @@ def measure_static(case: str) -> dict:
     return row
 
 
-def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int) -> dict:
+def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int,
+                         rounds: dict = None) -> dict:
     """Median seconds of a training iteration per module, the modules stepped in turn round
-    after round (the first round warms up) so that a noisy machine slows them alike."""
+    after round (the first round warms up) so that a noisy machine slows them alike.
+
+    ``rounds``, when given, receives each configuration's per-round ratio to the first
+    (plain) configuration of the same round, for the spread."""
     times = {config: [] for config in modules}
     for repeat in range(iterations + 1):
         for config, module in modules.items():
@@ -183,6 +188,10 @@ def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int)
             mx.nd.waitall()
             if repeat:
                 times[config].append(time.perf_counter() - started)
+    if rounds is not None:
+        first = next(iter(modules))
+        for config, values in times.items():
+            rounds[config] = [v / p for v, p in zip(values, times[first])]
     return {config: float(np.median(values)) for config, values in times.items()}
 
 
@@ -195,15 +204,15 @@ def _batch(case: str, seed: int = 0) -> mx.io.DataBatch:
     return mx.io.DataBatch([mx.nd.array(data)], [mx.nd.array(rng.randint(0, classes, label_shape))])
 
 
-def _module(case: str, config: str, segments: int):
+def _module(case: str, config: str, segments: int, cache_dir=False, symbol=None):
     _, build, data_shape, label_shape, _ = CASES[case]
-    symbol = build()
+    symbol = build() if symbol is None else symbol
     if config == "plain":
         module = mx.mod.Module(symbol)
     elif config == "mirror":
-        module = MirroredModule(symbol, cache_dir=False)
+        module = MirroredModule(symbol, cache_dir=cache_dir)
     else:
-        module = MirroredModule(symbol, cache_dir=False, backend="segments",
+        module = MirroredModule(symbol, cache_dir=cache_dir, backend="segments",
                                 segments=segments or None)
     module.bind([("data", data_shape)], [("softmax_label", label_shape)])
     module.init_params(mx.init.Xavier())
@@ -211,13 +220,26 @@ def _module(case: str, config: str, segments: int):
 
 
 def profile_peak(case: str, config: str, segments: int) -> float:
-    """Storage profiler peak (MB) of bind + one forward/backward, in this (fresh) process."""
-    path = os.path.join(tempfile.mkdtemp(), "profile.json")
+    """Storage profiler peak (MB) of bind + one forward/backward, in this (fresh) process.
+
+    The plan is made first, outside the profiled window (segment planning binds candidates in
+    this process, which the profiler would count), and the profiled bind loads it from a cache."""
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "profile.json")
+    cache = os.path.join(folder, "plans")
+    # One symbol for both binds: a rebuilt one has other automatic node names, another plan key.
+    symbol = CASES[case][1]()
+    if config != "plain":
+        _module(case, config, segments, cache_dir=cache, symbol=symbol)  # plans and caches
+        mx.nd.waitall()
+        gc.collect()
     mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
                            profile_api=False, aggregate_stats=False, filename=path)
     batch = _batch(case)
     mx.profiler.set_state("run")
-    module = _module(case, config, segments)
+    module = _module(case, config, segments, cache_dir=cache, symbol=symbol)
+    if config != "plain" and not module.mirror_plan.from_cache:
+        raise RuntimeError("the profiled bind planned again: its peak would count planning binds")
     module.forward_backward(batch)
     mx.nd.waitall()
     mx.profiler.set_state("stop")
@@ -245,10 +267,13 @@ def measure_case(case: str, segments: int, iterations: int) -> dict:
     for module in modules.values():
         module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
     batch = _batch(case)
-    times = _interleaved_seconds(modules, batch, iterations)
+    rounds: dict = {}
+    times = _interleaved_seconds(modules, batch, iterations, rounds)
     result.update({"plain_seconds": times["plain"],
                    "mirror_time": times["mirror"] / times["plain"],
-                   "segments_time": times["segments"] / times["plain"]})
+                   "segments_time": times["segments"] / times["plain"],
+                   "segments_time_rounds": rounds["segments"], "mirror_time_rounds": rounds["mirror"],
+                   "head_chunks": seg.segment_plan.head_chunks if seg.segment_plan else 0})
     return result
 
 
@@ -264,14 +289,26 @@ def _child(args: list, cap: bool) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def _time(row: dict, config: str) -> str:
+    """Median time ratio, with the range of the per-round ratios when recorded."""
+    rounds = row.get(f"{config}_time_rounds")
+    text = f"{row[f'{config}_time']:.2f}x"
+    if rounds:
+        text += f" ({min(rounds):.2f}-{max(rounds):.2f}, {len(rounds)} rounds)"
+    return text
+
+
 def write_section(rows: list, path: str) -> None:
     """Replace (or append) the segments section of RESULTS.md."""
     lines = [BEGIN, "## Executor segments (issue 11)", "",
              "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
-             "boundary tensors, NOTE [ static memory of a segment plan ]). Profiler peak: MXNet's storage "
+             "boundary tensors + the chain's copy of the outputs, or, for a loss head run in row chunks, "
+             "the head's output and work buffers; NOTE [ static memory of a segment plan ]). "
+             "Profiler peak: MXNet's storage "
              "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
              "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
-             "update) against plain `Module`, same process, interleaved, median. Segment runs use "
+             "update) against plain `Module`, same process, interleaved rounds: ratio of the median "
+             "seconds (in brackets the range of the per-round ratios). Segment runs use "
              f"`{CAP_ENV}=2` (set before MXNet builds a graph; plain and one-level timings in the same "
              "process share it). The bench machine is shared (2 cores, other jobs): time ratios of "
              "the same plan moved by up to 0.2 between runs.", "",
@@ -300,12 +337,13 @@ def write_section(rows: list, path: str) -> None:
                 + (f"{row['mirror_time']:.2f}x ({row['time_note']}) | {row['segments_time']:.2f}x "
                    f"({row['time_note']}) |" if "segments_time" in row else "- | - |"))
             continue
+        head = f", head in {row['head_chunks']} row chunks" if row.get("head_chunks") else ""
         lines.append(
             f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
             f"({row['mirror_mb'] / row['baseline_mb']:.2f}x) | {row['segments_mb']:.0f} "
-            f"({row['segment_count']}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
+            f"({row['segment_count']}{head}) | {row['segments_mb'] / row['baseline_mb']:.2f}x | "
             f"{row['peak_plain']:.0f} / {row['peak_mirror']:.0f} / {row['peak_segments']:.0f} | "
-            f"{row['mirror_time']:.2f}x | {row['segments_time']:.2f}x |")
+            f"{_time(row, 'mirror')} | {_time(row, 'segments')} |")
     timed = [r for r in rows if "plain_seconds" in r]
     berts = [r for r in rows if r["case"] in BERT_CASES and "seconds_plain" in r]
     bert_note = ("" if not berts else
@@ -335,7 +373,7 @@ def main(argv=None) -> list:
                              "forward/backward per configuration)")
     parser.add_argument("--segments", default="",
                         help="segments per case, e.g. bench_lstm=20 (default: the planner's choice)")
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=7)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "segments_rows.json"),
                         help="where the measured rows are kept (JSON)")
@@ -388,9 +426,10 @@ def main(argv=None) -> list:
         log.info("%s: planning and timing", case)
         row = json.loads(_child(["--iterations", str(args.iterations), "--child", "measure", case,
                                  segments], cap=False))
-        # The measured plan's count, so that the profiled chain is the one in the table.
+        # The same request as the measured plan (planning is deterministic), so that the profiled
+        # chain is the one in the table.
         for config in ("plain", "mirror", "segments"):
-            peak = json.loads(_child(["--child", config, case, str(row["segment_count"])],
+            peak = json.loads(_child(["--child", config, case, segments],
                                      cap=config == "segments"))["peak"]
             row[f"peak_{config}"] = peak
             log.info("%s %s: profiler peak %.0f MB", case, config, peak)

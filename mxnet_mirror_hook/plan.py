@@ -545,7 +545,8 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
     """
     from dataclasses import replace
 
-    from .core.segments import best_segment_plan, plan_segments
+    from .core.segments import (MAX_SEGMENTS, best_segment_plan, head_chunk_count, loss_head,
+                                plan_segments, plan_segments_with_head)
     from .mx.segments import segment_planned_mb
 
     backend, segments = options.backend, options.segments
@@ -625,6 +626,30 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
                 counts.add(split.count)
                 splits.append(split)
         splits = splits or [first]
+    # NOTE [ chunked loss head ] in core/segments.py: a FullyConnected + SoftmaxOutput head is
+    # also tried as its own last segment run in row chunks, beside the splits above (so the
+    # choice below can only get lower).
+    head, why = loss_head(graph)
+    if head is None:
+        logger.info("loss head not chunked: %s", why)
+    elif not head_chunk_count(head):
+        logger.info("loss head not chunked: its output fits one chunk")
+    else:
+        # With the head out of the way the recurrent part is the peak, and finer splits pay
+        # (2x512 language model: 10 segments 245 MB, 21 segments 229 MB).
+        widest = max(s.count for s in splits)
+        head_counts = ([segments] if segments else
+                       sorted({s.count for s in splits} | {2 * s.count for s in splits}
+                              | {min(MAX_SEGMENTS, 4 * widest)}))
+        for count in head_counts:
+            try:
+                split = plan_segments_with_head(graph, max(2, count), head)
+            except ValueError as error:
+                logger.info("loss head not chunked for %d segments: %s", count, error)
+                continue
+            if all(split.segments != other.segments or other.head_chunks != split.head_chunks
+                   for other in splits):
+                splits.append(split)
     splits = [split.with_replay_random(replay) for split in splits]
     candidates = list(splits)
     if budget.key == "min":
@@ -677,7 +702,10 @@ def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: P
 
     given = {name: (shape, dtype) for name, shape, dtype in setup.all_inputs}
     mirrored: set = set()
-    for segment, piece in zip(split.segments, split_symbol(symbol, split)):
+    pieces = list(zip(split.segments, split_symbol(symbol, split)))
+    if split.head_chunks:
+        pieces = pieces[:-1]  # a chunked head runs no executor
+    for segment, piece in pieces:
         arguments = piece.list_arguments()
         inputs = [(n, given[n][0], given[n][1]) for n in arguments if n in given]
         for entry in segment.inputs:

@@ -44,7 +44,8 @@ from .graph import Graph, NodeKind
 from .planners.dp import DEFAULT_GRAD_FACTOR, CutChain, build_cut_chain
 
 __all__ = ["Entry", "SegmentSpec", "SegmentPlan", "segment_plan_for_cuts", "choose_cuts",
-           "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES"]
+           "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES", "LossHead", "loss_head",
+           "plan_segments_with_head", "head_chunk_count", "head_chunk_rows", "HEAD_CHUNK_BYTES"]
 
 #: A tensor: (producing node's name, output index).
 Entry = Tuple[str, int]
@@ -128,6 +129,10 @@ class SegmentPlan:
         Segments that draw random numbers (Dropout) replay their forward draws when re-run
         (``recompute_dropout=True``; NOTE [ replaying random draws in re-run segments ] in
         ``mx/segments.py``).  Without it a chain refuses such segments.
+    head_chunks : int
+        0, or the number of row chunks the last segment (a FullyConnected +
+        SoftmaxOutput loss head, :func:`loss_head`) is run in instead of one
+        executor (NOTE [ chunked loss head ]).
     """
 
     segments: Tuple[SegmentSpec, ...]
@@ -136,6 +141,7 @@ class SegmentPlan:
     recompute_fraction: float
     boundary_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     replay_random: bool = False
+    head_chunks: int = 0
 
     @property
     def count(self) -> int:
@@ -159,9 +165,13 @@ class SegmentPlan:
         """Variables read by more than one segment (their gradients are summed)."""
         return sorted(n for n, r in self.readers().items() if len(r) > 1)
 
+    def executor_count(self) -> int:
+        """Segments bound as executors (all but a chunked loss head)."""
+        return self.count - 1 if self.head_chunks else self.count
+
     def owner_index(self) -> int:
-        """The segment with the largest working set (bound first: it owns the memory pool)."""
-        return max(range(self.count), key=lambda i: (self.segments[i].working_bytes, -i))
+        """The executor segment with the largest working set (bound first: it owns the memory pool)."""
+        return max(range(self.executor_count()), key=lambda i: (self.segments[i].working_bytes, -i))
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe form (for the plan cache and ``MirrorPlan.to_dict``)."""
@@ -169,7 +179,7 @@ class SegmentPlan:
                 "boundary_bytes": self.boundary_bytes, "estimated_bytes": self.estimated_bytes,
                 "recompute_fraction": self.recompute_fraction,
                 "boundary_shapes": {k: list(v) for k, v in self.boundary_shapes.items()},
-                "replay_random": self.replay_random}
+                "replay_random": self.replay_random, "head_chunks": self.head_chunks}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SegmentPlan":
@@ -178,7 +188,7 @@ class SegmentPlan:
                    int(data["boundary_bytes"]), int(data["estimated_bytes"]),
                    float(data["recompute_fraction"]),
                    {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()},
-                   bool(data.get("replay_random", False)))
+                   bool(data.get("replay_random", False)), int(data.get("head_chunks", 0)))
 
     def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
         """The same split with measured working sets (MXNet's plan of each segment), so that
@@ -193,6 +203,10 @@ class SegmentPlan:
         """The same split with :attr:`replay_random` set."""
         return dataclasses.replace(self, replay_random=bool(replay))
 
+    def with_head_chunks(self, chunks: int) -> "SegmentPlan":
+        """The same split with the last segment run in ``chunks`` row chunks (0: one executor)."""
+        return dataclasses.replace(self, head_chunks=int(chunks))
+
     def with_mirrored(self, mirrored: Iterable[str]) -> "SegmentPlan":
         """The same split with ``force_mirroring`` on ``mirrored`` inside each segment (two levels).
 
@@ -204,6 +218,8 @@ class SegmentPlan:
         for segment in self.segments:
             outputs = {name for name, _ in segment.outputs}
             inside = frozenset(n for n in segment.nodes if n in chosen and n not in outputs)
+            if self.head_chunks and segment.index == self.count - 1:
+                inside = frozenset()  # a chunked head runs no executor (NOTE [ chunked loss head ])
             segments.append(SegmentSpec(segment.index, segment.nodes, segment.inputs, segment.outputs,
                                         segment.variables, inside, segment.working_bytes))
         return dataclasses.replace(self, segments=tuple(segments))
@@ -475,3 +491,224 @@ def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: fl
     least = min(p.estimated_bytes for p in plans)
     return min((p for p in plans if p.estimated_bytes <= least * (1 + tolerance)),
                key=lambda p: (p.count, p.estimated_bytes))
+
+
+# NOTE [ chunked loss head ]
+# A language model's loss head, FullyConnected over every step's output (N rows
+# of H) to a vocabulary of V followed by SoftmaxOutput, plans about 2 * N * V
+# floats in one segment (the classifier output and its gradient; 244 MB for
+# 3200 x 10000), far above the recurrent segments.  Both operators are row-wise
+# when the classifier's input is (N, H): row r of the output needs row r of the
+# input only.  So the last segment can run in row chunks instead of one
+# executor (mx/segments.py, ``ChunkedHead``):
+#
+#   forward   for each chunk: FullyConnected of its rows into one (c, V) work
+#             buffer, SoftmaxOutput of that into the chunk's rows of the one
+#             (N, V) output array Module keeps (metrics read outputs after
+#             backward, so the full softmax output stays);
+#   backward  for each chunk: SoftmaxOutput's gradient, which needs only its
+#             output and the labels, into the work buffer (MXNet's own backward
+#             kernel, so no forward re-run), then FullyConnected's own backward
+#             kernel: the input rows' gradient (written, rows are independent),
+#             the weight and bias gradients accumulated over chunks (the first
+#             chunk writes when the request is 'write'; the others write a
+#             (V, H) work buffer that is added: MXNet's imperative operators
+#             cannot add into their outputs, and ``dot`` products, which could
+#             accumulate in place, ran four times slower than MKLDNN's kernel).
+#
+# The head then holds N * V (output) + c * V (work) + V * H (weight-gradient
+# work) + V + c floats instead of MXNet's plan of the whole head, all allocated
+# at bind by the chain and counted in the static figure (NOTE [ static memory of
+# a segment plan ] in mx/segments.py).  Exactness:
+# the outputs and the input gradient are bit-identical to the head as one
+# executor (tests/api/test_segments_head.py) when the chunk rows are a multiple
+# of HEAD_ROW_MULTIPLE; the weight and bias gradients are sums over chunks, so
+# they differ from the one-GEMM sum in float32 rounding (~1e-7 relative).
+# SoftmaxOutput's normalization is applied over the whole batch: 'batch' and
+# 'valid' divide by the full row count (or the count of labels other than
+# ignore_label, counted over all rows), folded into each chunk's grad_scale
+# exactly as MXNet computes the factor (float32 grad_scale / count).  Forms
+# whose gradient is not row-local or not a function of the output and label
+# alone (multi_output, preserve_shape, out_grad, smooth_alpha, probability
+# labels) are refused by :func:`loss_head` with the reason, and the plan keeps
+# an unchunked last segment.
+
+#: Target bytes of a chunk's (rows, V) work buffer.
+HEAD_CHUNK_BYTES = 4 * 2 ** 20
+
+#: Operators that merge per-step outputs into one tensor without computing.
+_MERGE_OPS = frozenset({"expand_dims", "Concat", "concat", "stack", "Reshape", "reshape", "Flatten",
+                        "flatten"})
+
+#: Operators that only reshape the label (row-major order kept) on its way to SoftmaxOutput.
+_LABEL_RESHAPES = frozenset({"Reshape", "reshape", "Flatten", "flatten", "squeeze", "expand_dims"})
+
+
+def _flag(attrs: Mapping[str, str], name: str) -> bool:
+    return str(attrs.get(name, "False")).strip().lower() in ("true", "1")
+
+
+@dataclass(frozen=True)
+class LossHead:
+    """A FullyConnected + SoftmaxOutput loss head that can run in row chunks.
+
+    Attributes
+    ----------
+    fc, softmax : str
+        Node names of the classifier and of the loss.
+    data : Entry
+        The classifier's input tensor, (rows, hidden).
+    weight, bias : str
+        Parameter variables (bias None with ``no_bias``).
+    label : str
+        The label variable (reshaped to (rows,) on the way, if at all).
+    rows, hidden, classes : int
+        N, H and V.
+    fc_attrs, softmax_attrs : dict
+        Operator parameters as MXNet's JSON gives them.
+    """
+
+    fc: str
+    softmax: str
+    data: Entry
+    weight: str
+    bias: Optional[str]
+    label: str
+    rows: int
+    hidden: int
+    classes: int
+    fc_attrs: Dict[str, str]
+    softmax_attrs: Dict[str, str]
+
+    @property
+    def nodes(self) -> FrozenSet[str]:
+        """The two operators the head computes."""
+        return frozenset({self.fc, self.softmax})
+
+    def head_bytes(self, chunks: int, extra_input_rows: bool = False) -> int:
+        """Bytes a chunked head holds: the output, the (rows, V) work buffer, the label-gradient,
+        weight-gradient and bias-gradient buffers (and a (rows, H) buffer when the input's
+        gradient is accumulated)."""
+        rows = head_chunk_rows(self.rows, chunks)
+        floats = (self.rows * self.classes + rows * self.classes + rows + self.classes
+                  + self.classes * self.hidden)
+        if extra_input_rows:
+            floats += rows * self.hidden
+        return 4 * floats
+
+
+def loss_head(graph: Graph) -> Tuple[Optional[LossHead], str]:
+    """The graph's FullyConnected + SoftmaxOutput loss head, or None and why it cannot be chunked.
+
+    See NOTE [ chunked loss head ].
+    """
+    if len(graph.heads) != 1:
+        return None, "the graph has several outputs"
+    sm_index, _ = graph.heads[0]
+    softmax = graph.nodes[sm_index]
+    if softmax.op != "SoftmaxOutput":
+        return None, f"the output is {softmax.op}, not SoftmaxOutput"
+    attrs = dict(softmax.attrs)
+    for name in ("multi_output", "preserve_shape", "out_grad"):
+        if _flag(attrs, name):
+            return None, f"SoftmaxOutput has {name}=True (its gradient is not row-local as chunked)"
+    if float(attrs.get("smooth_alpha", 0.0) or 0.0) != 0.0:
+        return None, "SoftmaxOutput has smooth_alpha (label smoothing is not chunked)"
+    if attrs.get("normalization", "null") not in ("null", "batch", "valid"):
+        return None, f"unknown SoftmaxOutput normalization {attrs.get('normalization')!r}"
+    if len(softmax.inputs) != 2:
+        return None, "SoftmaxOutput without a label input"
+    (fc_index, fc_out), (label_index, _) = softmax.inputs
+    fc = graph.nodes[fc_index]
+    if fc.op != "FullyConnected" or fc_out != 0:
+        return None, "SoftmaxOutput does not read a FullyConnected"
+    consumers = graph.consumers()
+    if consumers[fc_index] != [sm_index]:
+        return None, "the classifier's output has other readers"
+    label = graph.nodes[label_index]
+    while label.kind is NodeKind.OP:
+        if label.op not in _LABEL_RESHAPES or len(label.inputs) != 1:
+            return None, f"the label is computed ({label.op}), not a reshaped variable"
+        label = graph.nodes[label.inputs[0][0]]
+    fc_attrs = dict(fc.attrs)
+    no_bias = _flag(fc_attrs, "no_bias")
+    if len(fc.inputs) != (2 if no_bias else 3):
+        return None, "unexpected FullyConnected inputs"
+    data_index, data_out = fc.inputs[0]
+    weight = graph.nodes[fc.inputs[1][0]]
+    bias = None if no_bias else graph.nodes[fc.inputs[2][0]]
+    if weight.kind is not NodeKind.PARAM or (bias is not None and bias.kind is not NodeKind.PARAM):
+        return None, "the classifier's weight or bias is computed, not a parameter"
+    if graph.nodes[data_index].kind is not NodeKind.OP:
+        return None, "the classifier reads a variable directly (nothing to split before it)"
+    data_shapes = graph.nodes[data_index].output_shapes
+    data_shape = tuple(data_shapes[data_out]) if data_out < len(data_shapes) else ()
+    out_shape = tuple(fc.output_shapes[0]) if fc.output_shapes else ()
+    if len(data_shape) != 2 or len(out_shape) != 2 or data_shape[0] != out_shape[0]:
+        return None, f"the classifier's input {data_shape} is not (rows, hidden)"
+    label_shape = tuple(label.output_shapes[0]) if label.output_shapes else ()
+    if math.prod(label_shape) != out_shape[0]:
+        return None, f"the label {label_shape} is not one class per row (probability labels?)"
+    return LossHead(fc.name, softmax.name, (graph.nodes[data_index].name, data_out), weight.name,
+                    bias.name if bias is not None else None, label.name, out_shape[0], data_shape[1],
+                    out_shape[1], fc_attrs, attrs), ""
+
+
+#: Chunk rows are a multiple of this: CPU GEMM kernels (MKLDNN, OpenBLAS) give a row other bits
+#: when the row count is not (measured: 13-row chunks of a 64 x 16 x 20000 product differ in the
+#: last bit from the whole product, 16-row chunks do not; 96-200-row chunks of 3200 x 512 x
+#: 10000 match too).
+HEAD_ROW_MULTIPLE = 16
+
+
+def head_chunk_rows(rows: int, chunks: int) -> int:
+    """Rows per chunk when ``rows`` are split in (at most) ``chunks`` chunks."""
+    step = -(-rows // max(1, chunks))
+    step = -(-step // HEAD_ROW_MULTIPLE) * HEAD_ROW_MULTIPLE
+    return max(1, min(rows, step))
+
+
+def head_chunk_count(head: LossHead, chunk_bytes: Optional[int] = None) -> int:
+    """Row chunks for a head: work buffers of about ``chunk_bytes`` (default
+    :data:`HEAD_CHUNK_BYTES`; 0 when one chunk would do)."""
+    chunk_bytes = HEAD_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    rows = max(HEAD_ROW_MULTIPLE, chunk_bytes // (4 * head.classes) // HEAD_ROW_MULTIPLE
+               * HEAD_ROW_MULTIPLE)
+    chunks = -(-head.rows // rows)
+    return chunks if chunks > 1 else 0
+
+
+def plan_segments_with_head(graph: Graph, count: int, head: LossHead,
+                            grad_factor: float = DEFAULT_GRAD_FACTOR) -> SegmentPlan:
+    """A plan with (at most) ``count`` segments whose last one is exactly the loss head, run in
+    :func:`head_chunk_count` row chunks (NOTE [ chunked loss head ])."""
+    late = graph.as_late_as_possible()
+    crossings = _Crossings(late)
+    position = {node.name: p for p, node in enumerate(late.nodes)}
+    first_head = min(position[head.fc], position[head.softmax])
+    owned_before = [p for p in range(first_head) if crossings.owned[p]]
+    if not owned_before:
+        raise ValueError("nothing to compute before the loss head")
+    head_cut = owned_before[-1]
+    chain = build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
+                            grad_factor=grad_factor)
+    # choose_cuts spreads the working set of the whole graph; the head's share is large, so ask
+    # for proportionally more pieces to get about ``count - 1`` before the head.
+    before, total = chain.need_prefix[head_cut + 1], chain.need_prefix[-1]
+    scaled = max(1, math.ceil((count - 1) * total / before)) if before > 0 else count - 1
+    cuts = {c for c in choose_cuts(graph, min(scaled, len(late.nodes)), chain, grad_factor)
+            if c < head_cut} | {head_cut}
+    # The operators that merge the steps into the head's input (an unrolled RNN's expand_dims
+    # + Concat + Reshape) get a segment of their own: with the last steps they planned 51-57 MB
+    # against 36-43 for the other segments (the merged tensor and its gradient's split).
+    merge = head_cut
+    while merge > 0 and (not crossings.owned[merge] or late.nodes[merge].op in _MERGE_OPS):
+        merge -= 1
+    if merge < head_cut and crossings.owned[merge] and crossings.valid(merge):
+        cuts = {c for c in cuts if c < merge} | {merge, head_cut}
+    cuts = sorted(cuts)
+    plan = segment_plan_for_cuts(graph, cuts, chain, grad_factor)
+    if set(plan.segments[-1].nodes) - {n for n in plan.segments[-1].nodes
+                                       if late.node(n).op in _LABEL_RESHAPES} != head.nodes:
+        raise ValueError("the last segment is not exactly the loss head")
+    return plan.with_head_chunks(max(2, head_chunk_count(head)))

@@ -17,7 +17,7 @@ import mxnet as mx
 import numpy as np
 
 from ..core.graph import draws_random
-from ..core.segments import Entry, SegmentPlan, SegmentSpec
+from ..core.segments import Entry, LossHead, SegmentPlan, SegmentSpec, head_chunk_rows
 from ..errors import BackendError, ShapeError
 from .convert import MIRROR_ATTR
 from .bind import environment
@@ -119,6 +119,7 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
             new_index[i] = len(new_nodes)
             new_nodes.append(copy)
         heads = [[new_index[index[name]], out, 0] for name, out in segment.outputs]
+        _slice_replayed_steps(new_nodes, heads)
         result = {"nodes": new_nodes,
                   "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
                   "heads": heads}
@@ -126,6 +127,68 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
             result["attrs"] = document["attrs"]
         documents.append(result)
     return documents
+
+
+def _slice_replayed_steps(nodes: List[Dict[str, Any]], heads: List[List[int]]) -> None:
+    """Embed only the steps a segment reads (in place on a segment's node list).
+
+    # NOTE [ slicing the replayed embedding ]
+    # An unrolled language model splits ``Embedding(data)`` into its steps
+    # (``SliceChannel`` with ``squeeze_axis``).  Both are replayed by every
+    # segment (NOTE [ executor segments ]), so each segment embedded the whole
+    # sequence and, in backward, built the gradient of the whole embedding
+    # (zeros for the steps it does not own): about 3 x batch x steps x embed
+    # floats per segment (~19 MB of a 59 MB segment of the 2x512 bench language
+    # model).  Here a segment reading steps lo..hi embeds ``slice_axis(data, lo,
+    # hi + 1)`` and splits that.  The values are the same (a gather); the
+    # embedding weight's gradient adds the same rows in the same order, minus
+    # the zero rows.
+    """
+    def flag(value: Any) -> bool:
+        return str(value).strip().lower() in ("true", "1")
+
+    def readers(index: int) -> List[List[int]]:
+        found = [ref for node in nodes for ref in node.get("inputs", []) if ref[0] == index]
+        return found + [ref for ref in heads if ref[0] == index]
+
+    position = 0
+    while position < len(nodes):
+        node = nodes[position]
+        attrs = node.get("attrs") or {}
+        position += 1
+        if node["op"] != "SliceChannel" or not flag(attrs.get("squeeze_axis", "False")):
+            continue
+        split_index = position - 1
+        embed_index, embed_out = node["inputs"][0][:2]
+        embed = nodes[embed_index]
+        axis = int(attrs.get("axis", 1))
+        if embed["op"] != "Embedding" or embed_out != 0 or axis < 0:
+            continue
+        data_index = embed["inputs"][0][0]
+        if nodes[data_index]["op"] != "null" or len(readers(embed_index)) != 1:
+            continue
+        used = sorted({ref[1] for ref in readers(split_index)})
+        count = int(attrs["num_outputs"])
+        if not used or (used[0] == 0 and used[-1] == count - 1):
+            continue
+        low, high = used[0], used[-1]
+        # Insert slice_axis(data) just before the Embedding (topological order), shifting indices.
+        for other in nodes:
+            for ref in other.get("inputs", []):
+                if ref[0] >= embed_index:
+                    ref[0] += 1
+        for ref in heads:
+            if ref[0] >= embed_index:
+                ref[0] += 1
+        name = f"{nodes[data_index]['name']}_steps_{low}_{high}_of_{node['name']}"
+        nodes.insert(embed_index, {"op": "slice_axis", "inputs": [[data_index, 0, 0]], "name": name,
+                                   "attrs": {"axis": str(axis), "begin": str(low), "end": str(high + 1)}})
+        embed["inputs"][0] = [embed_index, 0, 0]
+        split_index += 1
+        node["attrs"] = dict(attrs, num_outputs=str(high - low + 1))
+        for ref in readers(split_index):
+            ref[1] -= low
+        position += 1
 
 
 def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,
@@ -148,6 +211,152 @@ def _draws_random(symbol: "mx.sym.Symbol") -> bool:
 
 def _zeros(shape: Tuple[int, ...], ctx: "mx.Context", dtype: Any) -> "mx.nd.NDArray":
     return mx.nd.zeros(shape, ctx=ctx, dtype=dtype)
+
+
+def _op_handle(name: str) -> Any:
+    import ctypes
+
+    from mxnet.base import _LIB, OpHandle, c_str, check_call
+
+    handle = OpHandle()
+    check_call(_LIB.NNGetOpHandle(c_str(name), ctypes.byref(handle)))
+    return handle
+
+
+def _invoke(op: str, inputs: Sequence["mx.nd.NDArray"], out: Sequence["mx.nd.NDArray"],
+            attrs: Mapping[str, str]) -> None:
+    """Run an operator (also a ``_backward_*`` one, which has no Python wrapper taking inputs)
+    imperatively into the given outputs."""
+    keys = list(attrs)
+    mx.ndarray._internal._imperative_invoke(_op_handle(op).value, list(inputs), keys,
+                                            [str(attrs[k]) for k in keys], list(out), False, True)
+
+
+def _operator_attrs(attrs: Mapping[str, str]) -> Dict[str, str]:
+    return {k: v for k, v in attrs.items() if not k.startswith("__")}
+
+
+class ChunkedHead:
+    """The loss head (FullyConnected + SoftmaxOutput) run in row chunks (NOTE [ chunked loss head ]
+    in :mod:`mxnet_mirror_hook.core.segments`).
+
+    Parameters
+    ----------
+    head : LossHead
+        What the head computes.
+    chunks : int
+        Row chunks (rows per chunk: :func:`~mxnet_mirror_hook.core.segments.head_chunk_rows` of
+        the bound row count).
+    data, data_grad : NDArray
+        The classifier's input (N, H) and its gradient (a boundary of the chain).
+    data_req : str
+        ``'write'`` or ``'add'`` for ``data_grad``.
+    weight, bias, label : NDArray
+        Arguments of the chain (``bias`` None with ``no_bias``); the label is read as (N,).
+    weight_grad, bias_grad : NDArray or None
+        Gradient arrays (None: not requested).
+    grad_reqs : dict
+        Requests of the weight and bias (``'write'``: the first chunk writes; ``'add'``).
+    """
+
+    def __init__(self, head: LossHead, chunks: int, data: "mx.nd.NDArray", data_grad: "mx.nd.NDArray",
+                 data_req: str, weight: "mx.nd.NDArray", bias: Optional["mx.nd.NDArray"],
+                 label: "mx.nd.NDArray", weight_grad: Optional["mx.nd.NDArray"],
+                 bias_grad: Optional["mx.nd.NDArray"], grad_reqs: Mapping[str, str]) -> None:
+        self.head = head
+        rows, hidden = data.shape
+        classes = weight.shape[0]
+        if label.size != rows:
+            raise ShapeError(f"the loss head's label has {label.size} elements for {rows} rows")
+        ctx, dtype = data.context, data.dtype
+        self.rows, self.classes = rows, classes
+        step = head_chunk_rows(rows, chunks)
+        self.ranges = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        self.data, self.data_grad, self.data_req = data, data_grad, data_req
+        self.weight, self.bias = weight, bias
+        self.label = label.reshape((rows,))
+        self.weight_grad, self.bias_grad = weight_grad, bias_grad
+        self.grad_reqs = dict(grad_reqs)
+        # Everything the head holds is allocated here (so the static figure can count it exactly):
+        # the output Module keeps, one work buffer (classifier output in forward, loss gradient
+        # in backward), the label-gradient buffer and the weight and bias gradient buffers that
+        # FullyConnected's backward writes for the chunks after the first.
+        self.output = mx.nd.zeros((rows, classes), ctx=ctx, dtype=dtype)
+        self._work = mx.nd.zeros((step, classes), ctx=ctx, dtype=dtype)
+        self._label_grad = mx.nd.zeros((step,), ctx=ctx, dtype=dtype)
+        self._bias_work = mx.nd.zeros((classes,), ctx=ctx, dtype=dtype)
+        self._weight_work = mx.nd.zeros((classes, hidden), ctx=ctx, dtype=dtype)
+        self._data_work = (mx.nd.zeros((step, hidden), ctx=ctx, dtype=dtype)
+                           if data_req == "add" else None)
+        self._fc_attrs = _operator_attrs(head.fc_attrs)
+        self._sm_attrs = _operator_attrs(head.softmax_attrs)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the arrays the head allocated."""
+        arrays = [self.output, self._work, self._label_grad, self._bias_work, self._weight_work,
+                  self._data_work]
+        return sum(a.size * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
+
+    def forward(self, is_train: bool) -> None:
+        """Classifier and softmax, chunk by chunk, into the rows of :attr:`output`."""
+        fc_inputs = [self.weight] + ([self.bias] if self.bias is not None else [])
+        mode = mx.autograd.train_mode() if is_train else mx.autograd.predict_mode()
+        with mode:  # SoftmaxOutput's kernel depends on is_train (MKLDNN only in inference)
+            for start, stop in self.ranges:
+                work = self._work[:stop - start]
+                _invoke("FullyConnected", [self.data[start:stop]] + fc_inputs, [work], self._fc_attrs)
+                _invoke("SoftmaxOutput", [work, self.label[start:stop]], [self.output[start:stop]],
+                        self._sm_attrs)
+
+    def _scaled_attrs(self) -> Dict[str, str]:
+        """SoftmaxOutput's parameters for one chunk: the whole batch's normalization folded into
+        ``grad_scale``, computed as MXNet does (float32 ``grad_scale / valid_cnt``)."""
+        attrs = dict(self._sm_attrs)
+        normalization = attrs.pop("normalization", "null")
+        scale = np.float32(float(attrs.get("grad_scale", 1.0)))
+        if normalization == "batch":
+            count = self.rows
+        elif normalization == "valid":
+            ignore = int(np.float32(float(attrs.get("ignore_label", -1.0))))
+            labels = self.label.asnumpy().astype(np.float32).astype(np.int64)
+            count = max(1, self.rows - int(np.count_nonzero(labels == ignore)))
+        else:
+            count = 1
+        attrs["normalization"] = "null"
+        attrs["grad_scale"] = repr(float(np.float32(scale / np.float32(count))))
+        return attrs
+
+    def backward(self) -> None:
+        """Per chunk: SoftmaxOutput's gradient from the kept output, then the classifier's.
+
+        The classifier's gradients come from MXNet's own FullyConnected backward kernel
+        (MKLDNN's here: about four times faster than ``dot`` products on this CPU build, and
+        the input rows' gradient is then bit-identical); it writes the weight gradient, so
+        chunks after the first write into a work buffer that is added to the gradient."""
+        attrs = self._scaled_attrs()
+        w_req = self.grad_reqs.get("weight", "null") if self.weight_grad is not None else "null"
+        b_req = self.grad_reqs.get("bias", "null") if self.bias_grad is not None else "null"
+        fc_inputs = [self.weight]
+        for index, (start, stop) in enumerate(self.ranges):
+            size = stop - start
+            grad = self._work[:size]
+            _invoke("_backward_SoftmaxOutput", [self.output[start:stop], self.label[start:stop]],
+                    [grad, self._label_grad[:size]], attrs)
+            write_w = index == 0 and w_req == "write"
+            write_b = index == 0 and b_req == "write"
+            outputs = [self._data_work[:size] if self.data_req == "add" else self.data_grad[start:stop],
+                       self.weight_grad if write_w else self._weight_work]
+            if self.bias is not None:
+                outputs.append(self.bias_grad if write_b else self._bias_work)
+            _invoke("_backward_FullyConnected", [grad, self.data[start:stop]] + fc_inputs, outputs,
+                    self._fc_attrs)
+            if self.data_req == "add":
+                target = self.data_grad[start:stop]
+                target += self._data_work[:size]
+            if w_req != "null" and not write_w:
+                self.weight_grad += self._weight_work
+            if b_req != "null" and not write_b:
+                self.bias_grad += self._bias_work
 
 
 class SegmentChain:
@@ -242,10 +451,50 @@ class SegmentChain:
                 readers[name] = readers.get(name, 0) + 1
         self._readers = readers
         self._allocate_boundaries()
-        self.execs: List[Optional["mx.executor.Executor"]] = [None] * plan.count
+        # A chunked loss head is not an executor (NOTE [ chunked loss head ]).
+        self.head: Optional[ChunkedHead] = self._make_head() if plan.head_chunks else None
+        self.execs: List[Optional["mx.executor.Executor"]] = [None] * plan.executor_count()
         self._bind_all(shared_exec)
         self._last_state_valid = False
-        self.outputs = self.execs[-1].outputs
+        # NOTE [ outputs outlive the re-runs ]
+        # The last executor's outputs live in the shared pool, which the backward re-runs of the
+        # earlier segments write over (measured: a language model's softmax output changed by
+        # up to 2e-2 after backward when the last segment was the loss alone).  Module reads
+        # outputs after backward (metrics), so with several segments they are copied into
+        # arrays of the chain's own in forward, and the static figure counts them.
+        if self.head is not None:
+            self.outputs = [self.head.output]
+        elif plan.count > 1:
+            self.outputs = [mx.nd.zeros(o.shape, ctx=ctx, dtype=o.dtype) for o in self.execs[-1].outputs]
+        else:
+            self.outputs = self.execs[-1].outputs
+
+    def _make_head(self) -> ChunkedHead:
+        from ..core.segments import LossHead
+
+        segment = self.plan.segments[-1]
+        document = json.loads(self.symbol.tojson())
+        nodes = {n["name"]: n for n in document["nodes"]}
+        softmax = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "SoftmaxOutput")
+        fc = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "FullyConnected")
+        fc_attrs = dict(fc.get("attrs") or {})
+        sm_attrs = dict(softmax.get("attrs") or {})
+        inputs = document["nodes"]
+        data = (inputs[fc["inputs"][0][0]]["name"], int(fc["inputs"][0][1]))
+        weight = inputs[fc["inputs"][1][0]]["name"]
+        bias = inputs[fc["inputs"][2][0]]["name"] if len(fc["inputs"]) > 2 else None
+        label = next(n for n in segment.variables if n not in (weight, bias))
+        rows, hidden = self.boundary[data].shape
+        head = LossHead(fc["name"], softmax["name"], data, weight, bias, label, rows, hidden,
+                        self.arg_dict[weight].shape[0], fc_attrs, sm_attrs)
+        requests = {"weight": self._segment_req(weight)}
+        if bias is not None:
+            requests["bias"] = self._segment_req(bias)
+        data_req = "add" if self._readers.get(boundary_name(data), 0) > 1 else "write"
+        return ChunkedHead(head, self.plan.head_chunks, self.boundary[data], self.boundary_grad[data],
+                           data_req, self.arg_dict[weight], self.arg_dict[bias] if bias else None,
+                           self.arg_dict[label], self.grad_dict[weight],
+                           self.grad_dict[bias] if bias else None, requests)
 
     # ---------------------------------------------------------------- binding
     def _allocate_boundaries(self) -> None:
@@ -314,7 +563,7 @@ class SegmentChain:
             self.execs[owner_index] = owner
             # Largest first: blocks appended to the owner's pool by a large segment can then be
             # reused by the smaller ones (MXNet takes the smallest free block that fits).
-            others = sorted((i for i in range(self.plan.count) if i != owner_index),
+            others = sorted((i for i in range(self.plan.executor_count()) if i != owner_index),
                             key=lambda i: (-self.plan.segments[i].working_bytes, i))
             for index in others:
                 self.execs[index] = self._bind_one(index, owner)
@@ -373,6 +622,11 @@ class SegmentChain:
             if index < last:
                 for entry, output in zip(self.plan.segments[index].outputs, executor.outputs):
                     output.copyto(self.boundary[entry])
+        if self.head is not None:
+            self.head.forward(is_train)
+        elif self.outputs is not self.execs[-1].outputs:
+            for output, kept in zip(self.execs[-1].outputs, self.outputs):
+                output.copyto(kept)  # NOTE [ outputs outlive the re-runs ]
         if replay:
             self._seed(self._seeds[-2])
         self._last_state_valid = bool(is_train)
@@ -396,9 +650,15 @@ class SegmentChain:
         last = self.plan.count - 1
         if isinstance(out_grads, mx.nd.NDArray):
             out_grads = [out_grads]
-        if not self._last_state_valid:
-            self._rerun(last)
-        self.execs[last].backward(out_grads=list(out_grads) if out_grads else None, is_train=is_train)
+        if self.head is not None:
+            # The head's output and input rows stay from forward (no re-run); SoftmaxOutput
+            # ignores head gradients (out_grad=False, checked by loss_head).
+            self.head.backward()
+        else:
+            if not self._last_state_valid:
+                self._rerun(last)
+            self.execs[last].backward(out_grads=list(out_grads) if out_grads else None,
+                                      is_train=is_train)
         for index in range(last - 1, -1, -1):
             self._rerun(index)
             heads = [self.boundary_grad[e] for e in self.plan.segments[index].outputs]
@@ -437,7 +697,11 @@ class SegmentChain:
 
     def debug_str(self) -> str:
         """Each segment's ``debug_str`` (its own full plan; the pool union is not reported)."""
-        return "\n".join(e.debug_str() for e in self.execs)
+        text = "\n".join(e.debug_str() for e in self.execs)
+        if self.head is not None:
+            text += (f"\nChunked loss head ({len(self.head.ranges)} row chunks): "
+                     f"{self.head.allocated_bytes() / 2 ** 20:.1f} MB allocated")
+        return text
 
     def set_monitor_callback(self, callback: Any, monitor_all: bool = False) -> None:
         """Install a monitor callback on every segment executor."""
@@ -509,7 +773,10 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # largest segment's plan; MXNet's best-fit sharing can add some (the bench
     # reports the storage profiler's peak beside this figure).  Boundaries are
     # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
-    # copy the producing executor makes in ``backward``.
+    # copy the producing executor makes in ``backward``.  With several segments the
+    # chain's copy of the outputs is added (NOTE [ outputs outlive the re-runs ]);
+    # a chunked loss head adds the arrays it allocates instead (its output and work
+    # buffers, ``ChunkedHead.allocated_bytes``; NOTE [ chunked loss head ]).
     #
     # Each measuring bind creates its argument and gradient arrays; MXNet pushes
     # their zero-fill (which allocates) and, when the executor is dropped, their
@@ -529,8 +796,13 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
         known[boundary_name((name, int(out)))] = tuple(shape)
     variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
     per_segment = []
+    symbols = split_symbol(symbol, plan)
+    head_mb = 0.0
+    if plan.head_chunks:
+        head_mb = _chunked_head_mb(symbols[-1], plan, known, requests)
+        symbols = symbols[:-1]
     with environment(variables):
-        for sym in split_symbol(symbol, plan):
+        for sym in symbols:
             names = sym.list_arguments()
             seg_shapes = {n: known[n] for n in names if n in known}
             seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
@@ -540,7 +812,34 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
             per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
             mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
     boundary_mb = HEAD_GRAD_COPIES * plan.boundary_bytes / 2 ** 20
-    return max(per_segment) + boundary_mb, per_segment
+    if plan.head_chunks:
+        # The head's arrays are allocated by the chain, beside the executors' pool; its entry in
+        # the per-segment list is 0 so that an executor segment owns the pool.
+        return max(per_segment) + boundary_mb + head_mb, per_segment + [0.0]
+    # The chain's copies of the outputs (NOTE [ outputs outlive the re-runs ]).
+    output_mb = 0.0
+    if plan.count > 1:
+        last = symbols[-1]
+        names = last.list_arguments()
+        _, out_shapes, _ = last.infer_shape(**{n: known[n] for n in names if n in known})
+        output_mb = sum(4 * int(np.prod(shape)) for shape in out_shapes) / 2 ** 20
+    return max(per_segment) + boundary_mb + output_mb, per_segment
+
+
+def _chunked_head_mb(head_symbol: "mx.sym.Symbol", plan: SegmentPlan,
+                     known: Mapping[str, Tuple[int, ...]], requests: Mapping[str, str]) -> float:
+    """MB a :class:`ChunkedHead` allocates (output, work buffers), from the head's shapes."""
+    names = head_symbol.list_arguments()
+    shapes = {n: known[n] for n in names if n in known}
+    _, out_shapes, _ = head_symbol.infer_shape(**shapes)
+    rows, classes = out_shapes[0]
+    data = [n for n in names if n.endswith("_segment_boundary")]
+    hidden = known[data[0]][1]
+    step = head_chunk_rows(rows, plan.head_chunks)
+    readers = sum(1 for s in plan.segments for e in s.inputs if boundary_name(e) == data[0])
+    floats = (rows * classes + step * classes + step + classes + classes * hidden
+              + (step * hidden if readers > 1 else 0))
+    return 4 * floats / 2 ** 20
 
 
 _SWAP_LOCK = threading.RLock()
