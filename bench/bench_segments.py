@@ -59,7 +59,7 @@ CASES = {
 #: Heavy rows: static plans only at the table's batch ('min' budget; a plain run needs ~6.5 GB, more
 #: than this shared bench machine can give), time at batch 4; selected with --cases.
 STATIC_ONLY = {
-    "resnet152_min": ("resnet152_v1b, batch 32, budget 'min' (static plans; time at batch 4)",
+    "resnet152_min": ("resnet152_v1b, batch 32, budget 'min' (time at batch 4)",
                       (32, 3, 224, 224)),
 }
 
@@ -170,6 +170,43 @@ def measure_static(case: str) -> dict:
                 "segments_time": times["segments"] / times["plain"],
                 "time_note": f"batch {TIMING_BATCH}, plans for batch {TIMING_BATCH}"})
     return row
+
+
+def profile_static(case: str, config: str) -> float:
+    """Storage profiler peak (MB) of bind + one forward/backward of a static-only row at its full
+    batch, in this (fresh) process; the plan is made (and cached) before the profiler starts."""
+    from mxnet_mirror_hook.testing.models import gluon_symbol
+
+    _, shape = STATIC_ONLY[case]
+    symbol, _ = gluon_symbol(case.split("_")[0] + "_v1b")
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "profile.json")
+    options = dict(memory_budget="min", cache_dir=os.path.join(folder, "plans"),
+                   backend="segments" if config == "segments" else "mirror")
+    labels = [("softmax_label", (shape[0],))]
+    if config != "plain":
+        plan_mirror(symbol, [("data", shape)], labels, **options)
+        mx.nd.waitall()
+        gc.collect()
+    rng = np.random.RandomState(0)
+    batch = mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, shape))],
+                            [mx.nd.array(rng.randint(0, 1000, (shape[0],)))])
+    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
+                           profile_api=False, aggregate_stats=False, filename=path)
+    mx.profiler.set_state("run")
+    module = mx.mod.Module(symbol) if config == "plain" else MirroredModule(symbol, **options)
+    module.bind([("data", shape)], labels)
+    if config != "plain" and not module.mirror_plan.from_cache:
+        raise RuntimeError("the profiled bind planned again: its peak would count planning binds")
+    module.init_params(mx.init.Xavier())
+    module.forward_backward(batch)
+    mx.nd.waitall()
+    mx.profiler.set_state("stop")
+    mx.profiler.dump()
+    with open(path, "r", encoding="utf-8") as handle:
+        events = json.load(handle)["traceEvents"]
+    values = [v for e in events if e.get("name") == "Memory: cpu/0" for v in e["args"].values()]
+    return max(values) / 2 ** 20
 
 
 def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int,
@@ -381,6 +418,8 @@ def main(argv=None) -> list:
                         help="keep rows of other networks from the last run's --rows file")
     parser.add_argument("--no-bert-profile", dest="bert_profile", action="store_false",
                         help="BERT rows: static plans only (no profiled forward/backward)")
+    parser.add_argument("--no-static-profile", dest="static_profile", action="store_false",
+                        help="resnet152_min: no profiled forward/backward at batch 32")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "CASE", "SEGMENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -390,6 +429,8 @@ def main(argv=None) -> list:
             print(json.dumps(measure_case(case, int(segments), args.iterations)))
         elif kind == "static":
             print(json.dumps(measure_static(case)))
+        elif kind == "static_profile":
+            print(json.dumps({"peak": profile_static(case, segments)}))
         elif kind == "bert":
             print(json.dumps(measure_bert(case)))
         elif case in BERT_CASES:
@@ -405,7 +446,14 @@ def main(argv=None) -> list:
             previous = {row["case"]: row for row in json.load(handle)}
     for case in args.cases.split(","):
         if case in STATIC_ONLY:
-            rows.append(json.loads(_child(["--child", "static", case, "0"], cap=False)))
+            row = json.loads(_child(["--child", "static", case, "0"], cap=False))
+            if args.static_profile:
+                # One forward/backward at the full batch per configuration, each in its own process.
+                for config in ("plain", "mirror", "segments"):
+                    row[f"peak_{config}"] = json.loads(_child(
+                        ["--child", "static_profile", case, config], cap=config == "segments"))["peak"]
+                    log.info("%s %s: profiler peak %.0f MB", case, config, row[f"peak_{config}"])
+            rows.append(row)
             log.info("%s", rows[-1])
             continue
         if case in BERT_CASES:
