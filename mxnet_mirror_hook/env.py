@@ -54,7 +54,11 @@ DO_MIRROR = "MXNET_BACKWARD_DO_MIRROR"
 #: MXNet's "Subgraph backend MKLDNN is activated" line, printed at every bind (set to 0 for
 #: the plugin's own measuring binds unless the user set it).
 SUBGRAPH_VERBOSE = "MXNET_SUBGRAPH_VERBOSE"
-MXNET_VARIABLES = (MEM_PLAN_VERBOSE, MATCH_RANGE, AUTO_SEARCH_MATCH_RANGE, DO_MIRROR, SUBGRAPH_VERBOSE)
+#: MXNet's MKLDNN switch (read: without MKLDNN, CPU convolutions refuse recomputed copies
+#: nothing reads; NOTE [ copies nothing reads ]).
+MKLDNN_ENABLED = "MXNET_MKLDNN_ENABLED"
+MXNET_VARIABLES = (MEM_PLAN_VERBOSE, MATCH_RANGE, AUTO_SEARCH_MATCH_RANGE, DO_MIRROR, SUBGRAPH_VERBOSE,
+                   MKLDNN_ENABLED)
 
 T = TypeVar("T")
 
@@ -134,6 +138,11 @@ def match_range(default: int) -> int:
 def auto_search_match_range() -> bool:
     """Whether nnvm searches its match range (the allocator model cannot follow that)."""
     return (read(AUTO_SEARCH_MATCH_RANGE, "0") or "0") != "0"
+
+
+def mkldnn_switched_off() -> bool:
+    """Whether ``MXNET_MKLDNN_ENABLED`` turns MKLDNN off in this process (MXNet's default: on)."""
+    return read_int(MKLDNN_ENABLED, 1) == 0
 
 
 def quiet_bind() -> Dict[str, str]:

@@ -15,6 +15,7 @@ from ._version import __version__
 from .cache import PlanCache, PlanKey, get_cache, grad_req_digest
 from .core.budget import Budget, BudgetLike
 from .core.cost import recompute_overhead
+from .core.liveness import drop_unread_copies
 from .core.graph import Graph, NodeKind, draws_random, replays_random
 from .core.liveness import kept_bytes
 from .core.units import MB
@@ -292,6 +293,19 @@ def prepare_planning(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: An
                          all_inputs=all_inputs, keep_ops=keep_ops)
 
 
+def _cpu_runs_unread_copies() -> bool:
+    """Whether this process's CPU operators run a recomputed copy nothing reads: with MKLDNN
+    (this build's default) they do; without it MXNet's convolution checks its output request
+    and fails (NOTE [ copies nothing reads ] in core/liveness.py).  cuDNN's convolution on the
+    GPU writes the copy's own (allocated) block and does not check."""
+    if env.mkldnn_switched_off():
+        return False
+    try:
+        return bool(mx.runtime.Features().is_enabled("MKLDNN"))
+    except (AttributeError, RuntimeError, mx.base.MXNetError):
+        return False
+
+
 def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
                 options: Optional[MirrorOptions] = None,
                 planner: Optional[str] = None, memory_budget: BudgetLike = None,
@@ -404,6 +418,15 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     def finish(mirrored: Sequence[str], baseline_mb: float, planned_mb: float, overhead: float,
                from_cache: bool, candidates: Optional[List[Dict[str, Any]]] = None) -> MirrorPlan:
         """The plan for a decision, whether just planned or from the cache."""
+        if not _cpu_runs_unread_copies():
+            runnable = drop_unread_copies(graph, mirrored)
+            if len(runnable) < len(mirrored):
+                logger.warning(
+                    "MKLDNN is off in this process: %d recomputed nodes whose copy nothing reads are "
+                    "not recomputed (MXNet's convolution without MKLDNN refuses such copies; NOTE "
+                    "[ copies nothing reads ]); the planned %.0f MB was measured with them",
+                    len(mirrored) - len(runnable), planned_mb)
+                mirrored = [name for name in mirrored if name in runnable]
         plan = MirrorPlan(
             symbol=template.build(frozenset(mirrored)), baseline_mb=baseline_mb,
             planned_mb=planned_mb, mirrored=tuple(mirrored), planner=planner, overhead=overhead,
@@ -657,7 +680,7 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
         # made for each segment on its own, which knows the segment's own cuts (resnet152_v1b,
         # batch 32: 2 segments, 1138 MB with the global decision, 980 MB planned per segment).
         if one_level.mirrored:
-            candidates += [split.with_mirrored(one_level.mirrored) for split in splits]
+            candidates += [split.with_mirrored(one_level.mirrored, graph) for split in splits]
         candidates += [_per_segment_two_level(symbol, split, setup, options)
                        for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
     measured = []
@@ -718,7 +741,7 @@ def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: P
                                  options=options.replace(memory_budget="min", backend="mirror",
                                                          segments=None, recompute_dropout=False))
         mirrored.update(piece_plan.mirrored)
-    return split.with_mirrored(mirrored)
+    return split.with_mirrored(mirrored, setup.graph)
 
 
 def _segments_result(symbol: "mx.sym.Symbol", one_level: MirrorPlan, chosen: SegmentPlan,

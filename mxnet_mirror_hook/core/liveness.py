@@ -23,7 +23,7 @@
 """
 from __future__ import annotations
 
-from typing import List
+from typing import FrozenSet, Iterable, List
 
 from .graph import Graph, NodeKind
 
@@ -101,3 +101,55 @@ def read_by_backward(graph: Graph) -> List[bool]:
 def kept_bytes(graph: Graph) -> int:
     """Bytes of the operator outputs an unmirrored backward pass reads (kept from forward)."""
     return sum(node.planned_bytes for node, read in zip(graph.nodes, read_by_backward(graph)) if read)
+
+
+#: Single-output operators whose gradient reads none of their outputs in MXNet 1.9 (only the
+#: output gradient and inputs).  Everything else (BatchNorm reads its saved mean and variance,
+#: Pooling and activations their output...) is taken to read its outputs.
+OUTPUT_UNREAD_BY_GRADIENT = frozenset({
+    "Convolution", "Deconvolution", "FullyConnected", "elemwise_add", "_plus", "_Plus",
+    "broadcast_add", "add_n", "ElementWiseSum", "Flatten", "flatten", "Reshape", "reshape",
+    "expand_dims", "Concat", "concat", "_copy",
+})
+
+
+def gradient_reads_output(op: str) -> bool:
+    """Whether the operator's gradient may read one of its own outputs (see
+    :data:`OUTPUT_UNREAD_BY_GRADIENT`; unknown operators: assumed so)."""
+    return op not in OUTPUT_UNREAD_BY_GRADIENT
+
+
+def drop_unread_copies(graph: Graph, mirrored: Iterable[str]) -> FrozenSet[str]:
+    """``mirrored`` without the nodes whose recomputed copy nothing would read.
+
+    # NOTE [ copies nothing reads ]
+    # MXNet 1.9 moves a mirrored node's backward control dependency onto its copy, so
+    # the copy runs even when nothing reads its output: when the node's own gradient
+    # does not read its output (a convolution) and no consumer is recomputed (the
+    # BatchNorm after it is kept).  Such a copy saves nothing, costs a forward of the
+    # node, and gets ``req = kNullOp`` on its output, which the non-MKLDNN convolution
+    # (CPU without MKLDNN, the GPU's non-cuDNN path) refuses: "Check failed:
+    # req[conv::kOut] == kWriteTo".  Measured on resnet50_v1b: mirroring only
+    # ``resnetv1b_layers3_conv0_fwd`` binds and fails there; executor segments hit
+    # it whenever a segment's output (never mirrored) is a kept consumer of a
+    # mirrored convolution.  A copy is read by its own node's gradient when that
+    # gradient reads the output, or through a recomputed consumer; removing nodes
+    # until every remaining one is read that way changes no memory figure.
+    """
+    chosen = set(mirrored)
+    consumers = graph.consumers()
+    changed = True
+    while changed:
+        changed = False
+        for name in sorted(chosen):
+            if name not in graph:
+                continue
+            index = graph.index(name)
+            if gradient_reads_output(graph.nodes[index].op):
+                continue
+            if any(graph.nodes[c].name in chosen for c in consumers[index]):
+                continue
+            chosen.discard(name)
+            changed = True
+    return frozenset(chosen)
+

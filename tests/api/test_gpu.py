@@ -88,3 +88,19 @@ def test_segments_replay_dropout_masks_on_the_gpu():
     assert recorder.masks["backward"][0]
     for name, mask in recorder.masks["backward"][0].items():
         np.testing.assert_array_equal(mask, recorder.masks["forward"][0][name], err_msg=name)
+
+
+@requires_gpu
+def test_a_plan_with_an_unread_convolution_copy_trains_on_the_gpu():
+    """NOTE [ copies nothing reads ]: plans keep recomputed convolutions nothing reads (they
+    change MXNet's memory plan); cuDNN's convolution must run them (the non-cuDNN one refuses)."""
+    from tests.mx import test_unread_copies as unread
+
+    unread._prepare()
+    symbol = small_resnet(4, 16)
+    shape = unread.SHAPES[0][1]
+    module = MirroredModule(symbol, context=mx.gpu(), planner="test-dead-copy", cache_dir=False)
+    args, _ = train(module, shape, 10)
+    plain_args, _ = train(mx.mod.Module(symbol, context=mx.gpu()), shape, 10)
+    for name in plain_args:
+        np.testing.assert_allclose(args[name], plain_args[name], rtol=1e-3, atol=1e-4)

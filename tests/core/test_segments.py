@@ -163,3 +163,44 @@ def test_single_node_graph_gives_one_segment():
     graph = Graph([Node("data", "null", NodeKind.INPUT, [], [(1, 4)]),
                    Node("out", "Activation", NodeKind.OP, [(0, 0)], [(1, 4)])], [(1, 0)])
     assert best_segment_plan(graph).count == 1
+
+
+def _conv_bn_relu_graph():
+    from tests.graphs import GraphBuilder
+
+    builder = GraphBuilder()
+    data = builder.input("data")
+    conv = builder.op("conv", "Convolution", [data], with_weight=True)
+    bn = builder.op("bn", "BatchNorm", [conv])
+    relu = builder.op("relu", "Activation", [bn])
+    conv2 = builder.op("conv2", "Convolution", [relu], with_weight=True)
+    label = builder.input("label", (1,))
+    builder.op("loss", "SoftmaxOutput", [conv2, label])
+    return builder.build()
+
+
+def test_copies_nothing_would_read_are_not_mirrored():
+    # NOTE [ copies nothing reads ]: a convolution's gradient does not read its output, so its
+    # copy is read only through a recomputed consumer; BatchNorm's reads its saved statistics.
+    from mxnet_mirror_hook.core.liveness import drop_unread_copies
+
+    graph = _conv_bn_relu_graph()
+    assert drop_unread_copies(graph, {"conv"}) == frozenset()
+    assert drop_unread_copies(graph, {"conv", "bn"}) == {"conv", "bn"}
+    assert drop_unread_copies(graph, {"conv", "bn", "relu"}) == {"conv", "bn", "relu"}
+    assert drop_unread_copies(graph, {"conv2"}) == frozenset()
+    assert drop_unread_copies(graph, {"relu"}) == {"relu"}
+
+
+def test_a_segment_output_kept_after_a_mirrored_convolution_drops_the_convolution():
+    graph = _conv_bn_relu_graph()
+    plan = plan_segments(graph, 2)
+    outputs = {name for segment in plan.segments[:-1] for name, _ in segment.outputs}
+    everything = [n.name for n in graph.op_nodes if n.can_mirror]
+    with_graph = plan.with_mirrored(everything, graph)
+    for segment in with_graph.segments:
+        assert not segment.mirrored & outputs
+        for name in segment.mirrored:
+            node = graph.node(name)
+            consumers = [graph.nodes[c].name for c in graph.consumers()[graph.index(name)]]
+            assert node.op != "Convolution" or any(c in segment.mirrored for c in consumers)
