@@ -224,6 +224,18 @@ def test_auto_backend_with_a_chunkable_head_is_never_worse_than_one_level(small_
     assert auto.planned_mb <= one_level.planned_mb
 
 
+def _one_step(symbol, plan, shapes, types, requests, values) -> SegmentChain:
+    """A chain for ``plan`` with ``values`` (others seeded uniform) after one forward/backward."""
+    chain = SegmentChain(symbol, plan, mx.cpu(), shapes, types, requests)
+    mx.random.seed(0)
+    for name, array in chain.arg_dict.items():
+        array[:] = values[name] if name in values else mx.nd.random.uniform(-0.3, 0.3, array.shape)
+    chain.forward(is_train=True)
+    chain.backward()
+    mx.nd.waitall()
+    return chain
+
+
 @pytest.mark.parametrize("attrs", [{}, {"normalization": "valid", "use_ignore": True}])
 def test_chunked_head_outputs_are_bit_identical_to_the_unchunked_head(small_chunks, attrs):
     """Same split, head as one executor vs in row chunks: the softmax output and every gradient
@@ -241,13 +253,7 @@ def test_chunked_head_outputs_are_bit_identical_to_the_unchunked_head(small_chun
                                         rng.randint(0, VOCAB, shapes["data"]))}
     results = []
     for plan in (chunked_plan.with_head_chunks(0), chunked_plan):
-        chain = SegmentChain(symbol, plan, mx.cpu(), shapes, types, requests)
-        mx.random.seed(0)
-        for name, array in chain.arg_dict.items():
-            array[:] = values[name] if name in values else mx.nd.random.uniform(-0.3, 0.3, array.shape)
-        chain.forward(is_train=True)
-        chain.backward()
-        mx.nd.waitall()
+        chain = _one_step(symbol, plan, shapes, types, requests, values)
         results.append((chain.outputs[0].asnumpy(),
                         {k: g.asnumpy() for k, g in chain.grad_dict.items() if g is not None}))
     (single, single_grads), (chunked, chunked_grads) = results
@@ -279,13 +285,7 @@ def test_sliced_embedding_gives_the_gradients_of_the_whole_embedding(monkeypatch
             monkeypatch.setattr(mx_segments, "_slice_replayed_steps", lambda nodes, heads: None)
         pieces = [json.loads(s.tojson()) for s in mx_segments.split_symbol(symbol, plan)]
         assert sliced == any(n["op"] == "slice_axis" for p in pieces for n in p["nodes"])
-        chain = SegmentChain(symbol, plan, mx.cpu(), shapes, types, requests)
-        mx.random.seed(0)
-        for name, array in chain.arg_dict.items():
-            array[:] = values[name] if name in values else mx.nd.random.uniform(-0.3, 0.3, array.shape)
-        chain.forward(is_train=True)
-        chain.backward()
-        mx.nd.waitall()
+        chain = _one_step(symbol, plan, shapes, types, requests, values)
         results.append({k: g.asnumpy() for k, g in chain.grad_dict.items() if g is not None})
     for name, grad in results[1].items():
         np.testing.assert_array_equal(results[0][name], grad, err_msg=name)
