@@ -61,3 +61,20 @@ class SyncedModule(mx.mod.Module):
     def _sync_params_from_devices(self):
         mx.nd.waitall()
         super()._sync_params_from_devices()
+
+
+def attached_input_gradients(models, data: "mx.nd.NDArray", label: "mx.nd.NDArray") -> list:
+    """Per model, the gradient of an attached input ``data`` through the model's loss and a second
+    path to the input outside the model (``sum(x * x)``)."""
+    from mxnet import autograd, gluon
+
+    grads = []
+    for model in models:
+        x = data.copy()
+        x.attach_grad()
+        with autograd.record():
+            loss = gluon.loss.SoftmaxCrossEntropyLoss()(model(x), label)
+            extra = (x * x).sum()  # a second path to x outside the mirrored block
+        autograd.backward([loss, extra])
+        grads.append(x.grad.asnumpy())
+    return grads

@@ -17,6 +17,7 @@ from mxnet import autograd, gluon
 
 from mxnet_mirror_hook.errors import GluonMirrorError
 from mxnet_mirror_hook.gluon import is_mirrored, mirror, mirror_state, unmirror
+from tests.helpers import attached_input_gradients
 
 OPTIMIZER = {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4}
 CPUS = [mx.cpu(0), mx.cpu(1)]
@@ -267,15 +268,7 @@ def test_input_gradient_reaches_an_attached_input(tmp_path):
     shape = (4, 3, 16, 16)
     (plain, _), (net, _) = _twins(ConcatNet, tmp_path, shape)
     (data, label), = _batches(1, shape)
-    grads = []
-    for model in (plain, net):
-        x = data.copy()
-        x.attach_grad()
-        with autograd.record():
-            loss = gluon.loss.SoftmaxCrossEntropyLoss()(model(x), label)
-            extra = (x * x).sum()  # a second path to x outside the mirrored block
-        autograd.backward([loss, extra])
-        grads.append(x.grad.asnumpy())
+    grads = attached_input_gradients((plain, net), data, label)
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6, atol=1e-7)
 
 

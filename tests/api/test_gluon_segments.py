@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
+from tests.helpers import attached_input_gradients
 from tests.paths import ROOT
 
 from mxnet_mirror_hook.errors import BackendError  # noqa: E402
@@ -347,15 +348,7 @@ def test_two_forwards_before_one_backward(tmp_path):
 def test_an_attached_input_gets_its_gradient(tmp_path):
     plain, net = _twins("lstm", str(tmp_path), [mx.cpu()], backend="segments", segments=3)
     (data, label), = _batches("lstm", 1)
-    grads = []
-    for model in (plain, net):
-        x = data.copy()
-        x.attach_grad()
-        with autograd.record():
-            loss = gluon.loss.SoftmaxCrossEntropyLoss()(model(x), label)
-            extra = (x * x).sum()  # a second path to x outside the mirrored block
-        autograd.backward([loss, extra])
-        grads.append(x.grad.asnumpy())
+    grads = attached_input_gradients((plain, net), data, label)
     np.testing.assert_allclose(grads[1], grads[0], rtol=ROUNDING, atol=ATOL)
 
 
