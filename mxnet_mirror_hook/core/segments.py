@@ -208,21 +208,20 @@ class SegmentPlan:
         """The same split with the last segment run in ``chunks`` row chunks (0: one executor)."""
         return dataclasses.replace(self, head_chunks=int(chunks))
 
-    def with_mirrored(self, mirrored: Iterable[str], graph: Optional[Graph] = None) -> "SegmentPlan":
+    def with_mirrored(self, mirrored: Iterable[str], graph: Graph) -> "SegmentPlan":
         """The same split with ``force_mirroring`` on ``mirrored`` inside each segment (two levels).
 
         A segment's outputs are never mirrored (they are what the next segments
-        start from).  With ``graph``, nodes whose copy nothing in their segment would
-        read are left out too (NOTE [ copies nothing reads ] in liveness.py: a segment
-        output kept after a mirrored convolution made MXNet refuse the bind without MKLDNN).
+        start from), nor are nodes of ``graph`` whose copy nothing in their segment would
+        read (NOTE [ copies nothing reads ] in liveness.py: a segment output kept after a
+        mirrored convolution made MXNet refuse the bind without MKLDNN).
         """
         chosen = frozenset(mirrored)
         segments = []
         for segment in self.segments:
             outputs = {name for name, _ in segment.outputs}
             inside = frozenset(n for n in segment.nodes if n in chosen and n not in outputs)
-            if graph is not None:
-                inside = drop_unread_copies(graph, inside)
+            inside = drop_unread_copies(graph, inside)
             if self.head_chunks and segment.index == self.count - 1:
                 inside = frozenset()  # a chunked head runs no executor (NOTE [ chunked loss head ])
             segments.append(SegmentSpec(segment.index, segment.nodes, segment.inputs, segment.outputs,

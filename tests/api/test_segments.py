@@ -298,7 +298,7 @@ def test_two_level_chain_gives_the_plain_gradients(name):
     shapes = {"data": data_shape, "softmax_label": label_shape}
     graph = symbol_to_graph(symbol, normalize_inputs([("data", data_shape)]) + normalize_inputs(
         [("softmax_label", label_shape)], "label"))
-    plan = plan_segments(graph, 3).with_mirrored(graph.mirrorable_names)
+    plan = plan_segments(graph, 3).with_mirrored(graph.mirrorable_names, graph)
     assert sum(len(s.mirrored) for s in plan.segments) > 0
     requests = {n: "null" if n in shapes else "write" for n in symbol.list_arguments()}
     chain = SegmentChain(symbol, plan, mx.cpu(), shapes, grad_req=requests)

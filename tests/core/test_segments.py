@@ -122,13 +122,14 @@ def test_a_cut_after_the_graph_output_is_refused():
 
 
 def test_plans_round_trip_through_their_dict_form():
-    plan = plan_segments(residual(5), 3).with_mirrored({"b1_relu1", "b2_relu1"})
+    graph = residual(5)
+    plan = plan_segments(graph, 3).with_mirrored({"b1_relu1", "b2_relu1"}, graph)
     again = SegmentPlan.from_dict(plan.to_dict())
     assert again == plan
     assert {n for s in plan.segments for n in s.mirrored} == {"b1_relu1", "b2_relu1"}
     # The replay flag (recompute_dropout with segments) survives the dict form and the other
     # derivations; entries written before it existed read as False.
-    replayed = plan.with_replay_random().with_mirrored({"b1_relu1"}).with_working_bytes(
+    replayed = plan.with_replay_random().with_mirrored({"b1_relu1"}, graph).with_working_bytes(
         [1] * plan.count)
     assert replayed.replay_random and SegmentPlan.from_dict(replayed.to_dict()) == replayed
     old = plan.to_dict()
@@ -137,9 +138,10 @@ def test_plans_round_trip_through_their_dict_form():
 
 
 def test_two_level_marks_never_mirror_a_segment_output():
-    plan = plan_segments(chain(10), 3)
+    graph = chain(10)
+    plan = plan_segments(graph, 3)
     outputs = {name for s in plan.segments for name, _ in s.outputs}
-    marked = plan.with_mirrored(_owned_ops(chain(10)))
+    marked = plan.with_mirrored(_owned_ops(graph), graph)
     for segment in marked.segments:
         assert not segment.mirrored & outputs
         assert segment.mirrored
