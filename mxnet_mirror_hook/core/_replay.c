@@ -11,7 +11,7 @@
  * the planner's search about 30x faster; the package works without it.
  *
  * The model is handed over once as flat int64 arrays (prepare), then every
- * evaluation passes the sorted forward ids of the mirrored nodes.
+ * evaluation passes the mirrored nodes' names and a dict of their forward ids.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -427,47 +427,12 @@ nomem:
     return REPLAY_NO_MEMORY;
 }
 
-static PyObject *planned_bytes(PyObject *self, PyObject *args) {
-    PyObject *capsule, *copies_object;
-    long long limit;
-    if (!PyArg_ParseTuple(args, "OOL", &capsule, &copies_object, &limit)) return NULL;
-    Model *m = (Model *)PyCapsule_GetPointer(capsule, "mirror_replay_model");
-    if (!m) return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(copies_object, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (view.itemsize != 8 || !view.format || (strcmp(view.format, "q") != 0 && strcmp(view.format, "l") != 0)) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_TypeError, "planned_bytes() wants an int64 array of copies");
-        return NULL;
-    }
-    const i64 *copies = (const i64 *)view.buf;
-    i64 num_copies = view.len / 8;
-    for (i64 i = 0; i < num_copies; i++) {
-        if (copies[i] < 0 || copies[i] >= m->num_forward || (i > 0 && copies[i] <= copies[i - 1])) {
-            PyBuffer_Release(&view);
-            PyErr_SetString(PyExc_ValueError, "copies must be sorted, distinct forward node ids");
-            return NULL;
-        }
-    }
-    i64 result;
-    Py_BEGIN_ALLOW_THREADS
-    result = replay(m, copies, num_copies, limit);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
-    if (result == REPLAY_TOO_MANY_OUTPUTS) {
-        PyErr_Format(PyExc_ValueError, "an operator has more than %d outputs", MAX_OUTPUTS);
-        return NULL;
-    }
-    if (result < 0) return PyErr_NoMemory();
-    return PyLong_FromLongLong(result);
-}
-
 static int compare_ids(const void *a, const void *b) {
     i64 x = *(const i64 *)a, y = *(const i64 *)b;
     return (x > y) - (x < y);
 }
 
-/* planned_bytes(model, mirrored, index, limit): ``mirrored`` an iterable of node names,
+/* planned_bytes_of_names(model, mirrored, index, limit): ``mirrored`` an iterable of node names,
    ``index`` a dict from the names MXNet may recompute to their forward ids (others are
    ignored, as AllocatorModel._mirror_ids does). */
 static PyObject *planned_bytes_of_names(PyObject *self, PyObject *args) {
@@ -526,7 +491,6 @@ static PyMethodDef methods[] = {
     {"planned_bytes_of_names", planned_bytes_of_names, METH_VARARGS,
      "planned_bytes_of_names(model, mirrored, index, limit) -> int"},
     {"prepare", prepare, METH_VARARGS, "prepare(num_forward, match_range, arrays) -> model"},
-    {"planned_bytes", planned_bytes, METH_VARARGS, "planned_bytes(model, copies, limit) -> int"},
     {NULL, NULL, 0, NULL},
 };
 

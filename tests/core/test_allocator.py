@@ -272,7 +272,7 @@ def test_the_compiled_replay_gives_the_python_walks_bytes(seed):
 
 
 @pytest.mark.skipif(allocator._replay is None, reason="the compiled replay was not built (no C compiler)")
-def test_the_compiled_replay_refuses_unsorted_copies_clearly():
+def test_the_compiled_replay_refuses_an_id_that_is_not_a_forward_node_clearly():
     model = AllocatorModel(_two_stage_graph())
-    with pytest.raises(ValueError, match="sorted"):
-        allocator._replay.planned_bytes(model._compiled, allocator.array("q", [2, 1]), -1)
+    with pytest.raises(ValueError, match="not a forward node"):
+        allocator._replay.planned_bytes_of_names(model._compiled, ["c0"], {"c0": 10 ** 6}, -1)
