@@ -76,7 +76,7 @@ class CApiBinder:
 
     def debug_str(self, symbol_json: str, device: Tuple[int, int], shapes: Mapping[str, tuple],
                   type_ids: Optional[Mapping[str, int]], grad_req: Union[str, Dict[str, str]],
-                  log_fd: Optional[int] = None) -> Tuple[str, int]:
+                  ) -> Tuple[str, int]:
         """Bind and return ``(debug_str() text, number of symbol outputs)``; the executor and
         its arrays are freed before returning.
 
@@ -92,8 +92,6 @@ class CApiBinder:
             MXNet dtype ids of inputs (None or empty: MXNet's float32 default).
         grad_req : str or dict
             As for ``simple_bind``.
-        log_fd : int, optional
-            A file descriptor to receive descriptor 2 during the bind (MXNet's memory-plan log).
 
         Raises
         ------
@@ -108,7 +106,7 @@ class CApiBinder:
             names = ctypes.POINTER(ctypes.c_char_p)()
             self._check(lib.MXSymbolListOutputs(symbol, ctypes.byref(count), ctypes.byref(names)))
             num_outputs = count.value
-            executor, arrays = self._bind(symbol, device, shapes, type_ids, grad_req, log_fd)
+            executor, arrays = self._bind(symbol, device, shapes, type_ids, grad_req)
         finally:
             lib.MXSymbolFree(symbol)
         try:
@@ -123,7 +121,7 @@ class CApiBinder:
 
     def _bind(self, symbol: ctypes.c_void_p, device: Tuple[int, int], shapes: Mapping[str, tuple],
               type_ids: Optional[Mapping[str, int]], grad_req: Union[str, Dict[str, str]],
-              log_fd: Optional[int]) -> Tuple[ctypes.c_void_p, List[int]]:
+              ) -> Tuple[ctypes.c_void_p, List[int]]:
         if isinstance(grad_req, str):
             request_count, request_names, request_types = 0, ctypes.POINTER(ctypes.c_char_p)(), \
                 _strings([grad_req])
@@ -153,30 +151,21 @@ class CApiBinder:
         arg_grads = ctypes.POINTER(_handle)()
         aux_states = ctypes.POINTER(_handle)()
         executor = _handle()
-        saved = None
-        if log_fd is not None:
-            saved = os.dup(2)
-            os.dup2(log_fd, 2)
-        try:
-            status = self.lib.MXExecutorSimpleBindEx(
-                symbol, ctypes.c_int(device[0]), ctypes.c_int(device[1]),
-                _uint(0), ctypes.POINTER(ctypes.c_char_p)(), ctypes.POINTER(ctypes.c_int)(),
-                ctypes.POINTER(ctypes.c_int)(),
-                _uint(request_count), request_names, request_types,
-                _uint(len(shape_names)), _strings(shape_names),
-                (ctypes.c_int * len(shape_data))(*shape_data),
-                (_uint * len(shape_index))(*shape_index),
-                _uint(type_count), type_names, type_data,
-                _uint(0), ctypes.POINTER(ctypes.c_char_p)(), ctypes.POINTER(_uint)(),
-                _uint(0), _strings([]),
-                ctypes.byref(shared_buffer_len), ctypes.POINTER(ctypes.c_char_p)(),
-                ctypes.POINTER(_handle)(), ctypes.byref(updated_names), ctypes.byref(updated_handles),
-                ctypes.byref(num_in_args), ctypes.byref(in_args), ctypes.byref(arg_grads),
-                ctypes.byref(num_aux), ctypes.byref(aux_states), _handle(), ctypes.byref(executor))
-        finally:
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
+        status = self.lib.MXExecutorSimpleBindEx(
+            symbol, ctypes.c_int(device[0]), ctypes.c_int(device[1]),
+            _uint(0), ctypes.POINTER(ctypes.c_char_p)(), ctypes.POINTER(ctypes.c_int)(),
+            ctypes.POINTER(ctypes.c_int)(),
+            _uint(request_count), request_names, request_types,
+            _uint(len(shape_names)), _strings(shape_names),
+            (ctypes.c_int * len(shape_data))(*shape_data),
+            (_uint * len(shape_index))(*shape_index),
+            _uint(type_count), type_names, type_data,
+            _uint(0), ctypes.POINTER(ctypes.c_char_p)(), ctypes.POINTER(_uint)(),
+            _uint(0), _strings([]),
+            ctypes.byref(shared_buffer_len), ctypes.POINTER(ctypes.c_char_p)(),
+            ctypes.POINTER(_handle)(), ctypes.byref(updated_names), ctypes.byref(updated_handles),
+            ctypes.byref(num_in_args), ctypes.byref(in_args), ctypes.byref(arg_grads),
+            ctypes.byref(num_aux), ctypes.byref(aux_states), _handle(), ctypes.byref(executor))
         self._check(status)
         arrays = [in_args[i] for i in range(num_in_args.value)]
         arrays += [arg_grads[i] for i in range(num_in_args.value) if arg_grads[i]]

@@ -8,7 +8,6 @@ Together they are :class:`~mxnet_mirror_hook.core.allocator.ExecutedGraph`
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Mapping, Optional
 
@@ -16,10 +15,10 @@ import mxnet as mx
 import numpy as np
 
 from .. import env
-from ..core.allocator import DEFAULT_MATCH_RANGE, ExecutedGraph
-from ..errors import MeasurementError
+from ..core.allocator import ExecutedGraph
 from .bind import GradReq, bind_symbol, environment
-from .text import parse_executed_graph, parse_planned_mb
+from .process import stderr_into
+from .text import capture_match_range, executed_graph_from_text, parse_executed_graph
 
 __all__ = ["capture_executed_graph", "parse_executed_graph"]
 
@@ -39,25 +38,14 @@ def capture_executed_graph(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: M
     MeasurementError
         If MXNet refuses the bind or its log cannot be read.
     """
-    match_range = env.match_range(DEFAULT_MATCH_RANGE)
-    if env.auto_search_match_range():
-        raise MeasurementError(f"{env.AUTO_SEARCH_MATCH_RANGE} is set: the allocator model "
-                               f"follows only a fixed match range")
+    match_range = capture_match_range()
     with tempfile.TemporaryFile(mode="w+b") as log_file:
-        saved = os.dup(2)
-        try:
-            os.dup2(log_file.fileno(), 2)  # the plan is logged during the bind
-            with environment({env.MEM_PLAN_VERBOSE: "1"}):
-                executor = bind_symbol(symbol, ctx, shapes, type_dict, grad_req)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        with stderr_into(log_file), environment({env.MEM_PLAN_VERBOSE: "1"}):
+            executor = bind_symbol(symbol, ctx, shapes, type_dict, grad_req)  # logs its plan
         try:
             debug_text = executor.debug_str()
         finally:
             del executor
         log_file.seek(0)
         log_text = log_file.read().decode("utf-8", "replace")
-    graph = parse_executed_graph(debug_text, log_text, len(symbol.list_outputs()), match_range)
-    graph.measured_mb = parse_planned_mb(debug_text)
-    return graph
+    return executed_graph_from_text(debug_text, log_text, len(symbol.list_outputs()), match_range)

@@ -15,7 +15,7 @@ from .. import env
 from ..core.allocator import DEFAULT_MATCH_RANGE, ExecutedGraph, ExecutedNode
 from ..errors import MeasurementError
 
-__all__ = ["parse_planned_mb", "parse_executed_graph"]
+__all__ = ["parse_planned_mb", "parse_executed_graph", "capture_match_range", "executed_graph_from_text"]
 
 _TOTAL = re.compile(r"Total\s+(\d+(?:\.\d+)?)\s+MB\s+allocated")
 
@@ -185,3 +185,28 @@ def parse_executed_graph(debug_text: str, log_text: str, num_heads: int,
             raise MeasurementError(f"cannot tell which node is the graph output {name}({position})")
         resolved.append((found[0], position))
     return ExecutedGraph(nodes, forward, tuple(resolved), num_heads, match_range)
+
+
+def capture_match_range() -> int:
+    """nnvm's match range for a capture of the executed graph.
+
+    Raises
+    ------
+    MeasurementError
+        When nnvm searches the match range itself (the allocator model follows a fixed one).
+    """
+    match_range = env.match_range(DEFAULT_MATCH_RANGE)
+    if env.auto_search_match_range():
+        raise MeasurementError(f"{env.AUTO_SEARCH_MATCH_RANGE} is set: the allocator model "
+                               f"follows only a fixed match range")
+    return match_range
+
+
+def executed_graph_from_text(debug_text: str, log_text: str, num_heads: int,
+                             match_range: int) -> ExecutedGraph:
+    """The executed graph of a bind from its ``debug_str()`` and memory-plan log, with the
+    bind's planned MB."""
+    graph = parse_executed_graph(debug_text, log_text, num_heads, match_range)
+    graph.measured_mb = parse_planned_mb(debug_text)
+    return graph
+

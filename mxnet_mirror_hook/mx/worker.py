@@ -355,9 +355,9 @@ def _answer_with_library(binder: Any, request: Mapping[str, Any]) -> Dict[str, A
     """One request through MXNet's C API (raises ``CApiUnsupported`` to fall back)."""
     import tempfile
 
-    from ..core.allocator import DEFAULT_MATCH_RANGE
     from .capi import CApiUnsupported
-    from .text import parse_executed_graph, parse_planned_mb
+    from .process import stderr_into
+    from .text import capture_match_range, executed_graph_from_text, parse_planned_mb
 
     if "device" not in request:
         raise CApiUnsupported("the request has no device id")
@@ -368,17 +368,13 @@ def _answer_with_library(binder: Any, request: Mapping[str, Any]) -> Dict[str, A
         if not request.get("capture"):
             debug, _ = binder.debug_str(*args)
             return {"ok": True, "mb": parse_planned_mb(debug)}
-        match_range = env.match_range(DEFAULT_MATCH_RANGE)
-        if env.auto_search_match_range():
-            raise MeasurementError(f"{env.AUTO_SEARCH_MATCH_RANGE} is set: the allocator model "
-                                   f"follows only a fixed match range")
+        match_range = capture_match_range()
         with tempfile.TemporaryFile(mode="w+b") as log_file:
-            with env.scoped({env.MEM_PLAN_VERBOSE: "1"}):
-                debug, num_heads = binder.debug_str(*args, log_fd=log_file.fileno())
+            with stderr_into(log_file), env.scoped({env.MEM_PLAN_VERBOSE: "1"}):
+                debug, num_heads = binder.debug_str(*args)  # logs its plan
             log_file.seek(0)
             log_text = log_file.read().decode("utf-8", "replace")
-    graph = parse_executed_graph(debug, log_text, num_heads, match_range)
-    graph.measured_mb = parse_planned_mb(debug)
+    graph = executed_graph_from_text(debug, log_text, num_heads, match_range)
     return {"ok": True, "executed": graph.to_dict(), "mb": graph.measured_mb}
 
 

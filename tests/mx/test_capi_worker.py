@@ -58,6 +58,11 @@ def test_a_capture_through_the_c_api_gives_an_executed_graph_that_replays_mxnets
     assert graph.measured_mb == planned_mb_in_process(symbol, mx.cpu(), shapes)
     model = AllocatorModel(graph)
     assert model.replays_capture() and model.planned_mb() == graph.measured_mb
+    # The same capture through the package (a request without a device id) is the same graph.
+    request = worker_request(symbol.tojson(), mx.cpu(), shapes, None, "write", capture=True)
+    del request["device"]
+    through_package = capturing.exchange(request)
+    assert through_package["via"] == "package" and through_package["executed"] == reply["executed"]
 
 
 def test_a_bind_mxnet_refuses_is_redone_with_the_package_and_reports_its_error(workers):
