@@ -48,6 +48,14 @@ def build(name):
     return [(gluon_symbol(name)[0], {"data": (32, 3, size, size)})]
 
 
+def _print_row(name, cold, warm, cached, plans, again):
+    """The JSON row a ``--one`` child prints (its last line)."""
+    print(json.dumps({"name": name, "cold": cold, "warm": warm, "cached": cached,
+                      "baseline_mb": [p.baseline_mb for p in plans],
+                      "planned_mb": [p.planned_mb for p in plans],
+                      "same_plan_twice": all(a.mirrored == b.mirrored for a, b in zip(plans, again))}))
+
+
 def one(name):
     """Runs in a fresh process: cold, warm and cached planning of ``name``; prints JSON."""
     from mxnet_mirror_hook import cache, plan_mirror
@@ -73,10 +81,7 @@ def one(name):
                         [(k, v) for k, v in shapes.items() if k != "data"] or None,
                         cache_dir=directory)
         cached = time.perf_counter() - started
-    print(json.dumps({"name": name, "cold": cold, "warm": warm, "cached": cached,
-                      "baseline_mb": [p.baseline_mb for p in plans],
-                      "planned_mb": [p.planned_mb for p in plans],
-                      "same_plan_twice": all(a.mirrored == b.mirrored for a, b in zip(plans, again))}))
+    _print_row(name, cold, warm, cached, plans, again)
 
 
 def one_fit(name):
@@ -109,10 +114,7 @@ def one_fit(name):
     with tempfile.TemporaryDirectory() as directory:
         plan_all(directory)
         cached, _ = plan_all(directory)
-    print(json.dumps({"name": name, "cold": cold, "warm": warm, "cached": cached,
-                      "baseline_mb": [p.baseline_mb for p in plans],
-                      "planned_mb": [p.planned_mb for p in plans],
-                      "same_plan_twice": all(a.mirrored == b.mirrored for a, b in zip(plans, again))}))
+    _print_row(name, cold, warm, cached, plans, again)
 
 
 def measure(name):
