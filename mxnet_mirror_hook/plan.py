@@ -721,7 +721,7 @@ MAX_PER_SEGMENT_PLANS = 4
 def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: PlanningSetup,
                            options: MirrorOptions) -> SegmentPlan:
     """``split`` with a least-memory mirror plan made for each segment symbol on its own."""
-    from .mx.segments import boundary_name, split_symbol
+    from .mx.segments import boundary_name, source_name, split_symbol
 
     given = {name: (shape, dtype) for name, shape, dtype in setup.all_inputs}
     mirrored: set = set()
@@ -730,11 +730,12 @@ def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: P
         pieces = pieces[:-1]  # a chunked head runs no executor
     for segment, piece in pieces:
         arguments = piece.list_arguments()
-        inputs = [(n, given[n][0], given[n][1]) for n in arguments if n in given]
+        inputs = [(n, given[source_name(n)][0], given[source_name(n)][1]) for n in arguments
+                  if source_name(n) in given]
         for entry in segment.inputs:
             key = f"{entry[0]}:{entry[1]}"
             inputs.append((boundary_name(entry), tuple(split.boundary_shapes[key]), "float32"))
-        requests = {n: setup.requests.get(n, "null") for n in arguments}
+        requests = {n: setup.requests.get(source_name(n), "null") for n in arguments}
         requests.update({boundary_name(e): "write" for e in segment.inputs})
         # The pieces are bound as written (a replayed Dropout is the user's), so planned so.
         piece_plan = plan_mirror(piece, inputs, None, grad_req=requests,

@@ -46,6 +46,7 @@ from .planners.dp import DEFAULT_GRAD_FACTOR, CutChain, build_cut_chain
 
 __all__ = ["Entry", "SegmentSpec", "SegmentPlan", "segment_plan_for_cuts", "choose_cuts",
            "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES", "LossHead", "loss_head",
+           "head_buffer_floats", "head_tile",
            "plan_segments_with_head", "head_chunk_count", "head_chunk_rows", "HEAD_CHUNK_BYTES"]
 
 #: A tensor: (producing node's name, output index).
@@ -510,24 +511,31 @@ def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: fl
 #             buffer, SoftmaxOutput of that into the chunk's rows of the one
 #             (N, V) output array Module keeps (metrics read outputs after
 #             backward, so the full softmax output stays);
-#   backward  for each chunk: SoftmaxOutput's gradient, which needs only its
-#             output and the labels, into the work buffer (MXNet's own backward
-#             kernel, so no forward re-run), then FullyConnected's own backward
-#             kernel: the input rows' gradient (written, rows are independent),
-#             the weight and bias gradients accumulated over chunks (the first
-#             chunk writes when the request is 'write'; the others write a
-#             (V, H) work buffer that is added: MXNet's imperative operators
-#             cannot add into their outputs, and ``dot`` products, which could
-#             accumulate in place, ran four times slower than MKLDNN's kernel).
+#   backward  by tiles: column blocks of the classes (as many as row chunks)
+#             times about sqrt(chunks) row parts (:func:`head_tile`).  A tile's
+#             block of SoftmaxOutput's gradient, ``(output - one_hot(label)) *
+#             scale`` with ignored rows zeroed, needs only the kept output and the
+#             labels (the same float32 operations as MXNet's kernel:
+#             bit-identical, tested); FullyConnected's own backward kernel on the
+#             tile (MKLDNN's here: ``dot`` products ran four times slower on this
+#             CPU build) with the block's rows of the weight gives the tile's
+#             partial input gradient (its rows) and partial weight and bias
+#             gradients (the block's rows), each written in place by the first
+#             tile that reaches it and added by the others through one
+#             tile-sized buffer.  Row chunks alone would need a (V, H) buffer for
+#             the weight gradient (MXNet's imperative operators cannot add into
+#             an output: 19.5 MB of the vocabulary-10000 language model), column
+#             blocks alone an (N, H) one for the input's.
 #
-# The head then holds N * V (output) + c * V (work) + V * H (weight-gradient
-# work) + V + c floats instead of MXNet's plan of the whole head, all allocated
-# at bind by the chain and counted in the static figure (NOTE [ static memory of
-# a segment plan ] in mx/segments.py).  Exactness:
-# the outputs and the input gradient are bit-identical to the head as one
-# executor (tests/api/test_segments_head.py) when the chunk rows are a multiple
-# of HEAD_ROW_MULTIPLE; the weight and bias gradients are sums over chunks, so
-# they differ from the one-GEMM sum in float32 rounding (~1e-7 relative).
+# The head then holds N * V (output) + max(c * V, tile) (work) + tile (the
+# labels' one-hot) + the partial gradients' tile-sized buffers, instead of
+# MXNet's plan of the whole head, all allocated at bind by the chain and counted
+# in the static figure (NOTE [ static memory of a segment plan ] in
+# mx/segments.py; :func:`head_buffer_floats`).  Exactness: the outputs are
+# bit-identical to the head as one executor (tests/api/test_segments_head.py)
+# when the chunk rows are a multiple of HEAD_ROW_MULTIPLE; the gradients are
+# sums over tiles, so they differ from the one-GEMM kernel in float32 rounding
+# (~1e-7 relative; with one tile they are bit-identical, tested).
 # SoftmaxOutput's normalization is applied over the whole batch: 'batch' and
 # 'valid' divide by the full row count (or the count of labels other than
 # ignore_label, counted over all rows), folded into each chunk's grad_scale
@@ -590,15 +598,35 @@ class LossHead:
         return frozenset({self.fc, self.softmax})
 
     def head_bytes(self, chunks: int, extra_input_rows: bool = False) -> int:
-        """Bytes a chunked head holds: the output, the (rows, V) work buffer, the label-gradient,
-        weight-gradient and bias-gradient buffers (and a (rows, H) buffer when the input's
-        gradient is accumulated)."""
-        rows = head_chunk_rows(self.rows, chunks)
-        floats = (self.rows * self.classes + rows * self.classes + rows + self.classes
-                  + self.classes * self.hidden)
-        if extra_input_rows:
-            floats += rows * self.hidden
-        return 4 * floats
+        """Bytes a chunked head holds: the output and :func:`head_buffer_floats`' buffers
+        (``extra_input_rows``: the input's gradient is accumulated, 'add')."""
+        sizes = head_buffer_floats(self.rows, self.hidden, self.classes, chunks,
+                                   "add" if extra_input_rows else "write", "write", "write")
+        return 4 * (self.rows * self.classes + sum(sizes.values()))
+
+
+def head_buffer_floats(rows: int, hidden: int, classes: int, chunks: int, data_req: str,
+                       weight_req: str, bias_req: str) -> Dict[str, int]:
+    """Floats of each buffer a chunked head allocates beside its (rows, classes) output
+    (NOTE [ chunked loss head ]): ``work`` (a row chunk's classifier output in forward, a
+    tile's loss gradient in backward), ``one_hot`` (the tile's labels), ``data_work`` (a
+    tile's partial input gradient), ``weight_work`` / ``bias_work`` (a tile's partial weight
+    and bias gradient rows)."""
+    step = head_chunk_rows(rows, chunks)
+    tile_rows, block = head_tile(rows, classes, chunks)
+    row_parts, blocks = -(-rows // tile_rows), -(-classes // block)
+    return {"work": max(step * classes, tile_rows * block), "one_hot": tile_rows * block,
+            "data_work": tile_rows * hidden if (blocks > 1 or data_req == "add") else 0,
+            "weight_work": block * hidden if (row_parts > 1 or weight_req != "write") else 0,
+            "bias_work": block if (row_parts > 1 or bias_req != "write") else 0}
+
+
+def head_tile(rows: int, classes: int, chunks: int) -> Tuple[int, int]:
+    """Rows and classes of a tile of a chunked head's backward: ``chunks`` column blocks of the
+    classes, and about sqrt(chunks) row parts (a multiple of HEAD_ROW_MULTIPLE rows), so that a
+    tile's partial input and weight gradients are small (NOTE [ chunked loss head ])."""
+    block = max(1, -(-classes // max(1, chunks)))
+    return head_chunk_rows(rows, math.ceil(math.sqrt(max(1, chunks)))), block
 
 
 def loss_head(graph: Graph) -> Tuple[Optional[LossHead], str]:

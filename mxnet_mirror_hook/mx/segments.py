@@ -10,20 +10,23 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import threading
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
 from ..core.graph import draws_random
-from ..core.segments import Entry, LossHead, SegmentPlan, SegmentSpec, head_chunk_rows
+from ..core.segments import (Entry, LossHead, SegmentPlan, SegmentSpec, head_buffer_floats,
+                             head_chunk_rows, head_tile)
 from ..errors import BackendError, ShapeError
 from .convert import MIRROR_ATTR
 from .bind import environment
 
-__all__ = ["executor_group_for", "boundary_name", "segment_documents", "split_symbol", "SegmentChain",
-           "GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP"]
+__all__ = ["executor_group_for", "boundary_name", "reader_name", "source_name", "segment_documents",
+           "split_symbol", "SegmentChain", "GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +49,23 @@ def boundary_name(entry: Entry) -> str:
     return f"{entry[0]}_output{entry[1]}_segment_boundary"
 
 
+_READER = re.compile(r"_segment_reader\d+$")
+
+
+def reader_name(name: str, reader: int) -> str:
+    """Name of the ``reader``-th copy of argument ``name`` in a segment (NOTE [ one variable per
+    reader ])."""
+    return f"{name}_segment_reader{reader}"
+
+
+def source_name(name: str) -> str:
+    """The argument a segment variable stands for (itself unless :func:`reader_name` made it)."""
+    return _READER.sub("", name)
+
+
 def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
-                      rerun_cudnn_off: bool = False) -> List[Dict[str, Any]]:
+                      rerun_cudnn_off: bool = False,
+                      auxiliary: frozenset = frozenset()) -> List[Dict[str, Any]]:
     """JSON documents of the segment symbols (JSON surgery, NOTE [ splitting by JSON ]).
 
     # NOTE [ splitting by JSON ]
@@ -120,6 +138,7 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
             new_nodes.append(copy)
         heads = [[new_index[index[name]], out, 0] for name, out in segment.outputs]
         _slice_replayed_steps(new_nodes, heads)
+        _one_variable_per_reader(new_nodes, heads, auxiliary)
         result = {"nodes": new_nodes,
                   "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
                   "heads": heads}
@@ -191,12 +210,181 @@ def _slice_replayed_steps(nodes: List[Dict[str, Any]], heads: List[List[int]]) -
         position += 1
 
 
+def _one_variable_per_reader(nodes: List[Dict[str, Any]], heads: List[List[int]],
+                             auxiliary: frozenset) -> None:
+    """Give each reader of an argument read several times its own variable (in place).
+
+    # NOTE [ one variable per reader ]
+    # MXNet sums the gradients of a variable read by several operators inside
+    # the executor (``sum_grad`` nodes, src/nnvm/gradient.cc) and only then
+    # writes or adds the sum to the gradient array: a running sum and the next
+    # term live in the pool.  In an unrolled LSTM segment that is two arrays
+    # per weight (2 x 4 MB for each of four 2048 x 512 weights: 20 of the 36 MB
+    # of a five-step segment of the bench language model).  A segment already
+    # adds its gradients to the chain's (a weight read by several segments is
+    # bound with 'add'), so here every reader of such an argument gets a
+    # variable of its own (``reader_name``), all bound to the same value and
+    # gradient arrays with 'add' (``SegmentChain._segment_req`` counts readers):
+    # each operator's backward adds its term into the gradient array (kAddTo)
+    # and the pool holds no sums.  The terms are added in backward order one by
+    # one instead of summed first, so the sum is rounded differently (as across
+    # segments already).  Auxiliary states are left alone (read, not
+    # differentiated).  MKLDNN's FullyConnected backward adds through a
+    # temporary of the weight's size (its temp space, not MXNet's pool).
+    """
+    counts: Dict[int, int] = {}
+    for node in nodes:
+        for ref in node.get("inputs", []):
+            counts[ref[0]] = counts.get(ref[0], 0) + 1
+    shared = {i for i, node in enumerate(nodes)
+              if node["op"] == "null" and counts.get(i, 0) > 1 and node["name"] not in auxiliary
+              and not node["name"].endswith("_segment_boundary")}
+    if not shared:
+        return
+    # Rebuild the list: every reader after the first gets its variable inserted just before
+    # it (the list stays topologically ordered); old indices are mapped for the heads.
+    rebuilt: List[Dict[str, Any]] = []
+    moved: Dict[int, int] = {}
+    used = {i: 0 for i in shared}
+    for old, node in enumerate(nodes):
+        if old in shared:
+            moved[old] = len(rebuilt)
+            rebuilt.append(dict(node, name=reader_name(node["name"], 0)))
+            continue
+        inputs = []
+        for ref in node.get("inputs", []):
+            source = ref[0]
+            if source in shared and used[source] > 0:
+                rebuilt.append(dict(nodes[source], name=reader_name(nodes[source]["name"], used[source])))
+                inputs.append([len(rebuilt) - 1] + list(ref[1:]))
+            else:
+                inputs.append([moved[source]] + list(ref[1:]))
+            if source in shared:
+                used[source] += 1
+        moved[old] = len(rebuilt)
+        rebuilt.append(dict(node, inputs=inputs) if "inputs" in node else node)
+    nodes[:] = rebuilt
+    for ref in heads:
+        ref[0] = moved[ref[0]]
+
+
+@dataclass(frozen=True)
+class GatherLayout:
+    """A segment that only places boundary tensors side by side (NOTE [ gathered steps ]).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Shape of the concatenation (the segment's output is that, reshaped row-major).
+    axis : int
+        Concatenation axis.
+    pieces : tuple of (str, int, int)
+        Per boundary variable: its name and its ``[begin, end)`` along ``axis``.
+    """
+
+    shape: Tuple[int, ...]
+    axis: int
+    pieces: Tuple[Tuple[str, int, int], ...]
+
+    def piece_shape(self, begin: int, end: int) -> Tuple[int, ...]:
+        """Shape of ``[begin, end)`` along the axis."""
+        return tuple(end - begin if i == self.axis else d for i, d in enumerate(self.shape))
+
+    def region(self, begin: int, end: int) -> Dict[str, str]:
+        """``slice`` / ``_slice_assign`` parameters of ``[begin, end)`` along the axis."""
+        low = tuple(begin if i == self.axis else None for i in range(len(self.shape)))
+        high = tuple(end if i == self.axis else None for i in range(len(self.shape)))
+        return {"begin": str(low), "end": str(high)}
+
+
+_RESHAPES = frozenset({"Reshape", "reshape", "Flatten", "flatten"})
+_CONCATS = frozenset({"Concat", "concat"})
+
+
+def gather_layout(symbol: "mx.sym.Symbol", shapes: Mapping[str, Tuple[int, ...]]) -> Optional[GatherLayout]:
+    """The :class:`GatherLayout` of a segment symbol made only of ``expand_dims``, one ``Concat``
+    and a final row-major reshape over boundary variables each read once, else None."""
+    document = json.loads(symbol.tojson())
+    nodes = document["nodes"]
+    if len(document["heads"]) != 1:
+        return None
+    index = document["heads"][0][0]
+    while nodes[index]["op"] in _RESHAPES:
+        index = nodes[index]["inputs"][0][0]
+    concat = nodes[index]
+    if concat["op"] not in _CONCATS:
+        return None
+    attrs = concat.get("attrs") or {}
+    names = [n["name"] for n in nodes if n["op"] == "null"]
+    if any(not n.endswith("_segment_boundary") for n in names) or len(set(names)) != len(names):
+        return None
+    sources = []
+    for ref in concat["inputs"]:
+        node, expanded = nodes[ref[0]], None
+        if node["op"] == "expand_dims":
+            expanded = int((node.get("attrs") or {}).get("axis", 0))
+            node = nodes[node["inputs"][0][0]]
+        if node["op"] != "null":
+            return None
+        sources.append((node["name"], expanded))
+    if len({name for name, _ in sources}) != len(sources) or set(names) != {n for n, _ in sources}:
+        return None
+    ndim = len(shapes[sources[0][0]]) + (1 if sources[0][1] is not None else 0)
+    axis = int(attrs.get("dim", 1))
+    axis = axis + ndim if axis < 0 else axis
+    pieces, offset, shape = [], 0, None
+    for name, expanded in sources:
+        piece = list(shapes[name])
+        if expanded is not None:
+            if (expanded + ndim if expanded < 0 else expanded) != axis:
+                return None
+            piece.insert(axis, 1)
+        if len(piece) != ndim:
+            return None
+        if shape is None:
+            shape = list(piece)
+            shape[axis] = 0
+        if [d for i, d in enumerate(piece) if i != axis] != [d for i, d in enumerate(shape) if i != axis]:
+            return None
+        pieces.append((name, offset, offset + piece[axis]))
+        offset += piece[axis]
+    shape[axis] = offset
+    return GatherLayout(tuple(shape), axis, tuple(pieces))
+
+
+def find_gathers(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
+                 shapes: Mapping[str, Tuple[int, ...]]
+                 ) -> Tuple[Dict[int, GatherLayout], Dict[Entry, List[Tuple[int, int, int]]], frozenset]:
+    """The gathering segments of a split (NOTE [ gathered steps ]): their layouts by segment
+    index, for each gathered boundary the ``(segment, begin, end)`` places it goes to, and the
+    boundaries nothing but gathers read (they get no arrays of their own)."""
+    gathers: Dict[int, GatherLayout] = {}
+    for index in range(1, plan.count - 1):
+        if plan.head_chunks and index == plan.count - 1:
+            continue
+        layout = gather_layout(symbols[index], shapes)
+        if layout is not None:
+            gathers[index] = layout
+    by_name = {boundary_name(e): e for s in plan.segments for e in s.inputs}
+    gathered: Dict[Entry, List[Tuple[int, int, int]]] = {}
+    for index, layout in gathers.items():
+        for name, begin, end in layout.pieces:
+            gathered.setdefault(by_name[name], []).append((index, begin, end))
+    readers: Dict[Entry, set] = {}
+    for segment in plan.segments:
+        for entry in segment.inputs:
+            readers.setdefault(tuple(entry), set()).add(segment.index)
+    only = frozenset(e for e in gathered if readers.get(tuple(e), set()) <= set(gathers))
+    return gathers, gathered, only
+
+
 def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,
                  rerun_cudnn_off: bool = False) -> List["mx.sym.Symbol"]:
     """The segment symbols of ``symbol`` under ``plan`` (see :func:`segment_documents`)."""
     document = json.loads(symbol.tojson())
+    auxiliary = frozenset(symbol.list_auxiliary_states())
     return [mx.sym.load_json(json.dumps(d))
-            for d in segment_documents(document, plan, rerun_cudnn_off)]
+            for d in segment_documents(document, plan, rerun_cudnn_off, auxiliary)]
 
 
 #: Seeds drawn for replayed segments are in [1, SEED_LIMIT) (``mx.random.seed`` takes a C int).
@@ -277,24 +465,30 @@ class ChunkedHead:
         self.label = label.reshape((rows,))
         self.weight_grad, self.bias_grad = weight_grad, bias_grad
         self.grad_reqs = dict(grad_reqs)
-        # Everything the head holds is allocated here (so the static figure can count it exactly):
-        # the output Module keeps, one work buffer (classifier output in forward, loss gradient
-        # in backward), the label-gradient buffer and the weight and bias gradient buffers that
-        # FullyConnected's backward writes for the chunks after the first.
+        self._w_req = self.grad_reqs.get("weight", "null") if weight_grad is not None else "null"
+        self._b_req = self.grad_reqs.get("bias", "null") if bias_grad is not None else "null"
+        # Backward runs by tiles of rows x classes (NOTE [ chunked loss head ]).
+        tile_rows, block = head_tile(rows, classes, chunks)
+        self.blocks = [(start, min(classes, start + block)) for start in range(0, classes, block)]
+        self.row_parts = [(start, min(rows, start + tile_rows)) for start in range(0, rows, tile_rows)]
+        # Everything the head holds is allocated here (so the static figure can count it exactly;
+        # head_buffer_floats is the same sum from shapes alone).
+        sizes = head_buffer_floats(rows, hidden, classes, chunks, data_req, self._w_req, self._b_req)
         self.output = mx.nd.zeros((rows, classes), ctx=ctx, dtype=dtype)
-        self._work = mx.nd.zeros((step, classes), ctx=ctx, dtype=dtype)
-        self._label_grad = mx.nd.zeros((step,), ctx=ctx, dtype=dtype)
-        self._bias_work = mx.nd.zeros((classes,), ctx=ctx, dtype=dtype)
-        self._weight_work = mx.nd.zeros((classes, hidden), ctx=ctx, dtype=dtype)
-        self._data_work = (mx.nd.zeros((step, hidden), ctx=ctx, dtype=dtype)
-                           if data_req == "add" else None)
+        self._work = mx.nd.zeros((sizes["work"],), ctx=ctx, dtype=dtype)
+        self._one_hot = mx.nd.zeros((sizes["one_hot"],), ctx=ctx, dtype=dtype)
+        self._data_work = (mx.nd.zeros((tile_rows, hidden), ctx=ctx, dtype=dtype)
+                           if sizes["data_work"] else None)
+        self._weight_work = (mx.nd.zeros((block, hidden), ctx=ctx, dtype=dtype)
+                             if sizes["weight_work"] else None)
+        self._bias_work = mx.nd.zeros((block,), ctx=ctx, dtype=dtype) if sizes["bias_work"] else None
         self._fc_attrs = _operator_attrs(head.fc_attrs)
         self._sm_attrs = _operator_attrs(head.softmax_attrs)
 
     def allocated_bytes(self) -> int:
         """Bytes of the arrays the head allocated."""
-        arrays = [self.output, self._work, self._label_grad, self._bias_work, self._weight_work,
-                  self._data_work]
+        arrays = [self.output, self._work, self._one_hot, self._data_work, self._weight_work,
+                  self._bias_work]
         return sum(a.size * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
 
     def forward(self, is_train: bool) -> None:
@@ -303,60 +497,76 @@ class ChunkedHead:
         mode = mx.autograd.train_mode() if is_train else mx.autograd.predict_mode()
         with mode:  # SoftmaxOutput's kernel depends on is_train (MKLDNN only in inference)
             for start, stop in self.ranges:
-                work = self._work[:stop - start]
+                work = self._work[:(stop - start) * self.classes].reshape((stop - start, self.classes))
                 _invoke("FullyConnected", [self.data[start:stop]] + fc_inputs, [work], self._fc_attrs)
                 _invoke("SoftmaxOutput", [work, self.label[start:stop]], [self.output[start:stop]],
                         self._sm_attrs)
 
-    def _scaled_attrs(self) -> Dict[str, str]:
-        """SoftmaxOutput's parameters for one chunk: the whole batch's normalization folded into
-        ``grad_scale``, computed as MXNet does (float32 ``grad_scale / valid_cnt``)."""
-        attrs = dict(self._sm_attrs)
-        normalization = attrs.pop("normalization", "null")
+    def _scale_and_keep(self) -> Tuple[float, Optional["mx.nd.NDArray"]]:
+        """SoftmaxOutput's gradient scale for the whole batch, computed as MXNet does (float32
+        ``grad_scale / count``), and the (rows, 1) mask of rows whose label is not ignored
+        (None without ``use_ignore``)."""
+        attrs = self._sm_attrs
+        normalization = attrs.get("normalization", "null")
         scale = np.float32(float(attrs.get("grad_scale", 1.0)))
+        use_ignore = str(attrs.get("use_ignore", "False")).lower() in ("true", "1")
+        ignore = float(np.float32(float(attrs.get("ignore_label", -1.0))))
+        keep = None
+        if use_ignore:
+            keep = (self.label != ignore).reshape((self.rows, 1))
         if normalization == "batch":
             count = self.rows
         elif normalization == "valid":
-            ignore = int(np.float32(float(attrs.get("ignore_label", -1.0))))
             labels = self.label.asnumpy().astype(np.float32).astype(np.int64)
-            count = max(1, self.rows - int(np.count_nonzero(labels == ignore)))
+            count = max(1, self.rows - int(np.count_nonzero(labels == int(ignore))))
         else:
             count = 1
-        attrs["normalization"] = "null"
-        attrs["grad_scale"] = repr(float(np.float32(scale / np.float32(count))))
-        return attrs
+        return float(np.float32(scale / np.float32(count))), keep
 
     def backward(self) -> None:
-        """Per chunk: SoftmaxOutput's gradient from the kept output, then the classifier's.
+        """The loss gradient and the classifier's gradients, by tiles of rows x classes.
 
-        The classifier's gradients come from MXNet's own FullyConnected backward kernel
-        (MKLDNN's here: about four times faster than ``dot`` products on this CPU build, and
-        the input rows' gradient is then bit-identical); it writes the weight gradient, so
-        chunks after the first write into a work buffer that is added to the gradient."""
-        attrs = self._scaled_attrs()
-        w_req = self.grad_reqs.get("weight", "null") if self.weight_grad is not None else "null"
-        b_req = self.grad_reqs.get("bias", "null") if self.bias_grad is not None else "null"
-        fc_inputs = [self.weight]
-        for index, (start, stop) in enumerate(self.ranges):
+        For rows ``r0:r1`` and classes ``c0:c1`` the tile of SoftmaxOutput's gradient is
+        ``(output - one_hot(label)) * scale`` (rows of ignored labels zeroed): the same float32
+        operations as MXNet's kernel (bit-identical, tested), from the kept output.
+        FullyConnected's own backward kernel on that tile (MKLDNN's here: about four times
+        faster than ``dot`` on this CPU build) with the block's weight rows gives the tile's
+        partial gradients of the input rows and of the block's weight and bias rows: the first
+        tile to reach a gradient region writes it in place, the others add through a buffer."""
+        scale, keep = self._scale_and_keep()
+        for block_index, (start, stop) in enumerate(self.blocks):
             size = stop - start
-            grad = self._work[:size]
-            _invoke("_backward_SoftmaxOutput", [self.output[start:stop], self.label[start:stop]],
-                    [grad, self._label_grad[:size]], attrs)
-            write_w = index == 0 and w_req == "write"
-            write_b = index == 0 and b_req == "write"
-            outputs = [self._data_work[:size] if self.data_req == "add" else self.data_grad[start:stop],
-                       self.weight_grad if write_w else self._weight_work]
-            if self.bias is not None:
-                outputs.append(self.bias_grad if write_b else self._bias_work)
-            _invoke("_backward_FullyConnected", [grad, self.data[start:stop]] + fc_inputs, outputs,
-                    self._fc_attrs)
-            if self.data_req == "add":
-                target = self.data_grad[start:stop]
-                target += self._data_work[:size]
-            if w_req != "null" and not write_w:
-                self.weight_grad += self._weight_work
-            if b_req != "null" and not write_b:
-                self.bias_grad += self._bias_work
+            attrs = dict(self._fc_attrs, num_hidden=str(size))
+            weight = self.weight[start:stop]
+            for part_index, (low, high) in enumerate(self.row_parts):
+                count = high - low
+                grad = self._work[:count * size].reshape((count, size))
+                one_hot = self._one_hot[:count * size].reshape((count, size))
+                _invoke("slice", [self.output], [grad],
+                        {"begin": f"({low}, {start})", "end": f"({high}, {stop})"})
+                _invoke("one_hot", [self.label[low:high] - start], [one_hot], {"depth": str(size)})
+                _invoke("elemwise_sub", [grad, one_hot], [grad], {})
+                _invoke("_mul_scalar", [grad], [grad], {"scalar": repr(scale)})
+                if keep is not None:
+                    _invoke("broadcast_mul", [grad, keep[low:high]], [grad], {})
+                write_data = block_index == 0 and self.data_req == "write"
+                write_weight = part_index == 0 and self._w_req == "write"
+                write_bias = part_index == 0 and self._b_req == "write"
+                data_out = self.data_grad[low:high] if write_data else self._data_work[:count]
+                outputs = [data_out, self.weight_grad[start:stop] if write_weight
+                           else self._weight_work[:size]]
+                if self.bias is not None:
+                    outputs.append(self.bias_grad[start:stop] if write_bias else self._bias_work[:size])
+                _invoke("_backward_FullyConnected", [grad, self.data[low:high], weight], outputs, attrs)
+                if not write_data:
+                    target = self.data_grad[low:high]
+                    target += self._data_work[:count]
+                if self._w_req != "null" and not write_weight:
+                    target = self.weight_grad[start:stop]
+                    target += self._weight_work[:size]
+                if self.bias is not None and self._b_req != "null" and not write_bias:
+                    target = self.bias_grad[start:stop]
+                    target += self._bias_work[:size]
 
 
 class SegmentChain:
@@ -445,9 +655,15 @@ class SegmentChain:
                 "replaying their draws: backward would differentiate masks forward never used. "
                 "Plan with recompute_dropout=True, or use backend='mirror'")
         self._seeds: Optional[List[int]] = None
+        # Bindings of each argument and boundary (NOTE [ one variable per reader ]: a segment may
+        # bind one several times); the chunked head reads its segment's variables once.
         readers: Dict[str, int] = {}
-        for segment in plan.segments:
-            for name in list(segment.variables) + [boundary_name(e) for e in segment.inputs]:
+        for index, segment in enumerate(plan.segments):
+            if plan.head_chunks and index == plan.count - 1:
+                names = list(segment.variables) + [boundary_name(e) for e in segment.inputs]
+            else:
+                names = [source_name(n) for n in self.symbols[index].list_arguments()]
+            for name in names:
                 readers[name] = readers.get(name, 0) + 1
         self._readers = readers
         self._allocate_boundaries()
@@ -498,22 +714,29 @@ class SegmentChain:
 
     # ---------------------------------------------------------------- binding
     def _allocate_boundaries(self) -> None:
-        """Boundary value and gradient arrays, shapes inferred segment by segment."""
+        """Boundary value and gradient arrays, shapes inferred segment by segment; segments that
+        only gather boundaries are found here (NOTE [ gathered steps ])."""
         self.boundary: Dict[Entry, "mx.nd.NDArray"] = {}
         self.boundary_grad: Dict[Entry, "mx.nd.NDArray"] = {}
         known_shapes = {n: a.shape for n, a in self.arg_dict.items()}
         known_types = {n: a.dtype for n, a in self.arg_dict.items()}
+        outputs: Dict[Entry, Tuple[Tuple[int, ...], Any]] = {}
         for segment, sym in zip(self.plan.segments[:-1], self.symbols[:-1]):
             names = sym.list_arguments()
-            shapes = {n: known_shapes[n] for n in names if n in known_shapes}
-            types = {n: known_types[n] for n in names if n in known_types}
+            shapes = {n: known_shapes[source_name(n)] for n in names if source_name(n) in known_shapes}
+            types = {n: known_types[source_name(n)] for n in names if source_name(n) in known_types}
             _, out_shapes, _ = sym.infer_shape(**shapes)
             _, out_types, _ = sym.infer_type(**types)
             for entry, shape, dtype in zip(segment.outputs, out_shapes, out_types):
                 name = boundary_name(entry)
-                self.boundary[entry] = _zeros(tuple(shape), self.ctx, dtype)
-                self.boundary_grad[entry] = _zeros(tuple(shape), self.ctx, dtype)
+                outputs[entry] = (tuple(shape), dtype)
                 known_shapes[name], known_types[name] = tuple(shape), dtype
+        self.gathers, self.gathered, gathered_only = find_gathers(self.plan, self.symbols, known_shapes)
+        for entry, (shape, dtype) in outputs.items():
+            if entry not in gathered_only:
+                self.boundary[entry] = _zeros(shape, self.ctx, dtype)
+                self.boundary_grad[entry] = _zeros(shape, self.ctx, dtype)
+        self._entry_shapes = {entry: shape for entry, (shape, _) in outputs.items()}
 
     def _segment_req(self, name: str) -> str:
         """Request of one segment argument: summed ('add') when several segments read it."""
@@ -533,13 +756,14 @@ class SegmentChain:
         by_name = {boundary_name(e): e for e in segment.inputs}
         args, grads, requests = {}, {}, {}
         for name in sym.list_arguments():
+            source = source_name(name)  # NOTE [ one variable per reader ]
             if name in by_name:
                 args[name] = self.boundary[by_name[name]]
                 grads[name] = self.boundary_grad[by_name[name]]
             else:
-                args[name] = self.arg_dict[name]
-                grads[name] = self.grad_dict[name]
-            requests[name] = self._segment_req(name)
+                args[name] = self.arg_dict[source]
+                grads[name] = self.grad_dict[source]
+            requests[name] = self._segment_req(source)
             if grads[name] is None:
                 requests[name] = "null"
                 del grads[name]
@@ -550,20 +774,27 @@ class SegmentChain:
     @property
     def pool_owner(self) -> "mx.executor.Executor":
         """The executor whose memory pool the segments share."""
-        return self.execs[self.plan.owner_index()]
+        return self.execs[self._owner_index]
+
+    @property
+    def executors(self) -> List["mx.executor.Executor"]:
+        """The bound executors, in segment order (gathering segments have none)."""
+        return [e for e in self.execs if e is not None]
 
     def _bind_all(self, shared_exec: Optional["mx.executor.Executor"] = None) -> None:
         """Bind the segment with the largest working set first: it owns the pool (MXNet's
         shared_exec takes blocks from the owner's pool, largest first), or shares
         ``shared_exec``'s pool (another bucket) and passes it on."""
         variables = {GRAD_SUM_CAP_ENV: str(self._grad_sum_cap)} if self._grad_sum_cap else {}
-        owner_index = self.plan.owner_index()
+        bound = [i for i in range(self.plan.executor_count()) if i not in self.gathers]
+        owner_index = max(bound, key=lambda i: (self.plan.segments[i].working_bytes, -i))
+        self._owner_index = owner_index
         with environment(variables):
             owner = self._bind_one(owner_index, shared_exec)
             self.execs[owner_index] = owner
             # Largest first: blocks appended to the owner's pool by a large segment can then be
             # reused by the smaller ones (MXNet takes the smallest free block that fits).
-            others = sorted((i for i in range(self.plan.executor_count()) if i != owner_index),
+            others = sorted((i for i in bound if i != owner_index),
                             key=lambda i: (-self.plan.segments[i].working_bytes, i))
             for index in others:
                 self.execs[index] = self._bind_one(index, owner)
@@ -616,12 +847,20 @@ class SegmentChain:
         self._seeds = self._draw_seeds() if replay else None
         last = self.plan.count - 1
         for index, executor in enumerate(self.execs):
+            if executor is None:
+                continue  # a gathering segment: its inputs were placed as they were computed
             if replay and index in self._random_segments:
                 self._seed(self._seeds[index])
             executor.forward(is_train=is_train)
             if index < last:
                 for entry, output in zip(self.plan.segments[index].outputs, executor.outputs):
-                    output.copyto(self.boundary[entry])
+                    for segment, begin, end in self.gathered.get(entry, ()):
+                        layout = self.gathers[segment]
+                        target = self._gather_view(segment, self.boundary)
+                        _invoke("_slice_assign", [target, output.reshape(layout.piece_shape(begin, end))],
+                                [target], layout.region(begin, end))
+                    if entry in self.boundary:
+                        output.copyto(self.boundary[entry])
         if self.head is not None:
             self.head.forward(is_train)
         elif self.outputs is not self.execs[-1].outputs:
@@ -660,13 +899,71 @@ class SegmentChain:
             self.execs[last].backward(out_grads=list(out_grads) if out_grads else None,
                                       is_train=is_train)
         for index in range(last - 1, -1, -1):
+            if self.execs[index] is None:
+                continue  # a gathering segment: its producers take their gradients' slices
             self._rerun(index)
-            heads = [self.boundary_grad[e] for e in self.plan.segments[index].outputs]
+            heads = [self._head_gradient(e) for e in self.plan.segments[index].outputs]
             self.execs[index].backward(out_grads=heads, is_train=is_train)
         if self._random_segments and self._seeds is not None:
             self._seed(self._seeds[-1])
         # The re-runs overwrote the shared pool: another backward must re-run the last segment.
         self._last_state_valid = False
+
+    # NOTE [ gathered steps ]
+    # An unrolled language model merges its steps' outputs into the classifier's
+    # input (expand_dims + Concat + Reshape: the rows of an (N, T, H) tensor).  As
+    # a segment of its own that is pure data movement, yet each step's output is
+    # a boundary (value, gradient, the head-gradient copy of its executor) and
+    # the merged tensor another (three copies again): 6 x N x T x H floats, and
+    # the segment's own plan (the merged tensor and the split of its gradient).
+    # A segment made only of expand_dims, one Concat and a row-major reshape of
+    # boundaries (``gather_layout``) gets no executor: each producer's forward
+    # writes its output straight into its place in the merged tensor's array
+    # (``_slice_assign`` in place), and its backward takes its head gradient as
+    # a slice of the merged tensor's gradient.  A step's output that other
+    # segments read too keeps its arrays (the slice is added to its gradient).
+    # The values are the same (copies); the gradients too (Concat's backward is
+    # that slicing).  Counted in the static figure: the merged tensor's value and
+    # gradient, the producers' head-gradient copies, and the largest slice.
+    def _gather_view(self, segment: int, arrays: Mapping[Entry, "mx.nd.NDArray"]) -> "mx.nd.NDArray":
+        """The merged tensor (value or gradient) of a gathering segment, in its concat shape."""
+        return arrays[tuple(self.plan.segments[segment].outputs[0])].reshape(self.gathers[segment].shape)
+
+    def _head_gradient(self, entry: Entry) -> "mx.nd.NDArray":
+        """The gradient of a segment output for its executor's backward (NOTE [ gathered steps ])."""
+        places = self.gathered.get(entry, ())
+        if not places:
+            return self.boundary_grad[entry]
+        shape = self._entry_shapes[entry]
+        pieces = []
+        for segment, begin, end in places:
+            source = self._gather_view(segment, self.boundary_grad)
+            piece = mx.nd.zeros(self.gathers[segment].piece_shape(begin, end), ctx=self.ctx,
+                                dtype=source.dtype)
+            _invoke("slice", [source], [piece], self.gathers[segment].region(begin, end))
+            pieces.append(piece.reshape(shape))
+        if entry in self.boundary_grad:
+            for piece in pieces:
+                self.boundary_grad[entry] += piece
+            return self.boundary_grad[entry]
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total += piece
+        return total
+
+    def boundary_bytes(self) -> int:
+        """Bytes of the chain's boundary arrays, its executors' head-gradient copies and the
+        largest gathered slice (NOTE [ static memory of a segment plan ])."""
+        def size(a: "mx.nd.NDArray") -> int:
+            return a.size * np.dtype(a.dtype).itemsize
+
+        total = sum(size(a) for a in self.boundary.values()) + sum(size(a) for a in self.boundary_grad.values())
+        last = self.plan.count - 1
+        for index, executor in enumerate(self.execs):
+            if executor is not None and index < last:
+                total += sum(size(o) for o in executor.outputs)
+        slices = [4 * int(np.prod(self._entry_shapes[e])) for e in self.gathered]
+        return total + max(slices, default=0)
 
     def copy_params_from(self, arg_params: Mapping[str, "mx.nd.NDArray"],
                          aux_params: Optional[Mapping[str, "mx.nd.NDArray"]] = None,
@@ -697,7 +994,7 @@ class SegmentChain:
 
     def debug_str(self) -> str:
         """Each segment's ``debug_str`` (its own full plan; the pool union is not reported)."""
-        text = "\n".join(e.debug_str() for e in self.execs)
+        text = "\n".join(e.debug_str() for e in self.executors)
         if self.head is not None:
             text += (f"\nChunked loss head ({len(self.head.ranges)} row chunks): "
                      f"{self.head.allocated_bytes() / 2 ** 20:.1f} MB allocated")
@@ -705,7 +1002,7 @@ class SegmentChain:
 
     def set_monitor_callback(self, callback: Any, monitor_all: bool = False) -> None:
         """Install a monitor callback on every segment executor."""
-        for executor in self.execs:
+        for executor in self.executors:
             executor.set_monitor_callback(callback, monitor_all)
 
 
@@ -773,7 +1070,10 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # largest segment's plan; MXNet's best-fit sharing can add some (the bench
     # reports the storage profiler's peak beside this figure).  Boundaries are
     # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
-    # copy the producing executor makes in ``backward``.  With several segments the
+    # copy the producing executor makes in ``backward``; a boundary only gathering
+    # segments read has the copy alone, the largest gathered slice is added and a
+    # gathering segment plans nothing (NOTE [ gathered steps ]; the chain's own
+    # count is ``SegmentChain.boundary_bytes``).  With several segments the
     # chain's copy of the outputs is added (NOTE [ outputs outlive the re-runs ]);
     # a chunked loss head adds the arrays it allocates instead (its output and work
     # buffers, ``ChunkedHead.allocated_bytes``; NOTE [ chunked loss head ]).
@@ -797,21 +1097,33 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
     per_segment = []
     symbols = split_symbol(symbol, plan)
+    gathers, gathered, gathered_only = find_gathers(plan, symbols, known)
     head_mb = 0.0
     if plan.head_chunks:
         head_mb = _chunked_head_mb(symbols[-1], plan, known, requests)
         symbols = symbols[:-1]
     with environment(variables):
-        for sym in symbols:
+        for index, sym in enumerate(symbols):
+            if index in gathers:
+                per_segment.append(0.0)  # no executor (NOTE [ gathered steps ])
+                continue
             names = sym.list_arguments()
-            seg_shapes = {n: known[n] for n in names if n in known}
+            seg_shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
             seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
-            seg_types.update({n: t for n, t in (type_dict or {}).items() if n in names})
-            seg_req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(n, "null"))
-                       for n in names}
+            seg_types.update({n: (type_dict or {})[source_name(n)] for n in names
+                              if source_name(n) in (type_dict or {})})
+            seg_req = {n: ("write" if n.endswith("_segment_boundary")
+                           else requests.get(source_name(n), "null")) for n in names}
             per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
             mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
-    boundary_mb = HEAD_GRAD_COPIES * plan.boundary_bytes / 2 ** 20
+    # Boundaries: value, gradient and the producer's head-gradient copy (HEAD_GRAD_COPIES); a
+    # boundary only gathers read has the copy alone, and the largest gathered slice is added.
+    # A gathering segment's output has no producing executor, so no copy.
+    entry_bytes = {tuple(e): 4 * int(np.prod(known[boundary_name(e)])) for e in plan.boundaries}
+    merged = {tuple(e) for index in gathers for e in plan.segments[index].outputs}
+    copies = {e: 1 if e in gathered_only else HEAD_GRAD_COPIES - (e in merged) for e in entry_bytes}
+    boundary_mb = (sum(copies[e] * b for e, b in entry_bytes.items())
+                   + max((entry_bytes[tuple(e)] for e in gathered), default=0)) / 2 ** 20
     if plan.head_chunks:
         # The head's arrays are allocated by the chain, beside the executors' pool; its entry in
         # the per-segment list is 0 so that an executor segment owns the pool.
@@ -821,7 +1133,8 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     if plan.count > 1:
         last = symbols[-1]
         names = last.list_arguments()
-        _, out_shapes, _ = last.infer_shape(**{n: known[n] for n in names if n in known})
+        _, out_shapes, _ = last.infer_shape(**{n: known[source_name(n)] for n in names
+                                                if source_name(n) in known})
         output_mb = sum(4 * int(np.prod(shape)) for shape in out_shapes) / 2 ** 20
     return max(per_segment) + boundary_mb + output_mb, per_segment
 
@@ -830,16 +1143,26 @@ def _chunked_head_mb(head_symbol: "mx.sym.Symbol", plan: SegmentPlan,
                      known: Mapping[str, Tuple[int, ...]], requests: Mapping[str, str]) -> float:
     """MB a :class:`ChunkedHead` allocates (output, work buffers), from the head's shapes."""
     names = head_symbol.list_arguments()
-    shapes = {n: known[n] for n in names if n in known}
+    shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
     _, out_shapes, _ = head_symbol.infer_shape(**shapes)
     rows, classes = out_shapes[0]
     data = [n for n in names if n.endswith("_segment_boundary")]
     hidden = known[data[0]][1]
-    step = head_chunk_rows(rows, plan.head_chunks)
     readers = sum(1 for s in plan.segments for e in s.inputs if boundary_name(e) == data[0])
-    floats = (rows * classes + step * classes + step + classes + classes * hidden
-              + (step * hidden if readers > 1 else 0))
-    return 4 * floats / 2 ** 20
+    document = json.loads(head_symbol.tojson())
+    fc = next(n for n in document["nodes"] if n["op"] == "FullyConnected")
+    parameters = [document["nodes"][ref[0]]["name"] for ref in fc["inputs"][1:]]
+    shared = plan.readers()
+
+    def request(name: str) -> str:  # as SegmentChain._segment_req
+        given = requests.get(name, "null")
+        return "add" if given != "null" and len(shared.get(name, [])) > 1 else given
+
+    weight_req = request(parameters[0])
+    bias_req = request(parameters[1]) if len(parameters) > 1 else "null"
+    sizes = head_buffer_floats(rows, hidden, classes, plan.head_chunks,
+                               "add" if readers > 1 else "write", weight_req, bias_req)
+    return 4 * (rows * classes + sum(sizes.values())) / 2 ** 20
 
 
 _SWAP_LOCK = threading.RLock()

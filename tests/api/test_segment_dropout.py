@@ -42,7 +42,7 @@ class MaskRecorder:
         self.masks: Dict[str, List[Dict[str, np.ndarray]]] = {"forward": [], "backward": []}
         self.chains = module._exec_group.execs
         for device, chain in enumerate(self.chains):
-            for executor in chain.execs:
+            for executor in chain.executors:
                 executor.set_monitor_callback(self._callback(device), monitor_all=True)
         self.reset()
 

@@ -32,8 +32,8 @@ from tests.paths import ROOT
 from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirror  # noqa: E402
 from mxnet_mirror_hook.core.segments import SegmentPlan, plan_segments  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
-from mxnet_mirror_hook.mx.segments import (SegmentChain, boundary_name, segment_documents,  # noqa: E402
-                                            split_symbol)
+from mxnet_mirror_hook.mx.segments import (SegmentChain, boundary_name, reader_name,  # noqa: E402
+                                            segment_documents, source_name, split_symbol)
 from mxnet_mirror_hook.testing.models import lstm_language_model, small_resnet  # noqa: E402
 
 
@@ -248,9 +248,12 @@ def test_split_symbols_compute_the_plain_outputs_and_replace_cut_entries_by_vari
         arguments = set(piece.list_arguments())
         assert {boundary_name(e) for e in segment.inputs} <= arguments
         assert len(piece.list_outputs()) == len(segment.outputs)
-    # Every parameter of the symbol is read by some segment; the LSTM weights by several.
+    # Every parameter of the symbol is read by some segment; the LSTM weights by several, and
+    # inside a segment by one variable per reader (NOTE [ one variable per reader ]).
     read = set().union(*(set(p.list_arguments()) for p in pieces))
-    assert set(symbol.list_arguments()) <= read
+    assert set(symbol.list_arguments()) <= {source_name(n) for n in read}
+    assert reader_name("lstm_l0_i2h_weight", 1) in read
+    assert all(source_name(n) == n for n in read if n.endswith("_segment_boundary"))
     assert {"lstm_l0_i2h_weight", "lstm_l1_h2h_weight"} <= set(plan.shared_variables())
 
 
