@@ -335,8 +335,10 @@ def write_section(rows: list, path: str) -> None:
     """Replace (or append) the segments section of RESULTS.md."""
     lines = [BEGIN, "## Executor segments (issue 11)", "",
              "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
-             "boundary tensors + the chain's copy of the outputs, or, for a loss head run in row chunks, "
-             "the head's output and work buffers; NOTE [ static memory of a segment plan ]). "
+             "boundary tensors (value, gradient, the producer's head-gradient copy; a step output "
+             "only the merge of the steps reads: the copy alone) + the chain's copy of the outputs, "
+             "or, for a loss head run in chunks, the head's output and work buffers; NOTE [ static "
+             "memory of a segment plan ]). "
              "Profiler peak: MXNet's storage "
              "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
              "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "
@@ -370,7 +372,7 @@ def write_section(rows: list, path: str) -> None:
                 + (f"{row['mirror_time']:.2f}x ({row['time_note']}) | {row['segments_time']:.2f}x "
                    f"({row['time_note']}) |" if "segments_time" in row else "- | - |"))
             continue
-        head = f", head in {row['head_chunks']} row chunks" if row.get("head_chunks") else ""
+        head = f", head in {row['head_chunks']} chunks" if row.get("head_chunks") else ""
         lines.append(
             f"| {row['description']} | {row['baseline_mb']:.0f} | {row['mirror_mb']:.0f} "
             f"({row['mirror_mb'] / row['baseline_mb']:.2f}x) | {row['segments_mb']:.0f} "

@@ -568,8 +568,8 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
     """
     from dataclasses import replace
 
-    from .core.segments import (MAX_SEGMENTS, best_segment_plan, head_chunk_count, loss_head,
-                                plan_segments, plan_segments_with_head)
+    from .core.segments import (MAX_SEGMENTS, best_segment_plan, full_cut_chain, head_chunk_count,
+                                loss_head, plan_segments, plan_segments_with_head)
     from .mx.segments import segment_planned_mb
 
     backend, segments = options.backend, options.segments
@@ -634,17 +634,18 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
         cache.forget(key)
 
     graph = setup.graph
+    chain = full_cut_chain(graph)  # shared by every split below
     if segments:
-        splits = [plan_segments(graph, segments)]
+        splits = [plan_segments(graph, segments, chain=chain)]
     else:
         # The estimate misses parts of MXNet's per-segment plan (weight-gradient sums of
         # unrolled steps, replayed inputs), so finer splits than its choice are measured too.
         # Coarse splits too: in deep CNNs the early boundaries are large (resnet152_v1b, batch
         # 32, 'min': 3 segments plan 1151 MB, 6 segments 1568 MB).
-        first = best_segment_plan(graph)
+        first = best_segment_plan(graph, chain=chain)
         splits, counts = [], set()
         for count in sorted({2, 3, 4, first.count, first.count * 2, first.count * 3}):
-            split = first if count == first.count else plan_segments(graph, count)
+            split = first if count == first.count else plan_segments(graph, count, chain=chain)
             if split.count > 1 and split.count not in counts:
                 counts.add(split.count)
                 splits.append(split)
@@ -666,7 +667,7 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
                               | {min(MAX_SEGMENTS, 4 * widest)}))
         for count in head_counts:
             try:
-                split = plan_segments_with_head(graph, max(2, count), head)
+                split = plan_segments_with_head(graph, max(2, count), head, chain=chain)
             except ValueError as error:
                 logger.info("loss head not chunked for %d segments: %s", count, error)
                 continue

@@ -356,7 +356,15 @@ class AllocatorModel:
                                                   -1 if limit is None else limit)
         return self._planned_bytes_python(mirrored, limit)
 
-    def _planned_bytes_python(self, mirrored: Iterable[str] = (), limit: Optional[int] = None) -> int:
+    def planned_blocks(self, mirrored: Iterable[str] = ()) -> List[int]:
+        """Bytes of each storage block nnvm's allocator plans (the pool entries an executor
+        asks for at bind; their sum is :meth:`planned_bytes`)."""
+        blocks: List[int] = []
+        self._planned_bytes_python(mirrored, blocks_out=blocks)
+        return blocks
+
+    def _planned_bytes_python(self, mirrored: Iterable[str] = (), limit: Optional[int] = None,
+                              blocks_out: Optional[List[int]] = None) -> int:
         """:meth:`planned_bytes` walked in Python (the specification of ``_replay.c``)."""
         copies = self._mirror_ids(mirrored)
         order, inputs_of = self._order(copies)
@@ -393,7 +401,7 @@ class AllocatorModel:
                             references[entry] -= 1
         return _allocate(order, inputs_of, entries_of, self._inputs, self._entries, references,
                          self._ops_of(copies), offsets, sizes, self._gradient_flags,
-                         self.graph.match_range, limit)
+                         self.graph.match_range, limit, blocks_out)
 
     def _ops_of(self, copies: Sequence[int]) -> List[str]:
         return self._ops + [self._ops[f] for f in copies]
@@ -421,7 +429,8 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
               entries_of: Dict[int, List[int]], base_inputs: Sequence[Sequence[Tuple[int, int]]],
               base_entries: Sequence[List[int]], references: List[int], ops: Sequence[str],
               offsets: Sequence[int], sizes: Sequence[Tuple[int, ...]], gradient_flags: bytearray,
-              match_range: int, limit: Optional[int] = None) -> int:
+              match_range: int, limit: Optional[int] = None,
+              blocks_out: Optional[List[int]] = None) -> int:
     """nnvm's ``PlanMemory`` walk over ``order``; returns the total bytes of its blocks.
 
     Entries are dense ids (``offsets[node] + output``); a block id per entry,
@@ -429,7 +438,8 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
     ``references`` counts the readers of every entry (heads included); nodes in
     ``inputs_of``/``entries_of`` read other inputs than in the unmirrored graph.
     Blocks only grow, so once their total passes ``limit`` the walk stops and
-    returns that partial total (above ``limit``).
+    returns that partial total (above ``limit``).  ``blocks_out``, when given, receives the
+    bytes of every block (MXNet's pool entries of the bind).
     """
     storage = [-2] * len(references)
     block_refs: List[int] = []
@@ -507,6 +517,8 @@ def _allocate(order: Sequence[int], inputs_of: Dict[int, Sequence[Tuple[int, int
             block = storage[base + k]
             if block >= 0 and block_refs[block] == 0:
                 insort(free, (blocks[block], block))
+    if blocks_out is not None:
+        blocks_out.extend(blocks)
     return allocated
 
 

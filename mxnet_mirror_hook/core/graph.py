@@ -189,6 +189,7 @@ class Graph:
             if not 0 <= source < len(self.nodes):
                 raise ValueError(f"graph output refers to missing node {source}")
         self._consumers: Optional[List[List[int]]] = None
+        self._late: Optional["Graph"] = None
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -323,7 +324,14 @@ class Graph:
         # keeps each node next to its first consumer; every edge still goes
         # forward because a producer is always at least one level above its
         # consumers.  Chains and residual networks keep their order.
+        #
+        # Computed once per graph (segment planning asks for it per split).
         """
+        if self._late is None:
+            self._late = self._latest_order()
+        return self._late
+
+    def _latest_order(self) -> "Graph":
         size = len(self.nodes)
         height = [0] * size
         for position in range(size - 1, -1, -1):

@@ -46,7 +46,7 @@ from .planners.dp import DEFAULT_GRAD_FACTOR, CutChain, build_cut_chain
 
 __all__ = ["Entry", "SegmentSpec", "SegmentPlan", "segment_plan_for_cuts", "choose_cuts",
            "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES", "LossHead", "loss_head",
-           "head_buffer_floats", "head_tile",
+           "head_buffer_floats", "head_tile", "shared_pool_bytes", "full_cut_chain",
            "plan_segments_with_head", "head_chunk_count", "head_chunk_rows", "HEAD_CHUNK_BYTES"]
 
 #: A tensor: (producing node's name, output index).
@@ -230,6 +230,32 @@ class SegmentPlan:
         return dataclasses.replace(self, segments=tuple(segments))
 
 
+def shared_pool_bytes(blocks: Sequence[Sequence[int]]) -> int:
+    """Bytes of the memory pool a chain of executors shares, bound in the given order.
+
+    # NOTE [ the shared pool's union ]
+    # MXNet binds an executor with ``shared_exec`` by giving each of its planned
+    # storage blocks, largest first, the smallest block of the shared pool that
+    # is at least as large and not yet given to this executor; a block that
+    # finds none is allocated and appended to the pool (InitDataEntryMemory in
+    # src/executor/graph_executor.cc).  So the pool of a chain is at least its
+    # largest executor's plan and can be more: segments of different shapes
+    # add blocks.  ``blocks`` are the executors' planned block sizes in bind
+    # order (the allocator model's :meth:`planned_blocks`); the result is the
+    # sum of the pool's blocks after the last bind.
+    """
+    pool: List[int] = []
+    for planned in blocks:
+        free = sorted(pool)
+        for size in sorted(planned, reverse=True):
+            position = bisect.bisect_left(free, size)
+            if position < len(free):
+                free.pop(position)
+            else:
+                pool.append(size)
+    return sum(pool)
+
+
 def entry_key(entry: Entry) -> str:
     """``"node:output"``, the key of a boundary in :attr:`SegmentPlan.boundary_shapes`."""
     return f"{entry[0]}:{entry[1]}"
@@ -315,6 +341,15 @@ class _Crossings:
             self.owned[i] for i in range(position + 1, len(self.graph.nodes)))
 
 
+def _crossings_of(late: Graph) -> "_Crossings":
+    """:class:`_Crossings` of a linearised graph, computed once per graph object."""
+    found = getattr(late, "_segment_crossings", None)
+    if found is None:
+        found = _Crossings(late)
+        late._segment_crossings = found  # type: ignore[attr-defined]
+    return found
+
+
 def segment_plan_for_cuts(graph: Graph, cuts: Sequence[int], chain: Optional[CutChain] = None,
                           grad_factor: float = DEFAULT_GRAD_FACTOR,
                           mirrored: Iterable[str] = ()) -> SegmentPlan:
@@ -341,7 +376,7 @@ def segment_plan_for_cuts(graph: Graph, cuts: Sequence[int], chain: Optional[Cut
         outside the last segment.
     """
     late = graph.as_late_as_possible()
-    crossings = _Crossings(late)
+    crossings = _crossings_of(late)
     cuts = list(cuts)
     if any(b <= a for a, b in zip(cuts, cuts[1:])):
         raise ValueError(f"cut positions must increase, got {cuts}")
@@ -441,7 +476,7 @@ def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
     if chain is None:
         chain = build_cut_chain(graph, max_frontier=len(late.nodes), max_cuts=len(late.nodes),
                                 grad_factor=grad_factor)
-    crossings = _Crossings(late)
+    crossings = _crossings_of(late)
     candidates = [p for p in chain.positions[1:-1] if crossings.valid(p)]
     if not candidates:
         return []
@@ -466,25 +501,32 @@ def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
     return cuts
 
 
+def full_cut_chain(graph: Graph, grad_factor: float = DEFAULT_GRAD_FACTOR) -> CutChain:
+    """The cut chain segment planning reads (every cut, any frontier): build it once and pass
+    it to the functions below when planning several splits of one graph."""
+    return build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
+                           grad_factor=grad_factor)
+
+
 def plan_segments(graph: Graph, count: int, grad_factor: float = DEFAULT_GRAD_FACTOR,
-                  mirrored: Iterable[str] = ()) -> SegmentPlan:
-    """A plan with (at most) ``count`` segments (fewer when the graph has fewer cuts)."""
-    chain = build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
-                            grad_factor=grad_factor)
+                  mirrored: Iterable[str] = (), chain: Optional[CutChain] = None) -> SegmentPlan:
+    """A plan with (at most) ``count`` segments (fewer when the graph has fewer cuts);
+    ``chain``: :func:`full_cut_chain` of ``graph`` at ``grad_factor`` (built when None)."""
+    chain = chain if chain is not None else full_cut_chain(graph, grad_factor)
     cuts = choose_cuts(graph, count, chain, grad_factor)
     return segment_plan_for_cuts(graph, cuts, chain, grad_factor, mirrored)
 
 
 def best_segment_plan(graph: Graph, max_count: int = MAX_SEGMENTS, tolerance: float = 0.05,
-                      grad_factor: float = DEFAULT_GRAD_FACTOR) -> SegmentPlan:
+                      grad_factor: float = DEFAULT_GRAD_FACTOR,
+                      chain: Optional[CutChain] = None) -> SegmentPlan:
     """The plan with the least estimated memory over 1..``max_count`` segments.
 
     Among plans within ``tolerance`` of the least estimate the one with the
     fewest segments is returned (each segment costs executor calls and a
-    boundary copy per iteration).
+    boundary copy per iteration).  ``chain`` as in :func:`plan_segments`.
     """
-    chain = build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
-                            grad_factor=grad_factor)
+    chain = chain if chain is not None else full_cut_chain(graph, grad_factor)
     plans: List[SegmentPlan] = []
     seen = set()
     for count in range(1, max_count + 1):
@@ -711,19 +753,19 @@ def head_chunk_count(head: LossHead, chunk_bytes: Optional[int] = None) -> int:
 
 
 def plan_segments_with_head(graph: Graph, count: int, head: LossHead,
-                            grad_factor: float = DEFAULT_GRAD_FACTOR) -> SegmentPlan:
+                            grad_factor: float = DEFAULT_GRAD_FACTOR,
+                            chain: Optional[CutChain] = None) -> SegmentPlan:
     """A plan with (at most) ``count`` segments whose last one is exactly the loss head, run in
     :func:`head_chunk_count` row chunks (NOTE [ chunked loss head ])."""
     late = graph.as_late_as_possible()
-    crossings = _Crossings(late)
+    crossings = _crossings_of(late)
     position = {node.name: p for p, node in enumerate(late.nodes)}
     first_head = min(position[head.fc], position[head.softmax])
     owned_before = [p for p in range(first_head) if crossings.owned[p]]
     if not owned_before:
         raise ValueError("nothing to compute before the loss head")
     head_cut = owned_before[-1]
-    chain = build_cut_chain(graph, max_frontier=len(graph.nodes), max_cuts=len(graph.nodes),
-                            grad_factor=grad_factor)
+    chain = chain if chain is not None else full_cut_chain(graph, grad_factor)
     # choose_cuts spreads the working set of the whole graph; the head's share is large, so ask
     # for proportionally more pieces to get about ``count - 1`` before the head.
     before, total = chain.need_prefix[head_cut + 1], chain.need_prefix[-1]

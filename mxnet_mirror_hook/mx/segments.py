@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..core.graph import draws_random
 from ..core.segments import (Entry, LossHead, SegmentPlan, SegmentSpec, head_buffer_floats,
-                             head_chunk_rows, head_tile)
+                             head_chunk_rows, head_tile, shared_pool_bytes)
 from ..errors import BackendError, ShapeError
 from .convert import MIRROR_ATTR
 from .bind import environment
@@ -359,9 +360,7 @@ def find_gathers(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
     index, for each gathered boundary the ``(segment, begin, end)`` places it goes to, and the
     boundaries nothing but gathers read (they get no arrays of their own)."""
     gathers: Dict[int, GatherLayout] = {}
-    for index in range(1, plan.count - 1):
-        if plan.head_chunks and index == plan.count - 1:
-            continue
+    for index in range(1, plan.count - 1):  # the first has nothing to gather, the last no reader
         layout = gather_layout(symbols[index], shapes)
         if layout is not None:
             gathers[index] = layout
@@ -957,7 +956,7 @@ class SegmentChain:
         def size(a: "mx.nd.NDArray") -> int:
             return a.size * np.dtype(a.dtype).itemsize
 
-        total = sum(size(a) for a in self.boundary.values()) + sum(size(a) for a in self.boundary_grad.values())
+        total = sum(size(a) for arrays in (self.boundary, self.boundary_grad) for a in arrays.values())
         last = self.plan.count - 1
         for index, executor in enumerate(self.execs):
             if executor is not None and index < last:
@@ -1064,11 +1063,17 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     """Static memory of a segment plan in MB, and MXNet's planned MB of each segment.
 
     # NOTE [ static memory of a segment plan ]
-    # Each segment symbol is bound on its own (in this process: the gradient-sum
-    # cap is read from the environment at bind) and its ``debug_str`` total read.
-    # The chain shares one pool, so its intermediate storage is at least the
-    # largest segment's plan; MXNet's best-fit sharing can add some (the bench
-    # reports the storage profiler's peak beside this figure).  Boundaries are
+    # Each segment symbol is bound on its own, in a capture worker started under
+    # the gradient-sum cap (NOTE [ the gradient-sum cap is read once per process
+    # ]), which reports MXNet's ``debug_str`` total and the executed graph; the
+    # allocator model replays that into the segment's storage blocks (checked
+    # against the total).  A segment's figure is measured once per structure
+    # (NOTE [ segments planned once per structure ]).  The chain's executors
+    # share one pool: the figure counts the pool MXNet builds from those blocks
+    # in the chain's bind order (NOTE [ the shared pool's union ] in
+    # core/segments.py), or the largest segment's plan when a segment's blocks
+    # cannot be modelled (a lower bound, logged).  The bench reports the storage
+    # profiler's peak beside this figure.  Boundaries are
     # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
     # copy the producing executor makes in ``backward``; a boundary only gathering
     # segments read has the copy alone, the largest gathered slice is added and a
@@ -1078,16 +1083,14 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # a chunked loss head adds the arrays it allocates instead (its output and work
     # buffers, ``ChunkedHead.allocated_bytes``; NOTE [ chunked loss head ]).
     #
-    # Each measuring bind creates its argument and gradient arrays; MXNet pushes
-    # their zero-fill (which allocates) and, when the executor is dropped, their
-    # release to the engine, which works through them later.  Without a wait a
-    # plan of many candidates piles them up: BERT-base (15 candidates, 171
-    # segment binds of ~0.9 GB of parameters and gradients each) reached 16-19 GB
-    # resident at the next synchronisation and was killed by the OOM killer.
-    # Waiting after each bind keeps it to one bind's arrays.
+    # Binds run in a worker, not in the planning process: every MXNet bind keeps
+    # native memory no release frees (NOTE [ why measurements run in a worker
+    # process ] in worker.py), and BERT-base's 171 segment binds in process had
+    # piled up 16-19 GB of argument arrays.  Only segments with ``Custom``
+    # operators (registered in this process alone) are bound here, with a wait
+    # after each bind so that their arrays are released before the next.
     """
     from ..core.segments import HEAD_GRAD_COPIES
-    from .measure import planned_mb_in_process
 
     requests = dict(grad_req or {})
     known = {name: tuple(shape) for name, shape in shapes.items()}
@@ -1098,24 +1101,30 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     per_segment = []
     symbols = split_symbol(symbol, plan)
     gathers, gathered, gathered_only = find_gathers(plan, symbols, known)
+    blocks: List[Optional[List[int]]] = []
     head_mb = 0.0
     if plan.head_chunks:
         head_mb = _chunked_head_mb(symbols[-1], plan, known, requests)
         symbols = symbols[:-1]
-    with environment(variables):
-        for index, sym in enumerate(symbols):
-            if index in gathers:
-                per_segment.append(0.0)  # no executor (NOTE [ gathered steps ])
-                continue
-            names = sym.list_arguments()
-            seg_shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
-            seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
-            seg_types.update({n: (type_dict or {})[source_name(n)] for n in names
-                              if source_name(n) in (type_dict or {})})
-            seg_req = {n: ("write" if n.endswith("_segment_boundary")
-                           else requests.get(source_name(n), "null")) for n in names}
-            per_segment.append(planned_mb_in_process(sym, ctx, seg_shapes, seg_types or None, seg_req))
-            mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
+    for index, sym in enumerate(symbols):
+        if index in gathers:
+            per_segment.append(0.0)  # no executor (NOTE [ gathered steps ])
+            blocks.append([])
+            continue
+        names = sym.list_arguments()
+        seg_shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
+        seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
+        seg_types.update({n: (type_dict or {})[source_name(n)] for n in names
+                          if source_name(n) in (type_dict or {})})
+        seg_req = {n: ("write" if n.endswith("_segment_boundary")
+                       else requests.get(source_name(n), "null")) for n in names}
+        key = _segment_key(sym, ctx, seg_shapes, seg_types, seg_req, variables)
+        if key not in _SEGMENT_MB:
+            _SEGMENT_MB[key] = _measure_segment(sym, ctx, seg_shapes, seg_types, seg_req, variables)
+            while len(_SEGMENT_MB) > _SEGMENT_MB_LIMIT:
+                _SEGMENT_MB.pop(next(iter(_SEGMENT_MB)))
+        per_segment.append(_SEGMENT_MB[key][0])
+        blocks.append(_SEGMENT_MB[key][1])
     # Boundaries: value, gradient and the producer's head-gradient copy (HEAD_GRAD_COPIES); a
     # boundary only gathers read has the copy alone, and the largest gathered slice is added.
     # A gathering segment's output has no producing executor, so no copy.
@@ -1124,10 +1133,11 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     copies = {e: 1 if e in gathered_only else HEAD_GRAD_COPIES - (e in merged) for e in entry_bytes}
     boundary_mb = (sum(copies[e] * b for e, b in entry_bytes.items())
                    + max((entry_bytes[tuple(e)] for e in gathered), default=0)) / 2 ** 20
+    pool_mb = _pool_mb(per_segment, blocks, gathers)
     if plan.head_chunks:
         # The head's arrays are allocated by the chain, beside the executors' pool; its entry in
         # the per-segment list is 0 so that an executor segment owns the pool.
-        return max(per_segment) + boundary_mb + head_mb, per_segment + [0.0]
+        return pool_mb + boundary_mb + head_mb, per_segment + [0.0]
     # The chain's copies of the outputs (NOTE [ outputs outlive the re-runs ]).
     output_mb = 0.0
     if plan.count > 1:
@@ -1136,7 +1146,95 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
         _, out_shapes, _ = last.infer_shape(**{n: known[source_name(n)] for n in names
                                                 if source_name(n) in known})
         output_mb = sum(4 * int(np.prod(shape)) for shape in out_shapes) / 2 ** 20
-    return max(per_segment) + boundary_mb + output_mb, per_segment
+    return pool_mb + boundary_mb + output_mb, per_segment
+
+
+def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
+                     types: Mapping[str, Any], requests: Mapping[str, str],
+                     variables: Mapping[str, str]) -> Tuple[float, Optional[List[int]]]:
+    """MXNet's planned MB of a segment and its storage blocks (None when they cannot be
+    modelled; NOTE [ the shared pool's union ] in core/segments.py).
+
+    Bound in a capture worker started under ``variables`` (the gradient-sum cap), which
+    reports the planned MB and the executed graph the allocator model replays into blocks;
+    the model's total must reproduce MXNet's (``debug_str`` rounds down to whole MB).  A
+    symbol the workers cannot bind (``Custom`` operators) is bound in this process, which
+    gives the MB only.
+    """
+    from ..core.allocator import AllocatorModel, ExecutedGraph
+    from .measure import measures_in_process, planned_mb_in_process, worker_request
+    from .worker import get_segment_worker
+
+    text = symbol.tojson()
+    if measures_in_process(text):
+        with environment(variables):
+            mb = planned_mb_in_process(symbol, ctx, shapes, dict(types) or None, requests)
+        mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
+        return mb, None
+    reply = get_segment_worker(variables).exchange(
+        worker_request(text, ctx, shapes, dict(types) or None, requests, capture=True))
+    graph = ExecutedGraph.from_dict(reply["executed"])
+    mb = float(graph.measured_mb)
+    found = AllocatorModel(graph).planned_blocks()
+    if not 0 <= sum(found) / 2 ** 20 - mb < 1 + 0.01 * mb:
+        logger.debug("allocator model %.2f MB against MXNet's %.0f MB: blocks not used",
+                     sum(found) / 2 ** 20, mb)
+        return mb, None
+    return mb, found
+
+
+def _pool_mb(per_segment: Sequence[float], blocks: Sequence[Optional[List[int]]],
+             gathers: Mapping[int, Any]) -> float:
+    """MB of the chain's shared pool: the union of the segments' blocks in the chain's bind
+    order (NOTE [ the shared pool's union ]), or, when some segment's blocks are unknown, the
+    largest segment's plan (a lower bound, logged)."""
+    bound = [i for i in range(len(blocks)) if i not in gathers]
+    if any(blocks[i] is None for i in bound):
+        logger.info("the shared pool of the segment chain is counted as its largest segment's plan "
+                    "(a lower bound): some segment's storage blocks could not be modelled")
+        return max(per_segment)
+    owner = max(bound, key=lambda i: (per_segment[i], -i))
+    order = [owner] + sorted((i for i in bound if i != owner), key=lambda i: (-per_segment[i], i))
+    return shared_pool_bytes([blocks[i] for i in order]) / 2 ** 20
+
+
+# NOTE [ segments planned once per structure ]
+# An unrolled network's segments are mostly the same operators on other
+# steps: the 21 segments of the vocabulary-10000 language model are four
+# distinct graphs, and a bucket of another length repeats them again.  MXNet's
+# plan depends on the operators, their parameters, the edges and the shapes,
+# types and gradient requests of the variables, not on names; so a segment's
+# planned MB is kept under a key of exactly those (names replaced by positions)
+# and bound once per process.  The key also holds the context and the
+# environment the bind runs under (the gradient-sum cap).
+_SEGMENT_MB: Dict[str, Tuple[float, Optional[List[int]]]] = {}
+_SEGMENT_MB_LIMIT = 4096
+
+
+def _segment_key(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
+                 types: Mapping[str, Any], requests: Mapping[str, str],
+                 environment_vars: Mapping[str, str]) -> str:
+    """Name-free key of a segment bind (NOTE [ segments planned once per structure ])."""
+    document = json.loads(symbol.tojson())
+    nodes = []
+    for node in document["nodes"]:
+        if node["op"] == "null":
+            name = node["name"]
+            dtype = types.get(name)
+            nodes.append(["var", list(shapes.get(name, ())), np.dtype(dtype).name if dtype is not None
+                          else None, requests.get(name, "null"), node.get("attrs", {})])
+        else:
+            attrs = dict(node.get("attrs", {}))
+            if (node["op"] == "slice_axis" and attrs.get("end") not in (None, "None")
+                    and int(attrs.get("begin", 0)) >= 0 and int(attrs["end"]) >= 0):
+                # Which steps a segment embeds (NOTE [ slicing the replayed embedding ]) does not
+                # change the plan; how many does.
+                attrs["end"] = str(int(attrs["end"]) - int(attrs.get("begin", 0)))
+                attrs["begin"] = "0"
+            nodes.append([node["op"], attrs, [ref[:2] for ref in node["inputs"]]])
+    text = json.dumps([nodes, document["heads"], str(ctx), sorted(environment_vars.items())],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _chunked_head_mb(head_symbol: "mx.sym.Symbol", plan: SegmentPlan,

@@ -34,13 +34,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .. import env
 from ..core.units import MB
 from ..errors import MeasurementError
 
-__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers"]
+__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "get_segment_worker",
+           "shutdown_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ class MeasureWorker:
         the time of a bind of a large graph, so measuring workers leave it off).
     """
 
-    def __init__(self, max_resident_mb: Optional[float] = None, verbose: bool = False) -> None:
+    def __init__(self, max_resident_mb: Optional[float] = None, verbose: bool = False,
+                 environment: Optional[Dict[str, str]] = None) -> None:
         self.verbose = verbose
+        self.environment = dict(environment or {})
         self.max_resident_mb = env.worker_max_mb() if max_resident_mb is None else max_resident_mb
         self.restarts = 0
         self.last_resident_mb = 0.0
@@ -94,6 +97,7 @@ class MeasureWorker:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = package_root + os.pathsep + child_env.get("PYTHONPATH", "")
+        child_env.update(self.environment)
         if self.verbose:
             # MXNet reads this once per process, at the first bind: set from the start,
             # every bind logs its memory plan (to /dev/null, or to the capture's file).
@@ -319,6 +323,20 @@ def get_capture_worker() -> MeasureWorker:
         return _CAPTURE
 
 
+_SEGMENT_CAPTURES: Dict[Tuple[Tuple[str, str], ...], MeasureWorker] = {}
+
+
+def get_segment_worker(environment: Mapping[str, str]) -> MeasureWorker:
+    """A process-wide capture worker started with ``environment`` as well (segment binds run
+    under the gradient-sum cap, which MXNet reads once per process: NOTE [ the gradient-sum
+    cap is read once per process ] in segments.py)."""
+    key = tuple(sorted(environment.items()))
+    with _POOL_LOCK:
+        if key not in _SEGMENT_CAPTURES:
+            _SEGMENT_CAPTURES[key] = MeasureWorker(verbose=True, environment=dict(environment))
+        return _SEGMENT_CAPTURES[key]
+
+
 def shutdown_workers() -> None:
     """Stop the process-wide workers (they restart on the next measurement)."""
     with _POOL_LOCK:
@@ -326,6 +344,8 @@ def shutdown_workers() -> None:
             _POOL.close()
         if _CAPTURE is not None:
             _CAPTURE.close()
+        for worker in _SEGMENT_CAPTURES.values():
+            worker.close()
 
 
 atexit.register(shutdown_workers)

@@ -33,7 +33,8 @@ from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirr
 from mxnet_mirror_hook.core.segments import SegmentPlan, plan_segments  # noqa: E402
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph  # noqa: E402
 from mxnet_mirror_hook.mx.segments import (SegmentChain, boundary_name, reader_name,  # noqa: E402
-                                            segment_documents, source_name, split_symbol)
+                                            segment_documents, segment_planned_mb, source_name,
+                                            split_symbol)
 from mxnet_mirror_hook.testing.models import lstm_language_model, small_resnet  # noqa: E402
 
 
@@ -255,6 +256,59 @@ def test_split_symbols_compute_the_plain_outputs_and_replace_cut_entries_by_vari
     assert reader_name("lstm_l0_i2h_weight", 1) in read
     assert all(source_name(n) == n for n in read if n.endswith("_segment_boundary"))
     assert {"lstm_l0_i2h_weight", "lstm_l1_h2h_weight"} <= set(plan.shared_variables())
+
+
+def test_segments_of_one_structure_are_bound_once_and_give_the_same_figure(monkeypatch):
+    """NOTE [ segments planned once per structure ]: the steps' segments of an unrolled LSTM
+    share a name-free key; the figure is the one of binding every segment."""
+    import mxnet_mirror_hook.mx.segments as mx_segments
+
+    symbol = lstm_language_model(40, vocab=30, num_embed=8, num_hidden=8, num_layers=2)
+    shapes = {"data": (4, 40), "softmax_label": (4, 40)}
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
+        [("softmax_label", shapes["softmax_label"])], "label"))
+    plan = plan_segments(graph, 10)
+    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
+    types = {n: np.dtype("float32") for n in shapes}
+    binds = []
+    real = mx_segments._measure_segment
+
+    def counting(symbol, *args, **kwargs):
+        binds.append(symbol)
+        return real(symbol, *args, **kwargs)
+
+    monkeypatch.setattr(mx_segments, "_measure_segment", counting)
+    monkeypatch.setattr(mx_segments, "_SEGMENT_MB", {})
+    cached, per_cached = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
+    once = len(binds)
+    binds.clear()
+    monkeypatch.setattr(mx_segments, "_SEGMENT_MB", {})
+    monkeypatch.setattr(mx_segments, "_segment_key", lambda *a: str(len(binds)) + repr(a[0]))
+    every, per_every = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
+    assert once < len(binds) == plan.count
+    assert (cached, per_cached) == (every, per_every)
+
+
+def test_only_a_pure_merge_of_boundaries_is_gathered_without_an_executor():
+    """NOTE [ gathered steps ]: expand_dims + Concat + reshape of boundary variables is a gather
+    (each piece's place along the axis); anything computed, or a non-boundary input, is not."""
+    from mxnet_mirror_hook.mx.segments import gather_layout
+
+    names = [f"s{i}_output0_segment_boundary" for i in range(3)]
+    pieces = [mx.sym.Variable(n) for n in names]
+    shapes = {n: (4, 5) for n in names}
+    merged = mx.sym.Concat(*[mx.sym.expand_dims(p, axis=1) for p in pieces], dim=1)
+    layout = gather_layout(mx.sym.Reshape(merged, shape=(-1, 5)), shapes)
+    assert layout.shape == (4, 3, 5) and layout.axis == 1
+    assert layout.pieces == tuple((n, i, i + 1) for i, n in enumerate(names))
+    assert layout.region(1, 2) == {"begin": "(None, 1, None)", "end": "(None, 2, None)"}
+    # Concatenated as they are (no expand_dims): pieces of their own length.
+    flat = gather_layout(mx.sym.Concat(*pieces, dim=0), shapes)
+    assert flat.shape == (12, 5) and flat.pieces[2] == (names[2], 8, 12)
+    assert gather_layout(mx.sym.Concat(*[p * 2 for p in pieces], dim=0), shapes) is None
+    weight = mx.sym.Variable("w")
+    assert gather_layout(mx.sym.Concat(pieces[0], weight, dim=0), dict(shapes, w=(4, 5))) is None
+    assert gather_layout(mx.sym.Concat(pieces[0], pieces[0], dim=0), shapes) is None
 
 
 def test_outputs_and_metric_survive_the_backward_reruns():

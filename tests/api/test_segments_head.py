@@ -74,7 +74,8 @@ def _train(module, steps: int = 3, ignore: float = None) -> Dict[str, object]:
         outputs.append(module.get_outputs()[0].asnumpy())
         if first_grads is None:
             group = module._exec_group
-            first_grads = {p: a[0].asnumpy() for p, a in zip(group.param_names, group.grad_arrays)}
+            first_grads = {p: a[0].asnumpy() for p, a in zip(group.param_names, group.grad_arrays)
+                           if a[0] is not None}
         module.update()
     mx.nd.waitall()
     args, _ = module.get_params()
@@ -220,7 +221,10 @@ def test_static_figure_counts_exactly_what_the_chunked_head_allocates(small_chun
     assert any(e not in chain.boundary for e in chain.gathered)
     assert any(e in chain.boundary for e in chain.gathered)
     assert all(per_segment[i] == 0.0 and chain.execs[i] is None for i in chain.gathers)
-    assert total == pytest.approx(max(per_segment) + boundary_mb + head_mb)
+    # The rest is the shared pool: at least the largest segment's plan (whole MB in debug_str),
+    # at most all segments' plans side by side (NOTE [ the shared pool's union ]).
+    pool_mb = total - boundary_mb - head_mb
+    assert max(per_segment) <= pool_mb < sum(per_segment) + len(per_segment)
     assert head_mb >= BATCH * STEPS * VOCAB * 4 / 2 ** 20   # the full output is counted
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
 from mxnet_mirror_hook.core.segments import (HEAD_GRAD_COPIES, SegmentPlan, best_segment_plan,
-                                             plan_segments, segment_plan_for_cuts)
+                                             plan_segments, segment_plan_for_cuts, shared_pool_bytes)
 from tests.graphs import GraphBuilder, chain, residual
 
 MB = 1 << 20
@@ -206,3 +206,22 @@ def test_a_segment_output_kept_after_a_mirrored_convolution_drops_the_convolutio
             node = graph.node(name)
             consumers = [graph.nodes[c].name for c in graph.consumers()[graph.index(name)]]
             assert node.op != "Convolution" or any(c in segment.mirrored for c in consumers)
+
+
+def test_the_shared_pool_reuses_each_block_once_per_executor_and_appends_what_does_not_fit():
+    """NOTE [ the shared pool's union ]: MXNet gives each planned block of an executor, largest
+    first, the smallest pool block that fits and is still free for this executor."""
+    assert shared_pool_bytes([]) == 0
+    assert shared_pool_bytes([[8, 4]]) == 12
+    # The same plan again reuses everything.
+    assert shared_pool_bytes([[8, 4], [4, 8]]) == 12
+    # Smaller blocks fit into larger ones, one executor block per pool block.
+    assert shared_pool_bytes([[8, 4], [3, 3]]) == 12
+    # Three small blocks find only two pool blocks: one is appended.
+    assert shared_pool_bytes([[8, 4], [2, 2, 2]]) == 14
+    # A larger block than any in the pool is appended, and stays for the next executor.
+    assert shared_pool_bytes([[4], [16], [16, 4]]) == 20
+    # Largest first, smallest fitting block: the 15 takes the 20, the 8 the 9; a lone 6 then
+    # takes the 10 and the 4 finds nothing left.
+    assert shared_pool_bytes([[20, 9], [15, 8]]) == 29
+    assert shared_pool_bytes([[10], [6, 4]]) == 14
