@@ -1157,7 +1157,8 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
 
     Bound in a capture worker started under ``variables`` (the gradient-sum cap), which
     reports the planned MB and the executed graph the allocator model replays into blocks;
-    the model's total must reproduce MXNet's (``debug_str`` rounds down to whole MB).  A
+    the model's total must reproduce MXNet's or exceed it slightly (``debug_str`` rounds down
+    to whole MB).  A
     symbol the workers cannot bind (``Custom`` operators) is bound in this process, which
     gives the MB only.
     """
@@ -1176,7 +1177,11 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
     graph = ExecutedGraph.from_dict(reply["executed"])
     mb = float(graph.measured_mb)
     found = AllocatorModel(graph).planned_blocks()
-    if not 0 <= sum(found) / 2 ** 20 - mb < 1 + 0.01 * mb:
+    # debug_str's total is whole MB (rounded down).  The model may plan a little more than
+    # MXNet where it does not know an in-place rule (up to ~3% on segments of unrolled steps
+    # whose outputs are merged): its blocks then over-count the pool, which is kept; blocks
+    # that under-count are not.
+    if not 0 <= sum(found) / 2 ** 20 - mb < 1 + 0.05 * mb:
         logger.debug("allocator model %.2f MB against MXNet's %.0f MB: blocks not used",
                      sum(found) / 2 ** 20, mb)
         return mb, None
