@@ -522,3 +522,59 @@ def test_two_level_segments_of_a_resnet_run_without_mkldnn():
     assert done.returncode == 0, done.stderr[-2000:]
     backend, count, recomputed = done.stdout.split()[-3:]
     assert backend == "segments" and int(count) >= 2 and int(recomputed) > 0
+
+
+class _Double(mx.operator.CustomOp):
+    def forward(self, is_train, req, in_data, out_data, aux):
+        self.assign(out_data[0], req[0], in_data[0] * 2)
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        self.assign(in_grad[0], req[0], out_grad[0] * 2)
+
+
+@mx.operator.register("mirror_hook_segments_double")
+class _DoubleProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=True)
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return _Double()
+
+
+def test_a_segment_with_a_custom_operator_is_measured_here_and_trains_like_plain_module():
+    """Custom operators are registered in this process only: such segments are bound here
+    (NOTE [ static memory of a segment plan ]), the pool then counted as the largest segment's
+    plan, and the chain trains as a plain Module does."""
+    x = mx.sym.FullyConnected(mx.sym.Variable("data"), num_hidden=32, name="fc1")
+    x = mx.sym.Activation(x, act_type="relu", name="relu1")
+    x = mx.sym.Custom(x, op_type="mirror_hook_segments_double", name="double")
+    x = mx.sym.FullyConnected(x, num_hidden=32, name="fc2")
+    x = mx.sym.Activation(x, act_type="relu", name="relu2")
+    symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=10, name="fc3"), name="softmax")
+    shapes = {"data": (8, 16), "softmax_label": (8,)}
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
+        [("softmax_label", shapes["softmax_label"])], "label"))
+    plan = plan_segments(graph, 2)
+    assert plan.count == 2
+    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
+    total, per_segment = segment_planned_mb(symbol, plan, mx.cpu(), shapes,
+                                            {n: np.dtype("float32") for n in shapes}, requests)
+    assert total >= max(per_segment)
+    results = []
+    for module in (mx.mod.Module(symbol),
+                   MirroredModule(symbol, backend="segments", segments=2, cache_dir=False)):
+        mx.random.seed(0)
+        module.bind([("data", shapes["data"])], [("softmax_label", shapes["softmax_label"])])
+        module.init_params(mx.init.Xavier())
+        rng = np.random.RandomState(0)
+        batch = mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, shapes["data"]))],
+                                [mx.nd.array(rng.randint(0, 10, shapes["softmax_label"]))])
+        module.forward_backward(batch)
+        group = module._exec_group
+        results.append({p: g[0].asnumpy() for p, g in zip(group.param_names, group.grad_arrays)})
+    assert module.mirror_plan.backend == "segments" and module.mirror_plan.segment_count == 2
+    for name, grad in results[0].items():
+        np.testing.assert_allclose(results[1][name], grad, rtol=1e-5, atol=1e-7, err_msg=name)
