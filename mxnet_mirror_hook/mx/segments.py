@@ -424,16 +424,17 @@ def _operator_attrs(attrs: Mapping[str, str]) -> Dict[str, str]:
 
 
 class ChunkedHead:
-    """The loss head (FullyConnected + SoftmaxOutput) run in row chunks (NOTE [ chunked loss head ]
-    in :mod:`mxnet_mirror_hook.core.segments`).
+    """The loss head (FullyConnected + SoftmaxOutput) run in row chunks forward and in tiles of
+    rows x classes backward (NOTE [ chunked loss head ] in :mod:`mxnet_mirror_hook.core.segments`).
 
     Parameters
     ----------
     head : LossHead
         What the head computes.
     chunks : int
-        Row chunks (rows per chunk: :func:`~mxnet_mirror_hook.core.segments.head_chunk_rows` of
-        the bound row count).
+        Row chunks of forward (rows per chunk:
+        :func:`~mxnet_mirror_hook.core.segments.head_chunk_rows` of the bound row count), and
+        column blocks of backward (:func:`~mxnet_mirror_hook.core.segments.head_tile`).
     data, data_grad : NDArray
         The classifier's input (N, H) and its gradient (a boundary of the chain).
     data_req : str
@@ -443,7 +444,7 @@ class ChunkedHead:
     weight_grad, bias_grad : NDArray or None
         Gradient arrays (None: not requested).
     grad_reqs : dict
-        Requests of the weight and bias (``'write'``: the first chunk writes; ``'add'``).
+        Requests of the weight and bias (``'write'``: the first tile of a block writes; ``'add'``).
     """
 
     def __init__(self, head: LossHead, chunks: int, data: "mx.nd.NDArray", data_grad: "mx.nd.NDArray",
