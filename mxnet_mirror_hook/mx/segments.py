@@ -37,10 +37,14 @@ logger = logging.getLogger(__name__)
 # of short RNN segments a lot (bench LSTM, 20 segments: 102 MB at the default 8,
 # 55 MB at 2).  MXNet 1.9.1 reads it into a function-level ``static`` the first
 # time any gradient graph is built in the process (AggregateGradient in
-# src/nnvm/gradient.cc), so setting it around our binds only takes effect when they
-# are the first in-process binds (planning binds run in worker processes), and
-# then it also holds for every later bind of the process.  The benchmark sets it
-# before MXNet builds any graph.
+# src/nnvm/gradient.cc), so setting it around the chain's binds only takes effect
+# when they are the first in-process binds (planning binds run in worker
+# processes), and then it also holds for every later bind of the process.  The
+# segment figures are measured in a capture worker started with the cap
+# (``get_segment_worker``), i.e. as the chain plans when the cap took effect; with
+# per-reader variables (NOTE [ one variable per reader ]) weights no longer sum
+# inside a segment, so the cap matters less than it did (bench LSTM: 55 -> 25 MB
+# with it).  The benchmark sets it before MXNet builds any graph.
 GRAD_SUM_CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
 DEFAULT_GRAD_SUM_CAP = 2
 
