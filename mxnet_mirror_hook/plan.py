@@ -709,6 +709,10 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
         return replace(one_level, candidates=one_level.candidates + [
             {"label": f"segments x{c.count}", "planned_mb": m, "overhead": o,
              "mirrored_count": sum(len(s.mirrored) for s in c.segments)} for m, o, c in measured])
+    if backend == "segments" and mb > one_level.planned_mb:
+        logger.warning("the segment plan (%.0f MB) is above the one-level mirror plan (%.0f MB) for "
+                       "this network; backend='segments' was asked for, so it is used "
+                       "(backend='auto' keeps the lower plan)", mb, one_level.planned_mb)
     cache.put(key, {"mirrored": sorted(n for s in chosen.segments for n in s.mirrored),
                     "baseline_mb": one_level.baseline_mb, "planned_mb": mb, "overhead": overhead,
                     "backend": "segments", "segments": chosen.to_dict()})

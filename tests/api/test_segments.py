@@ -326,7 +326,7 @@ def test_outputs_and_metric_survive_the_backward_reruns():
     np.testing.assert_array_equal(before, after)
 
 
-def test_auto_backend_is_never_worse_than_the_one_level_plan_and_caches_its_backend():
+def test_auto_backend_is_never_worse_than_the_one_level_plan_and_caches_its_backend(caplog):
     symbol = small_resnet(num_blocks=3, channels=8)
     data = [("data", (8, 3, 16, 16))]
     one_level = plan_mirror(symbol, data)
@@ -336,8 +336,12 @@ def test_auto_backend_is_never_worse_than_the_one_level_plan_and_caches_its_back
     again = plan_mirror(symbol, data, backend="auto")
     assert again.from_cache and again.backend == auto.backend
     assert again.planned_mb == auto.planned_mb
-    forced = plan_mirror(symbol, data, backend="segments", segments=2)
+    with caplog.at_level("WARNING", logger="mxnet_mirror_hook.plan"):
+        forced = plan_mirror(symbol, data, backend="segments", segments=2)
     assert forced.backend == "segments" and forced.segment_count == 2
+    # Asked for, so used, but the user is told the one-level plan is lower.
+    assert forced.planned_mb > one_level.planned_mb
+    assert any("above the one-level mirror plan" in r.getMessage() for r in caplog.records)
     assert "2 segments" in forced.summary()
     summary = forced.to_dict()
     assert summary["backend"] == "segments" and summary["segment_count"] == 2
