@@ -78,3 +78,27 @@ def attached_input_gradients(models, data: "mx.nd.NDArray", label: "mx.nd.NDArra
         autograd.backward([loss, extra])
         grads.append(x.grad.asnumpy())
     return grads
+
+
+class _Double(mx.operator.CustomOp):
+    def forward(self, is_train, req, in_data, out_data, aux):
+        self.assign(out_data[0], req[0], in_data[0] * 2)
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        self.assign(in_grad[0], req[0], out_grad[0] * 2)
+
+
+#: ``op_type`` of a Custom operator (registered in the test process only) that doubles its input.
+DOUBLE_OP = "mirror_hook_test_scale"
+
+
+@mx.operator.register(DOUBLE_OP)
+class _DoubleProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=True)
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return _Double()

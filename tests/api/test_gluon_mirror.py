@@ -17,7 +17,7 @@ from mxnet import autograd, gluon
 
 from mxnet_mirror_hook.errors import GluonMirrorError
 from mxnet_mirror_hook.gluon import is_mirrored, mirror, mirror_state, unmirror
-from tests.helpers import attached_input_gradients
+from tests.helpers import DOUBLE_OP, attached_input_gradients
 
 OPTIMIZER = {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4}
 CPUS = [mx.cpu(0), mx.cpu(1)]
@@ -431,26 +431,6 @@ def test_float16_never_silently_wrong(tmp_path):
     np.testing.assert_array_equal(actual, expected)
 
 
-class _Scale(mx.operator.CustomOp):
-    def forward(self, is_train, req, in_data, out_data, aux):
-        self.assign(out_data[0], req[0], in_data[0] * 2)
-
-    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        self.assign(in_grad[0], req[0], out_grad[0] * 2)
-
-
-@mx.operator.register("mirror_hook_test_scale")
-class _ScaleProp(mx.operator.CustomOpProp):
-    def __init__(self):
-        super().__init__(need_top_grad=True)
-
-    def infer_shape(self, in_shape):
-        return in_shape, [in_shape[0]], []
-
-    def create_operator(self, ctx, shapes, dtypes):
-        return _Scale()
-
-
 class WithCustom(gluon.HybridBlock):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -459,7 +439,7 @@ class WithCustom(gluon.HybridBlock):
             self.second = gluon.nn.Dense(10)
 
     def hybrid_forward(self, F, x):
-        return self.second(F.Custom(self.first(x), op_type="mirror_hook_test_scale"))
+        return self.second(F.Custom(self.first(x), op_type=DOUBLE_OP))
 
 
 def test_block_with_a_custom_operator_trains_like_plain(tmp_path):

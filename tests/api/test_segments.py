@@ -27,6 +27,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from tests.helpers import DOUBLE_OP
 from tests.paths import ROOT
 
 from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirror  # noqa: E402
@@ -528,33 +529,13 @@ def test_two_level_segments_of_a_resnet_run_without_mkldnn():
     assert backend == "segments" and int(count) >= 2 and int(recomputed) > 0
 
 
-class _Double(mx.operator.CustomOp):
-    def forward(self, is_train, req, in_data, out_data, aux):
-        self.assign(out_data[0], req[0], in_data[0] * 2)
-
-    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        self.assign(in_grad[0], req[0], out_grad[0] * 2)
-
-
-@mx.operator.register("mirror_hook_segments_double")
-class _DoubleProp(mx.operator.CustomOpProp):
-    def __init__(self):
-        super().__init__(need_top_grad=True)
-
-    def infer_shape(self, in_shape):
-        return in_shape, [in_shape[0]], []
-
-    def create_operator(self, ctx, shapes, dtypes):
-        return _Double()
-
-
 def test_a_segment_with_a_custom_operator_is_measured_here_and_trains_like_plain_module():
     """Custom operators are registered in this process only: such segments are bound here
     (NOTE [ static memory of a segment plan ]), the pool then counted as the largest segment's
     plan, and the chain trains as a plain Module does."""
     x = mx.sym.FullyConnected(mx.sym.Variable("data"), num_hidden=32, name="fc1")
     x = mx.sym.Activation(x, act_type="relu", name="relu1")
-    x = mx.sym.Custom(x, op_type="mirror_hook_segments_double", name="double")
+    x = mx.sym.Custom(x, op_type=DOUBLE_OP, name="double")
     x = mx.sym.FullyConnected(x, num_hidden=32, name="fc2")
     x = mx.sym.Activation(x, act_type="relu", name="relu2")
     symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=10, name="fc3"), name="softmax")

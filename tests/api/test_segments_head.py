@@ -200,6 +200,13 @@ def test_multi_output_and_probability_labels_are_refused():
     assert head is None and "multi_output" in why
 
 
+def _chain_inputs(symbol):
+    """Input shapes, gradient requests (every parameter 'write') and input types of ``lm``."""
+    shapes = {"data": (BATCH, STEPS), "softmax_label": (BATCH, STEPS)}
+    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
+    return shapes, requests, {n: np.dtype("float32") for n in shapes}
+
+
 def test_static_figure_counts_exactly_what_the_chunked_head_allocates(small_chunks):
     """NOTE [ static memory of a segment plan ]: the head's part of the figure is the bytes the
     chain's ChunkedHead allocates (output, work buffers), added to the pool and boundaries."""
@@ -207,9 +214,7 @@ def test_static_figure_counts_exactly_what_the_chunked_head_allocates(small_chun
     graph = _graph(symbol)
     head, _ = loss_head(graph)
     plan = plan_segments_with_head(graph, 3, head)
-    shapes = {"data": (BATCH, STEPS), "softmax_label": (BATCH, STEPS)}
-    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
-    types = {n: np.dtype("float32") for n in shapes}
+    shapes, requests, types = _chain_inputs(symbol)
     total, per_segment = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
     chain = SegmentChain(symbol, plan, mx.cpu(), shapes, types, requests)
     head_mb = chain.head.allocated_bytes() / 2 ** 20
@@ -256,9 +261,7 @@ def test_chunked_head_outputs_are_bit_identical_to_the_unchunked_head(small_chun
     graph = _graph(symbol)
     head, _ = loss_head(graph)
     chunked_plan = plan_segments_with_head(graph, 3, head)
-    shapes = {"data": (BATCH, STEPS), "softmax_label": (BATCH, STEPS)}
-    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
-    types = {n: np.dtype("float32") for n in shapes}
+    shapes, requests, types = _chain_inputs(symbol)
     rng = np.random.RandomState(3)
     values = {"data": rng.randint(0, VOCAB, shapes["data"]),
               "softmax_label": np.where(rng.uniform(size=shapes["data"]) < 0.3, -1,
@@ -306,9 +309,7 @@ def test_sliced_embedding_gives_the_gradients_of_the_whole_embedding(monkeypatch
     graph = _graph(symbol)
     head, _ = loss_head(graph)
     plan = plan_segments_with_head(graph, 4, head).with_head_chunks(0)
-    shapes = {"data": (BATCH, STEPS), "softmax_label": (BATCH, STEPS)}
-    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
-    types = {n: np.dtype("float32") for n in shapes}
+    shapes, requests, types = _chain_inputs(symbol)
     rng = np.random.RandomState(5)
     values = {"data": rng.randint(0, 50, shapes["data"]), "softmax_label": rng.randint(0, 50, shapes["data"])}
     results = []
