@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -171,9 +172,13 @@ class SegmentPlan:
         """Segments bound as executors (all but a chunked loss head)."""
         return self.count - 1 if self.head_chunks else self.count
 
-    def owner_index(self) -> int:
-        """The executor segment with the largest working set (bound first: it owns the memory pool)."""
-        return max(range(self.executor_count()), key=lambda i: (self.segments[i].working_bytes, -i))
+    def bind_order(self, skip: Iterable[int] = ()) -> List[int]:
+        """Executor segments in the order a chain binds them: the largest working set first
+        (it owns the memory pool; NOTE [ the shared pool's union ]), ties by position.
+        ``skip``: segments bound as no executor (NOTE [ gathered steps ] in mx/segments.py)."""
+        skipped = set(skip)
+        return sorted((i for i in range(self.executor_count()) if i not in skipped),
+                      key=lambda i: (-self.segments[i].working_bytes, i))
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe form (for the plan cache and ``MirrorPlan.to_dict``)."""
@@ -194,7 +199,7 @@ class SegmentPlan:
 
     def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
         """The same split with measured working sets (MXNet's plan of each segment), so that
-        :meth:`owner_index` binds the really largest segment first."""
+        :meth:`bind_order` binds the really largest segment first."""
         if len(measured) != self.count:
             raise ValueError(f"need one figure per segment ({self.count}), got {len(measured)}")
         segments = tuple(SegmentSpec(s.index, s.nodes, s.inputs, s.outputs, s.variables, s.mirrored,
@@ -341,12 +346,15 @@ class _Crossings:
             self.owned[i] for i in range(position + 1, len(self.graph.nodes)))
 
 
+_CROSSINGS: "weakref.WeakKeyDictionary[Graph, _Crossings]" = weakref.WeakKeyDictionary()
+
+
 def _crossings_of(late: Graph) -> "_Crossings":
-    """:class:`_Crossings` of a linearised graph, computed once per graph object."""
-    found = getattr(late, "_segment_crossings", None)
+    """:class:`_Crossings` of a linearised graph, computed once per graph object (segment
+    planning asks for it per split)."""
+    found = _CROSSINGS.get(late)
     if found is None:
-        found = _Crossings(late)
-        late._segment_crossings = found  # type: ignore[attr-defined]
+        found = _CROSSINGS[late] = _Crossings(late)
     return found
 
 

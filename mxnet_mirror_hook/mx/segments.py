@@ -41,10 +41,10 @@ logger = logging.getLogger(__name__)
 # when they are the first in-process binds (planning binds run in worker
 # processes), and then it also holds for every later bind of the process.  The
 # segment figures are measured in a capture worker started with the cap
-# (``get_segment_worker``), i.e. as the chain plans when the cap took effect; with
-# per-reader variables (NOTE [ one variable per reader ]) weights no longer sum
-# inside a segment and the cap matters less (bench LSTM, 14 segments: 24.6 MB with
-# and without it).  The benchmark sets it before MXNet builds any graph.
+# (``get_capture_worker(variables)``), i.e. as the chain plans when the cap took
+# effect; with per-reader variables (NOTE [ one variable per reader ]) weights no
+# longer sum inside a segment and the cap matters less (bench LSTM, 14 segments:
+# 24.6 MB with and without it).  The benchmark sets it before MXNet builds any graph.
 GRAD_SUM_CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
 DEFAULT_GRAD_SUM_CAP = 2
 
@@ -404,6 +404,7 @@ def _zeros(shape: Tuple[int, ...], ctx: "mx.Context", dtype: Any) -> "mx.nd.NDAr
     return mx.nd.zeros(shape, ctx=ctx, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _op_handle(name: str) -> Any:
     import ctypes
 
@@ -425,6 +426,15 @@ def _invoke(op: str, inputs: Sequence["mx.nd.NDArray"], out: Sequence["mx.nd.NDA
 
 def _operator_attrs(attrs: Mapping[str, str]) -> Dict[str, str]:
     return {k: v for k, v in attrs.items() if not k.startswith("__")}
+
+
+def summed_request(request: str, readers: int) -> str:
+    """The gradient request a segment binds for a variable the user asked ``request`` of:
+    'null' stays, a variable bound by several readers (segments, or readers inside one: NOTE [
+    one variable per reader ]) sums its gradients ('add'), and 'inplace' is 'write'."""
+    if request == "null":
+        return "null"
+    return "add" if readers > 1 else ("write" if request == "inplace" else request)
 
 
 class ChunkedHead:
@@ -468,9 +478,8 @@ class ChunkedHead:
         self.weight, self.bias = weight, bias
         self.label = label.reshape((rows,))
         self.weight_grad, self.bias_grad = weight_grad, bias_grad
-        self.grad_reqs = dict(grad_reqs)
-        self._w_req = self.grad_reqs.get("weight", "null") if weight_grad is not None else "null"
-        self._b_req = self.grad_reqs.get("bias", "null") if bias_grad is not None else "null"
+        self._w_req = grad_reqs.get("weight", "null") if weight_grad is not None else "null"
+        self._b_req = grad_reqs.get("bias", "null") if bias_grad is not None else "null"
         # Backward runs by tiles of rows x classes (NOTE [ chunked loss head ]).
         tile_rows, block = head_tile(rows, classes, chunks)
         self.blocks = [(start, min(classes, start + block)) for start in range(0, classes, block)]
@@ -743,16 +752,9 @@ class SegmentChain:
         self._entry_shapes = {entry: shape for entry, (shape, _) in outputs.items()}
 
     def _segment_req(self, name: str) -> str:
-        """Request of one segment argument: summed ('add') when several segments read it."""
-        if name in self.arg_dict:
-            request = self._user_req[name]
-            if request == "null":
-                return "null"
-            if request == "inplace":
-                request = "write"
-        else:
-            request = "write"
-        return "add" if self._readers.get(name, 0) > 1 else request
+        """Request of one segment argument or boundary (:func:`summed_request`)."""
+        request = self._user_req[name] if name in self.arg_dict else "write"
+        return summed_request(request, self._readers.get(name, 0))
 
     def _bind_one(self, index: int, shared_exec: Optional["mx.executor.Executor"]) -> "mx.executor.Executor":
         segment: SegmentSpec = self.plan.segments[index]
@@ -790,16 +792,13 @@ class SegmentChain:
         shared_exec takes blocks from the owner's pool, largest first), or shares
         ``shared_exec``'s pool (another bucket) and passes it on."""
         variables = {GRAD_SUM_CAP_ENV: str(self._grad_sum_cap)} if self._grad_sum_cap else {}
-        bound = [i for i in range(self.plan.executor_count()) if i not in self.gathers]
-        owner_index = max(bound, key=lambda i: (self.plan.segments[i].working_bytes, -i))
+        # Largest first: blocks appended to the owner's pool by a large segment can then be
+        # reused by the smaller ones (MXNet takes the smallest free block that fits).
+        owner_index, *others = self.plan.bind_order(self.gathers)
         self._owner_index = owner_index
         with environment(variables):
             owner = self._bind_one(owner_index, shared_exec)
             self.execs[owner_index] = owner
-            # Largest first: blocks appended to the owner's pool by a large segment can then be
-            # reused by the smaller ones (MXNet takes the smallest free block that fits).
-            others = sorted((i for i in bound if i != owner_index),
-                            key=lambda i: (-self.plan.segments[i].working_bytes, i))
             for index in others:
                 self.execs[index] = self._bind_one(index, owner)
         # Variables read by several segments sum their gradients: cleared before each backward
@@ -942,7 +941,7 @@ class SegmentChain:
         pieces = []
         for segment, begin, end in places:
             source = self._gather_view(segment, self.boundary_grad)
-            piece = mx.nd.zeros(self.gathers[segment].piece_shape(begin, end), ctx=self.ctx,
+            piece = mx.nd.empty(self.gathers[segment].piece_shape(begin, end), ctx=self.ctx,
                                 dtype=source.dtype)
             _invoke("slice", [source], [piece], self.gathers[segment].region(begin, end))
             pieces.append(piece.reshape(shape))
@@ -1138,7 +1137,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     copies = {e: 1 if e in gathered_only else HEAD_GRAD_COPIES - (e in merged) for e in entry_bytes}
     boundary_mb = (sum(copies[e] * b for e, b in entry_bytes.items())
                    + max((entry_bytes[tuple(e)] for e in gathered), default=0)) / 2 ** 20
-    pool_mb = _pool_mb(per_segment, blocks, gathers)
+    pool_mb = _pool_mb(plan, per_segment, blocks, gathers)
     if plan.head_chunks:
         # The head's arrays are allocated by the chain, beside the executors' pool; its entry in
         # the per-segment list is 0 so that an executor segment owns the pool.
@@ -1169,7 +1168,7 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
     """
     from ..core.allocator import AllocatorModel, ExecutedGraph
     from .measure import measures_in_process, planned_mb_in_process, worker_request
-    from .worker import get_segment_worker
+    from .worker import get_capture_worker
 
     text = symbol.tojson()
     if measures_in_process(text):
@@ -1177,7 +1176,7 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
             mb = planned_mb_in_process(symbol, ctx, shapes, dict(types) or None, requests)
         mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
         return mb, None
-    reply = get_segment_worker(variables).exchange(
+    reply = get_capture_worker(variables).exchange(
         worker_request(text, ctx, shapes, dict(types) or None, requests, capture=True))
     graph = ExecutedGraph.from_dict(reply["executed"])
     mb = float(graph.measured_mb)
@@ -1193,18 +1192,17 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
     return mb, found
 
 
-def _pool_mb(per_segment: Sequence[float], blocks: Sequence[Optional[List[int]]],
+def _pool_mb(plan: SegmentPlan, per_segment: Sequence[float], blocks: Sequence[Optional[List[int]]],
              gathers: Mapping[int, Any]) -> float:
-    """MB of the chain's shared pool: the union of the segments' blocks in the chain's bind
-    order (NOTE [ the shared pool's union ]), or, when some segment's blocks are unknown, the
-    largest segment's plan (a lower bound, logged)."""
-    bound = [i for i in range(len(blocks)) if i not in gathers]
-    if any(blocks[i] is None for i in bound):
+    """MB of the chain's shared pool: the union of the executor segments' blocks in the order
+    the chain binds them (NOTE [ the shared pool's union ]), or, when some segment's blocks are
+    unknown, the largest segment's plan (a lower bound, logged)."""
+    measured = list(per_segment) + [0.0] * (plan.count - len(per_segment))  # a chunked head: 0
+    order = plan.with_working_bytes([int(m * 2 ** 20) for m in measured]).bind_order(gathers)
+    if any(blocks[i] is None for i in order):
         logger.info("the shared pool of the segment chain is counted as its largest segment's plan "
                     "(a lower bound): some segment's storage blocks could not be modelled")
         return max(per_segment)
-    owner = max(bound, key=lambda i: (per_segment[i], -i))
-    order = [owner] + sorted((i for i in bound if i != owner), key=lambda i: (-per_segment[i], i))
     return shared_pool_bytes([blocks[i] for i in order]) / 2 ** 20
 
 
@@ -1261,13 +1259,10 @@ def _chunked_head_mb(head_symbol: "mx.sym.Symbol", plan: SegmentPlan,
     fc = next(n for n in document["nodes"] if n["op"] == "FullyConnected")
     parameters = [document["nodes"][ref[0]]["name"] for ref in fc["inputs"][1:]]
     shared = plan.readers()
-
-    def request(name: str) -> str:  # as SegmentChain._segment_req
-        given = requests.get(name, "null")
-        return "add" if given != "null" and len(shared.get(name, [])) > 1 else given
-
-    weight_req = request(parameters[0])
-    bias_req = request(parameters[1]) if len(parameters) > 1 else "null"
+    request = {name: summed_request(requests.get(name, "null"), len(shared.get(name, [])))
+               for name in parameters}
+    weight_req = request[parameters[0]]
+    bias_req = request[parameters[1]] if len(parameters) > 1 else "null"
     sizes = head_buffer_floats(rows, hidden, classes, plan.head_chunks,
                                "add" if readers > 1 else "write", weight_req, bias_req)
     return 4 * (rows * classes + sum(sizes.values())) / 2 ** 20

@@ -40,8 +40,7 @@ from .. import env
 from ..core.units import MB
 from ..errors import MeasurementError
 
-__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "get_segment_worker",
-           "shutdown_workers"]
+__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -311,30 +310,18 @@ def get_pool() -> WorkerPool:
         return _POOL
 
 
-_CAPTURE: Optional[MeasureWorker] = None
+_CAPTURES: Dict[Tuple[Tuple[str, str], ...], MeasureWorker] = {}
 
 
-def get_capture_worker() -> MeasureWorker:
-    """The process-wide worker that captures executed graphs (memory-plan log on)."""
-    global _CAPTURE
+def get_capture_worker(environment: Optional[Mapping[str, str]] = None) -> MeasureWorker:
+    """The process-wide worker that captures executed graphs (memory-plan log on), one per
+    extra ``environment`` (segment binds run under the gradient-sum cap, which MXNet reads
+    once per process: NOTE [ the gradient-sum cap is read once per process ] in segments.py)."""
+    key = tuple(sorted((environment or {}).items()))
     with _POOL_LOCK:
-        if _CAPTURE is None:
-            _CAPTURE = MeasureWorker(verbose=True)
-        return _CAPTURE
-
-
-_SEGMENT_CAPTURES: Dict[Tuple[Tuple[str, str], ...], MeasureWorker] = {}
-
-
-def get_segment_worker(environment: Mapping[str, str]) -> MeasureWorker:
-    """A process-wide capture worker started with ``environment`` as well (segment binds run
-    under the gradient-sum cap, which MXNet reads once per process: NOTE [ the gradient-sum
-    cap is read once per process ] in segments.py)."""
-    key = tuple(sorted(environment.items()))
-    with _POOL_LOCK:
-        if key not in _SEGMENT_CAPTURES:
-            _SEGMENT_CAPTURES[key] = MeasureWorker(verbose=True, environment=dict(environment))
-        return _SEGMENT_CAPTURES[key]
+        if key not in _CAPTURES:
+            _CAPTURES[key] = MeasureWorker(verbose=True, environment=dict(key))
+        return _CAPTURES[key]
 
 
 def shutdown_workers() -> None:
@@ -342,9 +329,7 @@ def shutdown_workers() -> None:
     with _POOL_LOCK:
         if _POOL is not None:
             _POOL.close()
-        if _CAPTURE is not None:
-            _CAPTURE.close()
-        for worker in _SEGMENT_CAPTURES.values():
+        for worker in _CAPTURES.values():
             worker.close()
 
 

@@ -157,7 +157,7 @@ def test_owner_is_the_segment_with_the_largest_working_set():
     label = b.input("label", (1,))
     b.op("loss", "SoftmaxOutput", [x, label], (1, 4096))
     plan = plan_segments(b.build(), 2)
-    owner = plan.segments[plan.owner_index()]
+    owner = plan.segments[plan.bind_order()[0]]
     assert any(n.startswith("big") for n in owner.nodes)
 
 
