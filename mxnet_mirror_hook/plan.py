@@ -684,21 +684,29 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
             candidates += [split.with_mirrored(one_level.mirrored, graph) for split in splits]
         candidates += [_per_segment_two_level(symbol, split, setup, options)
                        for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
-    measured = []
-    for candidate in candidates:
-        mb, per_segment = segment_planned_mb(
-            symbol, candidate, setup.context, {name: shape for name, shape, _ in setup.all_inputs},
-            {name: np.dtype(dtype) for name, _, dtype in setup.all_inputs}, setup.requests)
+    bind_inputs = ({name: shape for name, shape, _ in setup.all_inputs},
+                   {name: np.dtype(dtype) for name, _, dtype in setup.all_inputs}, setup.requests)
+
+    def measure(candidate: SegmentPlan) -> Tuple[float, float, SegmentPlan]:
+        mb, per_segment = segment_planned_mb(symbol, candidate, setup.context, *bind_inputs)
         # The segment MXNet plans largest owns the shared pool (bound first).
         candidate = candidate.with_working_bytes([int(m * 2 ** 20) for m in per_segment])
         inner = [n for s in candidate.segments for n in s.mirrored]
         overhead = candidate.recompute_fraction + recompute_overhead(graph, inner)
-        measured.append((mb, overhead, candidate))
-        logger.info("segment plan: %d segments, %s, %.0f MB static, overhead %.1f%%",
-                    candidate.count, "two levels" if inner else "one level", mb, 100 * overhead)
+        logger.info("segment plan: %d segments, %s%s, %.0f MB static, overhead %.1f%%",
+                    candidate.count, "two levels" if inner else "one level",
+                    ", match ranges " + "/".join(str(s.match_range or "-") for s in candidate.segments)
+                    if any(s.match_range for s in candidate.segments) else "", mb, 100 * overhead)
+        return mb, overhead, candidate
+
+    measured = [measure(candidate) for candidate in candidates]
+    if budget.key == "min":
+        measured += _tune_shared_pool(symbol, graph, chain, setup, options, measured, measure, bind_inputs)
     least = min(item[0] for item in measured)
-    # Within 3% of the least memory, fewer segments (fewer executor calls per iteration).
-    mb, overhead, chosen = min((item for item in measured if item[0] <= least * 1.03),
+    # Within 3% of the least memory, fewer segments (fewer executor calls per iteration);
+    # under 'min' the least memory itself (the budget asks for it at any recomputation).
+    tolerance = 1.0 if budget.key == "min" else SEGMENT_COUNT_TOLERANCE
+    mb, overhead, chosen = min((item for item in measured if item[0] <= least * tolerance),
                                key=lambda item: (item[2].count, item[1], item[0]))
     wins = (chosen.count > 1 and mb <= SEGMENT_WIN_FRACTION * one_level.planned_mb
             and (budget.key == "min" or overhead <= SEGMENT_RECOMPUTE_LIMIT))
@@ -719,8 +727,61 @@ def plan_with_segments(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: 
     return _segments_result(symbol, one_level, chosen, mb, overhead, started, from_cache=False)
 
 
+#: A plan with fewer segments is taken when its static figure is within this factor of the
+#: least (fewer executor calls per iteration); not under 'min'.
+SEGMENT_COUNT_TOLERANCE = 1.03
+
 #: Splits of at most this many segments also get a mirror plan made per segment under 'min'.
 MAX_PER_SEGMENT_PLANS = 4
+
+#: Neighbouring cut lists measured around the best per-segment plan of each segment count
+#: under 'min' (:func:`alternative_cuts`).
+NEIGHBOUR_CUTS = 8
+
+#: The least plans of those given a match range per segment under 'min'.
+TUNED_PLANS = 2
+
+
+def _tune_shared_pool(symbol: "mx.sym.Symbol", graph: Any, chain: Any, setup: PlanningSetup,
+                      options: MirrorOptions, measured: List[Tuple[float, float, SegmentPlan]],
+                      measure: Any, bind_inputs: Tuple[Any, Any, Any]
+                      ) -> List[Tuple[float, float, SegmentPlan]]:
+    """Under ``'min'``: plans that make the shared pool of the executors smaller.
+
+    The best measured plan of each segment count with a mirror plan made per segment is
+    tried with its cuts moved to the ``NEIGHBOUR_CUTS`` nearest positions crossed by no more bytes
+    (:func:`alternative_cuts`: the pool depends on how the segments' blocks dovetail,
+    which only measuring tells), and the best of those plans, the original among them, with
+    a match range per segment (NOTE [ a match range per segment ] in core/segments.py).
+    The work is bounded by those counts, not by time.
+    """
+    from .core.segments import alternative_cuts, cut_positions, segment_plan_for_cuts
+    from .mx.segments import tune_match_ranges
+
+    def two_level_per_segment(plan: SegmentPlan) -> bool:
+        return (1 < plan.count <= MAX_PER_SEGMENT_PLANS and not plan.head_chunks
+                and any(s.mirrored for s in plan.segments))
+
+    eligible = [item for item in measured if two_level_per_segment(item[2])]
+    if not eligible:
+        return []
+    found = []
+    for count in sorted({item[2].count for item in eligible}):
+        _, _, best = min((item for item in eligible if item[2].count == count),
+                         key=lambda item: item[0])
+        cuts = cut_positions(graph, best)
+        per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
+        for moved in alternative_cuts(graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
+            split = segment_plan_for_cuts(graph, moved, chain).with_replay_random(best.replay_random)
+            found.append(measure(_per_segment_two_level(symbol, split, setup, options)))
+    plans = eligible + found
+    ranked = sorted(range(len(plans)), key=lambda i: (plans[i][0], plans[i][2].count, i))
+    tuned = []
+    for i in ranked[:TUNED_PLANS]:
+        plan = tune_match_ranges(symbol, plans[i][2], setup.context, *bind_inputs)
+        if any(s.match_range for s in plan.segments):
+            tuned.append(measure(plan))
+    return found + tuned
 
 
 def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: PlanningSetup,

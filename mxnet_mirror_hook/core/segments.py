@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ from .planners.dp import DEFAULT_GRAD_FACTOR, CutChain, build_cut_chain
 __all__ = ["Entry", "SegmentSpec", "SegmentPlan", "segment_plan_for_cuts", "choose_cuts",
            "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES", "LossHead", "loss_head",
            "head_buffer_floats", "head_tile", "shared_pool_bytes", "full_cut_chain",
-           "plan_segments_with_head", "head_chunk_count", "head_chunk_rows", "HEAD_CHUNK_BYTES"]
+           "plan_segments_with_head", "head_chunk_count", "head_chunk_rows", "HEAD_CHUNK_BYTES",
+           "alternative_cuts", "cut_positions", "least_pool_choice", "MATCH_RANGES"]
 
 #: A tensor: (producing node's name, output index).
 Entry = Tuple[str, int]
@@ -84,6 +86,9 @@ class SegmentSpec:
         Operators of this segment bound with ``force_mirroring`` (two levels).
     working_bytes : int
         Modelled forward-and-backward working set (MXNet's planned bytes).
+    match_range : int
+        ``NNVM_EXEC_MATCH_RANGE`` the segment is bound under (0: the process's setting,
+        MXNet's default 16; NOTE [ a match range per segment ]).
     """
 
     index: int
@@ -93,13 +98,14 @@ class SegmentSpec:
     variables: Tuple[str, ...]
     mirrored: FrozenSet[str] = frozenset()
     working_bytes: int = 0
+    match_range: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe form."""
         return {"index": self.index, "nodes": list(self.nodes),
                 "inputs": [list(e) for e in self.inputs], "outputs": [list(e) for e in self.outputs],
                 "variables": list(self.variables), "mirrored": sorted(self.mirrored),
-                "working_bytes": self.working_bytes}
+                "working_bytes": self.working_bytes, "match_range": self.match_range}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SegmentSpec":
@@ -108,7 +114,7 @@ class SegmentSpec:
                    tuple((str(n), int(o)) for n, o in data["inputs"]),
                    tuple((str(n), int(o)) for n, o in data["outputs"]),
                    tuple(data["variables"]), frozenset(data.get("mirrored", ())),
-                   int(data.get("working_bytes", 0)))
+                   int(data.get("working_bytes", 0)), int(data.get("match_range", 0)))
 
 
 @dataclass(frozen=True)
@@ -202,8 +208,19 @@ class SegmentPlan:
         :meth:`bind_order` binds the really largest segment first."""
         if len(measured) != self.count:
             raise ValueError(f"need one figure per segment ({self.count}), got {len(measured)}")
-        segments = tuple(SegmentSpec(s.index, s.nodes, s.inputs, s.outputs, s.variables, s.mirrored,
-                                     int(m)) for s, m in zip(self.segments, measured))
+        segments = tuple(dataclasses.replace(s, working_bytes=int(m))
+                         for s, m in zip(self.segments, measured))
+        return dataclasses.replace(self, segments=segments)
+
+    def with_match_ranges(self, ranges: Sequence[int]) -> "SegmentPlan":
+        """The same split with each segment bound under ``ranges[i]`` as
+        ``NNVM_EXEC_MATCH_RANGE`` (0: the process's setting; NOTE [ a match range per segment ])."""
+        if len(ranges) != self.count:
+            raise ValueError(f"need one match range per segment ({self.count}), got {len(ranges)}")
+        if any(int(r) < 0 for r in ranges):
+            raise ValueError(f"match ranges must be >= 0 (0: MXNet's setting), got {list(ranges)}")
+        segments = tuple(dataclasses.replace(s, match_range=int(r))
+                         for s, r in zip(self.segments, ranges))
         return dataclasses.replace(self, segments=segments)
 
     def with_replay_random(self, replay: bool = True) -> "SegmentPlan":
@@ -230,8 +247,7 @@ class SegmentPlan:
             inside = drop_unread_copies(graph, inside)
             if self.head_chunks and segment.index == self.count - 1:
                 inside = frozenset()  # a chunked head runs no executor (NOTE [ chunked loss head ])
-            segments.append(SegmentSpec(segment.index, segment.nodes, segment.inputs, segment.outputs,
-                                        segment.variables, inside, segment.working_bytes))
+            segments.append(dataclasses.replace(segment, mirrored=inside))
         return dataclasses.replace(self, segments=tuple(segments))
 
 
@@ -259,6 +275,76 @@ def shared_pool_bytes(blocks: Sequence[Sequence[int]]) -> int:
             else:
                 pool.append(size)
     return sum(pool)
+
+
+#: ``NNVM_EXEC_MATCH_RANGE`` values a segment may be bound under when the pool is tuned
+#: (NOTE [ a match range per segment ]); 16 is MXNet's default.
+MATCH_RANGES = (2, 4, 8, 16, 32)
+
+#: Combinations of per-segment variants :func:`least_pool_choice` tries exhaustively; beyond
+#: it, a fixed number of coordinate-descent passes.
+POOL_CHOICE_LIMIT = 4096
+POOL_CHOICE_PASSES = 3
+
+
+def least_pool_choice(options: Sequence[Mapping[Any, Tuple[float, Sequence[int]]]]
+                      ) -> Tuple[int, List[Any]]:
+    """The variant of each executor that makes the chain's shared pool least.
+
+    # NOTE [ a match range per segment ]
+    # The shared pool is the union of the executors' blocks (NOTE [ the shared
+    # pool's union ]): a segment whose blocks are many and small adds blocks
+    # even when its own plan is well below the largest one.  MXNet's planner
+    # lets a freed block serve a tensor within a factor NNVM_EXEC_MATCH_RANGE
+    # of its size (default 16; read at every bind, so it can differ per
+    # executor).  Under another range a segment plans other blocks, a few MB
+    # more or less on its own, but sometimes far better dovetailed with the
+    # others: resnet152_v1b, batch 32, two segments cut after
+    # layers3_bottleneckv1b2, both segments planned 'min' on their own: pool
+    # 1029 MB with every segment at 16, 969 MB with the first at 8 and the
+    # second at 2.  So under ``'min'`` each segment is measured under each of
+    # MATCH_RANGES and the combination with the least pool is bound (the chain
+    # sets the variable around each segment's bind).
+    #
+    # ``options[i]`` maps variant keys to (MXNet's planned MB, the allocator
+    # model's blocks) of executor i (segment order).  The chain binds the
+    # largest planned MB first, ties by position (:meth:`SegmentPlan.bind_order`),
+    # so the order follows the chosen variants.  Exhaustive up to
+    # POOL_CHOICE_LIMIT combinations; beyond, coordinate descent from each
+    # executor's least plan, POOL_CHOICE_PASSES passes (bounded by work, not time).
+
+    Returns
+    -------
+    (bytes, keys) : the pool's bytes and the chosen key of each executor.
+    """
+    if not options:
+        return 0, []
+    if any(not o for o in options):
+        raise ValueError("every executor needs at least one variant")
+    keys = [sorted(o, key=repr) for o in options]
+
+    def pool(choice: Sequence[Any]) -> int:
+        chosen = [options[i][k] for i, k in enumerate(choice)]
+        order = sorted(range(len(chosen)), key=lambda i: (-chosen[i][0], i))
+        return shared_pool_bytes([chosen[i][1] for i in order])
+
+    combinations = math.prod(len(k) for k in keys)
+    if combinations <= POOL_CHOICE_LIMIT:
+        best = min(itertools.product(*keys), key=lambda c: (pool(c), c.__repr__()))
+        return pool(best), list(best)
+    choice = [min(k, key=lambda key, o=o: (sum(o[key][1]), repr(key))) for k, o in zip(keys, options)]
+    current = pool(choice)
+    for _ in range(POOL_CHOICE_PASSES):
+        improved = False
+        for i, candidates in enumerate(keys):
+            for key in candidates:
+                trial = choice[:i] + [key] + choice[i + 1:]
+                value = pool(trial)
+                if value < current:
+                    choice, current, improved = trial, value, True
+        if not improved:
+            break
+    return current, choice
 
 
 def entry_key(entry: Entry) -> str:
@@ -507,6 +593,55 @@ def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
         best = min(window, key=lambda i: (crossings.crossing[candidates[i]], abs(weight[i] - target)))
         cuts.append(candidates[best])
     return cuts
+
+
+def cut_positions(graph: Graph, plan: SegmentPlan) -> List[int]:
+    """The cuts of ``plan`` as positions of ``graph.as_late_as_possible()`` (the last owned
+    operator of each segment but the last; the inverse of :func:`segment_plan_for_cuts`)."""
+    late = graph.as_late_as_possible()
+    crossings = _crossings_of(late)
+    position = {node.name: p for p, node in enumerate(late.nodes)}
+    cuts = []
+    for segment in plan.segments[:-1]:
+        owned = [position[n] for n in segment.nodes if n in position and crossings.owned[position[n]]]
+        if not owned:
+            raise ValueError(f"segment {segment.index} owns no operator of this graph")
+        cuts.append(max(owned))
+    return cuts
+
+
+def alternative_cuts(graph: Graph, cuts: Sequence[int], limit: int,
+                     chain: Optional[CutChain] = None) -> List[List[int]]:
+    """Other cut lists, each moving one of ``cuts`` to a nearby position crossed by no more
+    bytes: the ``limit`` nearest such positions per cut (by distance in the as-late-as-possible
+    order, earlier first on ties), keeping every segment owning an operator.
+
+    :func:`choose_cuts` balances the modelled working sets; what the shared pool of the
+    bound executors holds also depends on how the segments' storage blocks dovetail (NOTE
+    [ the shared pool's union ]), which only measuring tells, so the planner measures these
+    neighbours too under ``'min'`` (resnet152_v1b, batch 32: the balanced cut after
+    layers3_bottleneckv1b1 gives 1143 MB, the same-size cut one block later 1042 MB).
+    """
+    late = graph.as_late_as_possible()
+    if chain is None:
+        chain = full_cut_chain(graph)
+    crossings = _crossings_of(late)
+    candidates = [p for p in chain.positions[1:-1] if crossings.valid(p)]
+    owned_before = [0]
+    for flag in crossings.owned:
+        owned_before.append(owned_before[-1] + flag)
+    found: List[List[int]] = []
+    for i, cut in enumerate(cuts):
+        low = cuts[i - 1] if i > 0 else -1
+        high = cuts[i + 1] if i + 1 < len(cuts) else len(late.nodes) - 1
+        near = [p for p in candidates if low < p < high and p != cut
+                and crossings.crossing[p] <= crossings.crossing[cut]
+                and owned_before[p + 1] > owned_before[low + 1]
+                and owned_before[high + 1] > owned_before[p + 1]]
+        near.sort(key=lambda p: (abs(p - cut), p))
+        for p in near[:max(0, limit)]:
+            found.append(list(cuts[:i]) + [p] + list(cuts[i + 1:]))
+    return found
 
 
 def full_cut_chain(graph: Graph, grad_factor: float = DEFAULT_GRAD_FACTOR) -> CutChain:

@@ -70,8 +70,9 @@ def planned_mb_many(symbols: Sequence[SymbolLike], ctx: "mx.Context",
 
 def worker_request(symbol_json: str, ctx: "mx.Context", shapes: Mapping[str, tuple],
                    type_dict: Optional[Mapping[str, np.dtype]], grad_req: GradReq,
-                   capture: bool = False) -> Dict[str, object]:
-    """One request to a worker process (protocol in :mod:`.worker`)."""
+                   capture: bool = False, match_range: int = 0) -> Dict[str, object]:
+    """One request to a worker process (protocol in :mod:`.worker`); ``match_range``: bind
+    under this ``NNVM_EXEC_MATCH_RANGE`` (0: the worker's setting)."""
     types = {k: np.dtype(v) for k, v in (type_dict or {}).items()}
     request: Dict[str, object] = {
         "symbol": symbol_json, "shapes": {k: list(v) for k, v in shapes.items()},
@@ -86,6 +87,8 @@ def worker_request(symbol_json: str, ctx: "mx.Context", shapes: Mapping[str, tup
         request["type_ids"] = {k: codes[v.type] for k, v in types.items() if v.type in codes}
     if capture:
         request["capture"] = True
+    if match_range:
+        request["match_range"] = int(match_range)
     return request
 
 

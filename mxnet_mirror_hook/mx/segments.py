@@ -20,14 +20,17 @@ import mxnet as mx
 import numpy as np
 
 from ..core.graph import draws_random
-from ..core.segments import (Entry, LossHead, SegmentPlan, SegmentSpec, head_buffer_floats,
-                             head_chunk_rows, head_tile, shared_pool_bytes)
+from ..core.segments import (MATCH_RANGES, Entry, LossHead, SegmentPlan, SegmentSpec,
+                             head_buffer_floats, head_chunk_rows, head_tile, least_pool_choice,
+                             shared_pool_bytes)
+from .. import env
 from ..errors import BackendError, ShapeError
 from .convert import MIRROR_ATTR
 from .bind import environment
 
 __all__ = ["executor_group_for", "boundary_name", "reader_name", "source_name", "segment_documents",
-           "split_symbol", "SegmentChain", "GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP"]
+           "split_symbol", "SegmentChain", "GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP",
+           "tune_match_ranges"]
 
 logger = logging.getLogger(__name__)
 
@@ -774,8 +777,10 @@ class SegmentChain:
                 requests[name] = "null"
                 del grads[name]
         aux = {name: self.aux_dict[name] for name in sym.list_auxiliary_states()}
-        return sym.bind(self.ctx, args, args_grad=grads, grad_req=requests, aux_states=aux,
-                        shared_exec=shared_exec)
+        # NOTE [ a match range per segment ] in core/segments.py: nnvm reads it at this bind.
+        with environment(_match_range_variables(segment.match_range)):
+            return sym.bind(self.ctx, args, args_grad=grads, grad_req=requests, aux_states=aux,
+                            shared_exec=shared_exec)
 
     @property
     def pool_owner(self) -> "mx.executor.Executor":
@@ -1097,10 +1102,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     from ..core.segments import HEAD_GRAD_COPIES
 
     requests = dict(grad_req or {})
-    known = {name: tuple(shape) for name, shape in shapes.items()}
-    for key, shape in plan.boundary_shapes.items():
-        name, _, out = key.rpartition(":")
-        known[boundary_name((name, int(out)))] = tuple(shape)
+    known = _known_shapes(plan, shapes)
     variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
     per_segment = []
     symbols = split_symbol(symbol, plan)
@@ -1115,20 +1117,11 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
             per_segment.append(0.0)  # no executor (NOTE [ gathered steps ])
             blocks.append([])
             continue
-        names = sym.list_arguments()
-        seg_shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
-        seg_types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
-        seg_types.update({n: (type_dict or {})[source_name(n)] for n in names
-                          if source_name(n) in (type_dict or {})})
-        seg_req = {n: ("write" if n.endswith("_segment_boundary")
-                       else requests.get(source_name(n), "null")) for n in names}
-        key = _segment_key(sym, ctx, seg_shapes, seg_types, seg_req, variables)
-        if key not in _SEGMENT_MB:
-            _SEGMENT_MB[key] = _measure_segment(sym, ctx, seg_shapes, seg_types, seg_req, variables)
-            while len(_SEGMENT_MB) > _SEGMENT_MB_LIMIT:
-                _SEGMENT_MB.pop(next(iter(_SEGMENT_MB)))
-        per_segment.append(_SEGMENT_MB[key][0])
-        blocks.append(_SEGMENT_MB[key][1])
+        seg_shapes, seg_types, seg_req = _segment_bind_inputs(sym, known, type_dict, requests)
+        mb, found = _segment_measure(sym, ctx, seg_shapes, seg_types, seg_req, variables,
+                                     plan.segments[index].match_range)
+        per_segment.append(mb)
+        blocks.append(found)
     # Boundaries: value, gradient and the producer's head-gradient copy (HEAD_GRAD_COPIES); a
     # boundary only gathers read has the copy alone, and the largest gathered slice is added.
     # A gathering segment's output has no producing executor, so no copy.
@@ -1153,9 +1146,83 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     return pool_mb + boundary_mb + output_mb, per_segment
 
 
+def _segment_bind_inputs(symbol: "mx.sym.Symbol", known: Mapping[str, Tuple[int, ...]],
+                         type_dict: Optional[Mapping[str, Any]], requests: Mapping[str, str]
+                         ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Any], Dict[str, str]]:
+    """Shapes, types and gradient requests a segment symbol is measured with."""
+    names = symbol.list_arguments()
+    shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
+    types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
+    types.update({n: (type_dict or {})[source_name(n)] for n in names
+                  if source_name(n) in (type_dict or {})})
+    req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(source_name(n), "null"))
+           for n in names}
+    return shapes, types, req
+
+
+def _segment_measure(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
+                     types: Mapping[str, Any], requests: Mapping[str, str],
+                     variables: Mapping[str, str], match_range: int = 0
+                     ) -> Tuple[float, Optional[List[int]]]:
+    """:func:`_measure_segment` once per structure (NOTE [ segments planned once per structure ])."""
+    key = _segment_key(symbol, ctx, shapes, types, requests, variables, match_range)
+    if key not in _SEGMENT_MB:
+        _SEGMENT_MB[key] = _measure_segment(symbol, ctx, shapes, types, requests, variables, match_range)
+        while len(_SEGMENT_MB) > _SEGMENT_MB_LIMIT:
+            _SEGMENT_MB.pop(next(iter(_SEGMENT_MB)))
+    return _SEGMENT_MB[key]
+
+
+def tune_match_ranges(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Context",
+                      shapes: Mapping[str, Tuple[int, ...]],
+                      type_dict: Optional[Mapping[str, Any]] = None,
+                      grad_req: Optional[Mapping[str, str]] = None,
+                      grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP,
+                      ranges: Sequence[int] = MATCH_RANGES) -> SegmentPlan:
+    """``plan`` with the match range of each executor segment that makes the shared pool least
+    (NOTE [ a match range per segment ] in core/segments.py).
+
+    Each executor segment is measured under each of ``ranges``; a range whose blocks the
+    allocator model cannot reproduce is not a choice, and a segment with no modelled range
+    keeps its own.  Gathering segments and a chunked head run no executor (range 0).
+    """
+    requests = dict(grad_req or {})
+    known = _known_shapes(plan, shapes)
+    variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
+    symbols = split_symbol(symbol, plan)
+    gathers, _, _ = find_gathers(plan, symbols, known)
+    executors = [i for i in range(plan.executor_count()) if i not in gathers]
+    options = []
+    for index in executors:
+        bind_inputs = _segment_bind_inputs(symbols[index], known, type_dict, requests)
+        measured = {r: _segment_measure(symbols[index], ctx, *bind_inputs, variables, r) for r in ranges}
+        choices = {r: (mb, blocks) for r, (mb, blocks) in measured.items() if blocks is not None}
+        if not choices:
+            logger.info("segment %d keeps its match range: its blocks could not be modelled", index)
+            own = plan.segments[index].match_range
+            mb, blocks = _segment_measure(symbols[index], ctx, *bind_inputs, variables, own)
+            choices = {own: (mb, blocks or [int(mb * 2 ** 20)])}
+        options.append(choices)
+    _, chosen = least_pool_choice(options)
+    ranges_by_segment = [segment.match_range for segment in plan.segments]
+    for index, value in zip(executors, chosen):
+        ranges_by_segment[index] = int(value)
+    return plan.with_match_ranges(ranges_by_segment)
+
+
+def _known_shapes(plan: SegmentPlan, shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of the inputs and of every boundary variable of ``plan``."""
+    known = {name: tuple(shape) for name, shape in shapes.items()}
+    for key, shape in plan.boundary_shapes.items():
+        name, _, out = key.rpartition(":")
+        known[boundary_name((name, int(out)))] = tuple(shape)
+    return known
+
+
 def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
                      types: Mapping[str, Any], requests: Mapping[str, str],
-                     variables: Mapping[str, str]) -> Tuple[float, Optional[List[int]]]:
+                     variables: Mapping[str, str], match_range: int = 0
+                     ) -> Tuple[float, Optional[List[int]]]:
     """MXNet's planned MB of a segment and its storage blocks (None when they cannot be
     modelled; NOTE [ the shared pool's union ] in core/segments.py).
 
@@ -1172,12 +1239,13 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
 
     text = symbol.tojson()
     if measures_in_process(text):
-        with environment(variables):
+        with environment(dict(variables, **_match_range_variables(match_range))):
             mb = planned_mb_in_process(symbol, ctx, shapes, dict(types) or None, requests)
         mx.nd.waitall()  # the bind's arrays are allocated and released now, not piled up
         return mb, None
     reply = get_capture_worker(variables).exchange(
-        worker_request(text, ctx, shapes, dict(types) or None, requests, capture=True))
+        worker_request(text, ctx, shapes, dict(types) or None, requests, capture=True,
+                       match_range=match_range))
     graph = ExecutedGraph.from_dict(reply["executed"])
     mb = float(graph.measured_mb)
     found = AllocatorModel(graph).planned_blocks()
@@ -1221,8 +1289,9 @@ _SEGMENT_MB_LIMIT = 4096
 
 def _segment_key(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
                  types: Mapping[str, Any], requests: Mapping[str, str],
-                 environment_vars: Mapping[str, str]) -> str:
+                 environment_vars: Mapping[str, str], match_range: int = 0) -> str:
     """Name-free key of a segment bind (NOTE [ segments planned once per structure ])."""
+    environment_vars = dict(environment_vars, **_match_range_variables(match_range))
     document = json.loads(symbol.tojson())
     nodes = []
     for node in document["nodes"]:
@@ -1243,6 +1312,11 @@ def _segment_key(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str
     text = json.dumps([nodes, document["heads"], str(ctx), sorted(environment_vars.items())],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _match_range_variables(match_range: int) -> Dict[str, str]:
+    """The environment a segment is bound under for its match range (0: none set)."""
+    return {env.MATCH_RANGE: str(int(match_range))} if match_range else {}
 
 
 def _chunked_head_mb(head_symbol: "mx.sym.Symbol", plan: SegmentPlan,

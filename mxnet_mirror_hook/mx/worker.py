@@ -400,14 +400,19 @@ def _serve(library: Optional[str] = None) -> int:
             if request.get("ping"):
                 reply: Dict[str, Any] = {"ok": True, "mb": 0.0}
             else:
-                try:
-                    if binder is None:
-                        raise CApiUnsupported("no library")
-                    reply = _answer_with_library(binder, request)
-                    reply["via"] = "capi"
-                except CApiUnsupported:
-                    reply = _answer_with_package(request)
-                    reply["via"] = "package"
+                # A segment bound under its own match range (NOTE [ a match range per
+                # segment ] in core/segments.py): nnvm reads the variable at every bind.
+                scope = ({env.MATCH_RANGE: str(int(request["match_range"]))}
+                         if request.get("match_range") else {})
+                with env.scoped(scope):
+                    try:
+                        if binder is None:
+                            raise CApiUnsupported("no library")
+                        reply = _answer_with_library(binder, request)
+                        reply["via"] = "capi"
+                    except CApiUnsupported:
+                        reply = _answer_with_package(request)
+                        reply["via"] = "package"
             reply["rss"] = resident_bytes()
         except MeasurementError as error:
             reply = {"ok": False, "error": str(error)}

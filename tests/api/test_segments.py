@@ -563,3 +563,62 @@ def test_a_segment_with_a_custom_operator_is_measured_here_and_trains_like_plain
     assert module.mirror_plan.backend == "segments" and module.mirror_plan.segment_count == 2
     for name, grad in results[0].items():
         np.testing.assert_allclose(results[1][name], grad, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def _forward_backward_grads(chain: SegmentChain, seed: int = 5) -> Dict[str, np.ndarray]:
+    rng = np.random.RandomState(seed)
+    for key, array in chain.arg_dict.items():
+        array[:] = (rng.randint(0, 10, array.shape) if key == "softmax_label"
+                    else rng.uniform(-1, 1, array.shape)).astype("float32")
+    for array in chain.aux_dict.values():
+        array[:] = 1.0
+    chain.forward(is_train=True)
+    chain.backward()
+    mx.nd.waitall()
+    return {k: g.asnumpy() for k, g in chain.grad_dict.items() if g is not None}
+
+
+def test_each_segment_is_bound_under_its_own_match_range_and_computes_the_same():
+    """NOTE [ a match range per segment ]: the chain sets NNVM_EXEC_MATCH_RANGE around each
+    segment's bind, so each executor plans what its segment measured under that range; the
+    range moves storage only, so the gradients are those of the chain at MXNet's default."""
+    from mxnet_mirror_hook.mx.text import parse_planned_mb
+
+    symbol = inception_net()     # branches of several sizes: the range changes the blocks
+    shapes = {"data": (16, 3, 64, 64), "softmax_label": (16,)}
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
+        [("softmax_label", shapes["softmax_label"])], "label"))
+    plan = plan_segments(graph, 3)
+    tuned = plan.with_match_ranges([1, 0, 1])
+    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
+    types = {n: np.dtype("float32") for n in shapes}
+    _, per_default = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
+    _, per_tuned = segment_planned_mb(symbol, tuned, mx.cpu(), shapes, types, requests)
+    assert per_tuned[1] == per_default[1]
+    assert per_tuned[0] > per_default[0]           # exact-size reuse only: more blocks
+    chains = [SegmentChain(symbol, p, mx.cpu(), shapes, grad_req=requests) for p in (plan, tuned)]
+    assert [parse_planned_mb(e.debug_str()) for e in chains[1].execs] == per_tuned
+    assert [parse_planned_mb(e.debug_str()) for e in chains[0].execs] == per_default
+    default, ranged = (_forward_backward_grads(c) for c in chains)
+    for key, grad in default.items():
+        np.testing.assert_array_equal(ranged[key], grad, err_msg=key)
+
+
+def test_tuned_match_ranges_never_make_the_pool_larger():
+    from mxnet_mirror_hook.mx.segments import tune_match_ranges
+
+    symbol = inception_net()
+    shapes = {"data": (16, 3, 64, 64), "softmax_label": (16,)}
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
+        [("softmax_label", shapes["softmax_label"])], "label"))
+    requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
+    types = {n: np.dtype("float32") for n in shapes}
+    for count in (2, 3):
+        plan = plan_segments(graph, count).with_mirrored(graph.mirrorable_names, graph)
+        tuned = tune_match_ranges(symbol, plan, mx.cpu(), shapes, types, requests)
+        # A range is chosen wherever the allocator model reproduces the segment's blocks.
+        assert all(s.match_range in (0, 2, 4, 8, 16, 32) for s in tuned.segments)
+        assert any(s.match_range for s in tuned.segments), [s.match_range for s in tuned.segments]
+        before, _ = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
+        after, _ = segment_planned_mb(symbol, tuned, mx.cpu(), shapes, types, requests)
+        assert after <= before + 1e-9

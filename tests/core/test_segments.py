@@ -4,8 +4,11 @@ from __future__ import annotations
 import pytest
 
 from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
-from mxnet_mirror_hook.core.segments import (HEAD_GRAD_COPIES, SegmentPlan, best_segment_plan,
-                                             plan_segments, segment_plan_for_cuts, shared_pool_bytes)
+from mxnet_mirror_hook.core import segments as core_segments
+from mxnet_mirror_hook.core.segments import (HEAD_GRAD_COPIES, SegmentPlan, alternative_cuts,
+                                             best_segment_plan, choose_cuts, cut_positions,
+                                             least_pool_choice, plan_segments,
+                                             segment_plan_for_cuts, shared_pool_bytes)
 from tests.graphs import GraphBuilder, chain, residual
 
 MB = 1 << 20
@@ -225,3 +228,88 @@ def test_the_shared_pool_reuses_each_block_once_per_executor_and_appends_what_do
     # takes the 10 and the 4 finds nothing left.
     assert shared_pool_bytes([[20, 9], [15, 8]]) == 29
     assert shared_pool_bytes([[10], [6, 4]]) == 14
+
+
+def test_least_pool_choice_takes_the_variants_whose_blocks_dovetail():
+    """NOTE [ a match range per segment ]: a segment's own smallest plan is not always the one
+    that adds least to the shared pool."""
+    options = [
+        {16: (12.0, [8, 4])},
+        # Variant 2 plans less on its own (6) but as three blocks, one more than the pool has.
+        {2: (6.0, [2, 2, 2]), 16: (7.0, [4, 3])},
+    ]
+    pool, keys = least_pool_choice(options)
+    assert keys == [16, 16] and pool == 12
+    assert shared_pool_bytes([[8, 4], [2, 2, 2]]) == 14   # what the smaller plan would cost
+
+
+def test_least_pool_choice_binds_the_largest_planned_segment_first():
+    """The chain binds by planned size (SegmentPlan.bind_order): a variant that makes a later
+    segment the largest changes the order, and the choice follows it."""
+    options = [{0: (5.0, [5])}, {"a": (3.0, [3]), "b": (9.0, [9])}]
+    pool, keys = least_pool_choice(options)
+    assert keys == [0, "a"] and pool == 5                 # [5] then [3]: reuses the 5
+    assert least_pool_choice([{0: (5.0, [5])}, {"b": (9.0, [9])}])[0] == 9   # [9] first, then 5 fits
+
+
+def test_least_pool_choice_descends_coordinate_wise_beyond_the_exhaustive_limit(monkeypatch):
+    options = [{1: (8.0, [8]), 2: (7.0, [4, 3])}, {1: (6.0, [6]), 2: (6.0, [3, 3])},
+               {1: (5.0, [5]), 2: (4.0, [2, 2])}]
+    exhaustive = least_pool_choice(options)
+    monkeypatch.setattr(core_segments, "POOL_CHOICE_LIMIT", 1)
+    descended = least_pool_choice(options)
+    assert descended[0] >= exhaustive[0]
+    # It starts from each segment's least plan and only ever improves on it.
+    start = [2, 1, 2]
+    chosen = [options[i][k] for i, k in enumerate(start)]
+    order = sorted(range(3), key=lambda i: (-chosen[i][0], i))
+    assert descended[0] <= shared_pool_bytes([chosen[i][1] for i in order])
+    with pytest.raises(ValueError, match="at least one variant"):
+        least_pool_choice([{}])
+    assert least_pool_choice([]) == (0, [])
+
+
+def test_alternative_cuts_move_one_cut_to_the_nearest_positions_crossed_by_no_more_bytes():
+    graph = residual(8)
+    cuts = choose_cuts(graph, 3)
+    assert len(cuts) == 2
+    base = segment_plan_for_cuts(graph, cuts)
+    crossing = core_segments._crossings_of(graph.as_late_as_possible()).crossing
+    found = alternative_cuts(graph, cuts, 3)
+    assert 0 < len(found) <= 6
+    for moved in found:
+        changed = [i for i in range(2) if moved[i] != cuts[i]]
+        assert len(changed) == 1 and moved == sorted(moved)
+        i = changed[0]
+        assert crossing[moved[i]] <= crossing[cuts[i]]
+        plan = segment_plan_for_cuts(graph, moved)       # every segment owns an operator
+        assert all(s.nodes for s in plan.segments)
+        assert plan.boundary_bytes <= base.boundary_bytes
+    # Per cut, nearest first.
+    first = [m[0] for m in found if m[0] != cuts[0]]
+    assert [abs(p - cuts[0]) for p in first] == sorted(abs(p - cuts[0]) for p in first)
+    assert alternative_cuts(graph, cuts, 0) == []
+
+
+def test_cut_positions_are_the_cuts_a_plan_was_made_with():
+    graph = residual(6)
+    for count in (2, 3, 4):
+        cuts = choose_cuts(graph, count)
+        assert cut_positions(graph, segment_plan_for_cuts(graph, cuts)) == cuts
+
+
+def test_a_segment_match_range_is_kept_by_the_plan_cache_form_and_checked():
+    plan = plan_segments(chain(8), 2)
+    tuned = plan.with_match_ranges([2, 0])
+    assert [s.match_range for s in tuned.segments] == [2, 0]
+    again = SegmentPlan.from_dict(tuned.to_dict())
+    assert [s.match_range for s in again.segments] == [2, 0]
+    assert [s.match_range for s in again.with_working_bytes([5, 6]).segments] == [2, 0]
+    old = tuned.to_dict()
+    for segment in old["segments"]:
+        del segment["match_range"]                         # a plan cached before 0.6
+    assert [s.match_range for s in SegmentPlan.from_dict(old).segments] == [0, 0]
+    with pytest.raises(ValueError, match="one match range per segment"):
+        plan.with_match_ranges([2])
+    with pytest.raises(ValueError, match=">= 0"):
+        plan.with_match_ranges([-1, 2])
