@@ -21,8 +21,8 @@ import numpy as np
 
 from ..core.graph import draws_random
 from ..core.segments import (MATCH_RANGES, Entry, LossHead, SegmentPlan, SegmentSpec,
-                             head_buffer_floats, head_chunk_rows, head_tile, least_pool_choice,
-                             shared_pool_bytes)
+                             gradient_slots, head_buffer_floats, head_chunk_rows, head_tile,
+                             least_pool_choice, shared_pool_bytes)
 from .. import env
 from ..errors import BackendError, ShapeError
 from .convert import MIRROR_ATTR
@@ -384,6 +384,31 @@ def find_gathers(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
     return gathers, gathered, only
 
 
+def reader_bindings(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"]) -> Dict[str, int]:
+    """Bindings of each argument and boundary over a chain's segments (NOTE [ one variable
+    per reader ]: a segment may bind one several times); a chunked head reads its segment's
+    variables and inputs once."""
+    readers: Dict[str, int] = {}
+    for index, segment in enumerate(plan.segments):
+        if plan.head_chunks and index == plan.count - 1:
+            names = list(segment.variables) + [boundary_name(e) for e in segment.inputs]
+        else:
+            names = [source_name(n) for n in symbols[index].list_arguments()]
+        for name in names:
+            readers[name] = readers.get(name, 0) + 1
+    return readers
+
+
+def shareable_gradients(plan: SegmentPlan, gathers: Mapping[int, Any],
+                        gathered: Mapping[Entry, Any], readers: Mapping[str, int]) -> List[Entry]:
+    """Boundaries whose gradient array may be shared (NOTE [ boundary gradients share arrays ]
+    in core/segments.py): bound once, so written with 'write', and not gathered."""
+    merged = {tuple(e) for index in gathers for e in plan.segments[index].outputs}
+    return [tuple(e) for e in plan.boundaries
+            if readers.get(boundary_name(e), 0) == 1 and tuple(e) not in gathered
+            and tuple(e) not in merged]
+
+
 def split_symbol(symbol: "mx.sym.Symbol", plan: SegmentPlan,
                  rerun_cudnn_off: bool = False) -> List["mx.sym.Symbol"]:
     """The segment symbols of ``symbol`` under ``plan`` (see :func:`segment_documents`)."""
@@ -673,15 +698,7 @@ class SegmentChain:
         self._seeds: Optional[List[int]] = None
         # Bindings of each argument and boundary (NOTE [ one variable per reader ]: a segment may
         # bind one several times); the chunked head reads its segment's variables once.
-        readers: Dict[str, int] = {}
-        for index, segment in enumerate(plan.segments):
-            if plan.head_chunks and index == plan.count - 1:
-                names = list(segment.variables) + [boundary_name(e) for e in segment.inputs]
-            else:
-                names = [source_name(n) for n in self.symbols[index].list_arguments()]
-            for name in names:
-                readers[name] = readers.get(name, 0) + 1
-        self._readers = readers
+        self._readers = reader_bindings(plan, self.symbols)
         self._allocate_boundaries()
         # A chunked loss head is not an executor (NOTE [ chunked loss head ]).
         self.head: Optional[ChunkedHead] = self._make_head() if plan.head_chunks else None
@@ -748,10 +765,18 @@ class SegmentChain:
                 outputs[entry] = (tuple(shape), dtype)
                 known_shapes[name], known_types[name] = tuple(shape), dtype
         self.gathers, self.gathered, gathered_only = find_gathers(self.plan, self.symbols, known_shapes)
+        # NOTE [ boundary gradients share arrays ] in core/segments.py
+        keys = {entry: (shape, np.dtype(dtype).name) for entry, (shape, dtype) in outputs.items()
+                if entry not in gathered_only}
+        slots = gradient_slots(self.plan, keys, shareable_gradients(
+            self.plan, self.gathers, self.gathered, self._readers))
+        shared: Dict[int, "mx.nd.NDArray"] = {}
         for entry, (shape, dtype) in outputs.items():
             if entry not in gathered_only:
                 self.boundary[entry] = _zeros(shape, self.ctx, dtype)
-                self.boundary_grad[entry] = _zeros(shape, self.ctx, dtype)
+                if slots[entry] not in shared:
+                    shared[slots[entry]] = _zeros(shape, self.ctx, dtype)
+                self.boundary_grad[entry] = shared[slots[entry]]
         self._entry_shapes = {entry: shape for entry, (shape, _) in outputs.items()}
 
     def _segment_req(self, name: str) -> str:
@@ -965,7 +990,8 @@ class SegmentChain:
         def size(a: "mx.nd.NDArray") -> int:
             return a.size * np.dtype(a.dtype).itemsize
 
-        total = sum(size(a) for arrays in (self.boundary, self.boundary_grad) for a in arrays.values())
+        arrays = {id(a): a for group in (self.boundary, self.boundary_grad) for a in group.values()}
+        total = sum(size(a) for a in arrays.values())  # shared gradient arrays once
         last = self.plan.count - 1
         for index, executor in enumerate(self.execs):
             if executor is not None and index < last:
@@ -1084,7 +1110,9 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # cannot be modelled (a lower bound, logged).  The bench reports the storage
     # profiler's peak beside this figure.  Boundaries are
     # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
-    # copy the producing executor makes in ``backward``; a boundary only gathering
+    # copy the producing executor makes in ``backward``, the gradient once per
+    # array boundaries share (NOTE [ boundary gradients share arrays ] in
+    # core/segments.py); a boundary only gathering
     # segments read has the copy alone, the largest gathered slice is added and a
     # gathering segment plans nothing (NOTE [ gathered steps ]; the chain's own
     # count is ``SegmentChain.boundary_bytes``).  With several segments the
@@ -1107,6 +1135,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     per_segment = []
     symbols = split_symbol(symbol, plan)
     gathers, gathered, gathered_only = find_gathers(plan, symbols, known)
+    all_symbols = list(symbols)
     blocks: List[Optional[List[int]]] = []
     head_mb = 0.0
     if plan.head_chunks:
@@ -1125,10 +1154,16 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # Boundaries: value, gradient and the producer's head-gradient copy (HEAD_GRAD_COPIES); a
     # boundary only gathers read has the copy alone, and the largest gathered slice is added.
     # A gathering segment's output has no producing executor, so no copy.
+    # Gradient arrays are counted once per shared slot (NOTE [ boundary gradients share arrays ]).
     entry_bytes = {tuple(e): 4 * int(np.prod(known[boundary_name(e)])) for e in plan.boundaries}
     merged = {tuple(e) for index in gathers for e in plan.segments[index].outputs}
     copies = {e: 1 if e in gathered_only else HEAD_GRAD_COPIES - (e in merged) for e in entry_bytes}
-    boundary_mb = (sum(copies[e] * b for e, b in entry_bytes.items())
+    keys = {e: (tuple(known[boundary_name(e)]), "float32") for e in entry_bytes if e not in gathered_only}
+    slots = gradient_slots(plan, keys, shareable_gradients(plan, gathers, gathered,
+                                                           reader_bindings(plan, all_symbols)))
+    slot_bytes = {slots[e]: entry_bytes[e] for e in keys}
+    boundary_mb = (sum((copies[e] - (e in keys)) * b for e, b in entry_bytes.items())
+                   + sum(slot_bytes.values())
                    + max((entry_bytes[tuple(e)] for e in gathered), default=0)) / 2 ** 20
     pool_mb = _pool_mb(plan, per_segment, blocks, gathers)
     if plan.head_chunks:

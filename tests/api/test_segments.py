@@ -622,3 +622,43 @@ def test_tuned_match_ranges_never_make_the_pool_larger():
         before, _ = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
         after, _ = segment_planned_mb(symbol, tuned, mx.cpu(), shapes, types, requests)
         assert after <= before + 1e-9
+
+
+def test_boundary_gradients_share_arrays_and_the_figure_counts_each_array_once(monkeypatch):
+    """NOTE [ boundary gradients share arrays ]: the boundaries of a residual chain, each read
+    by the next segment only, take turns in one gradient array; training is unchanged and the
+    static figure counts what the chain allocates."""
+    import mxnet_mirror_hook.mx.segments as mx_segments
+
+    build, data_shape, label_shape, classes, _ = CASES["resnet"]
+    symbol = build()
+    shapes = {"data": data_shape, "softmax_label": label_shape}
+    graph = symbol_to_graph(symbol, normalize_inputs([("data", data_shape)]) + normalize_inputs(
+        [("softmax_label", label_shape)], "label"))
+    plan = plan_segments(graph, 4)
+    assert plan.count == 4
+    requests = {n: "null" if n in shapes else "write" for n in symbol.list_arguments()}
+    chain = SegmentChain(symbol, plan, mx.cpu(), shapes, grad_req=requests)
+    assert len(chain.boundary_grad) >= 3
+    assert len({id(a) for a in chain.boundary_grad.values()}) < len(chain.boundary_grad)
+    monkeypatch.setattr(mx_segments, "_pool_mb", lambda *args: 0.0)
+    figure, _ = segment_planned_mb(symbol, plan, mx.cpu(), shapes,
+                                   {n: np.dtype("float32") for n in shapes}, requests)
+    outputs = sum(o.size * 4 for o in chain.outputs)
+    assert figure == pytest.approx((chain.boundary_bytes() + outputs) / 2 ** 20, abs=1e-9)
+    plain = symbol.simple_bind(mx.cpu(), grad_req=requests, **shapes)
+    rng = np.random.RandomState(4)
+    for key, array in plain.arg_dict.items():
+        value = (rng.randint(0, classes, array.shape) if key == "softmax_label"
+                 else rng.uniform(-1, 1, array.shape)).astype("float32")
+        array[:] = value
+        chain.arg_dict[key][:] = value
+    for step in range(2):   # the shared arrays are written over again in the second backward
+        for executor in (plain, chain):
+            executor.forward(is_train=True)
+            executor.backward()
+        mx.nd.waitall()
+        for key, grad in plain.grad_dict.items():
+            if grad is not None:
+                np.testing.assert_allclose(chain.grad_dict[key].asnumpy(), grad.asnumpy(),
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{key} step {step}")

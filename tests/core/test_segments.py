@@ -7,7 +7,7 @@ from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
 from mxnet_mirror_hook.core import segments as core_segments
 from mxnet_mirror_hook.core.segments import (HEAD_GRAD_COPIES, SegmentPlan, alternative_cuts,
                                              best_segment_plan, choose_cuts, cut_positions,
-                                             least_pool_choice, plan_segments,
+                                             gradient_slots, least_pool_choice, plan_segments,
                                              segment_plan_for_cuts, shared_pool_bytes)
 from tests.graphs import GraphBuilder, chain, residual
 
@@ -313,3 +313,45 @@ def test_a_segment_match_range_is_kept_by_the_plan_cache_form_and_checked():
         plan.with_match_ranges([2])
     with pytest.raises(ValueError, match=">= 0"):
         plan.with_match_ranges([-1, 2])
+
+
+def test_boundary_gradients_of_a_linear_chain_share_one_array_per_shape():
+    """NOTE [ boundary gradients share arrays ]: the gradient of the boundary after segment i
+    lives from backward's step over segment i+1 to the start of the step over segment i."""
+    plan = plan_segments(chain(12), 4)
+    keys = {tuple(e): ((1, 1024, 16, 16), "float32") for e in plan.boundaries}
+    slots = gradient_slots(plan, keys, keys)
+    assert len(slots) == 3 and len(set(slots.values())) == 1
+    # Not shareable: every boundary keeps an array; other shapes never share.
+    assert len(set(gradient_slots(plan, keys).values())) == 3
+    other = dict(keys)
+    other[tuple(plan.boundaries[1])] = ((2,), "float32")
+    mixed = gradient_slots(plan, other, other)
+    assert mixed[tuple(plan.boundaries[0])] == mixed[tuple(plan.boundaries[2])]
+    assert mixed[tuple(plan.boundaries[1])] != mixed[tuple(plan.boundaries[0])]
+
+
+def test_boundary_gradients_that_live_at_the_same_time_get_different_arrays():
+    """A tensor crossing two cuts (produced by segment 0, read by segment 2 only) is alive
+    during the step over segment 1, when the other two boundaries' gradients are written."""
+    graph = GraphBuilder()
+    data = graph.input("data", (1, 1024, 16, 16))
+    a = graph.op("a", "Activation", [data])
+    e = graph.op("e", "Activation", [data])
+    f = graph.op("f", "elemwise_add", [a, e])
+    b = graph.op("b", "Activation", [f])
+    d = graph.op("d", "elemwise_add", [b, e])
+    label = graph.input("label", (1,))
+    graph.op("loss", "SoftmaxOutput", [d, label])
+    built = graph.build()
+    position = {n.name: p for p, n in enumerate(built.as_late_as_possible().nodes)}
+    plan = segment_plan_for_cuts(built, [position["f"], position["b"]])
+    assert sorted(tuple(x) for x in plan.boundaries) == [("b", 0), ("e", 0), ("f", 0)]
+    keys = {tuple(x): ((1, 1024, 16, 16), "float32") for x in plan.boundaries}
+    slots = gradient_slots(plan, keys, keys)
+    # f: written over segment 1, read when segment 0 starts; b: written over segment 2, read
+    # when segment 1 starts; e: written over segment 2, read when segment 0 starts.
+    assert slots[("f", 0)] == slots[("b", 0)] != slots[("e", 0)]
+    # Summed (several readers) or otherwise unshareable boundaries keep their own.
+    only_f = gradient_slots(plan, keys, [("f", 0)])
+    assert len(set(only_f.values())) == 3
