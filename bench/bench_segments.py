@@ -334,11 +334,13 @@ def _time(row: dict, config: str) -> str:
 def write_section(rows: list, path: str) -> None:
     """Replace (or append) the segments section of RESULTS.md."""
     lines = [BEGIN, "## Executor segments (issue 11)", "",
-             "Plan MB: MXNet's static figures on the CPU (segments: the largest segment's plan + 3x the "
-             "boundary tensors (value, gradient, the producer's head-gradient copy; a step output "
-             "only the merge of the steps reads: the copy alone) + the chain's copy of the outputs, "
-             "or, for a loss head run in chunks, the head's output and work buffers; NOTE [ static "
-             "memory of a segment plan ]). "
+             "Plan MB: MXNet's static figures on the CPU (segments: the memory pool the segments' "
+             "executors share, as MXNet builds it from each segment's planned blocks in the chain's "
+             "bind order (NOTE [ the shared pool's union ]), + the boundary tensors (value and the "
+             "producer's head-gradient copy each, gradient arrays once per array boundaries share: "
+             "NOTE [ boundary gradients share arrays ]; a step output only the merge of the steps "
+             "reads: the copy alone) + the chain's copy of the outputs, or, for a loss head run in "
+             "chunks, the head's output and work buffers; NOTE [ static memory of a segment plan ]). "
              "Profiler peak: MXNet's storage "
              "profiler, bind + one forward/backward in a fresh process (parameters, gradients and data "
              "included, so it is above the plan figures). Time: CPU iteration (forward, backward, SGD "

@@ -363,10 +363,10 @@ def least_pool_choice(options: Sequence[Mapping[Any, Tuple[float, Sequence[int]]
     # of its size (default 16; read at every bind, so it can differ per
     # executor).  Under another range a segment plans other blocks, a few MB
     # more or less on its own, but sometimes far better dovetailed with the
-    # others: resnet152_v1b, batch 32, two segments cut after
-    # layers3_bottleneckv1b2, both segments planned 'min' on their own: pool
-    # 1029 MB with every segment at 16, 969 MB with the first at 8 and the
-    # second at 2.  So under ``'min'`` each segment is measured under each of
+    # others: resnet152_v1b, batch 32, two segments planned 'min' on their own,
+    # cut after layers3_bottleneckv1b1: pool 1069 MB with both at 16, 1045 MB
+    # with the first at 2; cut one block later: 980 MB, 969 MB with the first
+    # at 8 and the second at 2.  So under ``'min'`` each segment is measured under each of
     # MATCH_RANGES and the combination with the least pool is bound (the chain
     # sets the variable around each segment's bind).
     #

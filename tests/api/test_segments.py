@@ -182,6 +182,22 @@ def _run_without_mkldnn(name: str, segments: int, contexts: int = 1,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _graph_of(symbol: "mx.sym.Symbol", shapes: Dict[str, tuple]):
+    """The planning graph of a test network with data and label shapes."""
+    return symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
+        [("softmax_label", shapes["softmax_label"])], "label"))
+
+
+def _same_inputs(plain: "mx.executor.Executor", chain: SegmentChain, classes: int, seed: int) -> None:
+    """The same random arguments (labels below ``classes``) in a plain executor and a chain."""
+    rng = np.random.RandomState(seed)
+    for key, array in plain.arg_dict.items():
+        value = (rng.randint(0, classes, array.shape) if key == "softmax_label"
+                 else rng.uniform(-1, 1, array.shape)).astype("float32")
+        array[:] = value
+        chain.arg_dict[key][:] = value
+
+
 # ------------------------------------------------------------------- tests
 @pytest.mark.slow
 @pytest.mark.parametrize("name,segments", [("resnet", 3), ("inception", 3), ("transformer", 3)])
@@ -266,8 +282,7 @@ def test_segments_of_one_structure_are_bound_once_and_give_the_same_figure(monke
 
     symbol = lstm_language_model(40, vocab=30, num_embed=8, num_hidden=8, num_layers=2)
     shapes = {"data": (4, 40), "softmax_label": (4, 40)}
-    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
-        [("softmax_label", shapes["softmax_label"])], "label"))
+    graph = _graph_of(symbol, shapes)
     plan = plan_segments(graph, 10)
     requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
     types = {n: np.dtype("float32") for n in shapes}
@@ -358,19 +373,13 @@ def test_two_level_chain_gives_the_plain_gradients(name):
     build, data_shape, label_shape, classes, _ = CASES[name]
     symbol = build()
     shapes = {"data": data_shape, "softmax_label": label_shape}
-    graph = symbol_to_graph(symbol, normalize_inputs([("data", data_shape)]) + normalize_inputs(
-        [("softmax_label", label_shape)], "label"))
+    graph = _graph_of(symbol, shapes)
     plan = plan_segments(graph, 3).with_mirrored(graph.mirrorable_names, graph)
     assert sum(len(s.mirrored) for s in plan.segments) > 0
     requests = {n: "null" if n in shapes else "write" for n in symbol.list_arguments()}
     chain = SegmentChain(symbol, plan, mx.cpu(), shapes, grad_req=requests)
     plain = symbol.simple_bind(mx.cpu(), grad_req=requests, **shapes)
-    rng = np.random.RandomState(3)
-    for key, array in plain.arg_dict.items():
-        value = (rng.randint(0, classes, array.shape) if key == "softmax_label"
-                 else rng.uniform(-1, 1, array.shape)).astype("float32")
-        array[:] = value
-        chain.arg_dict[key][:] = value
+    _same_inputs(plain, chain, classes, 3)
     for key, array in plain.aux_dict.items():
         array[:] = 1.0
         chain.aux_dict[key][:] = 1.0
@@ -540,8 +549,7 @@ def test_a_segment_with_a_custom_operator_is_measured_here_and_trains_like_plain
     x = mx.sym.Activation(x, act_type="relu", name="relu2")
     symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(x, num_hidden=10, name="fc3"), name="softmax")
     shapes = {"data": (8, 16), "softmax_label": (8,)}
-    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
-        [("softmax_label", shapes["softmax_label"])], "label"))
+    graph = _graph_of(symbol, shapes)
     plan = plan_segments(graph, 2)
     assert plan.count == 2
     requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
@@ -586,8 +594,7 @@ def test_each_segment_is_bound_under_its_own_match_range_and_computes_the_same()
 
     symbol = inception_net()     # branches of several sizes: the range changes the blocks
     shapes = {"data": (16, 3, 64, 64), "softmax_label": (16,)}
-    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
-        [("softmax_label", shapes["softmax_label"])], "label"))
+    graph = _graph_of(symbol, shapes)
     plan = plan_segments(graph, 3)
     tuned = plan.with_match_ranges([1, 0, 1])
     requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
@@ -609,8 +616,7 @@ def test_tuned_match_ranges_never_make_the_pool_larger():
 
     symbol = inception_net()
     shapes = {"data": (16, 3, 64, 64), "softmax_label": (16,)}
-    graph = symbol_to_graph(symbol, normalize_inputs([("data", shapes["data"])]) + normalize_inputs(
-        [("softmax_label", shapes["softmax_label"])], "label"))
+    graph = _graph_of(symbol, shapes)
     requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
     types = {n: np.dtype("float32") for n in shapes}
     for count in (2, 3):
@@ -633,8 +639,7 @@ def test_boundary_gradients_share_arrays_and_the_figure_counts_each_array_once(m
     build, data_shape, label_shape, classes, _ = CASES["resnet"]
     symbol = build()
     shapes = {"data": data_shape, "softmax_label": label_shape}
-    graph = symbol_to_graph(symbol, normalize_inputs([("data", data_shape)]) + normalize_inputs(
-        [("softmax_label", label_shape)], "label"))
+    graph = _graph_of(symbol, shapes)
     plan = plan_segments(graph, 4)
     assert plan.count == 4
     requests = {n: "null" if n in shapes else "write" for n in symbol.list_arguments()}
@@ -647,12 +652,7 @@ def test_boundary_gradients_share_arrays_and_the_figure_counts_each_array_once(m
     outputs = sum(o.size * 4 for o in chain.outputs)
     assert figure == pytest.approx((chain.boundary_bytes() + outputs) / 2 ** 20, abs=1e-9)
     plain = symbol.simple_bind(mx.cpu(), grad_req=requests, **shapes)
-    rng = np.random.RandomState(4)
-    for key, array in plain.arg_dict.items():
-        value = (rng.randint(0, classes, array.shape) if key == "softmax_label"
-                 else rng.uniform(-1, 1, array.shape)).astype("float32")
-        array[:] = value
-        chain.arg_dict[key][:] = value
+    _same_inputs(plain, chain, classes, 4)
     for step in range(2):   # the shared arrays are written over again in the second backward
         for executor in (plain, chain):
             executor.forward(is_train=True)
