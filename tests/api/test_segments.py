@@ -198,6 +198,19 @@ def _same_inputs(plain: "mx.executor.Executor", chain: SegmentChain, classes: in
         chain.arg_dict[key][:] = value
 
 
+
+def _step_and_compare(plain: "mx.executor.Executor", chain: SegmentChain, where: str = "") -> None:
+    """One forward/backward of both; the chain's gradients equal the plain executor's within
+    MKLDNN rounding."""
+    for executor in (plain, chain):
+        executor.forward(is_train=True)
+        executor.backward()
+    mx.nd.waitall()
+    for key, grad in plain.grad_dict.items():
+        if grad is not None:
+            np.testing.assert_allclose(chain.grad_dict[key].asnumpy(), grad.asnumpy(),
+                                       rtol=1e-4, atol=1e-6, err_msg=f"{key} {where}")
+
 # ------------------------------------------------------------------- tests
 @pytest.mark.slow
 @pytest.mark.parametrize("name,segments", [("resnet", 3), ("inception", 3), ("transformer", 3)])
@@ -383,14 +396,7 @@ def test_two_level_chain_gives_the_plain_gradients(name):
     for key, array in plain.aux_dict.items():
         array[:] = 1.0
         chain.aux_dict[key][:] = 1.0
-    for executor in (plain, chain):
-        executor.forward(is_train=True)
-        executor.backward()
-    mx.nd.waitall()
-    for key, grad in plain.grad_dict.items():
-        if grad is not None:
-            np.testing.assert_allclose(chain.grad_dict[key].asnumpy(), grad.asnumpy(),
-                                       rtol=1e-4, atol=1e-6, err_msg=key)
+    _step_and_compare(plain, chain)
     for key, aux in plain.aux_dict.items():
         np.testing.assert_allclose(chain.aux_dict[key].asnumpy(), aux.asnumpy(), rtol=1e-5,
                                    err_msg=key)
@@ -654,11 +660,4 @@ def test_boundary_gradients_share_arrays_and_the_figure_counts_each_array_once(m
     plain = symbol.simple_bind(mx.cpu(), grad_req=requests, **shapes)
     _same_inputs(plain, chain, classes, 4)
     for step in range(2):   # the shared arrays are written over again in the second backward
-        for executor in (plain, chain):
-            executor.forward(is_train=True)
-            executor.backward()
-        mx.nd.waitall()
-        for key, grad in plain.grad_dict.items():
-            if grad is not None:
-                np.testing.assert_allclose(chain.grad_dict[key].asnumpy(), grad.asnumpy(),
-                                           rtol=1e-4, atol=1e-6, err_msg=f"{key} step {step}")
+        _step_and_compare(plain, chain, f"step {step}")
