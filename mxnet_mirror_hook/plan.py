@@ -764,22 +764,29 @@ def _tune_shared_pool(symbol: "mx.sym.Symbol", graph: Any, chain: Any, setup: Pl
     if not eligible:
         return []
     found = []
-    for count in sorted({item[2].count for item in eligible}):
-        _, _, best = min((item for item in eligible if item[2].count == count),
-                         key=lambda item: item[0])
+    for _, _, best in _least_of_each_count(eligible):
         cuts = cut_positions(graph, best)
         per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
         for moved in alternative_cuts(graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
             split = segment_plan_for_cuts(graph, moved, chain).with_replay_random(best.replay_random)
             found.append(measure(_per_segment_two_level(symbol, split, setup, options)))
-    plans = eligible + found
     tuned = []
-    for count in sorted({item[2].count for item in plans}):
-        _, _, least = min((item for item in plans if item[2].count == count), key=lambda item: item[0])
+    for _, _, least in _least_of_each_count(eligible + found):
         plan = tune_match_ranges(symbol, least, setup.context, *bind_inputs)
         if any(s.match_range for s in plan.segments):
             tuned.append(measure(plan))
     return found + tuned
+
+
+def _least_of_each_count(measured: List[Tuple[float, float, SegmentPlan]]
+                         ) -> List[Tuple[float, float, SegmentPlan]]:
+    """The measured plan of least static MB for each segment count, fewest segments first."""
+    least: Dict[int, Tuple[float, float, SegmentPlan]] = {}
+    for item in measured:
+        count = item[2].count
+        if count not in least or item[0] < least[count][0]:
+            least[count] = item
+    return [least[count] for count in sorted(least)]
 
 
 def _per_segment_two_level(symbol: "mx.sym.Symbol", split: SegmentPlan, setup: PlanningSetup,

@@ -489,11 +489,19 @@ class _Crossings:
             running += delta[position]
             self.crossing.append(running)
         self.first_head = min(self.head_positions, default=size)
+        #: Owned operators before each position (``owned_before[p + 1]``: up to and including p).
+        self.owned_before = [0]
+        for flag in self.owned:
+            self.owned_before.append(self.owned_before[-1] + flag)
 
     def valid(self, position: int) -> bool:
         """A cut after ``position`` keeps every graph output in the last segment."""
         return position < self.first_head and any(
             self.owned[i] for i in range(position + 1, len(self.graph.nodes)))
+
+    def candidates(self, chain: CutChain) -> List[int]:
+        """The positions of ``chain`` a cut may follow (interior and :meth:`valid`)."""
+        return [p for p in chain.positions[1:-1] if self.valid(p)]
 
 
 _CROSSINGS: "weakref.WeakKeyDictionary[Graph, _Crossings]" = weakref.WeakKeyDictionary()
@@ -635,12 +643,10 @@ def choose_cuts(graph: Graph, count: int, chain: Optional[CutChain] = None,
         chain = build_cut_chain(graph, max_frontier=len(late.nodes), max_cuts=len(late.nodes),
                                 grad_factor=grad_factor)
     crossings = _crossings_of(late)
-    candidates = [p for p in chain.positions[1:-1] if crossings.valid(p)]
+    candidates = crossings.candidates(chain)
     if not candidates:
         return []
-    owned_before = [0]
-    for flag in crossings.owned:
-        owned_before.append(owned_before[-1] + flag)
+    owned_before = crossings.owned_before
     total = chain.need_prefix[-1]
     weight = [chain.need_prefix[p + 1] for p in candidates]
     width = total / (2 * count)
@@ -684,16 +690,14 @@ def alternative_cuts(graph: Graph, cuts: Sequence[int], limit: int,
     bound executors holds also depends on how the segments' storage blocks dovetail (NOTE
     [ the shared pool's union ]), which only measuring tells, so the planner measures these
     neighbours too under ``'min'`` (resnet152_v1b, batch 32: the balanced cut after
-    layers3_bottleneckv1b1 gives 1143 MB, the same-size cut one block later 1042 MB).
+    layers3_bottleneckv1b1 gives 1143 MB, the same-size cut one block later 1054 MB).
     """
     late = graph.as_late_as_possible()
     if chain is None:
         chain = full_cut_chain(graph)
     crossings = _crossings_of(late)
-    candidates = [p for p in chain.positions[1:-1] if crossings.valid(p)]
-    owned_before = [0]
-    for flag in crossings.owned:
-        owned_before.append(owned_before[-1] + flag)
+    candidates = crossings.candidates(chain)
+    owned_before = crossings.owned_before
     found: List[List[int]] = []
     for i, cut in enumerate(cuts):
         low = cuts[i - 1] if i > 0 else -1

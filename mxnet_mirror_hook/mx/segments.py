@@ -821,7 +821,7 @@ class SegmentChain:
         """Bind the segment with the largest working set first: it owns the pool (MXNet's
         shared_exec takes blocks from the owner's pool, largest first), or shares
         ``shared_exec``'s pool (another bucket) and passes it on."""
-        variables = {GRAD_SUM_CAP_ENV: str(self._grad_sum_cap)} if self._grad_sum_cap else {}
+        variables = _cap_variables(self._grad_sum_cap)
         # Largest first: blocks appended to the owner's pool by a large segment can then be
         # reused by the smaller ones (MXNet takes the smallest free block that fits).
         owner_index, *others = self.plan.bind_order(self.gathers)
@@ -1131,17 +1131,13 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
 
     requests = dict(grad_req or {})
     known = _known_shapes(plan, shapes)
-    variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
+    variables = _cap_variables(grad_sum_cap)
     per_segment = []
     symbols = split_symbol(symbol, plan)
     gathers, gathered, gathered_only = find_gathers(plan, symbols, known)
-    all_symbols = list(symbols)
     blocks: List[Optional[List[int]]] = []
-    head_mb = 0.0
-    if plan.head_chunks:
-        head_mb = _chunked_head_mb(symbols[-1], plan, known, requests)
-        symbols = symbols[:-1]
-    for index, sym in enumerate(symbols):
+    head_mb = _chunked_head_mb(symbols[-1], plan, known, requests) if plan.head_chunks else 0.0
+    for index, sym in enumerate(symbols[:plan.executor_count()]):
         if index in gathers:
             per_segment.append(0.0)  # no executor (NOTE [ gathered steps ])
             blocks.append([])
@@ -1160,7 +1156,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     copies = {e: 1 if e in gathered_only else HEAD_GRAD_COPIES - (e in merged) for e in entry_bytes}
     keys = {e: (tuple(known[boundary_name(e)]), "float32") for e in entry_bytes if e not in gathered_only}
     slots = gradient_slots(plan, keys, shareable_gradients(plan, gathers, gathered,
-                                                           reader_bindings(plan, all_symbols)))
+                                                           reader_bindings(plan, symbols)))
     slot_bytes = {slots[e]: entry_bytes[e] for e in keys}
     boundary_mb = (sum((copies[e] - (e in keys)) * b for e, b in entry_bytes.items())
                    + sum(slot_bytes.values())
@@ -1223,7 +1219,7 @@ def tune_match_ranges(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Conte
     """
     requests = dict(grad_req or {})
     known = _known_shapes(plan, shapes)
-    variables = {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
+    variables = _cap_variables(grad_sum_cap)
     symbols = split_symbol(symbol, plan)
     gathers, _, _ = find_gathers(plan, symbols, known)
     executors = [i for i in range(plan.executor_count()) if i not in gathers]
@@ -1347,6 +1343,12 @@ def _segment_key(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str
     text = json.dumps([nodes, document["heads"], str(ctx), sorted(environment_vars.items())],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cap_variables(grad_sum_cap: Optional[int]) -> Dict[str, str]:
+    """The environment segments are bound and measured under for the gradient-sum cap (None:
+    MXNet's default; NOTE [ the gradient-sum cap is read once per process ])."""
+    return {GRAD_SUM_CAP_ENV: str(grad_sum_cap)} if grad_sum_cap else {}
 
 
 def _match_range_variables(match_range: int) -> Dict[str, str]:
