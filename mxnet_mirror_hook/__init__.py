@@ -12,8 +12,9 @@ import importlib as _importlib
 from typing import Any as _Any
 
 from ._version import __version__
-from .errors import (BackendError, BudgetError, BudgetUnreachableError, MeasurementError,
-                     MirrorHookError, ShapeError, UnknownPlannerError)
+from .errors import (BackendError, BudgetError, BudgetUnreachableError, GluonMirrorError,
+                     MeasurementError, MirrorHookError, OptionError, ShapeError, UnknownPlannerError,
+                     UnsupportedBlockError)
 
 #: Public name -> module (relative to this package) that defines it.
 _LAZY = {
@@ -43,5 +44,6 @@ __all__ = [
     "__version__", "MirrorOptions", "MirroredModule", "MirroredBucketingModule", "MirrorPlan",
     "add_arguments", "from_args", "mirrored_modules", "plan_mirror", "list_planners",
     "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
-    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError", "BackendError", "memonger",
+    "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError",
+    "BackendError", "OptionError", "GluonMirrorError", "UnsupportedBlockError", "memonger",
 ]

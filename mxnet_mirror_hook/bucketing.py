@@ -4,15 +4,14 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import mxnet as mx
 from mxnet.io import DataDesc
 
-from .core.budget import BudgetLike
-from .errors import MirrorHookError
+from .errors import BackendError, MirrorHookError, OptionError
 from .module import MirroredModule
-from .options import MirrorOptions
+from .options import MirrorOptions, takes_options
 from .plan import MirrorPlan
 
 __all__ = ["MirroredBucketingModule", "bucket_shapes"]
@@ -53,6 +52,7 @@ def bucket_shapes(descs: Optional[Sequence[Any]], default_key: Any, key: Any) ->
     return result
 
 
+@takes_options
 class MirroredBucketingModule(mx.mod.BucketingModule):
     """``BucketingModule`` whose buckets are :class:`MirroredModule` objects.
 
@@ -64,12 +64,12 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
     sym_gen, default_bucket_key, logger, context, work_load_list,
     fixed_param_names, state_names, group2ctxs, compression_params
         As for ``mx.mod.BucketingModule``.
-    options, planner, memory_budget, cache_dir, cost_ctx, keep_ops
-        As for :class:`MirroredModule`.
-    backend, segments
-        As for :class:`MirroredModule`, but ``backend='auto'`` is refused: buckets share
-        parameters and memory with the default bucket, which needs every bucket bound by
-        the same backend (``'mirror'`` or ``'segments'``).
+    options : MirrorOptions, optional
+        The mirroring options in one object; the keyword arguments below
+        override its fields.  ``backend='auto'`` is refused: buckets share
+        parameters and memory with the default bucket, which needs every
+        bucket bound by the same backend (``'mirror'`` or ``'segments'``).
+    <mirror options>
 
     Attributes
     ----------
@@ -81,17 +81,10 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                  context: Any = mx.cpu(), work_load_list: Optional[list] = None,
                  fixed_param_names: Optional[list] = None, state_names: Optional[list] = None,
                  group2ctxs: Any = None, compression_params: Any = None, *,
-                 options: Optional[MirrorOptions] = None, planner: Optional[str] = None,
-                 memory_budget: BudgetLike = None, cache_dir: Union[None, str, bool] = None,
-                 cost_ctx: Optional["mx.Context"] = None,
-                 keep_ops: Optional[Sequence[str]] = None, backend: Optional[str] = None,
-                 segments: Optional[int] = None) -> None:
-        mirror_options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
-                                              cache_dir=cache_dir, cost_ctx=cost_ctx,
-                                              keep_ops=keep_ops, backend=backend,
-                                              segments=segments)
+                 options: Optional[MirrorOptions] = None, **overrides: Any) -> None:
+        mirror_options = MirrorOptions.coerce(options, **overrides)
         if mirror_options.backend == "auto":
-            raise ValueError("MirroredBucketingModule takes backend 'mirror' or 'segments', not "
+            raise BackendError("MirroredBucketingModule takes backend 'mirror' or 'segments', not "
                              "'auto' (every bucket must bind the same way: buckets share "
                              "parameters and memory with the default bucket)")
         super().__init__(sym_gen, default_bucket_key, logger=logger, context=context,
@@ -126,7 +119,7 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
             self.logger.warning("Already bound, ignoring bind()")
             return
         if shared_module is not None:
-            raise ValueError("shared_module is not supported by BucketingModule; buckets share "
+            raise OptionError("shared_module is not supported by BucketingModule; buckets share "
                              "memory with the default bucket by themselves")
         self.for_training = for_training
         self.inputs_need_grad = inputs_need_grad

@@ -31,7 +31,7 @@ __all__ = ["CACHE_DIR", "CACHE_ENTRIES", "CACHE_MAX_FILES", "MEASURE", "WORKERS"
            "MEM_PLAN_VERBOSE", "MATCH_RANGE", "AUTO_SEARCH_MATCH_RANGE", "DO_MIRROR",
            "LOCK_TIMEOUT", "MXNET_VARIABLES", "read", "lock_timeout", "measure_mode", "read_int",
            "read_float", "cache_dir", "measure_in_process", "worker_count", "worker_max_mb",
-           "cache_entries", "cache_max_files", "scoped", "snapshot", "quiet_bind", "match_range",
+           "cache_entries", "cache_max_files", "scoped", "quiet_bind", "match_range",
            "auto_search_match_range"]
 
 CACHE_DIR = "MXNET_MIRROR_HOOK_CACHE_DIR"
@@ -148,13 +148,6 @@ def mkldnn_switched_off() -> bool:
 def quiet_bind() -> Dict[str, str]:
     """Variables to set around the plugin's measuring binds (none the user set is overridden)."""
     return {} if read(SUBGRAPH_VERBOSE) is not None else {SUBGRAPH_VERBOSE: "0"}
-
-
-def snapshot() -> Dict[str, Optional[str]]:
-    """Every variable above with its current value (None when unset), for bug reports."""
-    names = (CACHE_DIR, CACHE_ENTRIES, CACHE_MAX_FILES, MEASURE, WORKERS, WORKER_MAX_MB, LOCK_TIMEOUT) \
-        + MXNET_VARIABLES
-    return {name: os.environ.get(name) for name in names}
 
 
 @contextlib.contextmanager

@@ -1,8 +1,12 @@
 """Exceptions of mxnet-mirror-hook.
 
-Every error derives from ``ValueError`` or ``TypeError`` so that callers who
-already catch those for bad arguments keep working; each message says what was
-wrong and what to do about it.
+Every error derives from :class:`MirrorHookError` and from the built-in
+exception a caller would already catch for the same failure: ``ValueError`` for
+a value that makes no sense (shapes, budgets, options, planner names, a backend
+that cannot train the network), ``TypeError`` for an object of the wrong kind
+(a Gluon ``Block`` that is not hybridizable), ``RuntimeError`` for what fails
+while running (MXNet cannot bind or measure, a mirrored block used in a way
+mirroring cannot follow).  Each message says what was wrong and what to do.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ __all__ = [
     "UnknownPlannerError",
     "MeasurementError",
     "GluonMirrorError",
+    "UnsupportedBlockError",
     "BackendError",
+    "OptionError",
 ]
 
 
@@ -59,14 +65,26 @@ class MeasurementError(MirrorHookError, RuntimeError):
     """MXNet could not bind the symbol, or its memory report could not be read."""
 
 
-class GluonMirrorError(MirrorHookError, TypeError):
-    """A Gluon block cannot be mirrored, or was used in a way mirroring cannot follow.
+class GluonMirrorError(MirrorHookError, RuntimeError):
+    """A mirrored Gluon block was used in a way mirroring cannot follow.
 
-    Raised by :func:`mxnet_mirror_hook.gluon.mirror` (a plain ``Block``) and
-    at a mirrored block's forward or backward (an output that cannot be traced
-    to a symbol, an input that is itself the output of recorded operations,
-    a forward overwritten before its backward); the message says what to do.
+    Raised at a mirrored block's forward or backward (an output that cannot be
+    traced to a symbol, an input that is itself the output of recorded
+    operations, a forward overwritten before its backward); the message says
+    what to do.
     """
+
+
+class UnsupportedBlockError(GluonMirrorError, TypeError):
+    """:func:`mxnet_mirror_hook.gluon.mirror` was given a block it cannot mirror.
+
+    A plain ``gluon.Block`` runs Python code at every call and has no graph to
+    plan; make it a ``HybridBlock``, or mirror its hybridizable children.
+    """
+
+
+class OptionError(MirrorHookError, ValueError):
+    """An option's value is out of range (an unknown backend, a segment count below one...)."""
 
 
 class BackendError(MirrorHookError, ValueError):

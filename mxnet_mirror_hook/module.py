@@ -8,8 +8,7 @@ import mxnet as mx
 from mxnet.module.executor_group import _split_input_slice
 from mxnet.io import DataDesc
 
-from .core.budget import BudgetLike
-from .options import MirrorOptions
+from .options import MirrorOptions, takes_options
 from .mx.segments import executor_group_for
 from .plan import MirrorPlan, plan_mirror
 
@@ -52,6 +51,7 @@ def _same_segments(new: MirrorPlan, old: MirrorPlan) -> bool:
     return new.backend == old.backend and new.segment_plan == old.segment_plan
 
 
+@takes_options
 class MirroredModule(mx.mod.Module):
     """An ``mx.mod.Module`` that trains in less memory by recomputing forward nodes.
 
@@ -69,10 +69,7 @@ class MirroredModule(mx.mod.Module):
     options : MirrorOptions, optional
         The mirroring options in one object; the keyword arguments below
         override its fields.
-    planner, memory_budget, cache_dir, cost_ctx, keep_ops, backend, segments
-        See :class:`~mxnet_mirror_hook.options.MirrorOptions` (``planner='auto'``,
-        ``memory_budget=None``: the lowest memory within about one extra
-        forward pass, plans measured on the CPU, ``backend='mirror'``).
+    <mirror options>
 
     Attributes
     ----------
@@ -89,15 +86,9 @@ class MirroredModule(mx.mod.Module):
                  fixed_param_names: Optional[List[str]] = None,
                  state_names: Optional[List[str]] = None, group2ctxs: Any = None,
                  compression_params: Any = None, *, options: Optional[MirrorOptions] = None,
-                 planner: Optional[str] = None, memory_budget: BudgetLike = None,
-                 cache_dir: Union[None, str, bool] = None, cost_ctx: Optional["mx.Context"] = None,
-                 keep_ops: Optional[Sequence[str]] = None, backend: Optional[str] = None,
-                 segments: Optional[int] = None) -> None:
+                 **overrides: Any) -> None:
         # Validated now (a bad planner name or budget fails here, not at the first bind).
-        mirror_options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
-                                              cache_dir=cache_dir, cost_ctx=cost_ctx,
-                                              keep_ops=keep_ops, backend=backend,
-                                              segments=segments)
+        mirror_options = MirrorOptions.coerce(options, **overrides)
         super().__init__(symbol, data_names=data_names, label_names=label_names, logger=logger,
                          context=context, work_load_list=work_load_list,
                          fixed_param_names=fixed_param_names, state_names=state_names,
@@ -203,9 +194,8 @@ class MirroredModule(mx.mod.Module):
              **kwargs: Any) -> "MirroredModule":
         """Create a ``MirroredModule`` from a checkpoint (as ``Module.load``).
 
-        Keyword arguments of ``MirroredModule`` (``options``, ``planner``,
-        ``memory_budget``, ``cache_dir``, ``cost_ctx``, ``keep_ops``) are
-        accepted besides ``Module``'s.
+        Keyword arguments of ``MirroredModule`` (``options`` and every
+        option's keyword) are accepted besides ``Module``'s.
         """
         symbol, args, auxs = mx.model.load_checkpoint(prefix, epoch)
         module = cls(symbol=symbol, **kwargs)

@@ -12,19 +12,111 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
+import textwrap
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, TypeVar, Union
 
 from .core.budget import Budget, BudgetLike, parse_budget
 from .core.planners import get_planner, list_planners
+from .errors import OptionError
 
-__all__ = ["MirrorOptions", "OPTION_NAMES", "BACKENDS", "option_arguments", "option_parser"]
+__all__ = ["MirrorOptions", "OPTION_NAMES", "OPTION_DOCS", "BACKENDS", "takes_options", "options_doc",
+           "normalize_keep_ops", "option_arguments", "option_parser"]
 
-#: The option names, as keyword arguments of every surface.
-OPTION_NAMES = ("planner", "memory_budget", "cache_dir", "cost_ctx", "keep_ops", "backend",
-                "segments", "recompute_dropout")
+#: One line per option: (name, numpydoc type, description).  The one source of every surface's
+#: option keywords and of their documentation (see :func:`takes_options`).
+OPTION_DOCS: Tuple[Tuple[str, str, str], ...] = (
+    ("planner", "str",
+     "A registered planner name (``'auto'`` by default; see :func:`~mxnet_mirror_hook.list_planners`)."),
+    ("memory_budget", "None, 'min', float, int or str",
+     "The activation memory to plan for: ``None`` (the lowest memory within about one extra "
+     "forward pass), ``'min'``, a fraction of the unmirrored plan (``0.6``, ``'60%'``) or a size "
+     "(``'4GB'``, bytes); see :func:`~mxnet_mirror_hook.parse_budget`."),
+    ("cache_dir", "str, None or False",
+     "Plan cache directory (``None``: ``$MXNET_MIRROR_HOOK_CACHE_DIR`` or "
+     "``~/.cache/mxnet_mirror_hook``; ``False``: memory only)."),
+    ("cost_ctx", "mx.Context or str, optional",
+     "Where plans are measured (CPU by default: a CPU bind plans the same graph without "
+     "allocating it).  The old keyword ``ctx`` still works, with a deprecation warning."),
+    ("keep_ops", "iterable of str",
+     "Operator types never to recompute (their outputs are kept); stored sorted and without "
+     "duplicates."),
+    ("backend", "str",
+     "``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'`` (executor segments) "
+     "or ``'auto'`` (segments when they measure clearly below the one-level plan, else the "
+     "one-level plan)."),
+    ("segments", "int, optional", "Number of executor segments (default: chosen by the planner)."),
+    ("recompute_dropout", "bool",
+     "Let Dropout be recomputed: the one-level mirror rewrites each ``Dropout`` into a stored "
+     "1-byte mask and a product it may recompute; executor segments replay each re-run "
+     "segment's random draws.  Off by default: either way the masks come from another random "
+     "stream than MXNet's Dropout would use."),
+)
+
+#: The option names, as keyword arguments of every surface (in :data:`OPTION_DOCS` order).
+OPTION_NAMES: Tuple[str, ...] = tuple(name for name, _, _ in OPTION_DOCS)
 #: Execution backends: MXNet's one-level mirror, executor segments, or the lower of the two.
 BACKENDS = ("mirror", "segments", "auto")
+#: Old keyword spellings still accepted (with a DeprecationWarning) -> the option they mean.
+DEPRECATED_KEYWORDS = {"ctx": "cost_ctx"}
+#: The line of a docstring that :func:`takes_options` replaces by the options' entries.
+OPTIONS_MARKER = "<mirror options>"
+
+
+def options_doc(indent: str = "    ") -> str:
+    """The numpydoc ``Parameters`` entries of every option, indented by ``indent``."""
+    lines = []
+    for name, kind, text in OPTION_DOCS:
+        lines.append(f"{indent}{name} : {kind}")
+        lines.extend(indent + "    " + line for line in textwrap.wrap(text, 96 - len(indent)))
+    return "\n".join(lines)
+
+
+def _document_options(doc: Optional[str]) -> str:
+    """``doc`` with its :data:`OPTIONS_MARKER` line replaced by :func:`options_doc`."""
+    if not doc or OPTIONS_MARKER not in doc:
+        raise TypeError(f"a surface taking mirror options must have a {OPTIONS_MARKER!r} line in the "
+                        f"Parameters section of its docstring")
+    match = re.search(r"^([ \t]*)" + re.escape(OPTIONS_MARKER) + r"[ \t]*$", doc, re.MULTILINE)
+    if match is None:
+        raise TypeError(f"the {OPTIONS_MARKER!r} line must stand alone in the docstring")
+    return doc[:match.start()] + options_doc(match.group(1)) + doc[match.end():]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_options(func: F) -> F:
+    """Declare a surface (a function or a class) that takes ``options=`` plus keyword overrides.
+
+    The function (or the class's ``__init__``) is written with ``options=None, **overrides`` (read them with
+    :meth:`MirrorOptions.coerce`); this gives it a signature listing every
+    field of :class:`MirrorOptions` as a keyword-only argument (what
+    ``help()``, IDEs and the API docs show) and replaces the
+    :data:`OPTIONS_MARKER` line of its (the class's) docstring by their descriptions.  A new
+    option is then added once, in :data:`OPTION_DOCS` and the dataclass.
+
+    # NOTE [ one signature source for the options ]
+    # Five surfaces (plan_mirror, MirroredModule, MirroredBucketingModule, mirror,
+    # MirroredTrainer) used to repeat the keywords and their docs, and drifted (one
+    # took ``ctx``, the rest ``cost_ctx``; some docstrings listed 5 of 8 options).
+    # Now they take ``**overrides`` validated by ``MirrorOptions.coerce`` (an
+    # unknown keyword is a TypeError naming the options) and this decorator writes
+    # the visible signature and docstring from one table.
+    """
+    target = func.__init__ if isinstance(func, type) else func  # type: ignore[misc]
+    signature = inspect.signature(target)
+    if "options" not in signature.parameters:
+        raise TypeError(f"{func.__qualname__} must take options= to be declared with takes_options")
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+               for name in OPTION_NAMES if name not in signature.parameters]
+    target.__signature__ = signature.replace(parameters=params)
+    func.__doc__ = _document_options(func.__doc__)
+    return func
 
 
 @dataclass(frozen=True)
@@ -33,43 +125,13 @@ class MirrorOptions:
 
     Parameters
     ----------
-    planner : str
-        A registered planner name (``'auto'`` by default; see
-        :func:`~mxnet_mirror_hook.list_planners`).
-    memory_budget : None, 'min', float, int or str
-        See :func:`~mxnet_mirror_hook.parse_budget` (``'60%'``, ``0.6``,
-        ``'4GB'``...).  Kept as given; :attr:`budget` is the parsed form.
-    cache_dir : str, None or False
-        Plan cache directory (``None``: ``$MXNET_MIRROR_HOOK_CACHE_DIR`` or
-        ``~/.cache/mxnet_mirror_hook``; ``False``: memory only).
-    cost_ctx : mx.Context or str, optional
-        Where plans are measured (CPU by default: a CPU bind plans the same
-        graph without allocating it).
-    keep_ops : iterable of str
-        Operator types never to recompute (their outputs are kept); stored
-        sorted and without duplicates.
-    backend : str
-        ``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'``
-        (executor segments, :mod:`mxnet_mirror_hook.mx.segments`) or ``'auto'``
-        (segments when they measure clearly below the one-level plan).
-    segments : int, optional
-        Number of executor segments (default: chosen by the planner).
-    recompute_dropout : bool
-        Let Dropout be recomputed.  One-level mirror: each ``Dropout`` is
-        rewritten into a stored mask and an elementwise product the planners
-        may recompute (:mod:`mxnet_mirror_hook.mx.dropout`).  Executor
-        segments: a network that draws random numbers may be split, each
-        re-run segment replaying its forward's draws by re-seeding the
-        device's generator (NOTE [ replaying random draws in re-run segments ]
-        in :mod:`mxnet_mirror_hook.mx.segments`).  Off by default: either way
-        the masks are drawn from another random stream than MXNet's Dropout
-        would use.
+    <mirror options>
 
     Raises
     ------
-    TypeError, UnknownPlannerError, BudgetError
-        For a value of the wrong type, an unknown planner or a budget that
-        makes no sense.
+    TypeError, UnknownPlannerError, BudgetError, OptionError
+        For a value of the wrong type, an unknown planner, a budget that
+        makes no sense or another option out of range.
     """
 
     planner: str = "auto"
@@ -91,21 +153,13 @@ class MirrorOptions:
         if self.cache_dir is True:
             raise TypeError("cache_dir=True is ambiguous: pass None for the default directory, a "
                             "path, or False for memory only")
-        keep = self.keep_ops
-        if isinstance(keep, str):
-            keep = [part for part in keep.split(",") if part.strip()]
-        if keep is None:
-            keep = ()
-        if not all(isinstance(op, str) for op in keep):
-            raise TypeError(f"keep_ops must be operator type names such as ['BatchNorm']; got "
-                            f"{self.keep_ops!r}")
-        object.__setattr__(self, "keep_ops", tuple(sorted({op.strip() for op in keep})))
+        object.__setattr__(self, "keep_ops", normalize_keep_ops(self.keep_ops))
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+            raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.segments is not None and (isinstance(self.segments, bool)
                                           or not isinstance(self.segments, int) or self.segments < 1):
-            raise ValueError(f"segments must be a positive number of executor segments or None "
-                             f"(chosen by the planner); got {self.segments!r}")
+            raise OptionError(f"segments must be a positive number of executor segments or None "
+                              f"(chosen by the planner); got {self.segments!r}")
         if not isinstance(self.recompute_dropout, bool):
             raise TypeError(f"recompute_dropout must be True or False; got {self.recompute_dropout!r}")
 
@@ -127,6 +181,13 @@ class MirrorOptions:
             For an unknown keyword or an ``options`` that is not a
             :class:`MirrorOptions`.
         """
+        for old, new in DEPRECATED_KEYWORDS.items():
+            if old in kwargs:
+                warnings.warn(f"the keyword {old}= is deprecated; use {new}=", DeprecationWarning,
+                              stacklevel=3)
+                value = kwargs.pop(old)
+                if kwargs.get(new) is None:
+                    kwargs[new] = value
         unknown = set(kwargs) - set(OPTION_NAMES)
         if unknown:
             raise TypeError(f"unknown mirror option(s) {sorted(unknown)}; the options are "
@@ -141,13 +202,6 @@ class MirrorOptions:
     def replace(self, **changes: Any) -> "MirrorOptions":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    def plan_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments of :func:`~mxnet_mirror_hook.plan_mirror` for these options."""
-        return {"planner": self.planner, "memory_budget": self.memory_budget,
-                "cache_dir": self.cache_dir, "ctx": self.cost_ctx, "keep_ops": self.keep_ops,
-                "backend": self.backend, "segments": self.segments,
-                "recompute_dropout": self.recompute_dropout}
 
     def as_dict(self) -> Dict[str, Any]:
         """The fields by name (the keyword arguments of every surface)."""
@@ -180,15 +234,26 @@ class MirrorOptions:
                           backend=first("backend"), segments=first("segments"),
                           recompute_dropout=True if getattr(args, "recompute_dropout", False) else None)
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "MirrorOptions":
-        """Options from a mapping that may hold other keys too (only the option names are read)."""
-        return cls.coerce(**{k: values[k] for k in OPTION_NAMES if k in values})
+MirrorOptions.__doc__ = _document_options(MirrorOptions.__doc__)
 
 
-def normalize_keep_ops(keep_ops: Optional[Iterable[str]]) -> Tuple[str, ...]:
-    """``keep_ops`` as :class:`MirrorOptions` stores it (sorted, unique)."""
-    return MirrorOptions(keep_ops=tuple(keep_ops or ())).keep_ops
+def normalize_keep_ops(keep_ops: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
+    """``keep_ops`` as :class:`MirrorOptions` stores it: sorted, unique, stripped.
+
+    A string is read as a comma-separated list (``'BatchNorm,Convolution'``).
+
+    Raises
+    ------
+    TypeError
+        For anything but operator type names.
+    """
+    if keep_ops is None:
+        return ()
+    names = [part for part in keep_ops.split(",") if part.strip()] if isinstance(keep_ops, str) \
+        else list(keep_ops)
+    if not all(isinstance(op, str) for op in names):
+        raise TypeError(f"keep_ops must be operator type names such as ['BatchNorm']; got {keep_ops!r}")
+    return tuple(sorted({op.strip() for op in names}))
 
 
 # NOTE [ one flag vocabulary ]

@@ -81,7 +81,7 @@ def _load_and_plan(args: argparse.Namespace):
         return None
     try:
         options = MirrorOptions.from_args(args)
-        plan = plan_mirror(symbol, list(args.shape), **options.plan_kwargs())
+        plan = plan_mirror(symbol, list(args.shape), options=options)
     except (MirrorHookError, ValueError, TypeError) as error:
         _error_line(error)
         return None

@@ -97,9 +97,9 @@ def test_the_users_symbol_is_not_modified(annotated_resnet):
     assert annotated_resnet.tojson() == before
 
 
-def test_the_old_import_paths_still_reach_the_compat_module():
-    import mxnet_mirror_hook.memonger as old_path
-    from mxnet_mirror_hook.compat import memonger as new_path
+def test_the_package_attribute_reaches_the_compat_module():
+    import mxnet_mirror_hook
+    from mxnet_mirror_hook.compat import memonger as compat
 
-    assert old_path is new_path is memonger
-    assert callable(old_path.search_plan) and callable(old_path.get_cost)
+    assert mxnet_mirror_hook.memonger is compat is memonger
+    assert callable(compat.search_plan) and callable(compat.get_cost)

@@ -95,3 +95,68 @@ def test_runner_cli_and_examples_share_the_vocabulary():
     assert MirrorOptions.from_args(args) == EXPECTED and args.script_args == ["--epochs", "1"]
     args = commands["plan"].parse_args(["net.json", "--shape", "data=1,2"] + OLD)
     assert MirrorOptions.from_args(args) == EXPECTED
+
+
+# ----------------------------------------------------------- one signature source
+def _surfaces():
+    from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule
+
+    return [MirroredModule, MirroredBucketingModule]
+
+
+@pytest.mark.parametrize("surface", _surfaces(), ids=lambda s: s.__name__)
+def test_every_surface_takes_every_option_by_keyword_and_documents_it(surface):
+    import inspect
+
+    from mxnet_mirror_hook.options import OPTION_NAMES
+
+    parameters = inspect.signature(surface).parameters
+    assert "options" in parameters
+    for name in OPTION_NAMES:
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert f"    {name} : " in surface.__doc__, f"{surface.__name__} does not document {name}"
+
+
+def test_the_options_docstring_lists_every_field():
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(MirrorOptions)]
+    from mxnet_mirror_hook.options import OPTION_NAMES
+
+    assert tuple(fields) == OPTION_NAMES
+    for name in fields:
+        assert f"    {name} : " in MirrorOptions.__doc__
+
+
+def test_a_surface_refuses_an_unknown_option_and_names_the_known_ones():
+    from mxnet_mirror_hook import MirroredModule
+    import mxnet as mx
+
+    symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=2), name="softmax")
+    with pytest.raises(TypeError, match="memory_budget"):
+        MirroredModule(symbol, memory_bugdet="min")
+    module = MirroredModule(symbol, memory_budget="min", keep_ops="BatchNorm")
+    assert module.mirror_options == MirrorOptions(memory_budget="min", keep_ops=("BatchNorm",))
+
+
+def test_the_old_ctx_keyword_means_cost_ctx_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="cost_ctx"):
+        options = MirrorOptions.coerce(ctx="cpu")
+    assert options.cost_ctx == "cpu"
+
+
+def test_an_option_out_of_range_is_an_option_error():
+    from mxnet_mirror_hook.errors import OptionError
+
+    with pytest.raises(OptionError, match="backend"):
+        MirrorOptions(backend="fast")
+    with pytest.raises(OptionError, match="segments"):
+        MirrorOptions(segments=0)
+
+
+def test_every_option_has_a_command_line_flag():
+    from mxnet_mirror_hook.options import OPTION_NAMES
+
+    parser = option_arguments(argparse.ArgumentParser(), switch=False)
+    destinations = {action.dest for action in parser._actions}
+    assert set(OPTION_NAMES) <= destinations

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Protocol, Sequence, Tuple, Union
 
 from ...errors import BudgetUnreachableError, MeasurementError
 from ..budget import Budget
@@ -13,11 +13,6 @@ from ..graph import Graph
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..allocator import ExecutedGraph
-
-try:
-    from typing import Protocol
-except ImportError:  # pragma: no cover  (Python 3.7)
-    Protocol = object  # type: ignore[assignment,misc]
 
 __all__ = ["Decision", "Candidate", "PlanOutcome", "Measurement", "MeasureFn", "as_measurement",
            "Progress", "NullProgress",
