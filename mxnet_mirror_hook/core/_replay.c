@@ -6,7 +6,7 @@
  * mirror set (copies of the mirrored forward nodes, their backward nodes moved
  * onto the copies), nnvm's post-order walk from the gradient outputs, the
  * reference counts, then nnvm's greedy PlanMemory walk.  The Python version is
- * the specification; tests/core/test_allocator_replay.py checks both give the
+ * the specification; tests/core/test_allocator.py checks both give the
  * same figure on every graph and mirror set they try.  This file only makes
  * the planner's search about 30x faster; the package works without it.
  *
@@ -30,7 +30,7 @@ enum { INPUT_START, INPUT_NODE, INPUT_OUTPUT, OUTPUT_START, ENTRY_SIZE, DEP_STAR
 #define KIND_IDENTITY 4
 
 typedef struct {
-    i64 num_nodes, num_forward, num_entries, match_range;
+    i64 num_nodes, num_forward, num_entries, match_range, max_outputs;
     i64 *a[NUM_ARRAYS];
     Py_ssize_t len[NUM_ARRAYS];
 } Model;
@@ -40,6 +40,44 @@ static void model_free(PyObject *capsule) {
     if (!m) return;
     for (int i = 0; i < NUM_ARRAYS; i++) free(m->a[i]);
     free(m);
+}
+
+static int csr_valid(const Model *m, int start, int values, i64 rows, i64 low, i64 high) {
+    const i64 *starts = m->a[start];
+    if (m->len[start] != rows + 1 || starts[0] != 0 || starts[rows] != m->len[values]) return 0;
+    for (i64 r = 0; r < rows; r++)
+        if (starts[r + 1] < starts[r]) return 0;
+    for (Py_ssize_t j = 0; j < m->len[values]; j++)
+        if (m->a[values][j] < low || m->a[values][j] >= high) return 0;
+    return 1;
+}
+
+/* Every index the walk follows is in range, so replay() never reads outside its arrays
+   (the caller falls back to the Python walk when this fails).  Also finds the widest operator,
+   which sizes the per-operator output buffer: no fixed limit on outputs or inputs. */
+static int model_valid(Model *m) {
+    const i64 N = m->num_nodes, F = m->num_forward, E = m->num_entries;
+    const i64 *out_start = m->a[OUTPUT_START], *in_start = m->a[INPUT_START];
+    if (F < 0 || m->match_range < 0 || out_start[0] != 0 || out_start[N] != E) return 0;
+    m->max_outputs = 0;
+    for (i64 v = 0; v < N; v++) {
+        if (out_start[v + 1] < out_start[v]) return 0;
+        if (out_start[v + 1] - out_start[v] > m->max_outputs) m->max_outputs = out_start[v + 1] - out_start[v];
+    }
+    if (!csr_valid(m, INPUT_START, INPUT_NODE, N, -1, N) || m->len[INPUT_OUTPUT] != m->len[INPUT_NODE] ||
+        !csr_valid(m, DEP_START, DEPS, N, 0, N) || !csr_valid(m, BDEP_START, BDEPS, N, F, N) ||
+        !csr_valid(m, OWNED_START, OWNED, F, F, N))
+        return 0;
+    for (i64 v = 0; v < N; v++)
+        for (i64 j = in_start[v]; j < in_start[v + 1]; j++) {
+            i64 s = m->a[INPUT_NODE][j], k = m->a[INPUT_OUTPUT][j];
+            if ((v < F && s >= F) || (s >= 0 && (k < 0 || k >= out_start[s + 1] - out_start[s]))) return 0;
+        }
+    for (Py_ssize_t r = 0; r < m->len[ROOTS]; r++)
+        if (m->a[ROOTS][r] < 0 || m->a[ROOTS][r] >= N) return 0;
+    for (i64 e = 0; e < E; e++)
+        if (m->a[ENTRY_SIZE][e] < 0) return 0;
+    return 1;
 }
 
 static PyObject *prepare(PyObject *self, PyObject *args) {
@@ -75,6 +113,10 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
         m->len[OWNED_START] != num_forward + 1 || m->len[OP_KIND] != m->num_nodes ||
         m->len[REFERENCES] != m->num_entries || m->len[GRADIENT_FLAGS] != m->num_entries) {
         PyErr_SetString(PyExc_ValueError, "inconsistent replay arrays");
+        goto fail;
+    }
+    if (!model_valid(m)) {
+        PyErr_SetString(PyExc_ValueError, "replay arrays refer to missing nodes or entries");
         goto fail;
     }
     PyObject *capsule = PyCapsule_New(m, "mirror_replay_model", model_free);
@@ -123,6 +165,16 @@ static i64 free_pop(FreeList *f, i64 position) {
     return block;
 }
 
+/* An output waiting for a block: its size and its index on the operator. */
+typedef struct { i64 size, output; } Wanted;
+
+/* Largest first, ties: the later output first (Python's sorted(..., reverse=True)). */
+static int wanted_before(const void *a, const void *b) {
+    const Wanted *x = (const Wanted *)a, *y = (const Wanted *)b;
+    if (x->size != y->size) return x->size > y->size ? -1 : 1;
+    return (x->output < y->output) - (x->output > y->output);
+}
+
 /* Working memory of one evaluation, all freed at the end. */
 typedef struct {
     i64 *remap, *override, *ov_in, *ov_in_node, *ov_in_out, *ov_dep, *ov_deps;
@@ -130,6 +182,7 @@ typedef struct {
     unsigned char *seen;
     i64 *offset, *copy_of, *references, *entries_arena, *entries_start, *storage;
     i64 *block_size, *block_refs, *sizes, *overridden_nodes, *entries_buffer;
+    Wanted *wanted;
     FreeList free_list;
 } Work;
 
@@ -140,15 +193,13 @@ static void work_free(Work *w) {
                   (void **)&w->copy_of, (void **)&w->references, (void **)&w->entries_arena,
                   (void **)&w->entries_start, (void **)&w->storage, (void **)&w->block_size,
                   (void **)&w->block_refs, (void **)&w->sizes, (void **)&w->overridden_nodes,
-                  (void **)&w->entries_buffer, (void **)&w->free_list.items};
+                  (void **)&w->entries_buffer, (void **)&w->wanted, (void **)&w->free_list.items};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) { free(*p[i]); *p[i] = NULL; }
 }
 
 #define ALLOC(ptr, n) do { (ptr) = calloc((size_t)((n) > 0 ? (n) : 1), sizeof(*(ptr))); if (!(ptr)) goto nomem; } while (0)
 
 #define REPLAY_NO_MEMORY (-1)
-#define REPLAY_TOO_MANY_OUTPUTS (-2)
-#define MAX_OUTPUTS 64
 
 /* Returns the planned bytes, or a negative REPLAY_* code.  Runs without the GIL: no Python calls. */
 static i64 replay(const Model *m, const i64 *copies, i64 num_copies, i64 limit) {
@@ -314,6 +365,7 @@ static i64 replay(const Model *m, const i64 *copies, i64 num_copies, i64 limit) 
     ALLOC(w.block_refs, total);
     i64 num_blocks = 0, allocated = 0;
     const i64 match = m->match_range;
+    ALLOC(w.wanted, m->max_outputs);
     ALLOC(w.entries_buffer, 1);
     i64 entries_capacity = 1;
     for (i64 t = 0; t < length; t++) {
@@ -356,24 +408,17 @@ static i64 replay(const Model *m, const i64 *copies, i64 num_copies, i64 limit) 
                 }
             }
         }
-        /* Outputs wanting a block, largest first (ties: the later entry first). */
-        i64 wanted[MAX_OUTPUTS];
+        /* Outputs wanting a block, largest first (ties: the later entry first); the buffer
+           holds the widest operator's outputs (Model.max_outputs), whatever their number. */
         i64 num_wanted = 0;
-        if (num_outputs > MAX_OUTPUTS) { result = REPLAY_TOO_MANY_OUTPUTS; goto done; }
         for (i64 k = 0; k < num_outputs; k++) {
             if (w.storage[base + k] != -2) continue;
-            i64 j = num_wanted++;
-            while (j > 0) {
-                i64 prev = wanted[j - 1];
-                i64 ps = out_sizes[prev], ks = out_sizes[k];
-                if (ps > ks || (ps == ks && prev > k)) break;
-                wanted[j] = prev;
-                j--;
-            }
-            wanted[j] = k;
+            w.wanted[num_wanted].size = out_sizes[k];
+            w.wanted[num_wanted++].output = k;
         }
+        if (num_wanted > 1) qsort(w.wanted, (size_t)num_wanted, sizeof(Wanted), wanted_before);
         for (i64 q = 0; q < num_wanted; q++) {
-            i64 k = wanted[q], entry = base + k, size = out_sizes[k];
+            i64 k = w.wanted[q].output, entry = base + k, size = out_sizes[k];
             if (entry < E && gradient_flags[entry]) { w.storage[entry] = -1; continue; }
             i64 block = -1;
             if (match) {
@@ -479,10 +524,6 @@ static PyObject *planned_bytes_of_names(PyObject *self, PyObject *args) {
     result = replay(m, ids, unique, limit);
     Py_END_ALLOW_THREADS
     free(ids);
-    if (result == REPLAY_TOO_MANY_OUTPUTS) {
-        PyErr_Format(PyExc_ValueError, "an operator has more than %d outputs", MAX_OUTPUTS);
-        return NULL;
-    }
     if (result < 0) return PyErr_NoMemory();
     return PyLong_FromLongLong(result);
 }

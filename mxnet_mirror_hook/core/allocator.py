@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import random
 import time
 from array import array
@@ -49,6 +50,8 @@ except ImportError:  # built by setup.py when a C compiler is there; the Python 
 
 __all__ = ["ExecutedNode", "ExecutedGraph", "AllocatorModel", "INPLACE_OPTIONS",
            "DEFAULT_MATCH_RANGE", "AllocatorSearchResult", "search_allocator_plan"]
+
+logger = logging.getLogger(__name__)
 
 #: nnvm's default ``NNVM_EXEC_MATCH_RANGE``.
 DEFAULT_MATCH_RANGE = 16
@@ -225,9 +228,26 @@ class AllocatorModel:
     # the extension was not built, and tests/core/test_allocator.py checks that both
     # give the same bytes on hand-built and captured graphs, with and without a limit.
     # Same figures mean the same search path, so plans do not depend on which ran.
+    # The C walk has no fixed limits (outputs, inputs or nodes per graph: its buffers
+    # are sized from the graph, indices are int64); ``prepare`` checks every index the
+    # walk follows.  A graph the C walk cannot take (an in-place table it does not know,
+    # arrays ``prepare`` refuses) is walked in Python, with a debug line saying why.
 
     def _prepare_compiled(self):
-        nodes, forward = self.graph.nodes, self.graph.num_forward
+        try:
+            arrays = self._compiled_arrays()
+            if arrays is None:
+                return None
+            return _replay.prepare(self.graph.num_forward, self.graph.match_range, arrays)
+        except (ValueError, TypeError, OverflowError, MemoryError) as error:
+            logger.debug("the compiled replay cannot take this executed graph (%s); "
+                         "replaying it in Python (same figures, slower)", error)
+            return None
+
+    def _compiled_arrays(self) -> Optional[tuple]:
+        """The flat int64 arrays ``_replay.prepare`` takes, or None when an operator's in-place
+        options are not among those the C walk knows."""
+        nodes = self.graph.nodes
 
         def csr(rows):
             starts, flat = array("q", [0]), array("q")
@@ -248,12 +268,13 @@ class AllocatorModel:
             pairs = INPLACE_OPTIONS.get(op, ())
             kind = {(): 0, ((0, 0),): 1, ((0, 0), (1, 0)): 2}.get(tuple(pairs))
             if kind is None:
-                return None  # an in-place table the C walk does not know: use the Python one
+                logger.debug("the compiled replay does not know %s's in-place options %s; "
+                             "replaying this graph in Python (same figures, slower)", op, pairs)
+                return None
             kinds.append(kind | (4 if op in INPLACE_IDENTITY and kind else 0))
-        arrays = (input_start, input_node, input_output, output_start, entry_size, dep_start, deps,
-                  backward_start, backward_deps, owned_start, owned, array("q", self._references),
-                  array("q", list(self._gradient_flags)), kinds, array("q", self._gradient_roots))
-        return _replay.prepare(forward, self.graph.match_range, arrays)
+        return (input_start, input_node, input_output, output_start, entry_size, dep_start, deps,
+                backward_start, backward_deps, owned_start, owned, array("q", self._references),
+                array("q", list(self._gradient_flags)), kinds, array("q", self._gradient_roots))
 
     def _mirror_ids(self, mirrored: Iterable[str]) -> List[int]:
         index = self.forward_index

@@ -276,3 +276,69 @@ def test_the_compiled_replay_refuses_an_id_that_is_not_a_forward_node_clearly():
     model = AllocatorModel(_two_stage_graph())
     with pytest.raises(ValueError, match="not a forward node"):
         allocator._replay.planned_bytes_of_names(model._compiled, ["c0"], {"c0": 10 ** 6}, -1)
+
+
+def wide_executed_graph(width: int) -> ExecutedGraph:
+    """An operator of ``width`` outputs (a SliceChannel of unequal parts), each read by its own
+    activation, all joined again by a Concat of ``width`` inputs, with MXNet-shaped backward
+    nodes: the split's backward reads ``width`` gradients and the concat's writes ``width``."""
+    parts = [(1, 0.5, 2, 1)[k % 4] for k in range(width)]
+    nodes = [node("Convolution", "embed", [VAR, VAR], sum(parts)),
+             node("SliceChannel", "split", [(0, 0)], *parts)]
+    nodes += [node("Activation", f"act{k}", [(1, k)], parts[k]) for k in range(width)]
+    concat, loss = width + 2, width + 3
+    nodes.append(node("Concat", "concat", [(2 + k, 0) for k in range(width)], sum(parts)))
+    nodes.append(node("SoftmaxOutput", "loss", [(concat, 0), VAR], sum(parts)))
+    forward = len(nodes)
+    nodes.append(node("_backward_SoftmaxOutput", "loss_backward", [(loss, 0), VAR], sum(parts), deps=[loss]))
+    nodes.append(node("_backward_Concat", "concat_backward", [(forward, 0)], *parts, deps=[concat]))
+    for k in range(width):
+        nodes.append(node("_backward_Activation", f"act{k}_backward", [(forward + 1, k), (2 + k, 0)],
+                          parts[k], deps=[2 + k]))
+    nodes.append(node("_backward_SliceChannel", "split_backward",
+                      [(forward + 2 + k, 0) for k in range(width)], sum(parts), deps=[1]))
+    nodes.append(node("_backward_Convolution", "embed_backward", [(len(nodes) - 1, 0), VAR, VAR],
+                      sum(parts), 1, deps=[0]))
+    return ExecutedGraph(nodes, forward, ((loss, 0), (len(nodes) - 1, 1)), 1)
+
+
+@pytest.mark.skipif(allocator._replay is None, reason="the compiled replay was not built (no C compiler)")
+@pytest.mark.parametrize("width", [64, 65, 100, 300])
+def test_the_compiled_replay_takes_operators_of_hundreds_of_outputs_with_the_python_walks_bytes(width):
+    model = AllocatorModel(wide_executed_graph(width))
+    assert model._compiled is not None and model.replays_capture()
+    names = [model.graph.nodes[i].name for i in range(model.graph.num_forward)]
+    rng = random.Random(width)
+    mirror_sets = [set(), {"split"}, {"embed", "split"}, set(names)]
+    mirror_sets += [{n for n in names if rng.random() < 0.5} for _ in range(10)]
+    for mirrored in mirror_sets:
+        exact = model._planned_bytes_python(mirrored)
+        assert model.planned_bytes(mirrored) == exact > 0
+        limit = rng.randrange(0, exact + 2)
+        assert model.planned_bytes(mirrored, limit=limit) == model._planned_bytes_python(mirrored, limit)
+
+
+def test_a_graph_the_compiled_replay_cannot_take_is_walked_in_python_with_a_debug_line(monkeypatch, caplog):
+    graph = wide_executed_graph(100)
+    # An in-place table the C walk does not know (output 0 sharing input 1 only).
+    monkeypatch.setitem(allocator.INPLACE_OPTIONS, "Concat", ((1, 0),))
+    with caplog.at_level("DEBUG", logger=allocator.__name__):
+        model = AllocatorModel(graph)
+    assert model._compiled is None
+    assert any("in Python" in record.getMessage() for record in caplog.records)
+    for mirrored in ((), ("split",), ("embed", "split")):
+        assert model.planned_bytes(mirrored) == model._planned_bytes_python(mirrored) > 0
+
+
+@pytest.mark.skipif(allocator._replay is None, reason="the compiled replay was not built (no C compiler)")
+def test_replay_arrays_that_refer_to_missing_nodes_are_refused_and_walked_in_python(monkeypatch, caplog):
+    model = AllocatorModel(_two_stage_graph())
+    arrays = list(model._compiled_arrays())
+    arrays[1] = allocator.array("q", [len(model.graph.nodes) + 5] * len(arrays[1]))  # input nodes
+    with pytest.raises(ValueError, match="missing nodes"):
+        allocator._replay.prepare(model.graph.num_forward, model.graph.match_range, tuple(arrays))
+    monkeypatch.setattr(AllocatorModel, "_compiled_arrays", lambda self: tuple(arrays))
+    with caplog.at_level("DEBUG", logger=allocator.__name__):
+        fallback = AllocatorModel(_two_stage_graph())
+    assert fallback._compiled is None and any("in Python" in r.getMessage() for r in caplog.records)
+    assert fallback.planned_bytes({"c0"}) == model.planned_bytes({"c0"})
