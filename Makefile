@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench horovod clean
+.PHONY: venv demo test lint bench horovod docs clean
 
 $(STAMP): setup.py setup.cfg constraints.txt mxnet_mirror_hook/core/_replay.c
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ HOROVOD_ENV := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
 horovod: $(STAMP)
 	$(PIP) install -q -c constraints.txt wheel
 	$(HOROVOD_ENV) $(PIP) install -q -c constraints.txt --no-build-isolation horovod
+
+# The manual (Sphinx + numpydoc + MyST, the `docs` extra, installed once: its own stamp, so
+# `make test` does not pay for it). Warnings are errors; the build goes to docs/_build (git-ignored).
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(PIP) install -q -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

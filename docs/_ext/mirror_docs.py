@@ -1,0 +1,129 @@
+"""Sphinx extension of this manual: the design notes collected from the source, and CLI help.
+
+- ``.. mirror-notes::`` renders every ``# NOTE [ title ]`` essay of the package, grouped by
+  the room it lives in, quoted as written, with its file and line; each essay gets the label
+  ``note-<slug>`` so pages link to it.
+- ``{mirror-note}`title``` (MyST) or ``:mirror-note:`title``` (reST) links to that essay; a
+  title no essay has is an undefined-label warning, so a ``-W`` build fails when a page names
+  a note the code no longer has.
+- ``.. mirror-argparse:: module:function`` renders the ``--help`` text of the parser the
+  function builds, and of each subcommand, so the CLI page follows the code.
+
+The essays are read from the files, not imported: moving a module moves its notes with it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from sphinx import addnodes
+from sphinx.application import Sphinx
+from sphinx.util.docutils import SphinxDirective
+
+from mirror_notes import ROOMS, Note, collect_notes, note_label, source_files
+
+__all__ = ["NotesDirective", "ArgparseDirective", "note_role", "setup"]
+
+class NotesDirective(SphinxDirective):
+    """``.. mirror-notes::``: every essay of the package, as sections grouped by room."""
+
+    option_spec = {"package": directives.unchanged}
+
+    def run(self) -> List[nodes.Node]:
+        package = Path(self.env.srcdir).parent / self.options.get("package", "mxnet_mirror_hook")
+        for path in source_files(package):
+            self.env.note_dependency(str(path))
+        notes = collect_notes(package)
+        captions = dict(ROOMS)
+        result: List[nodes.Node] = []
+        room, room_section = None, None
+        for note in notes:
+            if room_section is None or note.room != room:
+                room = note.room
+                caption = captions.get(room, f"{package.name}/{room}")
+                room_section = self._section(caption, "notes-room-" + (room or "surfaces"))
+                result.append(room_section)
+            room_section += self._note_section(note)
+        return result
+
+    def _section(self, title: str, label: str) -> nodes.section:
+        section = nodes.section()
+        section["names"].append(label)
+        section += nodes.title(title, title)
+        self.state.document.note_implicit_target(section, section)
+        return section
+
+    def _note_section(self, note: Note) -> nodes.section:
+        section = nodes.section()
+        section["names"].append(note_label(note.title))
+        section += nodes.title(note.title, note.title)
+        self.state.document.note_explicit_target(section, section)
+        where = nodes.paragraph()
+        where += nodes.literal(text=f"{note.path}, line {note.line}")
+        if note.mentions:
+            where += nodes.Text("; also named at ")
+            for index, mention in enumerate(note.mentions):
+                where += nodes.Text(", " if index else "")
+                where += nodes.literal(text=mention)
+        section += where
+        text = "\n".join(note.text).strip("\n") or "(no text)"
+        block = nodes.literal_block(text, text)
+        block["language"] = "none"
+        section += block
+        return section
+
+
+def note_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+    """``:mirror-note:`title```: a link to the essay ``title`` on the notes page."""
+    title = " ".join(text.split())
+    reference = addnodes.pending_xref(rawtext, refdomain="std", reftype="ref",
+                                      reftarget=note_label(title), refexplicit=True,
+                                      refwarn=True)
+    reference += nodes.inline(rawtext, f"NOTE [ {title} ]", classes=["xref", "std", "std-ref"])
+    return [reference], []
+
+
+class ArgparseDirective(SphinxDirective):
+    """``.. mirror-argparse:: package.module:function``: the parser's help, and its subcommands'."""
+
+    required_arguments = 1
+
+    def run(self) -> List[nodes.Node]:
+        module_name, _, function = self.arguments[0].partition(":")
+        parser = getattr(importlib.import_module(module_name), function)()
+        self.env.note_dependency(importlib.import_module(module_name).__file__)
+        blocks = []
+        for parser_help in _helps(parser):
+            block = nodes.literal_block(parser_help, parser_help)
+            block["language"] = "none"
+            blocks.append(block)
+        return blocks
+
+
+def _helps(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """``parser``'s help, then each subcommand's, at a fixed width."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        yield parser.format_help().rstrip()
+        for action in parser._actions:  # argparse keeps subparsers only here
+            if isinstance(action, argparse._SubParsersAction):
+                for subparser in action.choices.values():
+                    yield subparser.format_help().rstrip()
+    finally:
+        if previous is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous
+
+
+def setup(app: Sphinx) -> Dict[str, object]:
+    app.add_directive("mirror-notes", NotesDirective)
+    app.add_directive("mirror-argparse", ArgparseDirective)
+    app.add_role("mirror-note", note_role)
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

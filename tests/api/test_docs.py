@@ -1,0 +1,89 @@
+"""The README stays a short front page and the manual in docs/ keeps up with the code.
+
+Sphinx itself is not run here (slow, and the test install has no Sphinx): CI's ``make docs``
+builds the manual with warnings as errors. These checks read files only, plus the public
+``__all__`` lists.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+#: A Markdown link or image target: ``](target)``.
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+#: A MyST link to a design note: ``{mirror-note}`title```.
+NOTE_LINK = re.compile(r"\{mirror-note\}`([^`]+)`")
+
+
+def _readme_links() -> List[str]:
+    return [target for target in LINK.findall(README.read_text(encoding="utf-8"))
+            if not re.match(r"[a-z]+:", target) and not target.startswith("#")]
+
+
+def _api_text() -> str:
+    return "\n".join(path.read_text(encoding="utf-8") for path in sorted((DOCS / "api").glob("*.rst")))
+
+
+def test_readme_is_short():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 220, f"README.md has {len(lines)} lines; move detail to a docs/ page"
+
+
+def test_readme_shows_the_two_commands():
+    text = README.read_text(encoding="utf-8")
+    assert "make demo" in text and "make test" in text
+
+
+def test_every_page_the_readme_links_exists():
+    links = _readme_links()
+    assert any(link.startswith("docs/") for link in links), "the README links no docs page"
+    missing = [link for link in links if not (ROOT / link.split("#")[0]).exists()]
+    assert not missing, f"README.md links missing files: {missing}"
+
+
+def test_the_readme_links_every_guide_page():
+    linked = {link.split("#")[0] for link in _readme_links()}
+    pages = {path.relative_to(ROOT).as_posix() for path in (DOCS / "guide").glob("*.md")}
+    assert pages and pages <= linked, f"guide pages the README does not link: {sorted(pages - linked)}"
+
+
+@pytest.mark.parametrize("module", ["mxnet_mirror_hook", "mxnet_mirror_hook.gluon",
+                                    "mxnet_mirror_hook.compat.memonger"])
+def test_the_api_reference_documents_every_public_name(module):
+    names = [name for name in importlib.import_module(module).__all__
+             if name not in ("__version__", "memonger")]
+    text = _api_text()
+    missing = [name for name in names if f"{module}.{name}\n" not in text]
+    assert not missing, f"docs/api/*.rst documents no {module}.X for {missing}"
+
+
+def test_the_environment_page_names_every_variable_the_package_reads():
+    page = (DOCS / "environment.md").read_text(encoding="utf-8")
+    source = "\n".join(path.read_text(encoding="utf-8")
+                       for path in (ROOT / "mxnet_mirror_hook").rglob("*.py"))
+    variables = set(re.findall(r"[\"']((?:MXNET|NNVM)_[A-Z0-9_]+)[\"']", source)) - {"MXNET_VARIABLES"}
+    assert variables, "no environment variable found in the package source"
+    missing = sorted(name for name in variables if f"`{name}" not in page)
+    assert not missing, f"docs/environment.md does not name {missing}"
+
+
+def test_every_design_note_a_page_links_to_exists():
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        from mirror_notes import collect_notes
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    titles = {note.title for note in collect_notes(ROOT / "mxnet_mirror_hook")}
+    assert len(titles) >= 20, "the notes collector found almost no NOTE essays"
+    linked = {" ".join(title.split()) for path in DOCS.rglob("*.md")
+              for title in NOTE_LINK.findall(path.read_text(encoding="utf-8"))}
+    assert linked, "no docs page links a design note"
+    assert linked <= titles, f"pages link notes the source no longer has: {sorted(linked - titles)}"
