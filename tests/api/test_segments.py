@@ -291,7 +291,7 @@ def test_split_symbols_compute_the_plain_outputs_and_replace_cut_entries_by_vari
 def test_segments_of_one_structure_are_bound_once_and_give_the_same_figure(monkeypatch):
     """NOTE [ segments planned once per structure ]: the steps' segments of an unrolled LSTM
     share a name-free key; the figure is the one of binding every segment."""
-    import mxnet_mirror_hook.mx.segments as mx_segments
+    import mxnet_mirror_hook.mx.segments.measure as segment_measure
 
     symbol = lstm_language_model(40, vocab=30, num_embed=8, num_hidden=8, num_layers=2)
     shapes = {"data": (4, 40), "softmax_label": (4, 40)}
@@ -300,19 +300,19 @@ def test_segments_of_one_structure_are_bound_once_and_give_the_same_figure(monke
     requests = {n: ("null" if n in shapes else "write") for n in symbol.list_arguments()}
     types = {n: np.dtype("float32") for n in shapes}
     binds = []
-    real = mx_segments._measure_segment
+    real = segment_measure._measure_segment
 
     def counting(symbol, *args, **kwargs):
         binds.append(symbol)
         return real(symbol, *args, **kwargs)
 
-    monkeypatch.setattr(mx_segments, "_measure_segment", counting)
-    monkeypatch.setattr(mx_segments, "_SEGMENT_MB", {})
+    monkeypatch.setattr(segment_measure, "_measure_segment", counting)
+    monkeypatch.setattr(segment_measure, "_SEGMENT_MB", {})
     cached, per_cached = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
     once = len(binds)
     binds.clear()
-    monkeypatch.setattr(mx_segments, "_SEGMENT_MB", {})
-    monkeypatch.setattr(mx_segments, "_segment_key", lambda *a: str(len(binds)) + repr(a[0]))
+    monkeypatch.setattr(segment_measure, "_SEGMENT_MB", {})
+    monkeypatch.setattr(segment_measure, "_segment_key", lambda *a: str(len(binds)) + repr(a[0]))
     every, per_every = segment_planned_mb(symbol, plan, mx.cpu(), shapes, types, requests)
     assert once < len(binds) == plan.count
     assert (cached, per_cached) == (every, per_every)
@@ -640,7 +640,7 @@ def test_boundary_gradients_share_arrays_and_the_figure_counts_each_array_once(m
     """NOTE [ boundary gradients share arrays ]: the boundaries of a residual chain, each read
     by the next segment only, take turns in one gradient array; training is unchanged and the
     static figure counts what the chain allocates."""
-    import mxnet_mirror_hook.mx.segments as mx_segments
+    import mxnet_mirror_hook.mx.segments.measure as segment_measure
 
     build, data_shape, label_shape, classes, _ = CASES["resnet"]
     symbol = build()
@@ -652,7 +652,7 @@ def test_boundary_gradients_share_arrays_and_the_figure_counts_each_array_once(m
     chain = SegmentChain(symbol, plan, mx.cpu(), shapes, grad_req=requests)
     assert len(chain.boundary_grad) >= 3
     assert len({id(a) for a in chain.boundary_grad.values()}) < len(chain.boundary_grad)
-    monkeypatch.setattr(mx_segments, "_pool_mb", lambda *args: 0.0)
+    monkeypatch.setattr(segment_measure, "_pool_mb", lambda *args: 0.0)
     figure, _ = segment_planned_mb(symbol, plan, mx.cpu(), shapes,
                                    {n: np.dtype("float32") for n in shapes}, requests)
     outputs = sum(o.size * 4 for o in chain.outputs)

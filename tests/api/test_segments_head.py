@@ -25,7 +25,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-import mxnet_mirror_hook.core.segments as core_segments
+import mxnet_mirror_hook.core.segments.head as core_head
 from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirror
 from mxnet_mirror_hook.core.segments import loss_head, plan_segments_with_head
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
@@ -49,7 +49,7 @@ def lm(steps: int = STEPS, vocab: int = VOCAB, **softmax_attrs) -> "mx.sym.Symbo
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 1 MB work buffers: the 64 x 20000 head runs in 4 chunks of 16 rows."""
-    monkeypatch.setattr(core_segments, "HEAD_CHUNK_BYTES", 2 ** 20)
+    monkeypatch.setattr(core_head, "HEAD_CHUNK_BYTES", 2 ** 20)
 
 
 def _batches(count: int, vocab: int = VOCAB, ignore: float = None, steps: int = STEPS):
@@ -303,7 +303,7 @@ def test_chunked_head_with_a_fixed_classifier_trains_like_plain_module(small_chu
 def test_sliced_embedding_gives_the_gradients_of_the_whole_embedding(monkeypatch):
     """NOTE [ slicing the replayed embedding ]: segments that embed only their own steps give
     bit for bit the gradients of segments that embed the whole sequence."""
-    import mxnet_mirror_hook.mx.segments as mx_segments
+    import mxnet_mirror_hook.mx.segments.split as segment_split
 
     symbol = lm(vocab=50)
     graph = _graph(symbol)
@@ -315,8 +315,8 @@ def test_sliced_embedding_gives_the_gradients_of_the_whole_embedding(monkeypatch
     results = []
     for sliced in (True, False):
         if not sliced:
-            monkeypatch.setattr(mx_segments, "_slice_replayed_steps", lambda nodes, heads: None)
-        pieces = [json.loads(s.tojson()) for s in mx_segments.split_symbol(symbol, plan)]
+            monkeypatch.setattr(segment_split, "_slice_replayed_steps", lambda nodes, heads: None)
+        pieces = [json.loads(s.tojson()) for s in segment_split.split_symbol(symbol, plan)]
         assert sliced == any(n["op"] == "slice_axis" for p in pieces for n in p["nodes"])
         chain = _one_step(symbol, plan, shapes, types, requests, values)
         results.append({k: g.asnumpy() for k, g in chain.grad_dict.items() if g is not None})

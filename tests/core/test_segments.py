@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
-from mxnet_mirror_hook.core import segments as core_segments
+from mxnet_mirror_hook.core.segments import crossings as segment_crossings
+from mxnet_mirror_hook.core.segments import pool as segment_pool
 from mxnet_mirror_hook.core.segments import (HEAD_GRAD_COPIES, SegmentPlan, alternative_cuts,
                                              best_segment_plan, choose_cuts, cut_positions,
                                              gradient_slots, least_pool_choice, plan_segments,
@@ -256,7 +257,7 @@ def test_least_pool_choice_descends_coordinate_wise_beyond_the_exhaustive_limit(
     options = [{1: (8.0, [8]), 2: (7.0, [4, 3])}, {1: (6.0, [6]), 2: (6.0, [3, 3])},
                {1: (5.0, [5]), 2: (4.0, [2, 2])}]
     exhaustive = least_pool_choice(options)
-    monkeypatch.setattr(core_segments, "POOL_CHOICE_LIMIT", 1)
+    monkeypatch.setattr(segment_pool, "POOL_CHOICE_LIMIT", 1)
     descended = least_pool_choice(options)
     assert descended[0] >= exhaustive[0]
     # It starts from each segment's least plan and only ever improves on it.
@@ -274,7 +275,7 @@ def test_alternative_cuts_move_one_cut_to_the_nearest_positions_crossed_by_no_mo
     cuts = choose_cuts(graph, 3)
     assert len(cuts) == 2
     base = segment_plan_for_cuts(graph, cuts)
-    crossing = core_segments._crossings_of(graph.as_late_as_possible()).crossing
+    crossing = segment_crossings.crossings_of(graph.as_late_as_possible()).crossing
     found = alternative_cuts(graph, cuts, 3)
     assert 0 < len(found) <= 6
     for moved in found:
