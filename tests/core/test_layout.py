@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from typing import Dict, List, Set
 
 from tests.paths import ROOT
@@ -133,3 +134,62 @@ def test_only_env_reads_the_environment():
     readers = sorted(name for name, path in modules.items()
                      if "os.environ.get(" in open(path).read() or "os.getenv(" in open(path).read())
     assert readers == [f"{PACKAGE}.env"], readers
+
+
+#: Module-level names a Gluon hook module may bind: constants, the logger, ``__all__``, TypeVars and
+#: the one registry object (an instance of a ``...Registry`` class).
+_IMMUTABLE_CALLS = {"getLogger", "TypeVar", "frozenset", "tuple"}
+
+
+def _mutable_globals(path: str) -> List[str]:
+    """Module-level names of ``path`` bound to possibly mutable values, and ``global`` statements."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    found = []
+    for node in tree.body:
+        targets: List[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        elif isinstance(node, ast.AugAssign):
+            targets, value = [node.target], node.value
+        names = [t.id if isinstance(t, ast.Name) else ast.unparse(t) for t in targets]
+        if not names or names == ["__all__"] or _immutable(value):
+            continue
+        found.extend(names)
+    found.extend(f"global {name}" for node in ast.walk(tree) if isinstance(node, ast.Global)
+                 for name in node.names)
+    return found
+
+
+def _immutable(value: ast.expr) -> bool:
+    if isinstance(value, ast.Constant):
+        return True
+    if isinstance(value, ast.Tuple):
+        return all(_immutable(element) for element in value.elts)
+    if isinstance(value, ast.Call):
+        func = value.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        return name in _IMMUTABLE_CALLS or name.endswith("Registry")
+    return False
+
+
+def test_the_gluon_hook_modules_keep_no_mutable_module_globals():
+    # The autograd wrap, the pending forwards and the mirrored blocks live in one HookRegistry
+    # object (gluon/hooks.py), not in module-level lists, dicts and counters.
+    modules = _modules()
+    gluon = {name: path for name, path in modules.items() if name.startswith(f"{PACKAGE}.gluon")}
+    assert f"{PACKAGE}.gluon.hooks" in gluon and len(gluon) > 2, sorted(gluon)
+    offenders = {name: found for name, path in gluon.items() if (found := _mutable_globals(path))}
+    assert not offenders, offenders
+    assert len(re.findall(r"^\w+ = \w*Registry\(\)", open(gluon[f"{PACKAGE}.gluon.hooks"]).read(),
+                          re.MULTILINE)) == 1
+
+
+def test_the_globals_check_sees_lists_counters_and_global_statements(tmp_path):
+    module = tmp_path / "hooks.py"
+    module.write_text("import itertools\nimport logging\n__all__ = ['f']\n"
+                      "logger = logging.getLogger(__name__)\nLIMIT = 32\nNAMES = ('a', 'b')\n"
+                      "REGISTRY = HookRegistry()\n_PENDING = []\n_ORIGINALS: dict = {}\n"
+                      "_SEQUENCE = itertools.count()\ndef f():\n    global LIMIT\n    LIMIT = 1\n")
+    assert _mutable_globals(str(module)) == ["_PENDING", "_ORIGINALS", "_SEQUENCE", "global LIMIT"]

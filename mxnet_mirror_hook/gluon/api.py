@@ -1,0 +1,162 @@
+"""``mirror(net)`` and its companions: switch mirroring on and off for a Gluon block."""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional, Tuple
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from ..errors import UnsupportedBlockError
+from ..options import MirrorOptions, takes_options
+from ..plan import MirrorPlan
+from .hooks import REGISTRY
+from .state import MirrorState
+
+__all__ = ["mirror", "unmirror", "is_mirrored", "mirror_state", "plan_block"]
+
+#: The instance attribute holding a mirrored block's :class:`MirrorState`.
+STATE_ATTR = "_mirror_hook_state"
+
+
+@takes_options
+def mirror(block: "gluon.HybridBlock", *, options: Optional[MirrorOptions] = None, max_shapes: int = 2,
+           max_pending: int = 2, **overrides: Any) -> "gluon.HybridBlock":
+    """Mirror ``block`` in place whenever autograd records for training; returns ``block``.
+
+    ``net = mirror(net)`` (or just ``mirror(net)``) may come before
+    ``initialize()``, before or after ``hybridize()``, before the Trainer
+    exists.  Afterwards, inside ``autograd.record()`` (training mode) the
+    block's forward runs a mirrored executor planned for the input shapes,
+    dtypes and context; ``autograd.backward(losses)`` / ``loss.backward()``
+    run its backward with the head gradient autograd computed, writing the
+    Parameters' gradients before they return, so ``trainer.step`` follows as
+    usual.  Outside recording, or under ``autograd.predict_mode()``, the
+    block runs exactly as before.  With ``backend='segments'`` (or ``'auto'``
+    choosing them) the block runs as a chain of executor segments (NOTE
+    [ executor segments behind a mirrored block ]).
+
+    Parameters
+    ----------
+    block : gluon.HybridBlock
+        The network (its outermost block: its inputs must not be outputs of
+        recorded operations).
+    options : MirrorOptions, optional
+        Planning options; the keyword arguments below override its fields.
+    max_shapes : int
+        Input signatures (shapes/dtypes) whose executors stay bound per
+        context; the least recently used is released beyond it.
+    max_pending : int
+        Forwards per context and signature that may await their backward at
+        once (each holds its own executor).
+    <mirror options>
+
+    Returns
+    -------
+    gluon.HybridBlock
+        ``block`` itself.
+
+    Raises
+    ------
+    UnsupportedBlockError
+        For a plain (non-hybrid) ``Block``.
+    BackendError
+        At the first training forward, with ``backend='segments'``, for a
+        network that draws random numbers in forward (Dropout): a re-run
+        segment would draw other masks.  ``'auto'`` keeps the one-level
+        mirror for such networks.
+    """
+    if not isinstance(block, gluon.HybridBlock):
+        raise UnsupportedBlockError(f"mirror() needs a gluon.HybridBlock (it is traced to a symbol), "
+                                    f"got {type(block).__name__}; rewrite it as a HybridBlock with "
+                                    f"hybrid_forward, or mirror a HybridBlock inside it")
+    opts = MirrorOptions.coerce(options, **overrides)
+    state = mirror_state(block)
+    if state is not None:
+        state.reconfigure(opts, max_shapes, max_pending)
+    else:
+        _attach(block, MirrorState(block, opts, max_shapes, max_pending))
+    return block
+
+
+def _attach(block: "gluon.HybridBlock", state: MirrorState) -> None:
+    # Instance attributes: the class, isinstance, parameter names and files stay the block's own.
+    object.__setattr__(block, STATE_ATTR, state)
+    object.__setattr__(block, "forward", _MirroredForward(block))
+    weakref.finalize(block, state.release)  # forwards still waiting must not keep executors alive
+    REGISTRY.attach(block)
+
+
+def _mirrored_forward(block: "gluon.HybridBlock", original: Any, *args: Any) -> Any:
+    state = mirror_state(block)
+    if state is None or not (autograd.is_recording() and autograd.is_training()) \
+            or any(isinstance(x, mx.sym.Symbol) for x in args):
+        return original(*args)
+    return state.forward(block, args)
+
+
+class _MirroredForward:
+    """The instance ``forward`` of a mirrored block (picklable: it is rebuilt on unpickling)."""
+
+    def __init__(self, block: "gluon.HybridBlock") -> None:
+        self._block = weakref.ref(block)
+        self.__doc__ = type(block).forward.__doc__
+
+    def __call__(self, *args: Any) -> Any:
+        block = self._block()
+        return _mirrored_forward(block, type(block).forward.__get__(block), *args)
+
+    def __reduce__(self) -> Tuple[Any, tuple]:
+        return _MirroredForward, (self._block(),)
+
+
+def unmirror(block: "gluon.HybridBlock") -> "gluon.HybridBlock":
+    """Switch mirroring off for ``block`` (releases its executors); returns ``block``."""
+    state = mirror_state(block)
+    if state is None:
+        return block
+    state.release()
+    object.__delattr__(block, STATE_ATTR)
+    if "forward" in vars(block):
+        object.__delattr__(block, "forward")
+    REGISTRY.detach(block)
+    return block
+
+
+def is_mirrored(block: "gluon.Block") -> bool:
+    """Whether :func:`mirror` is on for ``block``."""
+    return getattr(block, STATE_ATTR, None) is not None
+
+
+def mirror_state(block: "gluon.Block") -> Optional[MirrorState]:
+    """The :class:`MirrorState` of a mirrored block (None when not mirrored)."""
+    return getattr(block, STATE_ATTR, None)
+
+
+def plan_block(block: "gluon.HybridBlock", *inputs: Any, dtype: Any = "float32",
+               options: Optional[MirrorOptions] = None, **option_kwargs: Any) -> MirrorPlan:
+    """The plan :func:`mirror` would use for these inputs, without training (nothing is bound).
+
+    Parameters
+    ----------
+    block : gluon.HybridBlock
+        Mirrored or not; initialized (deferred shapes are completed from the
+        inputs).
+    *inputs : NDArray or tuple of int
+        Sample inputs, or their shapes (then zeros of ``dtype`` on the CPU).
+    dtype : str or numpy dtype
+        The dtype of inputs given as shapes.
+    options, **option_kwargs
+        As for :func:`mirror` (default: the block's mirror options, if mirrored).
+
+    Returns
+    -------
+    MirrorPlan
+        With ``baseline_mb`` (the unmirrored executor) and ``planned_mb``.
+    """
+    arrays = [x if isinstance(x, mx.nd.NDArray) else mx.nd.zeros(tuple(x), dtype=dtype) for x in inputs]
+    state = mirror_state(block)
+    if state is None or options is not None or option_kwargs:
+        base = options if options is not None else (state.options if state is not None else None)
+        state = MirrorState(block, MirrorOptions.coerce(base, **option_kwargs), 1, 1)
+    return state.plan(block, arrays)
