@@ -6,6 +6,8 @@
 - ``{mirror-note}`title``` (MyST) or ``:mirror-note:`title``` (reST) links to that essay; a
   title no essay has is an undefined-label warning, so a ``-W`` build fails when a page names
   a note the code no longer has.
+- ``.. mirror-modules::`` lists every module of the package with the first paragraph of its
+  docstring (read without importing), so the code map follows the code.
 - ``.. mirror-argparse:: module:function`` renders the ``--help`` text of the parser the
   function builds, and of each subcommand, so the CLI page follows the code.
 
@@ -25,9 +27,9 @@ from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
-from mirror_notes import ROOMS, Note, collect_notes, note_label, source_files
+from mirror_notes import ROOMS, Note, collect_notes, module_summaries, note_label, source_files
 
-__all__ = ["NotesDirective", "ArgparseDirective", "note_role", "setup"]
+__all__ = ["NotesDirective", "ModulesDirective", "ArgparseDirective", "note_role", "setup"]
 
 class NotesDirective(SphinxDirective):
     """``.. mirror-notes::``: every essay of the package, as sections grouped by room."""
@@ -78,6 +80,24 @@ class NotesDirective(SphinxDirective):
         return section
 
 
+class ModulesDirective(SphinxDirective):
+    """``.. mirror-modules::``: each module's path and the first paragraph of its docstring."""
+
+    option_spec = {"package": directives.unchanged}
+
+    def run(self) -> List[nodes.Node]:
+        package = Path(self.env.srcdir).parent / self.options.get("package", "mxnet_mirror_hook")
+        for path in source_files(package):
+            self.env.note_dependency(str(path))
+        items = nodes.definition_list()
+        for path, summary in module_summaries(package):
+            text, messages = self.state.inline_text(summary or "(no docstring)", self.lineno)
+            items += nodes.definition_list_item(
+                "", nodes.term("", "", nodes.literal(text=path)),
+                nodes.definition("", nodes.paragraph("", "", *text), *messages))
+        return [items]
+
+
 def note_role(name, rawtext, text, lineno, inliner, options=None, content=None):
     """``:mirror-note:`title```: a link to the essay ``title`` on the notes page."""
     title = " ".join(text.split())
@@ -124,6 +144,7 @@ def _helps(parser: argparse.ArgumentParser) -> Iterator[str]:
 
 def setup(app: Sphinx) -> Dict[str, object]:
     app.add_directive("mirror-notes", NotesDirective)
+    app.add_directive("mirror-modules", ModulesDirective)
     app.add_directive("mirror-argparse", ArgparseDirective)
     app.add_role("mirror-note", note_role)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

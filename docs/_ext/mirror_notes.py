@@ -5,12 +5,13 @@ Used by the Sphinx extension :mod:`mirror_docs` (the design-notes page) and by
 """
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
-__all__ = ["Note", "ROOMS", "collect_notes", "note_label", "source_files"]
+__all__ = ["Note", "ROOMS", "collect_notes", "note_label", "source_files", "module_summaries"]
 
 #: A NOTE heading: ``# NOTE [ title ]`` at the start of a comment line, perhaps followed by text.
 _HEADING = re.compile(r"^(?P<indent>\s*)# NOTE \[ (?P<title>.+?) \](?P<rest>.*)$")
@@ -97,3 +98,21 @@ def collect_notes(package: Path) -> List[Note]:
         notes.append(essay)
     order = {room: index for index, (room, _) in enumerate(ROOMS)}
     return sorted(notes, key=lambda note: (order.get(note.room, len(order)), note.path, note.line))
+
+
+def module_summaries(package: Path) -> List[Tuple[str, str]]:
+    """``(path, first paragraph of the docstring)`` of every module of ``package``, by path.
+
+    Read with :mod:`ast`, so nothing is imported; a module without a docstring gets ``''``.
+    Private modules (``_version.py``) are left out, packages' ``__init__.py`` kept.
+    """
+    summaries = []
+    for path in source_files(package):
+        if path.name.startswith("_") and path.name != "__init__.py":
+            continue
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+        shown = path.parent if path.name == "__init__.py" else path
+        summaries.append((shown.relative_to(package.parent).as_posix() + ("/" if shown.is_dir() else ""),
+                          paragraph))
+    return sorted(summaries)
