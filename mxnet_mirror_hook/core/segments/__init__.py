@@ -2,7 +2,8 @@
 
 One module per concept: :mod:`.plan` (the plan types), :mod:`.crossings` (owned operators and
 crossing bytes), :mod:`.cuts` (the cut search), :mod:`.pool` (the shared pool),
-:mod:`.layout` (the chain's own arrays) and :mod:`.head` (the chunked loss head).
+:mod:`.layout` (the chain's own arrays, NOTE [ the chain's own arrays ]), :mod:`.tensors`
+(an array's shape and element type) and :mod:`.head` (the chunked loss head).
 
 # NOTE [ executor segments ]
 # MXNet's mirror is one level: a recomputed node is replayed once during
@@ -42,13 +43,15 @@ from .cuts import (MAX_SEGMENTS, alternative_cuts, best_segment_plan, choose_cut
                    full_cut_chain, plan_segments, segment_plan_for_cuts)
 from .head import (HEAD_CHUNK_BYTES, HEAD_ROW_MULTIPLE, LossHead, head_buffer_floats, head_chunk_count,
                    head_chunk_rows, head_tile, loss_head, plan_segments_with_head)
-from .layout import gradient_slots
+from .layout import ChainLayout, HeadArrays, gradient_slots
 from .plan import HEAD_GRAD_COPIES, Entry, SegmentPlan, SegmentSpec, entry_key
 from .pool import MATCH_RANGES, least_pool_choice, shared_pool_bytes
+from .tensors import TensorSpec, graph_tensor
 
 __all__ = ["Entry", "SegmentSpec", "SegmentPlan", "segment_plan_for_cuts", "choose_cuts",
            "plan_segments", "best_segment_plan", "HEAD_GRAD_COPIES", "LossHead", "loss_head",
            "head_buffer_floats", "head_tile", "shared_pool_bytes", "full_cut_chain",
            "plan_segments_with_head", "head_chunk_count", "head_chunk_rows", "HEAD_CHUNK_BYTES",
            "alternative_cuts", "cut_positions", "least_pool_choice", "MATCH_RANGES",
-           "gradient_slots", "MAX_SEGMENTS", "entry_key", "REPLAYED_OPS", "HEAD_ROW_MULTIPLE"]
+           "gradient_slots", "MAX_SEGMENTS", "entry_key", "REPLAYED_OPS", "HEAD_ROW_MULTIPLE",
+           "ChainLayout", "HeadArrays", "TensorSpec", "graph_tensor"]

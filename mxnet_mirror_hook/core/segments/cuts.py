@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import bisect
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..cost import iteration_cost, node_costs
 from ..graph import Graph, NodeKind
 from ..planners.dp import DEFAULT_GRAD_FACTOR, CutChain, build_cut_chain
-from .crossings import crossings_of, entry_bytes
+from .crossings import crossings_of
 from .plan import HEAD_GRAD_COPIES, SegmentPlan, SegmentSpec, entry_key
+from .tensors import graph_tensor
 
 __all__ = ["MAX_SEGMENTS", "segment_plan_for_cuts", "choose_cuts", "cut_positions", "alternative_cuts",
            "full_cut_chain", "plan_segments", "best_segment_plan"]
@@ -16,6 +19,7 @@ __all__ = ["MAX_SEGMENTS", "segment_plan_for_cuts", "choose_cuts", "cut_position
 
 #: Upper bound on segments tried when choosing k.
 MAX_SEGMENTS = 48
+
 
 def segment_plan_for_cuts(graph: Graph, cuts: Sequence[int], chain: Optional[CutChain] = None,
                           grad_factor: float = DEFAULT_GRAD_FACTOR,
@@ -43,83 +47,117 @@ def segment_plan_for_cuts(graph: Graph, cuts: Sequence[int], chain: Optional[Cut
         outside the last segment.
     """
     late = graph.as_late_as_possible()
-    crossings = crossings_of(late)
     cuts = list(cuts)
+    _check_cuts(late, cuts)
+    pieces = _Pieces.of(late, cuts)
+    if chain is None:
+        chain = build_cut_chain(graph, max_frontier=len(late.nodes), max_cuts=len(late.nodes),
+                                grad_factor=grad_factor)
+    original = {node.name: position for position, node in enumerate(graph.nodes)}
+    chosen = frozenset(mirrored)
+    bounds = [-1] + cuts + [len(late.nodes) - 1]
+    segments = []
+    for s in range(pieces.count):
+        spec = pieces.spec(s, original, chosen)
+        working = _working_bytes(chain, late, bounds[s], bounds[s + 1], grad_factor)
+        segments.append(dataclasses.replace(spec, working_bytes=int(working)))
+    boundary_shapes: Dict[str, Tuple[int, ...]] = {}
+    boundary_bytes = 0
+    cost = node_costs(late)
+    rerun = 0.0
+    for s in range(pieces.count - 1):
+        for p, o in sorted(pieces.outputs[s]):
+            tensor = graph_tensor(late, p, o)
+            boundary_shapes[entry_key((late.nodes[p].name, o))] = tensor.shape
+            boundary_bytes += tensor.nbytes
+        rerun += sum(cost.get(late.nodes[p].name, 0.0) for p in pieces.members[s])
+    total = iteration_cost(late)
+    estimate = HEAD_GRAD_COPIES * boundary_bytes + max(s.working_bytes for s in segments)
+    return SegmentPlan(tuple(segments), boundary_bytes, int(estimate),
+                       rerun / total if total else 0.0, boundary_shapes)
+
+
+def _check_cuts(late: Graph, cuts: Sequence[int]) -> None:
+    """Raise ValueError unless ``cuts`` increase and each may be followed by a boundary."""
+    crossings = crossings_of(late)
     if any(b <= a for a, b in zip(cuts, cuts[1:])):
-        raise ValueError(f"cut positions must increase, got {cuts}")
+        raise ValueError(f"cut positions must increase, got {list(cuts)}")
     for cut in cuts:
         if not 0 <= cut < len(late.nodes) or not crossings.valid(cut):
             raise ValueError(f"no segment boundary can follow position {cut}: the graph outputs must "
                              "all be computed by the last segment")
-    nodes = late.nodes
-    owner = [-1] * len(nodes)
-    for position in range(len(nodes)):
-        if crossings.owned[position]:
-            owner[position] = bisect.bisect_left(cuts, position)
-    count = len(cuts) + 1
-    original = {node.name: position for position, node in enumerate(graph.nodes)}
 
-    members: List[set] = [set() for _ in range(count)]
-    inputs: List[set] = [set() for _ in range(count)]
-    variables: List[set] = [set() for _ in range(count)]
-    outputs: List[set] = [set() for _ in range(count)]
-    for position, node in enumerate(nodes):
-        if owner[position] < 0:
-            continue
-        members[owner[position]].add(position)
-    for s in range(count):
-        stack = list(members[s])
+
+@dataclass
+class _Pieces:
+    """What each segment of a cut list computes and exchanges, as positions of the linearised
+    graph ``late``: the operators it owns or replays, the boundary tensors it reads and
+    produces, and the variables it reads."""
+
+    late: Graph
+    members: List[Set[int]]
+    inputs: List[Set[Tuple[int, int]]]
+    outputs: List[Set[Tuple[int, int]]]
+    variables: List[Set[str]]
+
+    @property
+    def count(self) -> int:
+        """Number of segments."""
+        return len(self.members)
+
+    @classmethod
+    def of(cls, late: Graph, cuts: Sequence[int]) -> "_Pieces":
+        """The pieces of ``late`` cut after the (checked) positions ``cuts``."""
+        crossings = crossings_of(late)
+        owner = [bisect.bisect_left(cuts, p) if crossings.owned[p] else -1 for p in range(len(late.nodes))]
+        count = len(cuts) + 1
+        pieces = cls(late, [set() for _ in range(count)], [set() for _ in range(count)],
+                     [set() for _ in range(count)], [set() for _ in range(count)])
+        for position in range(len(late.nodes)):
+            if owner[position] >= 0:
+                pieces.members[owner[position]].add(position)
+        for s in range(count):
+            pieces._collect(s, owner)
+            if not pieces.members[s]:
+                raise ValueError(f"segment {s} would be empty; cut at distinct operator positions")
+        return pieces
+
+    def _collect(self, s: int, owner: Sequence[int]) -> None:
+        """Walk segment ``s``'s inputs: variables, boundaries (also recorded as their producer's
+        outputs), and operators replayed here (NOTE [ executor segments ])."""
+        nodes = self.late.nodes
+        stack = list(self.members[s])
         while stack:
             position = stack.pop()
             for source, output in nodes[position].inputs:
                 producer = nodes[source]
                 if producer.kind is not NodeKind.OP:
-                    variables[s].add(producer.name)
+                    self.variables[s].add(producer.name)
                 elif owner[source] == s:
                     continue
                 elif owner[source] >= 0:
-                    inputs[s].add((source, output))
-                    outputs[owner[source]].add((source, output))
-                elif source not in members[s]:   # replayed here (NOTE [ executor segments ])
-                    members[s].add(source)
+                    self.inputs[s].add((source, output))
+                    self.outputs[owner[source]].add((source, output))
+                elif source not in self.members[s]:
+                    self.members[s].add(source)
                     stack.append(source)
-    for s in range(count):
-        if not members[s]:
-            raise ValueError(f"segment {s} would be empty; cut at distinct operator positions")
-    chosen = frozenset(mirrored)
-    if chain is None:
-        chain = build_cut_chain(graph, max_frontier=len(nodes), max_cuts=len(nodes),
-                                grad_factor=grad_factor)
-    segments = []
-    boundary_shapes: Dict[str, Tuple[int, ...]] = {}
-    boundary_bytes = 0
-    cost = node_costs(late)
-    rerun = 0.0
-    bounds = [-1] + cuts + [len(nodes) - 1]
-    for s in range(count):
-        ordered = sorted(members[s], key=lambda p: original[nodes[p].name])
-        if s == count - 1:
-            out_entries = [(nodes[p].name, o) for p, o in late.heads]
+
+    def spec(self, s: int, original: Mapping[str, int], mirrored: FrozenSet[str]) -> SegmentSpec:
+        """The :class:`SegmentSpec` of segment ``s`` (working set 0); ``original``: each node's
+        position in the caller's graph (the order of its operators and variables)."""
+        nodes = self.late.nodes
+        if s == self.count - 1:
+            out_entries = [(nodes[p].name, o) for p, o in self.late.heads]
         else:
-            out_entries = [(nodes[p].name, o) for p, o in sorted(outputs[s])]
-            for p, o in sorted(outputs[s]):
-                shape = tuple(nodes[p].output_shapes[o]) if o < len(nodes[p].output_shapes) else ()
-                boundary_shapes[entry_key((nodes[p].name, o))] = shape
-                boundary_bytes += entry_bytes(late, (p, o))
-            rerun += sum(cost.get(nodes[p].name, 0.0) for p in members[s])
-        names = [nodes[p].name for p in ordered]
+            out_entries = [(nodes[p].name, o) for p, o in sorted(self.outputs[s])]
+        names = [nodes[p].name for p in sorted(self.members[s], key=lambda p: original[nodes[p].name])]
         out_names = {n for n, _ in out_entries}
-        segments.append(SegmentSpec(
+        return SegmentSpec(
             index=s, nodes=tuple(names),
-            inputs=tuple((nodes[p].name, o) for p, o in sorted(inputs[s])),
+            inputs=tuple((nodes[p].name, o) for p, o in sorted(self.inputs[s])),
             outputs=tuple(out_entries),
-            variables=tuple(sorted(variables[s], key=lambda n: original[n])),
-            mirrored=frozenset(n for n in names if n in chosen and n not in out_names),
-            working_bytes=int(_working_bytes(chain, late, bounds[s], bounds[s + 1], grad_factor))))
-    total = iteration_cost(late)
-    estimate = HEAD_GRAD_COPIES * boundary_bytes + max(s.working_bytes for s in segments)
-    return SegmentPlan(tuple(segments), boundary_bytes, int(estimate),
-                       rerun / total if total else 0.0, boundary_shapes)
+            variables=tuple(sorted(self.variables[s], key=lambda n: original[n])),
+            mirrored=frozenset(n for n in names if n in mirrored and n not in out_names))
 
 
 def _working_bytes(chain: CutChain, late: Graph, start: int, end: int, grad_factor: float) -> float:

@@ -115,13 +115,6 @@ class LossHead:
         """The two operators the head computes."""
         return frozenset({self.fc, self.softmax})
 
-    def head_bytes(self, chunks: int, extra_input_rows: bool = False) -> int:
-        """Bytes a chunked head holds: the output and :func:`head_buffer_floats`' buffers
-        (``extra_input_rows``: the input's gradient is accumulated, 'add')."""
-        sizes = head_buffer_floats(self.rows, self.hidden, self.classes, chunks,
-                                   "add" if extra_input_rows else "write", "write", "write")
-        return 4 * (self.rows * self.classes + sum(sizes.values()))
-
 
 def head_buffer_floats(rows: int, hidden: int, classes: int, chunks: int, data_req: str,
                        weight_req: str, bias_req: str) -> Dict[str, int]:
@@ -159,13 +152,9 @@ def loss_head(graph: Graph) -> Tuple[Optional[LossHead], str]:
     if softmax.op != "SoftmaxOutput":
         return None, f"the output is {softmax.op}, not SoftmaxOutput"
     attrs = dict(softmax.attrs)
-    for name in ("multi_output", "preserve_shape", "out_grad"):
-        if _flag(attrs, name):
-            return None, f"SoftmaxOutput has {name}=True (its gradient is not row-local as chunked)"
-    if float(attrs.get("smooth_alpha", 0.0) or 0.0) != 0.0:
-        return None, "SoftmaxOutput has smooth_alpha (label smoothing is not chunked)"
-    if attrs.get("normalization", "null") not in ("null", "batch", "valid"):
-        return None, f"unknown SoftmaxOutput normalization {attrs.get('normalization')!r}"
+    refusal = _softmax_refusal(attrs)
+    if refusal:
+        return None, refusal
     if len(softmax.inputs) != 2:
         return None, "SoftmaxOutput without a label input"
     (fc_index, fc_out), (label_index, _) = softmax.inputs
@@ -202,6 +191,18 @@ def loss_head(graph: Graph) -> Tuple[Optional[LossHead], str]:
     return LossHead(fc.name, softmax.name, (graph.nodes[data_index].name, data_out), weight.name,
                     bias.name if bias is not None else None, label.name, out_shape[0], data_shape[1],
                     out_shape[1], fc_attrs, attrs), ""
+
+
+def _softmax_refusal(attrs: Mapping[str, str]) -> str:
+    """Why a SoftmaxOutput with these parameters cannot be chunked ('' when it can)."""
+    for name in ("multi_output", "preserve_shape", "out_grad"):
+        if _flag(attrs, name):
+            return f"SoftmaxOutput has {name}=True (its gradient is not row-local as chunked)"
+    if float(attrs.get("smooth_alpha", 0.0) or 0.0) != 0.0:
+        return "SoftmaxOutput has smooth_alpha (label smoothing is not chunked)"
+    if attrs.get("normalization", "null") not in ("null", "batch", "valid"):
+        return f"unknown SoftmaxOutput normalization {attrs.get('normalization')!r}"
+    return ""
 
 
 #: Chunk rows are a multiple of this: CPU GEMM kernels (MKLDNN, OpenBLAS) give a row other bits

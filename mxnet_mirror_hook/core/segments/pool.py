@@ -47,31 +47,40 @@ POOL_CHOICE_LIMIT = 4096
 POOL_CHOICE_PASSES = 3
 
 
-def least_pool_choice(options: Sequence[Mapping[Any, Tuple[float, Sequence[int]]]]
-                      ) -> Tuple[int, List[Any]]:
-    """The variant of each executor that makes the chain's shared pool least.
+# NOTE [ a match range per segment ]
+# The shared pool is the union of the executors' blocks (NOTE [ the shared
+# pool's union ]): a segment whose blocks are many and small adds blocks
+# even when its own plan is well below the largest one.  MXNet's planner
+# lets a freed block serve a tensor within a factor NNVM_EXEC_MATCH_RANGE
+# of its size (default 16; read at every bind, so it can differ per
+# executor).  Under another range a segment plans other blocks, a few MB
+# more or less on its own, but sometimes far better dovetailed with the
+# others: resnet152_v1b, batch 32, two segments planned 'min' on their own,
+# cut after layers3_bottleneckv1b1: pool 1069 MB with both at 16, 1045 MB
+# with the first at 2; cut one block later: 980 MB, 969 MB with the first
+# at 8 and the second at 2.  So under ``'min'`` each segment is measured under each of
+# MATCH_RANGES and the combination with the least pool is bound (the chain
+# sets the variable around each segment's bind).
+#
+# ``options[i]`` of :func:`least_pool_choice` maps variant keys to (MXNet's
+# planned MB, the allocator model's blocks) of executor i (segment order).  The
+# chain binds the largest planned MB first, ties by position
+# (:meth:`SegmentPlan.bind_order`), so the order follows the chosen variants.
+# Exhaustive up to POOL_CHOICE_LIMIT combinations; beyond, coordinate descent
+# from each executor's least plan, POOL_CHOICE_PASSES passes (bounded by work,
+# not time).
+Variants = Sequence[Mapping[Any, Tuple[float, Sequence[int]]]]
 
-    # NOTE [ a match range per segment ]
-    # The shared pool is the union of the executors' blocks (NOTE [ the shared
-    # pool's union ]): a segment whose blocks are many and small adds blocks
-    # even when its own plan is well below the largest one.  MXNet's planner
-    # lets a freed block serve a tensor within a factor NNVM_EXEC_MATCH_RANGE
-    # of its size (default 16; read at every bind, so it can differ per
-    # executor).  Under another range a segment plans other blocks, a few MB
-    # more or less on its own, but sometimes far better dovetailed with the
-    # others: resnet152_v1b, batch 32, two segments planned 'min' on their own,
-    # cut after layers3_bottleneckv1b1: pool 1069 MB with both at 16, 1045 MB
-    # with the first at 2; cut one block later: 980 MB, 969 MB with the first
-    # at 8 and the second at 2.  So under ``'min'`` each segment is measured under each of
-    # MATCH_RANGES and the combination with the least pool is bound (the chain
-    # sets the variable around each segment's bind).
-    #
-    # ``options[i]`` maps variant keys to (MXNet's planned MB, the allocator
-    # model's blocks) of executor i (segment order).  The chain binds the
-    # largest planned MB first, ties by position (:meth:`SegmentPlan.bind_order`),
-    # so the order follows the chosen variants.  Exhaustive up to
-    # POOL_CHOICE_LIMIT combinations; beyond, coordinate descent from each
-    # executor's least plan, POOL_CHOICE_PASSES passes (bounded by work, not time).
+
+def least_pool_choice(options: Variants) -> Tuple[int, List[Any]]:
+    """The variant of each executor that makes the chain's shared pool least
+    (NOTE [ a match range per segment ]).
+
+    Parameters
+    ----------
+    options : sequence of mapping
+        Per executor (segment order): variant key -> (MXNet's planned MB, the allocator model's
+        blocks).
 
     Returns
     -------
@@ -82,27 +91,33 @@ def least_pool_choice(options: Sequence[Mapping[Any, Tuple[float, Sequence[int]]
     if any(not o for o in options):
         raise ValueError("every executor needs at least one variant")
     keys = [sorted(o, key=repr) for o in options]
-
-    def pool(choice: Sequence[Any]) -> int:
-        chosen = [options[i][k] for i, k in enumerate(choice)]
-        order = sorted(range(len(chosen)), key=lambda i: (-chosen[i][0], i))
-        return shared_pool_bytes([chosen[i][1] for i in order])
-
     combinations = math.prod(len(k) for k in keys)
     if combinations <= POOL_CHOICE_LIMIT:
-        best = min(itertools.product(*keys), key=lambda c: (pool(c), c.__repr__()))
-        return pool(best), list(best)
+        best = min(itertools.product(*keys), key=lambda c: (_pool_of(options, c), c.__repr__()))
+        return _pool_of(options, best), list(best)
+    return _coordinate_descent(options, keys)
+
+
+def _pool_of(options: Variants, choice: Sequence[Any]) -> int:
+    """Bytes of the shared pool when executor i is bound under ``choice[i]``, in bind order."""
+    chosen = [options[i][k] for i, k in enumerate(choice)]
+    order = sorted(range(len(chosen)), key=lambda i: (-chosen[i][0], i))
+    return shared_pool_bytes([chosen[i][1] for i in order])
+
+
+def _coordinate_descent(options: Variants, keys: Sequence[Sequence[Any]]) -> Tuple[int, List[Any]]:
+    """From each executor's least plan, change one executor's variant at a time while the pool
+    shrinks, POOL_CHOICE_PASSES passes at most."""
     choice = [min(k, key=lambda key, o=o: (sum(o[key][1]), repr(key))) for k, o in zip(keys, options)]
-    current = pool(choice)
+    current = _pool_of(options, choice)
     for _ in range(POOL_CHOICE_PASSES):
         improved = False
         for i, candidates in enumerate(keys):
             for key in candidates:
                 trial = choice[:i] + [key] + choice[i + 1:]
-                value = pool(trial)
+                value = _pool_of(options, trial)
                 if value < current:
                     choice, current, improved = trial, value, True
         if not improved:
             break
     return current, choice
-
