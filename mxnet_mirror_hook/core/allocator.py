@@ -41,6 +41,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
+from .graph import repeat_keys
 from .units import MB_SHIFT
 
 try:  # NOTE [ the compiled replay ]
@@ -170,9 +171,10 @@ class AllocatorModel:
         self.graph = graph
         nodes = graph.nodes
         forward = graph.num_forward
-        self.forward_index: Dict[str, int] = {}
-        for index in range(forward):
-            self.forward_index.setdefault(nodes[index].name, index)
+        # Forward operators by key: the name, or name#k for the k-th repeat of a name, as the
+        # Graph keys them (NOTE [ nodes are identified by key, not by name ] in graph.py).
+        self.forward_keys: List[str] = repeat_keys([nodes[index].name for index in range(forward)])
+        self.forward_index: Dict[str, int] = {key: index for index, key in enumerate(self.forward_keys)}
         self._inputs = [n.inputs for n in nodes]
         self._sizes = [n.output_bytes for n in nodes]
         self._ops = [n.op for n in nodes]
@@ -216,7 +218,7 @@ class AllocatorModel:
         self._roots = [v for v, _ in graph.outputs]
         self._gradient_roots = [v for v, _ in graph.outputs[graph.num_heads:]]
         self._never = {i for i in range(forward) if nodes[i].op in NEVER_MIRRORED}
-        # Names MXNet may recompute, with their forward ids (what _mirror_ids keeps).
+        # Keys MXNet may recompute, with their forward ids (what _mirror_ids keeps).
         self._copy_index = {name: i for name, i in self.forward_index.items() if i not in self._never}
         self._compiled = self._prepare_compiled() if _replay is not None else None
 
@@ -621,7 +623,7 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
         node = graph.nodes[model.forward_index[name]]
         for source, _ in node.inputs:
             if 0 <= source < graph.num_forward:
-                parent = graph.nodes[source].name
+                parent = model.forward_keys[source]
                 if parent in position:
                     producers[name].append(parent)
                     consumers[parent].append(name)

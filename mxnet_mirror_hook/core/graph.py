@@ -4,16 +4,69 @@ A :class:`Graph` is a topologically ordered list of :class:`Node` objects, built
 either by hand (tests) or from an MXNet symbol by :mod:`mxnet_mirror_hook.mx.convert`.
 What a variable is (data, label, parameter or auxiliary state) is stated by the
 builder from the symbol's argument and auxiliary lists, never guessed from names.
+
+# NOTE [ nodes are identified by key, not by name ]
+# MXNet allows two operators with the same name (gluoncv's video networks and
+# xception traced from Gluon have them), so a name cannot say which node a
+# mirroring decision is about.  Every node of a Graph has a *key*, unique in the
+# graph and derived from its position: the symbol's name where that name is
+# unique, else ``name#k`` for the k-th repeat in topological order (the first
+# keeps the name; a ``#k`` another node already has as its name is skipped):
+# :func:`repeat_keys`.  ``Node.name`` holds the key, ``Node.symbol_name`` the
+# symbol's name.  Everything that records a decision (planners' ``mirrored``
+# sets, ``MirrorPlan.mirrored``, cache entries) holds keys; the adapter maps
+# keys to positions in MXNet's JSON with the same rule over the JSON's node
+# names (``mx.convert.json_node_keys``), which lists nodes in the Graph's order,
+# and the allocator model maps them to its forward operators the same way over
+# their names (both orders are nnvm's depth-first walk from the outputs).  The
+# user's symbol is never renamed: ``save_checkpoint`` writes the user's names.
+# A graph without repeated names has keys equal to its names, so nothing changes
+# for it (plans, cache entries).
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["NodeKind", "Node", "Graph", "NEVER_MIRRORED_OPS", "KEEP_ATTR", "draws_random",
-           "replays_random"]
+           "replays_random", "repeat_keys"]
+
+
+def repeat_keys(names: Sequence[str]) -> List[str]:
+    """Unique keys for nodes named ``names`` in topological order (NOTE [ nodes are identified
+    by key, not by name ]).
+
+    A name's first node keeps it; its k-th repeat gets ``name#k`` (k = 1, 2, ...), skipping a
+    key that is another node's name or was given already.
+
+    Examples
+    --------
+    >>> repeat_keys(["data", "relu", "fc", "relu", "relu"])
+    ['data', 'relu', 'fc', 'relu#1', 'relu#2']
+    """
+    taken = set(names)
+    if len(taken) == len(names):
+        return list(names)
+    keys: List[str] = []
+    given: set = set()
+    repeats: Dict[str, int] = {}
+    for name in names:
+        if name not in given:
+            key = name
+        else:
+            k = repeats.get(name, 0)
+            while True:
+                k += 1
+                key = f"{name}#{k}"
+                if key not in taken and key not in given:
+                    break
+            repeats[name] = k
+        given.add(key)
+        keys.append(key)
+    return keys
 
 #: Operators never recomputed.  MXNet itself never recomputes Dropout (a new
 #: mask would change the gradients; ``need_mirror`` in
@@ -90,7 +143,9 @@ class Node:
     Parameters
     ----------
     name : str
-        Node name, unique in the graph (MXNet's attribute keys are by name).
+        The node's key, unique in the graph: its name in the symbol, or ``name#k`` for the
+        k-th repeat of a name (NOTE [ nodes are identified by key, not by name ]; a
+        :class:`Graph` gives repeated names their keys).
     op : str
         Operator name (``"Convolution"``), or ``"null"`` for a variable.
     kind : NodeKind
@@ -106,6 +161,8 @@ class Node:
     pinned : bool
         Never recompute this node (set for operators that are unsafe to run
         twice on the target device, such as cuDNN BatchNorm).
+    symbol_name : str
+        The node's name in the symbol (not unique); ``name`` when not given.
     """
 
     name: str
@@ -116,6 +173,11 @@ class Node:
     itemsize: int = 4
     attrs: Dict[str, str] = field(default_factory=dict)
     pinned: bool = False
+    symbol_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.symbol_name:
+            self.symbol_name = self.name
 
     @property
     def is_variable(self) -> bool:
@@ -163,22 +225,22 @@ class Graph:
     heads : sequence of (int, int)
         The graph outputs as ``(node index, output index)``.
 
+    Nodes that repeat a name get a copy keyed ``name#k`` (NOTE [ nodes are identified by key,
+    not by name ]); ``Node.symbol_name`` keeps the name.
+
     Raises
     ------
     ValueError
-        If the order is not topological, an index is out of range, or two
-        nodes share a name.
+        If the order is not topological or an index is out of range.
     """
 
     def __init__(self, nodes: Sequence[Node], heads: Sequence[Tuple[int, int]]) -> None:
-        self.nodes: List[Node] = list(nodes)
+        keys = repeat_keys([node.name for node in nodes])
+        self.nodes: List[Node] = [node if node.name == key else dataclasses.replace(node, name=key)
+                                  for node, key in zip(nodes, keys)]
         self.heads: List[Tuple[int, int]] = [tuple(h) for h in heads]  # type: ignore[misc]
         self._index: Dict[str, int] = {}
         for position, node in enumerate(self.nodes):
-            if node.name in self._index:
-                raise ValueError(
-                    f"two nodes are named {node.name!r}; give every operator a unique name "
-                    "(mirroring decisions are attached by name)")
             self._index[node.name] = position
             for source, _ in node.inputs:
                 if not 0 <= source < position:
@@ -198,13 +260,13 @@ class Graph:
     def __iter__(self):
         return iter(self.nodes)
 
-    def index(self, name: str) -> int:
-        """Position of the node called ``name``."""
-        return self._index[name]
+    def index(self, key: str) -> int:
+        """Position of the node whose key (:attr:`Node.name`) is ``key``."""
+        return self._index[key]
 
-    def node(self, name: str) -> Node:
-        """The node called ``name``."""
-        return self.nodes[self._index[name]]
+    def node(self, key: str) -> Node:
+        """The node whose key (:attr:`Node.name`) is ``key``."""
+        return self.nodes[self._index[key]]
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
@@ -216,7 +278,7 @@ class Graph:
 
     @property
     def mirrorable_names(self) -> List[str]:
-        """Names of the nodes MXNet can recompute, in topological order."""
+        """Keys (:attr:`Node.name`) of the nodes MXNet can recompute, in topological order."""
         return [n.name for n in self.nodes if n.can_mirror]
 
     def consumers(self) -> List[List[int]]:
@@ -347,7 +409,7 @@ class Graph:
             node = self.nodes[old]
             nodes.append(Node(node.name, node.op, node.kind,
                               [(new_index[s], o) for s, o in node.inputs], list(node.output_shapes),
-                              node.itemsize, dict(node.attrs), node.pinned))
+                              node.itemsize, dict(node.attrs), node.pinned, node.symbol_name))
         return Graph(nodes, [(new_index[s], o) for s, o in self.heads])
 
     def planned_bytes_of(self, names: Iterable[str]) -> int:

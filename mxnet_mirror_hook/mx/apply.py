@@ -6,7 +6,7 @@ from typing import AbstractSet, Any, Dict, Optional
 
 import mxnet as mx
 
-from .convert import MIRROR_ATTR
+from .convert import MIRROR_ATTR, json_node_keys
 
 __all__ = ["MirrorTemplate"]
 
@@ -42,7 +42,11 @@ class MirrorTemplate:
     def __init__(self, symbol: "mx.sym.Symbol", document: Optional[Dict[str, Any]] = None) -> None:
         self.symbol = symbol
         self._document = document if document is not None else json.loads(symbol.tojson())
-        self._names = {node["name"] for node in self._document["nodes"] if node["op"] != "null"}
+        # Decisions name nodes by key; a key is a position in the JSON (NOTE [ nodes are
+        # identified by key, not by name ] in core/graph.py).  The names stay the user's.
+        self._keys = json_node_keys(self._document["nodes"])
+        self._names = {key for key, node in zip(self._keys, self._document["nodes"])
+                       if node["op"] != "null"}
         self._has_marks = any(MIRROR_ATTR in (node.get("attrs") or {})
                               for node in self._document["nodes"])
         self._arguments = symbol.list_arguments()
@@ -58,13 +62,13 @@ class MirrorTemplate:
         """The JSON text of :meth:`build`'s symbol, without parsing it into MXNet."""
         self._check(mirrored)
         nodes = []
-        for node in self._document["nodes"]:
+        for key, node in zip(self._keys, self._document["nodes"]):
             if node["op"] == "null":
                 nodes.append(node)
                 continue
             attrs = dict(node.get("attrs") or {})
             attrs.pop(MIRROR_ATTR, None)
-            if node["name"] in mirrored:
+            if key in mirrored:
                 attrs[MIRROR_ATTR] = "True"
                 if node["op"] == "BatchNorm":
                     attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm recomputed ]
@@ -79,7 +83,8 @@ class MirrorTemplate:
         return json.dumps(document)
 
     def build(self, mirrored: AbstractSet[str]) -> "mx.sym.Symbol":
-        """A copy of the symbol whose operators in ``mirrored`` carry ``force_mirroring``.
+        """A copy of the symbol whose operators in ``mirrored`` (keys, as the Graph's node names)
+        carry ``force_mirroring``.
 
         Operators not in ``mirrored`` lose any ``force_mirroring`` they had, so
         the result is exactly the decision.  The empty decision on a symbol

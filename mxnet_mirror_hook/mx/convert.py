@@ -12,11 +12,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from ..core.graph import Graph, Node, NodeKind
+from ..core.graph import Graph, Node, NodeKind, repeat_keys
 from ..errors import ShapeError
 from .bind import mxnet_error_line
 
-__all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR"]
+__all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR",
+           "json_node_keys"]
 
 #: The attribute MXNet's gradient pass reads (``_set_attr(force_mirroring=...)`` writes it).
 MIRROR_ATTR = "__force_mirroring__"
@@ -201,6 +202,30 @@ def _outputs_per_node_slow(json_nodes: List[Dict[str, Any]], internals: "mx.sym.
     return per_node
 
 
+def json_node_keys(json_nodes: Sequence[Dict[str, Any]]) -> List[str]:
+    """The key of every node of a symbol's JSON, by position: the keys the :class:`Graph` built
+    from it gives its nodes (NOTE [ nodes are identified by key, not by name ] in core/graph.py)."""
+    return repeat_keys([node["name"] for node in json_nodes])
+
+
+def _uniquely_named(symbol: "mx.sym.Symbol", document: Dict[str, Any], keys: Sequence[str],
+                    ) -> Tuple["mx.sym.Symbol", List[Dict[str, Any]]]:
+    """``symbol`` and its JSON nodes with every operator renamed to its key, when some names
+    repeat (else both as they are).
+
+    Internal outputs are named after their operator (``<name>_output``), so with repeated
+    names they could not be told apart by name; the renamed copy is only read (outputs,
+    shapes, dtypes), never bound or returned.  Variables keep their names (the inputs' shapes
+    are given by name).
+    """
+    nodes = document["nodes"]
+    if all(node["name"] == key for node, key in zip(nodes, keys)):
+        return symbol, nodes
+    renamed = [node if node["op"] == "null" or node["name"] == key else dict(node, name=key)
+               for node, key in zip(nodes, keys)]
+    return mx.sym.load_json(json.dumps(dict(document, nodes=renamed))), renamed
+
+
 def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
                     input_names: Optional[Iterable[str]] = None,
                     document: Optional[Dict[str, Any]] = None,
@@ -224,6 +249,7 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
     Returns
     -------
     Graph
+        Nodes in the JSON's order; a repeated name gets a key (``name#k``).
 
     Raises
     ------
@@ -231,16 +257,17 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
         When shapes are missing, of the wrong rank, or contradict the symbol.
     """
     check_inputs(symbol, inputs)
-    internals = symbol.get_internals()
-    output_names = internals.list_outputs()
-    _, out_shapes, _, out_types = _infer(symbol, inputs)
     if document is None:
         document = json.loads(symbol.tojson())
     json_nodes = document["nodes"]
+    readable, readable_nodes = _uniquely_named(symbol, document, json_node_keys(json_nodes))
+    internals = readable.get_internals()
+    output_names = internals.list_outputs()
+    _, out_shapes, _, out_types = _infer(readable, inputs)
 
-    per_node = _outputs_per_node(json_nodes, output_names)
+    per_node = _outputs_per_node(readable_nodes, output_names)
     if per_node is None:  # unusual output names: ask MXNet node by node (slower)
-        per_node = _outputs_per_node_slow(json_nodes, internals, len(output_names))
+        per_node = _outputs_per_node_slow(readable_nodes, internals, len(output_names))
 
     keep = frozenset(keep_ops)
     given = {spec.name for spec in inputs}
@@ -265,9 +292,9 @@ def symbol_to_graph(symbol: "mx.sym.Symbol", inputs: Sequence[InputSpec],
                           pinned=op in keep))
     graph = Graph(nodes, [(int(h[0]), int(h[1])) for h in document["heads"]])
     extra = set(input_names) if input_names is not None else {
-        graph.nodes[i].name for i in graph.label_input_indices()}
+        graph.nodes[i].symbol_name for i in graph.label_input_indices()}
     for node in graph.nodes:
-        if node.kind is NodeKind.PARAM and node.name in extra:
+        if node.kind is NodeKind.PARAM and node.symbol_name in extra:
             node.kind = NodeKind.INPUT
     return graph
 

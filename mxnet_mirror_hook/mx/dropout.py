@@ -106,7 +106,6 @@ def recomputable_dropout(symbol: "mx.sym.Symbol") -> "mx.sym.Symbol":
     nodes: List[Dict[str, Any]] = document["nodes"]
     mask_readers = {entry[0] for node in nodes for entry in node["inputs"] if entry[1] == 1}
     mask_readers |= {entry[0] for entry in document["heads"] if entry[1] == 1}
-    names = {node["name"] for node in nodes}
 
     def rewritable(index: int, node: Dict[str, Any]) -> bool:
         if node["op"] != "Dropout" or SOURCE_ATTR in (node.get("attrs") or {}):
@@ -125,10 +124,8 @@ def recomputable_dropout(symbol: "mx.sym.Symbol") -> "mx.sym.Symbol":
 
     def add(op: str, name: str, inputs: List[Entry], attrs: Dict[str, str] = None,
             keep: bool = False) -> Entry:
-        if name in names:
-            raise ValueError(f"cannot rewrite Dropout: the symbol already has a node named {name!r}; "
-                             f"rename it or leave recompute_dropout off")
-        names.add(name)
+        # A name the symbol has already (two Dropouts of one name) is allowed: nodes are
+        # told apart by position (NOTE [ nodes are identified by key, not by name ]).
         node: Dict[str, Any] = {"op": op, "name": name, "inputs": inputs}
         if keep:
             attrs = {**(attrs or {}), SOURCE_ATTR: "True"}
@@ -144,8 +141,7 @@ def recomputable_dropout(symbol: "mx.sym.Symbol") -> "mx.sym.Symbol":
             out.append({**node, "inputs": inputs})
             remap[index] = len(out) - 1
             continue
-        name, attrs = node["name"], dict(node.get("attrs") or {})
-        names.discard(name)  # the final node takes the Dropout's name
+        name, attrs = node["name"], dict(node.get("attrs") or {})  # the final node keeps the name
         x = inputs[0]
         source = x
         for k, axis in enumerate(_axes(attrs.get("axes", ""))):

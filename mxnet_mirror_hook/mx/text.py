@@ -9,7 +9,7 @@ joins ``debug_str()`` and the memory-plan log into an
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .. import env
 from ..core.allocator import DEFAULT_MATCH_RANGE, ExecutedGraph, ExecutedNode
@@ -97,13 +97,16 @@ def _parse_log(text: str) -> List[Tuple[str, List[int], List[Tuple[int, int]]]]:
     return steps
 
 
-def _resolve_control_deps(names: List[str], earlier: Mapping[str, List[int]]) -> Tuple[int, ...]:
+def _resolve_control_deps(names: List[str], earlier: Mapping[str, List[int]],
+                          choose: Optional[Callable[[Sequence[int]], int]] = None) -> Tuple[int, ...]:
     """Node indices of a node's control dependencies, given by (not unique) names.
 
     A dependency runs before its dependant, so it is among the nodes of that
     name listed so far; a name given k times is the last k of them (MXNet's
     gradient sums of shared weights: ``sum_grad_1`` for the weight and the
     bias), or the last one when fewer are listed (one node named twice).
+    ``choose``, when given, picks among several forward operators of one name
+    (repeated operator names, NOTE [ a backward node's forward operator ]).
 
     Raises
     ------
@@ -122,8 +125,45 @@ def _resolve_control_deps(names: List[str], earlier: Mapping[str, List[int]]) ->
         position = max(len(found) - wanted[name], 0) + taken.get(name, 0)
         position = min(position, len(found) - 1)
         taken[name] = taken.get(name, 0) + 1
-        resolved.append(found[position])
+        if choose is not None and wanted[name] == 1 and len(found) > 1:
+            resolved.append(choose(found))
+        else:
+            resolved.append(found[position])
     return tuple(resolved)
+
+
+# NOTE [ a backward node's forward operator ]
+# ``debug_str()`` names a backward node's control dependency (its forward
+# operator) by name only, and MXNet allows two operators with the same name.
+# Among the forward operators of that name, the one meant is the one whose
+# entries the backward node reads: its outputs (an activation's backward reads
+# the activation's output) or its inputs (a convolution's backward reads the
+# convolution's data).  The memory log gives every input as an entry id, so
+# this overlap is exact; ties (the first layer reads only variables) go to the
+# latest operator of that name no backward node has claimed yet, since the
+# gradient pass runs backward nodes in reverse forward order.
+
+
+def _forward_chooser(nodes: Sequence[ExecutedNode], forward: int,
+                     ) -> Callable[[int, Sequence[Tuple[int, int]]], Callable[[Sequence[int]], int]]:
+    """``chooser(index, inputs)``: picks a backward node's forward operator among same-named
+    candidates (NOTE [ a backward node's forward operator ]); backward candidates keep the
+    positional rule."""
+    claimed: Set[int] = set()
+
+    def chooser(index: int, inputs: Sequence[Tuple[int, int]]) -> Callable[[Sequence[int]], int]:
+        reads = {entry for entry in inputs if entry[0] >= 0}
+
+        def choose(found: Sequence[int]) -> int:
+            if index < forward or any(c >= forward for c in found):
+                return found[-1]
+            best = max(found, key=lambda c: (
+                sum(1 for entry in reads if entry[0] == c or entry in nodes[c].inputs),
+                c not in claimed, c))
+            claimed.add(best)
+            return best
+        return choose
+    return chooser
 
 
 def parse_executed_graph(debug_text: str, log_text: str, num_heads: int,
@@ -157,34 +197,62 @@ def parse_executed_graph(debug_text: str, log_text: str, num_heads: int,
     consumed = set()
     nodes: List[ExecutedNode] = []
     earlier: Dict[str, List[int]] = {}  # node indices by name, so far
+    chooser = _forward_chooser(nodes, forward)
     for index, ((op, name, dep_names), (log_op, ins, outs)) in enumerate(zip(operators, steps)):
         if op != log_op:
             raise MeasurementError(f"MXNet's memory log and debug_str() disagree ({op} vs {log_op})")
         inputs = tuple(producer.get(entry, (-1, 0)) for entry in ins)
         consumed.update(i for i in inputs if i[0] >= 0)
         nodes.append(ExecutedNode(op, name, inputs, tuple(size for _, size in outs),
-                                  _resolve_control_deps(dep_names, earlier)))
+                                  _resolve_control_deps(dep_names, earlier, chooser(index, inputs))))
         earlier.setdefault(name, []).append(index)
     by_name: Dict[str, List[int]] = {}
     for index, node in enumerate(nodes):
         by_name.setdefault(node.name, []).append(index)
-    # Several gradient sums may share a name.  An output no operator reads is
-    # reached only from its own place in the output list, and nnvm's walk
-    # visits the outputs in order: the k-th output of a name is the k-th
-    # unread node of that name.
-    seen_names: Dict[str, int] = {}
+    return ExecutedGraph(nodes, forward, _resolve_outputs(outputs, nodes, forward, consumed),
+                         num_heads, match_range)
+
+
+def _resolve_outputs(outputs: Sequence[Tuple[str, int]], nodes: Sequence[ExecutedNode], forward: int,
+                     consumed: Set[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
+    """The graph outputs ``(name, output)`` as ``(node index, output)``.
+
+    Several gradient sums may share a name.  An output no operator reads is
+    reached only from its own place in the output list, and nnvm's walk
+    visits the outputs in order: the k-th output of a name is the k-th
+    unread node of that name.  Backward nodes of forward operators that share
+    a name (MXNet allows repeated names) share it too; their gradients are
+    listed in the order of the arguments, which is the forward order, so they
+    are taken in the order of their forward operators (NOTE [ a backward
+    node's forward operator ]).
+
+    Raises
+    ------
+    MeasurementError
+        If an output's node cannot be told.
+    """
+    by_name: Dict[str, List[int]] = {}
+    for index, node in enumerate(nodes):
+        by_name.setdefault(node.name, []).append(index)
+
+    def owner(index: int) -> int:
+        return min((d for d in nodes[index].control_deps if d < forward), default=-1)
+
+    seen: Dict[Tuple[str, int], int] = {}
     resolved: List[Tuple[int, int]] = []
     for name, position in outputs:
         found = by_name.get(name, [])
         if len(found) > 1:
             unread = [i for i in found if (i, position) not in consumed]
-            occurrence = seen_names.get(name, 0)
-            seen_names[name] = occurrence + 1
+            if all(owner(i) >= 0 for i in unread):
+                unread.sort(key=owner)
+            occurrence = seen.get((name, position), 0)
+            seen[(name, position)] = occurrence + 1
             found = [unread[occurrence]] if occurrence < len(unread) else []
         if len(found) != 1:
             raise MeasurementError(f"cannot tell which node is the graph output {name}({position})")
         resolved.append((found[0], position))
-    return ExecutedGraph(nodes, forward, tuple(resolved), num_heads, match_range)
+    return tuple(resolved)
 
 
 def capture_match_range() -> int:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind
+from mxnet_mirror_hook.core.graph import Graph, Node, NodeKind, repeat_keys
 from tests.graphs import GraphBuilder, chain, residual
 
 
@@ -63,9 +63,7 @@ def test_labels_are_found_by_structure_not_by_name():
     assert [graph.nodes[i].name for i in graph.label_input_indices()] == ["whatever_target"]
 
 
-def test_graph_rejects_duplicate_names_and_bad_order():
-    with pytest.raises(ValueError, match="unique name"):
-        Graph([Node("a", "null", NodeKind.INPUT), Node("a", "relu", NodeKind.OP, [(0, 0)])], [(1, 0)])
+def test_graph_rejects_a_bad_order():
     with pytest.raises(ValueError, match="topological"):
         Graph([Node("a", "relu", NodeKind.OP, [(1, 0)]), Node("b", "null", NodeKind.INPUT)], [(0, 0)])
 
@@ -97,3 +95,32 @@ def test_planning_core_does_not_import_mxnet():
     result = subprocess.run([sys.executable, "-c", loader + code], capture_output=True, text=True,
                             cwd=__file__.rsplit("/tests/", 1)[0])
     assert result.returncode == 0, result.stderr
+
+
+def test_repeated_names_get_keys_by_position_and_keep_the_symbols_name():
+    b = GraphBuilder()
+    x = b.op("relu", "Activation", [b.input("data")])
+    y = b.op("fc", "FullyConnected", [x], with_weight=True)
+    z = b.op("relu", "Activation", [y])
+    w = b.op("relu", "Activation", [z])
+    b.op("loss", "MakeLoss", [w])
+    graph = b.build()
+    ops = [n for n in graph.op_nodes if n.op == "Activation"]
+    assert [n.name for n in ops] == ["relu", "relu#1", "relu#2"]
+    assert [n.symbol_name for n in ops] == ["relu", "relu", "relu"]
+    assert [graph.index(n.name) for n in ops] == sorted(graph.index(n.name) for n in ops)
+    assert graph.node("relu#1").inputs == [(graph.index("fc"), 0)]
+    assert graph.mirrorable_names.count("relu#2") == 1
+    # Reordering keeps every node's key (the keys are not recomputed from the new order).
+    late = graph.as_late_as_possible()
+    assert {n.name: n.symbol_name for n in late.nodes} == {n.name: n.symbol_name for n in graph.nodes}
+
+
+def test_a_key_another_node_already_has_as_its_name_is_skipped():
+    assert repeat_keys(["a", "a#1", "a", "a"]) == ["a", "a#1", "a#2", "a#3"]
+    assert repeat_keys(["x", "y"]) == ["x", "y"]
+    nodes = [Node("a", "null", NodeKind.INPUT), Node("a", "relu", NodeKind.OP, [(0, 0)]),
+             Node("a#1", "relu", NodeKind.OP, [(1, 0)])]
+    graph = Graph(nodes, [(2, 0)])
+    assert [n.name for n in graph.nodes] == ["a", "a#2", "a#1"]
+    assert nodes[1].name == "a"  # the caller's nodes are not modified
