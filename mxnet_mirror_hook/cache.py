@@ -57,8 +57,8 @@ try:
 except ImportError:  # pragma: no cover  (Windows: no cross-process planning lock)
     fcntl = None
 
-__all__ = ["PlanKey", "PlanCache", "grad_req_digest", "default_cache_dir", "get_cache", "CACHE_FORMAT",
-           "lock_timeout"]
+__all__ = ["PlanKey", "PlanCache", "MirrorEntry", "BackendEntry", "grad_req_digest", "default_cache_dir",
+           "get_cache", "CACHE_FORMAT", "lock_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,107 @@ class PlanKey:
             cached = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
             object.__setattr__(self, "_digest", cached)
         return cached
+
+
+def _figure(plan: Dict[str, Any], name: str) -> float:
+    value = plan.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"plan cache entry: {name} is not a number")
+    return float(value)
+
+
+def _names(plan: Dict[str, Any]) -> Tuple[str, ...]:
+    mirrored = plan.get("mirrored")
+    if not isinstance(mirrored, list) or not all(isinstance(n, str) for n in mirrored):
+        raise ValueError("plan cache entry: mirrored is not a list of node names")
+    return tuple(mirrored)
+
+
+@dataclass(frozen=True)
+class MirrorEntry:
+    """The entry of a one-level plan (a key of backend ``'mirror'``).
+
+    Attributes
+    ----------
+    mirrored : tuple of str
+        Recomputed nodes, in topological order.
+    baseline_mb, planned_mb : float
+        MXNet's planned memory without and with the decision.
+    overhead : float
+        Estimated extra compute (fraction of one plain iteration).
+    label : str
+        The chosen candidate's label (``'unmirrored'`` when decided without candidates).
+    """
+
+    mirrored: Tuple[str, ...]
+    baseline_mb: float
+    planned_mb: float
+    overhead: float
+    label: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON form stored by :meth:`PlanCache.put`."""
+        return {"mirrored": list(self.mirrored), "baseline_mb": self.baseline_mb,
+                "planned_mb": self.planned_mb, "overhead": self.overhead, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, plan: Dict[str, Any]) -> "MirrorEntry":
+        """Read a stored entry; ``ValueError`` when it is not one."""
+        return cls(mirrored=_names(plan), baseline_mb=_figure(plan, "baseline_mb"),
+                   planned_mb=_figure(plan, "planned_mb"), overhead=_figure(plan, "overhead"),
+                   label=str(plan.get("label", "")))
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """The entry of a segments request (a key of backend ``'auto'``, ``'segments'``, ``'segments:K'``).
+
+    Attributes
+    ----------
+    backend : str
+        ``'mirror'`` (the one-level plan, under its own key, is used) or ``'segments'``.
+    mirrored : tuple of str
+        Recomputed nodes (of the one-level plan, or inside the segments, sorted).
+    baseline_mb, planned_mb, overhead : float
+        As for :class:`MirrorEntry`.
+    segments : dict or None
+        The segment plan (``SegmentPlan.to_dict``) for ``'segments'``.
+    fallback : str or None
+        Why the segment path failed when ``'auto'`` fell back to the one-level plan.
+    """
+
+    backend: str
+    mirrored: Tuple[str, ...]
+    baseline_mb: float
+    planned_mb: float
+    overhead: float
+    segments: Optional[Dict[str, Any]] = None
+    fallback: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON form stored by :meth:`PlanCache.put`."""
+        plan: Dict[str, Any] = {"mirrored": list(self.mirrored), "baseline_mb": self.baseline_mb,
+                                "planned_mb": self.planned_mb, "overhead": self.overhead,
+                                "backend": self.backend}
+        if self.segments is not None:
+            plan["segments"] = self.segments
+        if self.fallback is not None:
+            plan["fallback"] = self.fallback
+        return plan
+
+    @classmethod
+    def from_dict(cls, plan: Dict[str, Any]) -> "BackendEntry":
+        """Read a stored entry; ``ValueError`` when it is not one."""
+        backend, segments, fallback = plan.get("backend"), plan.get("segments"), plan.get("fallback")
+        if backend not in ("mirror", "segments"):
+            raise ValueError(f"plan cache entry: unknown backend {backend!r}")
+        if (backend == "segments") != isinstance(segments, dict):
+            raise ValueError("plan cache entry: a segments entry needs its segment plan")
+        if fallback is not None and not isinstance(fallback, str):
+            raise ValueError("plan cache entry: fallback is not a string")
+        return cls(backend=backend, mirrored=_names(plan), baseline_mb=_figure(plan, "baseline_mb"),
+                   planned_mb=_figure(plan, "planned_mb"), overhead=_figure(plan, "overhead"),
+                   segments=segments, fallback=fallback)
 
 
 def grad_req_digest(requests: Dict[str, str]) -> str:
@@ -398,12 +499,12 @@ def _remove_if_same(path: str, descriptor: int) -> None:
 def _valid_plan(plan: Any) -> bool:
     if not isinstance(plan, dict):
         return False
-    mirrored = plan.get("mirrored")
-    if not isinstance(mirrored, list) or not all(isinstance(n, str) for n in mirrored):
+    try:
+        _names(plan)
+        for name in ("baseline_mb", "planned_mb", "overhead"):
+            _figure(plan, name)
+    except ValueError:
         return False
-    for field in ("baseline_mb", "planned_mb", "overhead"):
-        if not isinstance(plan.get(field), (int, float)) or isinstance(plan.get(field), bool):
-            return False
     return True
 
 

@@ -171,13 +171,13 @@ def _mnist_mlp():
 
 
 def test_a_network_with_nothing_to_gain_is_decided_without_measuring_candidates(monkeypatch):
-    from mxnet_mirror_hook import plan as plan_module
+    from mxnet_mirror_hook.planning import measure
 
     def no_workers(*args, **kwargs):
         raise AssertionError("candidates were bound")
 
-    monkeypatch.setattr(plan_module, "planned_mb_many", no_workers)
-    monkeypatch.setattr(plan_module, "executed_graph", no_workers)
+    monkeypatch.setattr(measure, "planned_mb_many", no_workers)
+    monkeypatch.setattr(measure, "executed_graph", no_workers)
     plan = plan_mirror(_mnist_mlp(), [("data", (100, 1, 28, 28))], cache_dir=False)
     assert plan.mirrored == () and plan.planned_mb == plan.baseline_mb
     assert [c["label"] for c in plan.candidates] == [

@@ -41,12 +41,12 @@ def test_cache_hit_in_a_new_process_needs_no_bind(isolated_cache):
         import json, time
         from mxnet_mirror_hook import plan_mirror
         from mxnet_mirror_hook.testing.models import small_resnet
-        import mxnet_mirror_hook.mx.measure as measure
+        import mxnet_mirror_hook.planning.measure as measure
+        import mxnet_mirror_hook.planning.one_level as one_level
         def refuse(*args, **kwargs):
             raise AssertionError("a cached plan must not bind")
-        measure.planned_mb = refuse
-        import mxnet_mirror_hook.plan as plan_module
-        plan_module.planned_mb = refuse
+        measure.planned_mb_many = measure.executed_graph = refuse
+        one_level.planned_mb_in_process = refuse
         plan = plan_mirror(small_resnet(4, 16), {DATA!r})
         print(json.dumps([plan.from_cache, list(plan.mirrored), plan.planning_seconds]))
     """)

@@ -25,7 +25,7 @@ def _files(directory):
 
 
 def test_interrupt_during_planning_leaves_no_entry(isolated_cache, monkeypatch):
-    import mxnet_mirror_hook.plan as plan_module
+    import mxnet_mirror_hook.planning.measure as plan_module  # the planners' bind callback
 
     # The second bind of the plan is interrupted: the first is the capture of the
     # executed graph (allocator model) or, without it, the unmirrored measurement.

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 
-import mxnet_mirror_hook.plan as plan_module
+import mxnet_mirror_hook.planning.one_level as plan_module
 from mxnet_mirror_hook import plan_mirror
 from mxnet_mirror_hook.core.planners import Decision, register_planner
 from mxnet_mirror_hook.core.planners.base import Planner

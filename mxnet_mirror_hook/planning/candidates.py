@@ -1,0 +1,174 @@
+"""Segment plan candidates: the splits, the chunked loss head, two levels, and their measurement."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+from ..core.cost import recompute_overhead
+from ..core.graph import Graph
+from ..core.segments import (MAX_SEGMENTS, SegmentPlan, alternative_cuts, best_segment_plan,
+                             cut_positions, head_chunk_count, loss_head, plan_segments,
+                             plan_segments_with_head, segment_plan_for_cuts)
+from ..mx.segments import boundary_name, segment_planned_mb, source_name, split_symbol, tune_match_ranges
+from ..options import MirrorOptions
+from .one_level import plan_one_level
+from .result import PLAN_LOGGER
+from .setup import PlanRequest, PlanningSetup
+
+__all__ = ["Measured", "splits_to_try", "head_splits", "per_segment_two_level", "measure_segments",
+           "tune_shared_pool", "MAX_PER_SEGMENT_PLANS", "NEIGHBOUR_CUTS"]
+
+logger = logging.getLogger(PLAN_LOGGER)
+
+#: Splits of at most this many segments also get a mirror plan made per segment under 'min'.
+MAX_PER_SEGMENT_PLANS = 4
+
+#: Neighbouring cut lists measured around the best per-segment plan of each segment count
+#: under 'min' (:func:`alternative_cuts`).
+NEIGHBOUR_CUTS = 8
+
+
+class Measured(NamedTuple):
+    """A candidate segment plan with MXNet's static figure and the estimated overhead."""
+
+    mb: float
+    overhead: float
+    plan: SegmentPlan
+
+
+def splits_to_try(graph: Graph, segments: Optional[int], chain: Any) -> List[SegmentPlan]:
+    """The splits measured: ``segments`` pieces when asked, else the estimate's choice and others.
+
+    The estimate misses parts of MXNet's per-segment plan (weight-gradient sums of unrolled
+    steps, replayed inputs), so finer splits than its choice are measured too.  Coarse splits
+    too: in deep CNNs the early boundaries are large (resnet152_v1b, batch 32, 'min': 3
+    segments plan 1151 MB, 6 segments 1568 MB).
+    """
+    if segments:
+        return [plan_segments(graph, segments, chain=chain)]
+    first = best_segment_plan(graph, chain=chain)
+    splits, counts = [], set()
+    for count in sorted({2, 3, 4, first.count, first.count * 2, first.count * 3}):
+        split = first if count == first.count else plan_segments(graph, count, chain=chain)
+        if split.count > 1 and split.count not in counts:
+            counts.add(split.count)
+            splits.append(split)
+    return splits or [first]
+
+
+def head_splits(graph: Graph, segments: Optional[int], splits: Sequence[SegmentPlan],
+                chain: Any) -> List[SegmentPlan]:
+    """Splits with a chunked loss head as their own last segment, new ones only.
+
+    NOTE [ chunked loss head ] in core/segments: a FullyConnected + SoftmaxOutput head is
+    also tried as its own last segment run in row chunks, beside ``splits`` (so the choice
+    can only get lower).
+    """
+    head, why = loss_head(graph)
+    if head is None:
+        logger.info("loss head not chunked: %s", why)
+        return []
+    if not head_chunk_count(head):
+        logger.info("loss head not chunked: its output fits one chunk")
+        return []
+    # With the head out of the way the recurrent part is the peak, and finer splits pay
+    # (2x512 language model: 10 segments 245 MB, 21 segments 229 MB).
+    widest = max(s.count for s in splits)
+    counts = ([segments] if segments else
+              sorted({s.count for s in splits} | {2 * s.count for s in splits}
+                     | {min(MAX_SEGMENTS, 4 * widest)}))
+    found: List[SegmentPlan] = []
+    for count in counts:
+        try:
+            split = plan_segments_with_head(graph, max(2, count), head, chain=chain)
+        except ValueError as error:
+            logger.info("loss head not chunked for %d segments: %s", count, error)
+            continue
+        if all(split.segments != other.segments or other.head_chunks != split.head_chunks
+               for other in list(splits) + found):
+            found.append(split)
+    return found
+
+
+def measure_segments(setup: PlanningSetup, candidate: SegmentPlan) -> Measured:
+    """MXNet's static figure of ``candidate`` and its estimated overhead."""
+    mb, per_segment = segment_planned_mb(setup.symbol, candidate, setup.context, *setup.bind_inputs)
+    # The segment MXNet plans largest owns the shared pool (bound first).
+    candidate = candidate.with_working_bytes([int(m * 2 ** 20) for m in per_segment])
+    inner = [n for s in candidate.segments for n in s.mirrored]
+    overhead = candidate.recompute_fraction + recompute_overhead(setup.graph, inner)
+    logger.info("segment plan: %d segments, %s%s, %.0f MB static, overhead %.1f%%",
+                candidate.count, "two levels" if inner else "one level",
+                ", match ranges " + "/".join(str(s.match_range or "-") for s in candidate.segments)
+                if any(s.match_range for s in candidate.segments) else "", mb, 100 * overhead)
+    return Measured(mb, overhead, candidate)
+
+
+def per_segment_two_level(split: SegmentPlan, setup: PlanningSetup,
+                          options: MirrorOptions) -> SegmentPlan:
+    """``split`` with a least-memory mirror plan made for each segment symbol on its own."""
+    given = {name: (shape, dtype) for name, shape, dtype in setup.all_inputs}
+    # The pieces are bound as written (a replayed Dropout is the user's), so planned so.
+    piece_options = options.replace(memory_budget="min", backend="mirror", segments=None,
+                                    recompute_dropout=False)
+    mirrored: set = set()
+    pieces = list(zip(split.segments, split_symbol(setup.symbol, split)))
+    if split.head_chunks:
+        pieces = pieces[:-1]  # a chunked head runs no executor
+    for segment, piece in pieces:
+        arguments = piece.list_arguments()
+        inputs = [(n, given[source_name(n)][0], given[source_name(n)][1]) for n in arguments
+                  if source_name(n) in given]
+        for entry in segment.inputs:
+            inputs.append((boundary_name(entry), tuple(split.boundary_shapes[f"{entry[0]}:{entry[1]}"]),
+                           "float32"))
+        requests: Dict[str, str] = {n: setup.requests.get(source_name(n), "null") for n in arguments}
+        requests.update({boundary_name(e): "write" for e in segment.inputs})
+        piece_setup = PlanRequest(inputs, None, grad_req=requests).prepare(piece, piece_options)
+        mirrored.update(plan_one_level(piece_setup, piece_options).mirrored)
+    return split.with_mirrored(mirrored, setup.graph)
+
+
+def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
+                     measured: List[Measured]) -> List[Measured]:
+    """Under ``'min'``: plans that make the shared pool of the executors smaller.
+
+    The best measured plan of each segment count with a mirror plan made per segment is
+    tried with its cuts moved to the ``NEIGHBOUR_CUTS`` nearest positions crossed by no more bytes
+    (:func:`alternative_cuts`: the pool depends on how the segments' blocks dovetail,
+    which only measuring tells), and the least plan of each count, the originals among them,
+    with a match range per segment (NOTE [ a match range per segment ] in core/segments).
+    The work is bounded by those counts, not by time.
+    """
+    eligible = [item for item in measured if _two_level_per_segment(item.plan)]
+    if not eligible:
+        return []
+    found = []
+    for best in _least_of_each_count(eligible):
+        cuts = cut_positions(setup.graph, best.plan)
+        per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
+        for moved in alternative_cuts(setup.graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
+            split = segment_plan_for_cuts(setup.graph, moved, chain).with_replay_random(
+                best.plan.replay_random)
+            found.append(measure_segments(setup, per_segment_two_level(split, setup, options)))
+    tuned = []
+    for least in _least_of_each_count(eligible + found):
+        plan = tune_match_ranges(setup.symbol, least.plan, setup.context, *setup.bind_inputs)
+        if any(s.match_range for s in plan.segments):
+            tuned.append(measure_segments(setup, plan))
+    return found + tuned
+
+
+def _two_level_per_segment(plan: SegmentPlan) -> bool:
+    return (1 < plan.count <= MAX_PER_SEGMENT_PLANS and not plan.head_chunks
+            and any(s.mirrored for s in plan.segments))
+
+
+def _least_of_each_count(measured: List[Measured]) -> List[Measured]:
+    """The measured plan of least static MB for each segment count, fewest segments first."""
+    least: Dict[int, Measured] = {}
+    for item in measured:
+        count = item.plan.count
+        if count not in least or item.mb < least[count].mb:
+            least[count] = item
+    return [least[count] for count in sorted(least)]

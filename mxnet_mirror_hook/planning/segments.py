@@ -1,0 +1,190 @@
+"""Segment planning: the executor-segments backend (``'segments'`` or ``'auto'``) beside the one-level plan.
+
+# NOTE [ choosing the backend ]
+# The one-level plan is made first (through the cache, unchanged).  A segment
+# plan is then chosen by the memory estimate of :mod:`.core.segments` (or with
+# ``segments`` pieces) and measured statically (NOTE [ static memory of a
+# segment plan ] in mx/segments).  With the ``'min'`` budget the same split is
+# also measured with the one-level plan's mirrored nodes inside each segment (two
+# levels) and the lower kept.  ``'auto'`` takes the segments only when they
+# measure below the one-level plan and re-run at most about one forward under
+# the default budget, so it never returns a plan worse than the one-level one;
+# ``'segments'`` always takes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import List, Optional, Tuple
+
+from ..cache import BackendEntry, get_cache
+from ..core.graph import draws_random, replays_random
+from ..core.segments import SegmentPlan, full_cut_chain
+from ..errors import BackendError
+from ..options import MirrorOptions
+from .cached import cached_plan
+from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_segments,
+                         per_segment_two_level, splits_to_try, tune_shared_pool)
+from .dropout import plan_dropout_variants
+from .result import PLAN_LOGGER, MirrorPlan
+from .setup import PlanningSetup
+
+__all__ = ["plan_with_segments", "SEGMENT_RECOMPUTE_LIMIT", "SEGMENT_WIN_FRACTION",
+           "SEGMENT_COUNT_TOLERANCE"]
+
+logger = logging.getLogger(PLAN_LOGGER)
+
+#: Re-run forward allowed by the default budget, as a fraction of one plain iteration: about one
+#: extra forward (forward : backward = 1 : 2).  Plain segments re-run at most one forward.
+SEGMENT_RECOMPUTE_LIMIT = 0.4
+#: 'auto' takes segments only when their static figure is at most this fraction of the one-level
+#: plan.  The storage profiler (bench/bench_segments.py, beyond the bind-time arrays every backend
+#: has) matched the static figure of the bench LSTM to ~1 MB but measured the 13-segment language
+#: model ~55 MB above it (pool sharing between executors, per-executor buffers), so a small static
+#: win is not trusted.
+SEGMENT_WIN_FRACTION = 0.9
+#: A plan with fewer segments is taken when its static figure is within this factor of the
+#: least.
+SEGMENT_COUNT_TOLERANCE = 1.03
+
+
+def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
+                       started: Optional[float] = None) -> MirrorPlan:
+    """The plan under ``options.backend`` ``'auto'`` or ``'segments'`` (NOTE [ choosing the backend ]).
+
+    Parameters
+    ----------
+    setup : PlanningSetup
+        The user's symbol, prepared once (the one-level plan and the segments share it).
+    options : MirrorOptions
+        With ``backend`` ``'auto'`` or ``'segments'`` and ``segments`` (None: chosen by the
+        estimate).
+    started : float, optional
+        ``time.perf_counter()`` when planning began.
+    """
+    started = time.perf_counter() if started is None else started
+    one_level = plan_dropout_variants(setup, options.replace(backend="mirror", segments=None), started)
+    if _draws_unreplayable_random(setup, options):
+        return one_level
+    request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
+    key = dataclasses.replace(setup.key(options), backend=request)
+
+    def use(entry: BackendEntry) -> Optional[MirrorPlan]:
+        if entry.backend == "mirror":
+            return one_level
+        try:
+            chosen = SegmentPlan.from_dict(entry.segments or {})
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not all(n in setup.graph for s in chosen.segments for n in s.nodes):
+            return None
+        return _segments_result(setup, one_level, chosen, entry.planned_mb, entry.overhead,
+                                started, from_cache=True)
+
+    return cached_plan(get_cache(options.cache_dir), key, BackendEntry, use,
+                       lambda: _choose(setup, options, one_level, started))
+
+
+def _draws_unreplayable_random(setup: PlanningSetup, options: MirrorOptions) -> bool:
+    """Whether segments are out for this network's random draws (``'segments'`` raises).
+
+    # NOTE [ segments and random operators ]
+    # A segment's forward runs again before its backward; a Dropout (or sampler)
+    # in it would draw a new mask there, and backward would differentiate a mask
+    # forward never used: silently wrong gradients.  Without recompute_dropout
+    # such networks keep MXNet's one-level mirror, which never recomputes
+    # Dropout.  With it, the chain re-seeds the context's generator so that a
+    # re-run segment draws what its forward drew (NOTE [ replaying random draws
+    # in re-run segments ] in mx/segments); operators re-seeding is not known
+    # to replay (a fused RNN's dropout, rrelu) are refused all the same.
+    """
+    random_nodes = [n.name for n in setup.graph.op_nodes if draws_random(n.op, n.attrs)]
+    if random_nodes and options.recompute_dropout:
+        random_nodes = [n.name for n in setup.graph.op_nodes if not replays_random(n.op, n.attrs)]
+    if not random_nodes:
+        return False
+    if options.backend == "segments":
+        raise BackendError(
+            f"backend='segments' re-runs forward passes during backward, and this network "
+            f"draws random numbers in forward ({', '.join(random_nodes[:3])}"
+            f"{' ...' if len(random_nodes) > 3 else ''}): the re-run would use other dropout "
+            f"masks. " + ("Re-seeding is not known to replay these operators' draws; "
+                          if options.recompute_dropout else
+                          "Pass recompute_dropout=True to replay Dropout draws (masks drawn "
+                          "from per-segment seeds, not MXNet's own draws), or ")
+            + "use backend='mirror' (or 'auto', which keeps the one-level plan here)")
+    logger.info("segments not considered: %d nodes draw random numbers in forward (%s)",
+                len(random_nodes), random_nodes[0])
+    return True
+
+
+def _measured_candidates(setup: PlanningSetup, options: MirrorOptions,
+                         one_level: MirrorPlan) -> List[Measured]:
+    """Every candidate segment plan, measured (under ``'min'`` with two levels and tuning)."""
+    graph = setup.graph
+    chain = full_cut_chain(graph)  # shared by every split below
+    splits = splits_to_try(graph, options.segments, chain)
+    splits += head_splits(graph, options.segments, splits, chain)
+    replay = options.recompute_dropout and any(draws_random(n.op, n.attrs) for n in graph.op_nodes)
+    splits = [split.with_replay_random(replay) for split in splits]
+    candidates = list(splits)
+    if options.budget.key == "min":
+        # Two levels: the one-level decision inside each segment, and (for coarse splits) a plan
+        # made for each segment on its own, which knows the segment's own cuts (resnet152_v1b,
+        # batch 32: 2 segments, 1138 MB with the global decision, 980 MB planned per segment).
+        if one_level.mirrored:
+            candidates += [split.with_mirrored(one_level.mirrored, graph) for split in splits]
+        candidates += [per_segment_two_level(split, setup, options)
+                       for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
+    measured = [measure_segments(setup, candidate) for candidate in candidates]
+    if options.budget.key == "min":
+        measured += tune_shared_pool(setup, options, chain, measured)
+    return measured
+
+
+def _choose(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
+            started: float) -> Tuple[MirrorPlan, BackendEntry]:
+    """Measure the candidates and take the segments or keep ``one_level``; the plan and its entry."""
+    measured = _measured_candidates(setup, options, one_level)
+    least = min(item.mb for item in measured)
+    # Within 3% of the least memory, fewer segments: fewer executor calls per iteration, and
+    # less of what the static figure leaves out (each executor's temporary space; resnet152_v1b,
+    # batch 32, 'min': 3 segments 1029 MB static and 2236 MB profiler peak, 2 segments 1042 MB
+    # and 2074 MB).
+    mb, overhead, chosen = min((item for item in measured if item.mb <= least * SEGMENT_COUNT_TOLERANCE),
+                               key=lambda item: (item.plan.count, item.overhead, item.mb))
+    wins = (chosen.count > 1 and mb <= SEGMENT_WIN_FRACTION * one_level.planned_mb
+            and (options.budget.key == "min" or overhead <= SEGMENT_RECOMPUTE_LIMIT))
+    if options.backend == "auto" and not wins:
+        tried = [{"label": f"segments x{c.count}", "planned_mb": m, "overhead": o,
+                  "mirrored_count": sum(len(s.mirrored) for s in c.segments)} for m, o, c in measured]
+        return (dataclasses.replace(one_level, candidates=one_level.candidates + tried),
+                _one_level_entry(one_level))
+    if options.backend == "segments" and mb > one_level.planned_mb:
+        logger.warning("the segment plan (%.0f MB) is above the one-level mirror plan (%.0f MB) for "
+                       "this network; backend='segments' was asked for, so it is used "
+                       "(backend='auto' keeps the lower plan)", mb, one_level.planned_mb)
+    entry = BackendEntry("segments", tuple(sorted(n for s in chosen.segments for n in s.mirrored)),
+                         one_level.baseline_mb, mb, overhead, segments=chosen.to_dict())
+    return _segments_result(setup, one_level, chosen, mb, overhead, started, from_cache=False), entry
+
+
+def _one_level_entry(one_level: MirrorPlan) -> BackendEntry:
+    """The entry recording that a segments request keeps the one-level plan."""
+    return BackendEntry("mirror", tuple(one_level.mirrored), one_level.baseline_mb,
+                        one_level.planned_mb, one_level.overhead)
+
+
+def _segments_result(setup: PlanningSetup, one_level: MirrorPlan, chosen: SegmentPlan,
+                     planned_mb: float, overhead: float, started: float, from_cache: bool) -> MirrorPlan:
+    """The :class:`MirrorPlan` of a segment plan (the bound symbol is the user's, split at bind)."""
+    mirrored = tuple(n for s in chosen.segments for n in s.nodes if n in s.mirrored)
+    plan = MirrorPlan(symbol=setup.symbol, baseline_mb=one_level.baseline_mb,
+                      planned_mb=planned_mb, mirrored=mirrored, planner=one_level.planner,
+                      overhead=overhead, budget=one_level.budget, context=one_level.context,
+                      kept_count=one_level.kept_count + len(one_level.mirrored) - len(mirrored),
+                      planning_seconds=time.perf_counter() - started, from_cache=from_cache,
+                      inputs=one_level.inputs, backend="segments", segment_plan=chosen)
+    logger.info("%s", plan.summary())
+    return plan
