@@ -39,5 +39,6 @@ numpydoc_xref_param_type = False
 
 html_theme = "alabaster"
 html_title = f"mxnet-mirror-hook {release}"
-html_static_path = []
-html_theme_options = {"description": "Memory mirroring for Apache MXNet 1.9", "fixed_sidebar": True}
+html_static_path = ["_static"]
+html_theme_options = {"description": "Memory mirroring for Apache MXNet 1.9", "fixed_sidebar": True,
+                      "page_width": "1240px", "sidebar_width": "260px"}
