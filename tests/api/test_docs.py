@@ -87,3 +87,17 @@ def test_every_design_note_a_page_links_to_exists():
               for title in NOTE_LINK.findall(path.read_text(encoding="utf-8"))}
     assert linked, "no docs page links a design note"
     assert linked <= titles, f"pages link notes the source no longer has: {sorted(linked - titles)}"
+
+
+def test_every_test_bench_and_example_file_the_pages_name_exists():
+    reference = re.compile(r"((?:tests|bench|examples)/[\w/]+\.py)(?:::(\w+))?")
+    texts = [README.read_text(encoding="utf-8")] + [
+        path.read_text(encoding="utf-8") for path in DOCS.rglob("*") if path.suffix in (".md", ".rst")]
+    missing = []
+    for text in texts:
+        for path, test in reference.findall(text):
+            if not (ROOT / path).is_file():
+                missing.append(path)
+            elif test and f"def {test}(" not in (ROOT / path).read_text(encoding="utf-8"):
+                missing.append(f"{path}::{test}")
+    assert not missing, f"the README or docs/ name files or tests that do not exist: {sorted(set(missing))}"
