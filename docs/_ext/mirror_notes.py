@@ -37,6 +37,9 @@ class Note:
     text: List[str]
     #: Other files that name the note (``path:line``), for the reader who wants the code.
     mentions: List[str] = field(default_factory=list)
+    #: Whether the heading line holds the title alone (an essay's own heading does; a line
+    #: that names a note and goes on, ``# NOTE [ x ] in y.py: ...``, is usually a mention).
+    heading_only: bool = True
 
     @property
     def room(self) -> str:
@@ -58,7 +61,11 @@ def _block(lines: List[str], start: int, indent: str) -> List[str]:
         stripped = line.strip()
         if not line.startswith(indent) or not (stripped == "#" or stripped.startswith("# ")):
             break
+        if _HEADING.match(line):  # the next essay starts
+            break
         text.append(stripped[2:])
+    while text and not text[-1]:
+        text.pop()
     return text
 
 
@@ -69,7 +76,8 @@ def source_files(package: Path) -> Iterator[Path]:
 
 
 def collect_notes(package: Path) -> List[Note]:
-    """Every essay of ``package`` (one per title, the longest text where a title repeats).
+    """Every essay of ``package`` (one per title: where a title repeats, the longest text, and
+    among equals one under a heading of its own, else the first found).
 
     Parameters
     ----------
@@ -89,11 +97,12 @@ def collect_notes(package: Path) -> List[Note]:
             heading = _HEADING.match(line)
             if heading:
                 note = Note(heading.group("title"), relative, number + 1,
-                            _block(lines, number, heading.group("indent")))
+                            _block(lines, number, heading.group("indent")),
+                            heading_only=not heading.group("rest").strip())
                 found.setdefault(note.title, []).append(note)
     notes = []
     for versions in found.values():
-        essay = max(versions, key=lambda note: (len(note.text), -note.line))
+        essay = max(versions, key=lambda note: (len(note.text), note.heading_only))
         essay.mentions = [f"{other.path}:{other.line}" for other in versions if other is not essay]
         notes.append(essay)
     order = {room: index for index, (room, _) in enumerate(ROOMS)}

@@ -75,13 +75,31 @@ def test_the_environment_page_names_every_variable_the_package_reads():
     assert not missing, f"docs/environment.md does not name {missing}"
 
 
-def test_every_design_note_a_page_links_to_exists():
+def _collect_notes(package: Path):
     sys.path.insert(0, str(DOCS / "_ext"))
     try:
         from mirror_notes import collect_notes
     finally:
         sys.path.remove(str(DOCS / "_ext"))
-    titles = {note.title for note in collect_notes(ROOT / "mxnet_mirror_hook")}
+    return collect_notes(package)
+
+
+def test_the_notes_collector_splits_adjacent_essays_and_quotes_the_longest(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "a.py").write_text(
+        "# NOTE [ first ]\n# one\n#\n# NOTE [ second ]\n# two\n# three\nx = 1\n")
+    # Read first (sorted before sub/), a line that names the note and goes on is a mention.
+    (package / "_early.py").write_text("def f():\n    # NOTE [ first ] in a.py: short\n    return 1\n")
+    notes = {note.title: note for note in _collect_notes(package)}
+    assert set(notes) == {"first", "second"}
+    assert notes["first"].text == ["one"] and notes["first"].path == "pkg/sub/a.py"
+    assert notes["first"].mentions == ["pkg/_early.py:2"]
+    assert notes["second"].text == ["two", "three"] and notes["second"].line == 4
+
+
+def test_every_design_note_a_page_links_to_exists():
+    titles = {note.title for note in _collect_notes(ROOT / "mxnet_mirror_hook")}
     assert len(titles) >= 20, "the notes collector found almost no NOTE essays"
     linked = {" ".join(title.split()) for path in DOCS.rglob("*.md")
               for title in NOTE_LINK.findall(path.read_text(encoding="utf-8"))}
