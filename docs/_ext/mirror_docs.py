@@ -27,9 +27,16 @@ from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
+import mirror_notes
 from mirror_notes import ROOMS, Note, collect_notes, module_summaries, note_label, source_files
 
 __all__ = ["NotesDirective", "ModulesDirective", "ArgparseDirective", "note_role", "setup"]
+
+def _note_dependencies(env, package: Path) -> None:
+    """Rebuild a generated page when the package's sources or this extension change."""
+    for path in [*source_files(package), Path(__file__), Path(mirror_notes.__file__)]:
+        env.note_dependency(str(path))
+
 
 class NotesDirective(SphinxDirective):
     """``.. mirror-notes::``: every essay of the package, as sections grouped by room."""
@@ -38,8 +45,7 @@ class NotesDirective(SphinxDirective):
 
     def run(self) -> List[nodes.Node]:
         package = Path(self.env.srcdir).parent / self.options.get("package", "mxnet_mirror_hook")
-        for path in source_files(package):
-            self.env.note_dependency(str(path))
+        _note_dependencies(self.env, package)
         notes = collect_notes(package)
         captions = dict(ROOMS)
         result: List[nodes.Node] = []
@@ -87,8 +93,7 @@ class ModulesDirective(SphinxDirective):
 
     def run(self) -> List[nodes.Node]:
         package = Path(self.env.srcdir).parent / self.options.get("package", "mxnet_mirror_hook")
-        for path in source_files(package):
-            self.env.note_dependency(str(path))
+        _note_dependencies(self.env, package)
         items = nodes.definition_list()
         for path, summary in module_summaries(package):
             text, messages = self.state.inline_text(summary or "(no docstring)", self.lineno)
