@@ -108,7 +108,14 @@ def _tuple_attr(text: Optional[str]) -> Tuple[int, ...]:
 #   sizes it at TWICE the largest request it has seen (curr_size = mem_size * 2).  A request
 #   is about the largest tensor the operator touches plus its weight: resnet50 batch 8 grows
 #   it to 49.0 MB at BatchNorm's backward (2 x 24.5 MB, the 112x112x64 activation) and
-#   49.07 MB at conv1's forward (2 x (24.5 MB output + 37 KB weight)).  Requests TmpMemMgr
+#   49.07 MB at conv1's forward (2 x (24.5 MB output + 37 KB weight)).  A FullyConnected
+#   reading a 4-d activation in MKLDNN layout requests two such tensors (its data and the
+#   data's gradient): small convnets without pooling before the classifier, 4.0 MB for a 1 MB
+#   input.  The model takes the largest request of any one operator; TmpMemMgr in fact sizes
+#   the buffer by everything requested since the last operator that set it up, so patterns
+#   where two large reorders fall together (measured: an add of a BatchNorm output and a raw
+#   convolution output, small_resnet's identical-size blocks) come out higher, by up to one
+#   largest tensor times two (+2 MB on small_resnet's 15.5 MB peak).  Requests TmpMemMgr
 #   cannot place are allocated by MKLDNN itself, outside MXNet's storage (not profiled).
 # Weights are not kept in MKLDNN layout in training (only inference reorders them in place),
 # so there is no persistent per-weight copy.  A chain of executors (segments) uses up to
@@ -141,9 +148,14 @@ def _im2col_bytes(node: NodeTensors) -> int:
 
 
 def _mkldnn_request(node: NodeTensors) -> int:
-    """One MKLDNN operator's TmpMemMgr request: its largest tensor, plus its weight."""
+    """One MKLDNN operator's TmpMemMgr request: its largest tensor, plus its weight; a flattening
+    FullyConnected reorders both its N-d input and that input's gradient (measured, no weight)."""
     tensors = [t for t in node.inputs[:1] + node.outputs[:1] if t is not None]
     largest = max((tensor_bytes(*t) for t in tensors), default=0)
+    data = node.inputs[0] if node.inputs else None
+    if (node.op == "FullyConnected" and data is not None and len(data[0]) > 2
+            and node.attrs.get("flatten", "True") in ("True", "true", "1")):
+        return 2 * tensor_bytes(*data)
     weight = node.inputs[1] if node.op in _WEIGHTED and len(node.inputs) > 1 else None
     return largest + (tensor_bytes(*weight) if weight is not None else 0)
 
