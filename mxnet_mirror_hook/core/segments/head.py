@@ -23,7 +23,7 @@ __all__ = ["HEAD_CHUNK_BYTES", "HEAD_ROW_MULTIPLE", "LossHead", "loss_head", "he
 # 3200 x 10000), far above the recurrent segments.  Both operators are row-wise
 # when the classifier's input is (N, H): row r of the output needs row r of the
 # input only.  So the last segment can run in row chunks instead of one
-# executor (mx/segments.py, ``ChunkedHead``):
+# executor (mx/segments/head.py, ``ChunkedHead``):
 #
 #   forward   for each chunk: FullyConnected of its rows into one (c, V) work
 #             buffer, SoftmaxOutput of that into the chunk's rows of the one
@@ -49,7 +49,7 @@ __all__ = ["HEAD_CHUNK_BYTES", "HEAD_ROW_MULTIPLE", "LossHead", "loss_head", "he
 # labels' one-hot) + the partial gradients' tile-sized buffers, instead of
 # MXNet's plan of the whole head, all allocated at bind by the chain and counted
 # in the static figure (NOTE [ static memory of a segment plan ] in
-# mx/segments.py; :func:`head_buffer_floats`).  Exactness: the outputs are
+# mx/segments/measure.py; :func:`head_buffer_floats`).  Exactness: the outputs are
 # bit-identical to the head as one executor (tests/api/test_segments_head.py)
 # when the chunk rows are a multiple of HEAD_ROW_MULTIPLE; the gradients are
 # sums over tiles, so they differ from the one-GEMM kernel in float32 rounding

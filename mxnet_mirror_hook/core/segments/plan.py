@@ -95,7 +95,7 @@ class SegmentPlan:
     replay_random : bool
         Segments that draw random numbers (Dropout) replay their forward draws when re-run
         (``recompute_dropout=True``; NOTE [ replaying random draws in re-run segments ] in
-        ``mx/segments.py``).  Without it a chain refuses such segments.
+        ``mx/segments/chain.py``).  Without it a chain refuses such segments.
     head_chunks : int
         0, or the number of row chunks the last segment (a FullyConnected +
         SoftmaxOutput loss head, :func:`loss_head`) is run in instead of one
@@ -139,7 +139,7 @@ class SegmentPlan:
     def bind_order(self, skip: Iterable[int] = ()) -> List[int]:
         """Executor segments in the order a chain binds them: the largest working set first
         (it owns the memory pool; NOTE [ the shared pool's union ]), ties by position.
-        ``skip``: segments bound as no executor (NOTE [ gathered steps ] in mx/segments.py)."""
+        ``skip``: segments bound as no executor (NOTE [ gathered steps ] in mx/segments/gather.py)."""
         skipped = set(skip)
         return sorted((i for i in range(self.executor_count()) if i not in skipped),
                       key=lambda i: (-self.segments[i].working_bytes, i))

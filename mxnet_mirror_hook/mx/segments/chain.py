@@ -11,14 +11,13 @@ import numpy as np
 
 from ...core.graph import draws_random
 from ...core.segments.head import LossHead
-from ...core.segments.layout import gradient_slots
 from ...core.segments.plan import Entry, SegmentPlan, SegmentSpec
-from ...errors import BackendError, ShapeError
+from ...errors import BackendError
 from ..bind import environment
 from .environment import DEFAULT_GRAD_SUM_CAP, cap_variables, match_range_variables
-from .gather import find_gathers
 from .head import ChunkedHead
-from .layout import reader_bindings, shareable_gradients, summed_request
+from .layout import (argument_types, chain_layout, head_parts, infer_arguments, reader_bindings,
+                     summed_request, tensor_spec)
 from .ops import invoke
 from .split import boundary_name, source_name, split_symbol
 
@@ -33,6 +32,10 @@ def _draws_random(symbol: "mx.sym.Symbol") -> bool:
     """Whether any operator of ``symbol`` draws random numbers in a training forward."""
     return any(node["op"] != "null" and draws_random(node["op"], node.get("attrs") or {})
                for node in json.loads(symbol.tojson())["nodes"])
+
+
+def _nbytes(array: "mx.nd.NDArray") -> int:
+    return array.size * np.dtype(array.dtype).itemsize
 
 
 def _zeros(shape: Tuple[int, ...], ctx: "mx.Context", dtype: Any) -> "mx.nd.NDArray":
@@ -81,19 +84,36 @@ class SegmentChain:
                  shared_exec: Optional["mx.executor.Executor"] = None) -> None:
         self.symbol, self.plan, self.ctx = symbol, plan, ctx
         self._input_shapes = dict(input_shapes)
-        self._type_dict = {name: np.float32 for name in self._input_shapes}
-        self._type_dict.update(type_dict or {})
+        self._type_dict = argument_types(self._input_shapes, type_dict)
         self._grad_sum_cap = grad_sum_cap
-        arg_names = symbol.list_arguments()
-        aux_names = symbol.list_auxiliary_states()
         requests = dict(grad_req or {})
-        self._user_req = {name: requests.get(name, "null") for name in arg_names}
-        arg_shapes, _, aux_shapes = symbol.infer_shape(**self._input_shapes)
-        arg_types, _, aux_types = symbol.infer_type(**self._type_dict)
-        if arg_shapes is None:
-            raise ShapeError("the input shapes do not determine every argument's shape; give the "
-                             "shapes of all data and label inputs")
-        shared = shared_arrays or {}
+        self._user_req = {name: requests.get(name, "null") for name in symbol.list_arguments()}
+        self._allocate_arguments(shared_arrays or {})
+        # NOTE [ BatchNorm in re-run segments ]
+        self.symbols = split_symbol(symbol, plan, rerun_cudnn_off=ctx.device_type == "gpu")
+        self._check_random()
+        # Bindings of each argument and boundary (NOTE [ one variable per reader ]: a segment may
+        # bind one several times); the chunked head reads its segment's variables once.
+        self._readers = reader_bindings(plan, self.symbols)
+        arguments = {n: tensor_spec(a.shape, a.dtype) for n, a in self.arg_dict.items()}
+        # NOTE [ the chain's own arrays ] in core/segments/layout.py
+        self.layout, self.gathers, self.gathered = chain_layout(symbol, plan, self.symbols, arguments,
+                                                                self._user_req)
+        self._allocate_boundaries()
+        # A chunked loss head is not an executor (NOTE [ chunked loss head ]).
+        self.head: Optional[ChunkedHead] = self._make_head() if plan.head_chunks else None
+        self.execs: List[Optional["mx.executor.Executor"]] = [None] * plan.executor_count()
+        self._bind_all(shared_exec)
+        self._last_state_valid = False
+        self.outputs = self._output_arrays()
+
+    def _allocate_arguments(self, shared: Mapping[str, Mapping[str, "mx.nd.NDArray"]]) -> None:
+        """Argument, gradient and auxiliary arrays of the full symbol, reusing ``shared``'s
+        ``arg``/``grad``/``aux`` arrays whose shape and type match."""
+        arg_names = self.symbol.list_arguments()
+        aux_names = self.symbol.list_auxiliary_states()
+        arg_shapes, arg_types, aux_shapes, aux_types = infer_arguments(self.symbol, self._input_shapes,
+                                                                       self._type_dict)
         old_args, old_grads, old_aux = (shared.get("arg", {}), shared.get("grad", {}),
                                         shared.get("aux", {}))
 
@@ -101,7 +121,7 @@ class SegmentChain:
             array = old.get(name)
             if array is not None and tuple(array.shape) == tuple(shape) and array.dtype == dtype:
                 return array
-            return _zeros(tuple(shape), ctx, dtype)
+            return _zeros(tuple(shape), self.ctx, dtype)
 
         self.arg_dict: Dict[str, "mx.nd.NDArray"] = {}
         self.grad_dict: Dict[str, Optional["mx.nd.NDArray"]] = {}
@@ -115,54 +135,38 @@ class SegmentChain:
         self.grad_arrays = [self.grad_dict[n] for n in arg_names]
         self.aux_arrays = [self.aux_dict[n] for n in aux_names]
 
-        # NOTE [ BatchNorm in re-run segments ]
-        self.symbols = split_symbol(symbol, plan, rerun_cudnn_off=ctx.device_type == "gpu")
-        # NOTE [ replaying random draws in re-run segments ]
+    def _check_random(self) -> None:
+        """Find the segments that draw random numbers; refuse them unless the plan replays
+        their draws (NOTE [ replaying random draws in re-run segments ])."""
         self._random_segments = frozenset(i for i, sym in enumerate(self.symbols) if _draws_random(sym))
-        if self._random_segments and not plan.replay_random:
+        if self._random_segments and not self.plan.replay_random:
             raise BackendError(
                 "this segment plan re-runs segments that draw random numbers (Dropout) without "
                 "replaying their draws: backward would differentiate masks forward never used. "
                 "Plan with recompute_dropout=True, or use backend='mirror'")
         self._seeds: Optional[List[int]] = None
-        # Bindings of each argument and boundary (NOTE [ one variable per reader ]: a segment may
-        # bind one several times); the chunked head reads its segment's variables once.
-        self._readers = reader_bindings(plan, self.symbols)
-        self._allocate_boundaries()
-        # A chunked loss head is not an executor (NOTE [ chunked loss head ]).
-        self.head: Optional[ChunkedHead] = self._make_head() if plan.head_chunks else None
-        self.execs: List[Optional["mx.executor.Executor"]] = [None] * plan.executor_count()
-        self._bind_all(shared_exec)
-        self._last_state_valid = False
-        # NOTE [ outputs outlive the re-runs ]
-        # The last executor's outputs live in the shared pool, which the backward re-runs of the
-        # earlier segments write over (measured: a language model's softmax output changed by
-        # up to 2e-2 after backward when the last segment was the loss alone).  Module reads
-        # outputs after backward (metrics), so with several segments they are copied into
-        # arrays of the chain's own in forward, and the static figure counts them.
+
+    # NOTE [ outputs outlive the re-runs ]
+    # The last executor's outputs live in the shared pool, which the backward re-runs of the
+    # earlier segments write over (measured: a language model's softmax output changed by
+    # up to 2e-2 after backward when the last segment was the loss alone).  Module reads
+    # outputs after backward (metrics), so with several segments they are copied into
+    # arrays of the chain's own in forward (:attr:`ChainLayout.outputs`), and the static
+    # figure counts them.
+    def _output_arrays(self) -> List["mx.nd.NDArray"]:
+        """The arrays :attr:`outputs` are: the head's, the chain's copies, or the executor's."""
         if self.head is not None:
-            self.outputs = [self.head.output]
-        elif plan.count > 1:
-            self.outputs = [mx.nd.zeros(o.shape, ctx=ctx, dtype=o.dtype) for o in self.execs[-1].outputs]
-        else:
-            self.outputs = self.execs[-1].outputs
+            return [self.head.output]
+        if self.layout.outputs:
+            return [_zeros(spec.shape, self.ctx, spec.dtype) for spec in self.layout.outputs]
+        return self.execs[-1].outputs
 
     def _make_head(self) -> ChunkedHead:
-        segment = self.plan.segments[-1]
-        document = json.loads(self.symbol.tojson())
-        nodes = {n["name"]: n for n in document["nodes"]}
-        softmax = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "SoftmaxOutput")
-        fc = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "FullyConnected")
-        fc_attrs = dict(fc.get("attrs") or {})
-        sm_attrs = dict(softmax.get("attrs") or {})
-        inputs = document["nodes"]
-        data = (inputs[fc["inputs"][0][0]]["name"], int(fc["inputs"][0][1]))
-        weight = inputs[fc["inputs"][1][0]]["name"]
-        bias = inputs[fc["inputs"][2][0]]["name"] if len(fc["inputs"]) > 2 else None
-        label = next(n for n in segment.variables if n not in (weight, bias))
+        fc, softmax, data, weight, bias, label = head_parts(json.loads(self.symbol.tojson()), self.plan)
         rows, hidden = self.boundary[data].shape
         head = LossHead(fc["name"], softmax["name"], data, weight, bias, label, rows, hidden,
-                        self.arg_dict[weight].shape[0], fc_attrs, sm_attrs)
+                        self.arg_dict[weight].shape[0], dict(fc.get("attrs") or {}),
+                        dict(softmax.get("attrs") or {}))
         requests = {"weight": self._segment_req(weight)}
         if bias is not None:
             requests["bias"] = self._segment_req(bias)
@@ -174,37 +178,16 @@ class SegmentChain:
 
     # ---------------------------------------------------------------- binding
     def _allocate_boundaries(self) -> None:
-        """Boundary value and gradient arrays, shapes inferred segment by segment; segments that
-        only gather boundaries are found here (NOTE [ gathered steps ])."""
+        """Boundary value and gradient arrays as :attr:`layout` lists them (a gradient array per
+        slot: NOTE [ boundary gradients share arrays ]; none for a boundary only gathering
+        segments read: NOTE [ gathered steps ])."""
         self.boundary: Dict[Entry, "mx.nd.NDArray"] = {}
         self.boundary_grad: Dict[Entry, "mx.nd.NDArray"] = {}
-        known_shapes = {n: a.shape for n, a in self.arg_dict.items()}
-        known_types = {n: a.dtype for n, a in self.arg_dict.items()}
-        outputs: Dict[Entry, Tuple[Tuple[int, ...], Any]] = {}
-        for segment, sym in zip(self.plan.segments[:-1], self.symbols[:-1]):
-            names = sym.list_arguments()
-            shapes = {n: known_shapes[source_name(n)] for n in names if source_name(n) in known_shapes}
-            types = {n: known_types[source_name(n)] for n in names if source_name(n) in known_types}
-            _, out_shapes, _ = sym.infer_shape(**shapes)
-            _, out_types, _ = sym.infer_type(**types)
-            for entry, shape, dtype in zip(segment.outputs, out_shapes, out_types):
-                name = boundary_name(entry)
-                outputs[entry] = (tuple(shape), dtype)
-                known_shapes[name], known_types[name] = tuple(shape), dtype
-        self.gathers, self.gathered, gathered_only = find_gathers(self.plan, self.symbols, known_shapes)
-        # NOTE [ boundary gradients share arrays ] in core/segments.py
-        keys = {entry: (shape, np.dtype(dtype).name) for entry, (shape, dtype) in outputs.items()
-                if entry not in gathered_only}
-        slots = gradient_slots(self.plan, keys, shareable_gradients(
-            self.plan, self.gathers, self.gathered, self._readers))
-        shared: Dict[int, "mx.nd.NDArray"] = {}
-        for entry, (shape, dtype) in outputs.items():
-            if entry not in gathered_only:
-                self.boundary[entry] = _zeros(shape, self.ctx, dtype)
-                if slots[entry] not in shared:
-                    shared[slots[entry]] = _zeros(shape, self.ctx, dtype)
-                self.boundary_grad[entry] = shared[slots[entry]]
-        self._entry_shapes = {entry: shape for entry, (shape, _) in outputs.items()}
+        shared = {slot: _zeros(spec.shape, self.ctx, spec.dtype) for slot, spec in self.layout.slots.items()}
+        for entry, spec in self.layout.values.items():
+            self.boundary[entry] = _zeros(spec.shape, self.ctx, spec.dtype)
+            self.boundary_grad[entry] = shared[self.layout.gradient_slot[entry]]
+        self._entry_shapes = {entry: spec.shape for entry, spec in self.layout.boundaries.items()}
 
     def _segment_req(self, name: str) -> str:
         """Request of one segment argument or boundary (:func:`summed_request`)."""
@@ -229,7 +212,7 @@ class SegmentChain:
                 requests[name] = "null"
                 del grads[name]
         aux = {name: self.aux_dict[name] for name in sym.list_auxiliary_states()}
-        # NOTE [ a match range per segment ] in core/segments.py: nnvm reads it at this bind.
+        # NOTE [ a match range per segment ] in core/segments/pool.py: nnvm reads it at this bind.
         with environment(match_range_variables(segment.match_range)):
             return sym.bind(self.ctx, args, args_grad=grads, grad_req=requests, aux_states=aux,
                             shared_exec=shared_exec)
@@ -369,22 +352,6 @@ class SegmentChain:
         # The re-runs overwrote the shared pool: another backward must re-run the last segment.
         self._last_state_valid = False
 
-    # NOTE [ gathered steps ]
-    # An unrolled language model merges its steps' outputs into the classifier's
-    # input (expand_dims + Concat + Reshape: the rows of an (N, T, H) tensor).  As
-    # a segment of its own that is pure data movement, yet each step's output is
-    # a boundary (value, gradient, the head-gradient copy of its executor) and
-    # the merged tensor another (three copies again): 6 x N x T x H floats, and
-    # the segment's own plan (the merged tensor and the split of its gradient).
-    # A segment made only of expand_dims, one Concat and a row-major reshape of
-    # boundaries (``gather_layout``) gets no executor: each producer's forward
-    # writes its output straight into its place in the merged tensor's array
-    # (``_slice_assign`` in place), and its backward takes its head gradient as
-    # a slice of the merged tensor's gradient.  A step's output that other
-    # segments read too keeps its arrays (the slice is added to its gradient).
-    # The values are the same (copies); the gradients too (Concat's backward is
-    # that slicing).  Counted in the static figure: the merged tensor's value and
-    # gradient, the producers' head-gradient copies, and the largest slice.
     def _gather_view(self, segment: int, arrays: Mapping[Entry, "mx.nd.NDArray"]) -> "mx.nd.NDArray":
         """The merged tensor (value or gradient) of a gathering segment, in its concat shape."""
         return arrays[tuple(self.plan.segments[segment].outputs[0])].reshape(self.gathers[segment].shape)
@@ -413,18 +380,25 @@ class SegmentChain:
 
     def boundary_bytes(self) -> int:
         """Bytes of the chain's boundary arrays, its executors' head-gradient copies and the
-        largest gathered slice (NOTE [ static memory of a segment plan ])."""
-        def size(a: "mx.nd.NDArray") -> int:
-            return a.size * np.dtype(a.dtype).itemsize
-
+        largest gathered slice (NOTE [ static memory of a segment plan ]), from the arrays
+        themselves (the slice is a temporary: :meth:`ChainLayout.largest_slice_bytes`)."""
         arrays = {id(a): a for group in (self.boundary, self.boundary_grad) for a in group.values()}
-        total = sum(size(a) for a in arrays.values())  # shared gradient arrays once
+        total = sum(_nbytes(a) for a in arrays.values())  # shared gradient arrays once
         last = self.plan.count - 1
         for index, executor in enumerate(self.execs):
             if executor is not None and index < last:
-                total += sum(size(o) for o in executor.outputs)
-        slices = [4 * int(np.prod(self._entry_shapes[e])) for e in self.gathered]
-        return total + max(slices, default=0)
+                total += sum(_nbytes(o) for o in executor.outputs)
+        return total + self.layout.largest_slice_bytes()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every array the chain holds beside its executors' pool: :meth:`boundary_bytes`,
+        the copies of the outputs and a chunked head's arrays (NOTE [ the chain's own arrays ])."""
+        total = self.boundary_bytes()
+        if self.head is not None:
+            total += self.head.allocated_bytes()
+        elif self.execs[-1] is None or self.outputs is not self.execs[-1].outputs:
+            total += sum(_nbytes(o) for o in self.outputs)
+        return total
 
     def copy_params_from(self, arg_params: Mapping[str, "mx.nd.NDArray"],
                          aux_params: Optional[Mapping[str, "mx.nd.NDArray"]] = None,

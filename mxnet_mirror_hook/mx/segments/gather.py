@@ -13,6 +13,23 @@ from .split import boundary_name
 
 __all__ = ["GatherLayout", "gather_layout", "find_gathers"]
 
+# NOTE [ gathered steps ]
+# An unrolled language model merges its steps' outputs into the classifier's
+# input (expand_dims + Concat + Reshape: the rows of an (N, T, H) tensor).  As
+# a segment of its own that is pure data movement, yet each step's output is
+# a boundary (value, gradient, the head-gradient copy of its executor) and
+# the merged tensor another (three copies again): 6 x N x T x H floats, and
+# the segment's own plan (the merged tensor and the split of its gradient).
+# A segment made only of expand_dims, one Concat and a row-major reshape of
+# boundaries (:func:`gather_layout`) gets no executor: each producer's forward
+# writes its output straight into its place in the merged tensor's array
+# (``_slice_assign`` in place), and its backward takes its head gradient as
+# a slice of the merged tensor's gradient.  A step's output that other
+# segments read too keeps its arrays (the slice is added to its gradient).
+# The values are the same (copies); the gradients too (Concat's backward is
+# that slicing).  Counted in the static figure: the merged tensor's value and
+# gradient, the producers' head-gradient copies, and the largest slice.
+
 
 @dataclass(frozen=True)
 class GatherLayout:
@@ -100,10 +117,11 @@ def gather_layout(symbol: "mx.sym.Symbol", shapes: Mapping[str, Tuple[int, ...]]
 
 def find_gathers(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
                  shapes: Mapping[str, Tuple[int, ...]]
-                 ) -> Tuple[Dict[int, GatherLayout], Dict[Entry, List[Tuple[int, int, int]]], frozenset]:
+                 ) -> Tuple[Dict[int, GatherLayout], Dict[Entry, List[Tuple[int, int, int]]]]:
     """The gathering segments of a split (NOTE [ gathered steps ]): their layouts by segment
-    index, for each gathered boundary the ``(segment, begin, end)`` places it goes to, and the
-    boundaries nothing but gathers read (they get no arrays of their own)."""
+    index, and for each gathered boundary the ``(segment, begin, end)`` places it goes to (the
+    boundaries nothing but gathers read get no arrays of their own:
+    :attr:`~mxnet_mirror_hook.core.segments.layout.ChainLayout.gathered_only`)."""
     gathers: Dict[int, GatherLayout] = {}
     for index in range(1, plan.count - 1):  # the first has nothing to gather, the last no reader
         layout = gather_layout(symbols[index], shapes)
@@ -114,10 +132,5 @@ def find_gathers(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
     for index, layout in gathers.items():
         for name, begin, end in layout.pieces:
             gathered.setdefault(by_name[name], []).append((index, begin, end))
-    readers: Dict[Entry, set] = {}
-    for segment in plan.segments:
-        for entry in segment.inputs:
-            readers.setdefault(tuple(entry), set()).add(segment.index)
-    only = frozenset(e for e in gathered if readers.get(tuple(e), set()) <= set(gathers))
-    return gathers, gathered, only
+    return gathers, gathered
 

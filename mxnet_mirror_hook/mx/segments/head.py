@@ -7,7 +7,8 @@ from typing import Mapping, Optional, Tuple
 import mxnet as mx
 import numpy as np
 
-from ...core.segments.head import LossHead, head_buffer_floats, head_chunk_rows, head_tile
+from ...core.segments.head import LossHead, head_chunk_rows, head_tile
+from ...core.segments.layout import HeadArrays
 from ...errors import ShapeError
 from .ops import invoke, operator_attrs
 
@@ -61,9 +62,11 @@ class ChunkedHead:
         tile_rows, block = head_tile(rows, classes, chunks)
         self.blocks = [(start, min(classes, start + block)) for start in range(0, classes, block)]
         self.row_parts = [(start, min(rows, start + tile_rows)) for start in range(0, rows, tile_rows)]
-        # Everything the head holds is allocated here (so the static figure can count it exactly;
-        # head_buffer_floats is the same sum from shapes alone).
-        sizes = head_buffer_floats(rows, hidden, classes, chunks, data_req, self._w_req, self._b_req)
+        # Everything the head holds is allocated here, as HeadArrays lists it (the static figure
+        # counts the same object: NOTE [ the chain's own arrays ]).
+        self.arrays = HeadArrays(rows, hidden, classes, chunks, data_req, self._w_req, self._b_req,
+                                 np.dtype(dtype).itemsize, np.dtype(dtype).name)
+        sizes = self.arrays.floats()
         self.output = mx.nd.zeros((rows, classes), ctx=ctx, dtype=dtype)
         self._work = mx.nd.zeros((sizes["work"],), ctx=ctx, dtype=dtype)
         self._one_hot = mx.nd.zeros((sizes["one_hot"],), ctx=ctx, dtype=dtype)

@@ -3,14 +3,21 @@ requests they give, and the :class:`~mxnet_mirror_hook.core.segments.layout.Chai
 chain and the static figure use."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+import json
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
+import numpy as np
 
+from ...core.segments.layout import ChainLayout, HeadArrays
 from ...core.segments.plan import Entry, SegmentPlan
+from ...core.segments.tensors import TensorSpec
+from ...errors import ShapeError
+from .gather import GatherLayout, find_gathers
 from .split import boundary_name, source_name
 
-__all__ = ["reader_bindings", "shareable_gradients", "summed_request"]
+__all__ = ["reader_bindings", "shareable_gradients", "summed_request", "tensor_spec", "argument_types",
+           "infer_arguments", "chain_tensors", "head_parts", "chain_layout"]
 
 
 def reader_bindings(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"]) -> Dict[str, int]:
@@ -31,7 +38,7 @@ def reader_bindings(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"]) -> Di
 def shareable_gradients(plan: SegmentPlan, gathers: Mapping[int, Any],
                         gathered: Mapping[Entry, Any], readers: Mapping[str, int]) -> List[Entry]:
     """Boundaries whose gradient array may be shared (NOTE [ boundary gradients share arrays ]
-    in core/segments.py): bound once, so written with 'write', and not gathered."""
+    in core/segments/layout.py): bound once, so written with 'write', and not gathered."""
     merged = {tuple(e) for index in gathers for e in plan.segments[index].outputs}
     return [tuple(e) for e in plan.boundaries
             if readers.get(boundary_name(e), 0) == 1 and tuple(e) not in gathered
@@ -46,3 +53,104 @@ def summed_request(request: str, readers: int) -> str:
         return "null"
     return "add" if readers > 1 else ("write" if request == "inplace" else request)
 
+
+
+def tensor_spec(shape: Sequence[int], dtype: Any) -> TensorSpec:
+    """The :class:`TensorSpec` of an array of ``shape`` and NumPy-understood ``dtype``."""
+    kind = np.dtype(dtype)
+    return TensorSpec(tuple(int(d) for d in shape), kind.itemsize, kind.name)
+
+
+def argument_types(input_shapes: Mapping[str, Any], type_dict: Optional[Mapping[str, Any]]
+                   ) -> Dict[str, Any]:
+    """The input types a chain binds with: float32 unless ``type_dict`` says otherwise."""
+    types: Dict[str, Any] = {name: np.float32 for name in input_shapes}
+    types.update(type_dict or {})
+    return types
+
+
+def infer_arguments(symbol: "mx.sym.Symbol", input_shapes: Mapping[str, Tuple[int, ...]],
+                    types: Mapping[str, Any]) -> Tuple[list, list, list, list]:
+    """Shapes and types of the arguments and auxiliary states of ``symbol`` (MXNet's inference
+    from the inputs): ``(arg_shapes, arg_types, aux_shapes, aux_types)`` in MXNet's order."""
+    arg_shapes, _, aux_shapes = symbol.infer_shape(**input_shapes)
+    arg_types, _, aux_types = symbol.infer_type(**types)
+    if arg_shapes is None:
+        raise ShapeError("the input shapes do not determine every argument's shape; give the "
+                         "shapes of all data and label inputs")
+    return arg_shapes, arg_types, aux_shapes, aux_types
+
+
+def chain_tensors(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
+                  arguments: Mapping[str, TensorSpec]) -> Tuple[Dict[Entry, TensorSpec], List[TensorSpec]]:
+    """Every boundary's and the last segment's outputs' :class:`TensorSpec`, inferred segment by
+    segment from the full symbol's ``arguments`` (each segment's element types are MXNet's)."""
+    known = dict(arguments)
+    boundaries: Dict[Entry, TensorSpec] = {}
+    for index, (segment, sym) in enumerate(zip(plan.segments, symbols)):
+        if index == plan.count - 1 and plan.head_chunks:
+            return boundaries, []   # a chunked head allocates its own output
+        specs = _segment_outputs(sym, known)
+        if index == plan.count - 1:
+            return boundaries, specs
+        for entry, spec in zip(segment.outputs, specs):
+            boundaries[entry] = known[boundary_name(entry)] = spec
+    return boundaries, []
+
+
+def _segment_outputs(sym: "mx.sym.Symbol", known: Mapping[str, TensorSpec]) -> List[TensorSpec]:
+    """The outputs of a segment symbol whose arguments stand for ``known`` tensors."""
+    names = sym.list_arguments()
+    given = {n: known[source_name(n)] for n in names if source_name(n) in known}
+    _, out_shapes, _ = sym.infer_shape(**{n: s.shape for n, s in given.items()})
+    _, out_types, _ = sym.infer_type(**{n: s.dtype for n, s in given.items()})
+    return [tensor_spec(shape, dtype) for shape, dtype in zip(out_shapes, out_types)]
+
+
+def head_parts(document: Mapping[str, Any], plan: SegmentPlan
+               ) -> Tuple[Dict[str, Any], Dict[str, Any], Entry, str, Optional[str], str]:
+    """The chunked head of ``plan`` in the full symbol's JSON ``document``: its FullyConnected
+    and SoftmaxOutput nodes, the classifier's input, weight, bias (None) and label names."""
+    segment = plan.segments[-1]
+    nodes = {n["name"]: n for n in document["nodes"]}
+    softmax = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "SoftmaxOutput")
+    fc = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "FullyConnected")
+    inputs = document["nodes"]
+    data = (inputs[fc["inputs"][0][0]]["name"], int(fc["inputs"][0][1]))
+    weight = inputs[fc["inputs"][1][0]]["name"]
+    bias = inputs[fc["inputs"][2][0]]["name"] if len(fc["inputs"]) > 2 else None
+    label = next(n for n in segment.variables if n not in (weight, bias))
+    return fc, softmax, data, weight, bias, label
+
+
+def _head_arrays(document: Mapping[str, Any], plan: SegmentPlan, boundaries: Mapping[Entry, TensorSpec],
+                 arguments: Mapping[str, TensorSpec], requests: Mapping[str, str],
+                 readers: Mapping[str, int]) -> HeadArrays:
+    """The :class:`HeadArrays` of ``plan``'s chunked head (requests as the chain binds them)."""
+    _, _, data, weight, bias, _ = head_parts(document, plan)
+    rows, hidden = boundaries[data].shape
+    weight_req = summed_request(requests.get(weight, "null"), readers.get(weight, 0))
+    bias_req = summed_request(requests.get(bias, "null"), readers.get(bias, 0)) if bias else "null"
+    data_req = "add" if readers.get(boundary_name(data), 0) > 1 else "write"
+    return HeadArrays(rows, hidden, arguments[weight].shape[0], plan.head_chunks, data_req, weight_req,
+                      bias_req, boundaries[data].itemsize, boundaries[data].dtype)
+
+
+def chain_layout(symbol: "mx.sym.Symbol", plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
+                 arguments: Mapping[str, TensorSpec], requests: Mapping[str, str]
+                 ) -> Tuple[ChainLayout, Dict[int, GatherLayout], Dict[Entry, List[Tuple[int, int, int]]]]:
+    """The :class:`ChainLayout` of a chain of ``symbols`` (``split_symbol(symbol, plan)``) bound
+    with ``arguments`` (the full symbol's) and the user's gradient ``requests``, with its
+    gathering segments and where each gathered boundary goes (NOTE [ the chain's own arrays ])."""
+    boundaries, outputs = chain_tensors(plan, symbols, arguments)
+    shapes = {n: spec.shape for n, spec in arguments.items()}
+    shapes.update({boundary_name(e): spec.shape for e, spec in boundaries.items()})
+    gathers, gathered = find_gathers(plan, symbols, shapes)
+    readers = reader_bindings(plan, symbols)
+    shareable = frozenset(shareable_gradients(plan, gathers, gathered, readers))
+    head = None
+    if plan.head_chunks:
+        head = _head_arrays(json.loads(symbol.tojson()), plan, boundaries, arguments, requests, readers)
+    layout = ChainLayout(plan, boundaries, frozenset(gathers), {e: tuple(p) for e, p in gathered.items()},
+                         shareable, tuple(outputs) if plan.count > 1 else (), head)
+    return layout, gathers, gathered

@@ -6,19 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
+from ...core.segments.layout import ChainLayout
+from ...core.segments.plan import SegmentPlan
 from ...core.segments.pool import MATCH_RANGES, least_pool_choice, shared_pool_bytes
-from ...core.segments.plan import HEAD_GRAD_COPIES, SegmentPlan
-from ...core.segments.head import head_buffer_floats
-from ...core.segments.layout import gradient_slots
 from ..bind import environment
 from .environment import DEFAULT_GRAD_SUM_CAP, cap_variables, match_range_variables
-from .gather import find_gathers
-from .layout import reader_bindings, shareable_gradients, summed_request
+from .layout import argument_types, chain_layout, infer_arguments, tensor_spec
 from .split import boundary_name, source_name, split_symbol
 
 __all__ = ["segment_planned_mb", "tune_match_ranges"]
@@ -42,19 +41,16 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # (NOTE [ segments planned once per structure ]).  The chain's executors
     # share one pool: the figure counts the pool MXNet builds from those blocks
     # in the chain's bind order (NOTE [ the shared pool's union ] in
-    # core/segments.py), or the largest segment's plan when a segment's blocks
+    # core/segments/pool.py), or the largest segment's plan when a segment's blocks
     # cannot be modelled (a lower bound, logged).  The bench reports the storage
-    # profiler's peak beside this figure.  Boundaries are
-    # counted ``HEAD_GRAD_COPIES`` times: value, gradient, and the head-gradient
-    # copy the producing executor makes in ``backward``, the gradient once per
-    # array boundaries share (NOTE [ boundary gradients share arrays ] in
-    # core/segments.py); a boundary only gathering
-    # segments read has the copy alone, the largest gathered slice is added and a
-    # gathering segment plans nothing (NOTE [ gathered steps ]; the chain's own
-    # count is ``SegmentChain.boundary_bytes``).  With several segments the
-    # chain's copy of the outputs is added (NOTE [ outputs outlive the re-runs ]);
-    # a chunked loss head adds the arrays it allocates instead (its output and work
-    # buffers, ``ChunkedHead.allocated_bytes``; NOTE [ chunked loss head ]).
+    # profiler's peak beside this figure.  The arrays the chain allocates beside
+    # the pool (boundary values, their gradients once per shared array, the
+    # producing executors' head-gradient copies, the largest gathered slice, and
+    # the copy of the outputs or a chunked head's arrays) are counted from the
+    # same :class:`ChainLayout` the chain allocates from, at each tensor's own
+    # element size (NOTE [ the chain's own arrays ] in core/segments/layout.py;
+    # the chain's count of its real arrays is ``SegmentChain.allocated_bytes``);
+    # a gathering segment plans nothing (NOTE [ gathered steps ]).
     #
     # Binds run in a worker, not in the planning process: every MXNet bind keeps
     # native memory no release frees (NOTE [ why measurements run in a worker
@@ -64,65 +60,79 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     # after each bind so that their arrays are released before the next.
     """
     requests = dict(grad_req or {})
-    known = _known_shapes(plan, shapes)
-    variables = cap_variables(grad_sum_cap)
-    per_segment = []
     symbols = split_symbol(symbol, plan)
-    gathers, gathered, gathered_only = find_gathers(plan, symbols, known)
-    blocks: List[Optional[List[int]]] = []
-    head_mb = _chunked_head_mb(symbols[-1], plan, known, requests) if plan.head_chunks else 0.0
-    for index, sym in enumerate(symbols[:plan.executor_count()]):
-        if index in gathers:
-            per_segment.append(0.0)  # no executor (NOTE [ gathered steps ])
-            blocks.append([])
-            continue
-        seg_shapes, seg_types, seg_req = _segment_bind_inputs(sym, known, type_dict, requests)
-        mb, found = _segment_measure(sym, ctx, seg_shapes, seg_types, seg_req, variables,
-                                     plan.segments[index].match_range)
-        per_segment.append(mb)
-        blocks.append(found)
-    # Boundaries: value, gradient and the producer's head-gradient copy (HEAD_GRAD_COPIES); a
-    # boundary only gathers read has the copy alone, and the largest gathered slice is added.
-    # A gathering segment's output has no producing executor, so no copy.
-    # Gradient arrays are counted once per shared slot (NOTE [ boundary gradients share arrays ]).
-    entry_bytes = {tuple(e): 4 * int(np.prod(known[boundary_name(e)])) for e in plan.boundaries}
-    merged = {tuple(e) for index in gathers for e in plan.segments[index].outputs}
-    copies = {e: 1 if e in gathered_only else HEAD_GRAD_COPIES - (e in merged) for e in entry_bytes}
-    keys = {e: (tuple(known[boundary_name(e)]), "float32") for e in entry_bytes if e not in gathered_only}
-    slots = gradient_slots(plan, keys, shareable_gradients(plan, gathers, gathered,
-                                                           reader_bindings(plan, symbols)))
-    slot_bytes = {slots[e]: entry_bytes[e] for e in keys}
-    boundary_mb = (sum((copies[e] - (e in keys)) * b for e, b in entry_bytes.items())
-                   + sum(slot_bytes.values())
-                   + max((entry_bytes[tuple(e)] for e in gathered), default=0)) / 2 ** 20
+    layout, gathers = _figure_layout(symbol, plan, symbols, shapes, type_dict, requests)
+    per_segment, blocks = _measure_executors(plan, symbols, ctx, _BindInputs.of(plan, layout, shapes,
+                                                                                type_dict, requests),
+                                             gathers, cap_variables(grad_sum_cap))
     pool_mb = _pool_mb(plan, per_segment, blocks, gathers)
+    boundary_mb = layout.boundary_bytes() / 2 ** 20
     if plan.head_chunks:
         # The head's arrays are allocated by the chain, beside the executors' pool; its entry in
         # the per-segment list is 0 so that an executor segment owns the pool.
-        return pool_mb + boundary_mb + head_mb, per_segment + [0.0]
+        return pool_mb + boundary_mb + layout.head_bytes() / 2 ** 20, per_segment + [0.0]
     # The chain's copies of the outputs (NOTE [ outputs outlive the re-runs ]).
-    output_mb = 0.0
-    if plan.count > 1:
-        last = symbols[-1]
-        names = last.list_arguments()
-        _, out_shapes, _ = last.infer_shape(**{n: known[source_name(n)] for n in names
-                                                if source_name(n) in known})
-        output_mb = sum(4 * int(np.prod(shape)) for shape in out_shapes) / 2 ** 20
-    return pool_mb + boundary_mb + output_mb, per_segment
+    return pool_mb + boundary_mb + layout.output_bytes() / 2 ** 20, per_segment
 
 
-def _segment_bind_inputs(symbol: "mx.sym.Symbol", known: Mapping[str, Tuple[int, ...]],
-                         type_dict: Optional[Mapping[str, Any]], requests: Mapping[str, str]
-                         ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Any], Dict[str, str]]:
-    """Shapes, types and gradient requests a segment symbol is measured with."""
-    names = symbol.list_arguments()
-    shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
-    types = {n: np.dtype(np.float32) for n in names if n.endswith("_segment_boundary")}
-    types.update({n: (type_dict or {})[source_name(n)] for n in names
-                  if source_name(n) in (type_dict or {})})
-    req = {n: ("write" if n.endswith("_segment_boundary") else requests.get(source_name(n), "null"))
-           for n in names}
-    return shapes, types, req
+def _figure_layout(symbol: "mx.sym.Symbol", plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"],
+                   shapes: Mapping[str, Tuple[int, ...]], type_dict: Optional[Mapping[str, Any]],
+                   requests: Mapping[str, str]) -> Tuple[ChainLayout, Dict[int, Any]]:
+    """The :class:`ChainLayout` a :class:`SegmentChain` bound with these inputs allocates, and
+    its gathering segments (the same inference and the same function as the chain's)."""
+    types = argument_types(shapes, type_dict)
+    arg_shapes, arg_types, _, _ = infer_arguments(symbol, dict(shapes), types)
+    arguments = {name: tensor_spec(shape, dtype)
+                 for name, shape, dtype in zip(symbol.list_arguments(), arg_shapes, arg_types)}
+    layout, gathers, _ = chain_layout(symbol, plan, symbols, arguments, requests)
+    return layout, gathers
+
+
+@dataclass(frozen=True)
+class _BindInputs:
+    """What segments are measured with: the shapes and element types of the inputs and of the
+    boundary variables, and the user's gradient requests."""
+
+    known: Mapping[str, Tuple[int, ...]]
+    types: Mapping[str, Any]
+    requests: Mapping[str, str]
+
+    @classmethod
+    def of(cls, plan: SegmentPlan, layout: ChainLayout, shapes: Mapping[str, Tuple[int, ...]],
+           type_dict: Optional[Mapping[str, Any]], requests: Mapping[str, str]) -> "_BindInputs":
+        """Inputs as given, boundaries as ``layout`` has them (their own element type)."""
+        types = {boundary_name(e): spec.dtype for e, spec in layout.boundaries.items()}
+        types.update(type_dict or {})
+        return cls(_known_shapes(plan, shapes), types, requests)
+
+    def of_segment(self, symbol: "mx.sym.Symbol"
+                   ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Any], Dict[str, str]]:
+        """Shapes, types and gradient requests segment ``symbol`` is measured with."""
+        names = symbol.list_arguments()
+        shapes = {n: self.known[source_name(n)] for n in names if source_name(n) in self.known}
+        types = {n: self.types[source_name(n)] for n in names if source_name(n) in self.types}
+        req = {n: ("write" if n.endswith("_segment_boundary") else self.requests.get(source_name(n), "null"))
+               for n in names}
+        return shapes, types, req
+
+
+def _measure_executors(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"], ctx: "mx.Context",
+                       inputs: _BindInputs, gathers: Mapping[int, Any], variables: Mapping[str, str]
+                       ) -> Tuple[List[float], List[Optional[List[int]]]]:
+    """MXNet's planned MB and the storage blocks of each executor segment (a gathering segment
+    plans nothing: NOTE [ gathered steps ])."""
+    per_segment: List[float] = []
+    blocks: List[Optional[List[int]]] = []
+    for index, sym in enumerate(symbols[:plan.executor_count()]):
+        if index in gathers:
+            per_segment.append(0.0)
+            blocks.append([])
+            continue
+        mb, found = _segment_measure(sym, ctx, *inputs.of_segment(sym), variables,
+                                     plan.segments[index].match_range)
+        per_segment.append(mb)
+        blocks.append(found)
+    return per_segment, blocks
 
 
 def _segment_measure(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
@@ -145,21 +155,21 @@ def tune_match_ranges(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Conte
                       grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP,
                       ranges: Sequence[int] = MATCH_RANGES) -> SegmentPlan:
     """``plan`` with the match range of each executor segment that makes the shared pool least
-    (NOTE [ a match range per segment ] in core/segments.py).
+    (NOTE [ a match range per segment ] in core/segments/pool.py).
 
     Each executor segment is measured under each of ``ranges``; a range whose blocks the
     allocator model cannot reproduce is not a choice, and a segment with no modelled range
     keeps its own.  Gathering segments and a chunked head run no executor (range 0).
     """
     requests = dict(grad_req or {})
-    known = _known_shapes(plan, shapes)
     variables = cap_variables(grad_sum_cap)
     symbols = split_symbol(symbol, plan)
-    gathers, _, _ = find_gathers(plan, symbols, known)
+    layout, gathers = _figure_layout(symbol, plan, symbols, shapes, type_dict, requests)
+    inputs = _BindInputs.of(plan, layout, shapes, type_dict, requests)
     executors = [i for i in range(plan.executor_count()) if i not in gathers]
     options = []
     for index in executors:
-        bind_inputs = _segment_bind_inputs(symbols[index], known, type_dict, requests)
+        bind_inputs = inputs.of_segment(symbols[index])
         measured = {r: _segment_measure(symbols[index], ctx, *bind_inputs, variables, r) for r in ranges}
         choices = {r: (mb, blocks) for r, (mb, blocks) in measured.items() if blocks is not None}
         if not choices:
@@ -189,7 +199,7 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
                      variables: Mapping[str, str], match_range: int = 0
                      ) -> Tuple[float, Optional[List[int]]]:
     """MXNet's planned MB of a segment and its storage blocks (None when they cannot be
-    modelled; NOTE [ the shared pool's union ] in core/segments.py).
+    modelled; NOTE [ the shared pool's union ] in core/segments/pool.py).
 
     Bound in a capture worker started under ``variables`` (the gradient-sum cap), which
     reports the planned MB and the executed graph the allocator model replays into blocks;
@@ -277,27 +287,3 @@ def _segment_key(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str
     text = json.dumps([nodes, document["heads"], str(ctx), sorted(environment_vars.items())],
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _chunked_head_mb(head_symbol: "mx.sym.Symbol", plan: SegmentPlan,
-                     known: Mapping[str, Tuple[int, ...]], requests: Mapping[str, str]) -> float:
-    """MB a :class:`ChunkedHead` allocates (output, work buffers), from the head's shapes."""
-    names = head_symbol.list_arguments()
-    shapes = {n: known[source_name(n)] for n in names if source_name(n) in known}
-    _, out_shapes, _ = head_symbol.infer_shape(**shapes)
-    rows, classes = out_shapes[0]
-    data = [n for n in names if n.endswith("_segment_boundary")]
-    hidden = known[data[0]][1]
-    readers = sum(1 for s in plan.segments for e in s.inputs if boundary_name(e) == data[0])
-    document = json.loads(head_symbol.tojson())
-    fc = next(n for n in document["nodes"] if n["op"] == "FullyConnected")
-    parameters = [document["nodes"][ref[0]]["name"] for ref in fc["inputs"][1:]]
-    shared = plan.readers()
-    request = {name: summed_request(requests.get(name, "null"), len(shared.get(name, [])))
-               for name in parameters}
-    weight_req = request[parameters[0]]
-    bias_req = request[parameters[1]] if len(parameters) > 1 else "null"
-    sizes = head_buffer_floats(rows, hidden, classes, plan.head_chunks,
-                               "add" if readers > 1 else "write", weight_req, bias_req)
-    return 4 * (rows * classes + sum(sizes.values())) / 2 ** 20
-
