@@ -20,6 +20,7 @@ from mxnet_mirror_hook.mx.executed import parse_executed_graph
 from mxnet_mirror_hook.mx.bind import planned_mb_in_process
 from mxnet_mirror_hook.mx.measure import executed_graph
 from mxnet_mirror_hook.plan import prepare_planning
+from tests.repeated_names import with_repeated_names
 
 
 def residual_net(blocks: int = 4, channels: int = 16) -> mx.sym.Symbol:
@@ -55,6 +56,10 @@ def shared_weight_lstm(steps: int = 6, hidden: int = 32) -> mx.sym.Symbol:
 CASES = {
     "residual": (residual_net, {"data": (8, 3, 32, 32)}),
     "lstm": (shared_weight_lstm, {"data": (8, 6, 16)}),
+    # Operators named after their type (MXNet allows repeated names): the backward nodes'
+    # control dependencies and the gradient outputs are told apart without names.
+    "residual, repeated names": (lambda: with_repeated_names(residual_net()), {"data": (8, 3, 32, 32)}),
+    "lstm, repeated names": (lambda: with_repeated_names(shared_weight_lstm()), {"data": (8, 6, 16)}),
 }
 
 
@@ -142,3 +147,15 @@ def test_every_allowed_mirror_set_of_a_gluon_loss_head_runs_backward():
             executor.forward(is_train=True)
             executor.backward()
             mx.nd.waitall()  # raises here if a kernel refused its request
+
+
+@pytest.mark.parametrize("build", [residual_net, shared_weight_lstm], ids=["residual", "lstm"])
+def test_repeated_names_give_the_executed_graph_of_unique_names(build):
+    shapes = {"data": (8, 3, 32, 32)} if build is residual_net else {"data": (8, 6, 16)}
+    unique = executed_graph(build(), mx.cpu(), shapes)
+    repeated = executed_graph(with_repeated_names(build()), mx.cpu(), shapes)
+    assert [n.op for n in repeated.nodes] == [n.op for n in unique.nodes]
+    assert [n.inputs for n in repeated.nodes] == [n.inputs for n in unique.nodes]
+    assert [n.control_deps for n in repeated.nodes] == [n.control_deps for n in unique.nodes]
+    assert repeated.outputs == unique.outputs
+    assert len(set(AllocatorModel(repeated).forward_index)) == repeated.num_forward
