@@ -137,7 +137,8 @@ class ChunkedHead:
                 one_hot = self._one_hot[:count * size].reshape((count, size))
                 invoke("slice", [self.output], [grad],
                         {"begin": f"({low}, {start})", "end": f"({high}, {stop})"})
-                invoke("one_hot", [self.label[low:high] - start], [one_hot], {"depth": str(size)})
+                invoke("one_hot", [self.label[low:high] - start], [one_hot],
+                       {"depth": str(size), "dtype": self.arrays.dtype})
                 invoke("elemwise_sub", [grad, one_hot], [grad], {})
                 invoke("_mul_scalar", [grad], [grad], {"scalar": repr(scale)})
                 if keep is not None:
