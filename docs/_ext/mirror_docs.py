@@ -6,6 +6,8 @@
 - ``{mirror-note}`title``` (MyST) or ``:mirror-note:`title``` (reST) links to that essay; a
   title no essay has is an undefined-label warning, so a ``-W`` build fails when a page names
   a note the code no longer has.
+- In docstrings that autodoc renders and in Markdown files pages include (``bench/RESULTS.md``),
+  ``NOTE [ title ]`` of an essay that exists becomes such a link too (other titles stay text).
 - ``.. mirror-modules::`` lists every module of the package with the first paragraph of its
   docstring (read without importing), so the code map follows the code.
 - ``.. mirror-argparse:: module:function`` renders the ``--help`` text of the parser the
@@ -18,8 +20,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Set
 
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -130,6 +133,45 @@ class ArgparseDirective(SphinxDirective):
         return blocks
 
 
+#: A note named in a docstring; the title may wrap onto the next line.
+_NAMED_NOTE = re.compile(r"NOTE\s+\[\s+([^\]]{1,100}?)\s+\]")
+
+
+def _note_titles(app: Sphinx) -> Set[str]:
+    titles = getattr(app, "_mirror_note_titles", None)
+    if titles is None:
+        package = Path(app.srcdir).parent / "mxnet_mirror_hook"
+        titles = app._mirror_note_titles = {note.title for note in collect_notes(package)}
+    return titles
+
+
+def _linked(text: str, titles: Set[str], role: str) -> str:
+    """``text`` with each ``NOTE [ title ]`` of a known title written as ``role`title```."""
+    def link(match: "re.Match[str]") -> str:
+        title = " ".join(match.group(1).split())
+        inside_code = text.count("`", text.rfind("\n", 0, match.start()) + 1, match.start()) % 2
+        return f"{role}`{title}`" if title in titles and not inside_code else match.group(0)
+
+    return _NAMED_NOTE.sub(link, text)
+
+
+def link_notes_in_docstring(app: Sphinx, what, name, obj, options, lines: List[str]) -> None:
+    """``autodoc-process-docstring``: named notes become ``:mirror-note:`` links."""
+    text = "\n".join(lines)
+    linked = _linked(text, _note_titles(app), ":mirror-note:")
+    if linked != text:
+        lines[:] = linked.split("\n")
+
+
+def link_notes_in_include(app: Sphinx, path: Path, docname: str, source: List[str]) -> None:
+    """``include-read``: named notes in an included Markdown file become ``{mirror-note}`` links.
+
+    A file with code fences is left as it is (a fence's text must stay literal).
+    """
+    if Path(path).suffix == ".md" and "```" not in source[0]:
+        source[0] = _linked(source[0], _note_titles(app), "{mirror-note}")
+
+
 def _helps(parser: argparse.ArgumentParser) -> Iterator[str]:
     """``parser``'s help, then each subcommand's, at a fixed width."""
     previous = os.environ.get("COLUMNS")
@@ -152,4 +194,7 @@ def setup(app: Sphinx) -> Dict[str, object]:
     app.add_directive("mirror-modules", ModulesDirective)
     app.add_directive("mirror-argparse", ArgparseDirective)
     app.add_role("mirror-note", note_role)
+    # Before numpydoc (priority 500) reshapes the docstring.
+    app.connect("autodoc-process-docstring", link_notes_in_docstring, priority=400)
+    app.connect("include-read", link_notes_in_include)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
