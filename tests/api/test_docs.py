@@ -65,6 +65,29 @@ def test_the_api_reference_documents_every_public_name(module):
     assert not missing, f"docs/api/*.rst documents no {module}.X for {missing}"
 
 
+def _resolve(dotted: str):
+    """The object at ``package.module.name`` (or ``package.module:function``)."""
+    parts = dotted.replace(":", ".").split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[split:]:
+            obj = getattr(obj, name)
+        return obj
+    raise AssertionError(f"no module in {dotted}")
+
+
+def test_everything_the_docs_pages_import_exists():
+    directive = re.compile(r"(?:\.\. auto\w+::|\.\. mirror-argparse::|\{mirror-argparse\})\s+(\S+)")
+    texts = [path.read_text(encoding="utf-8") for path in DOCS.rglob("*") if path.suffix in (".md", ".rst")]
+    targets = sorted({target for text in texts for target in directive.findall(text)})
+    assert len(targets) > 20, "the API pages document almost nothing"
+    for target in targets:
+        assert _resolve(target) is not None, target
+
+
 def test_the_environment_page_names_every_variable_the_package_reads():
     page = (DOCS / "environment.md").read_text(encoding="utf-8")
     source = "\n".join(path.read_text(encoding="utf-8")
