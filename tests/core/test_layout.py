@@ -193,3 +193,69 @@ def test_the_globals_check_sees_lists_counters_and_global_statements(tmp_path):
                       "REGISTRY = HookRegistry()\n_PENDING = []\n_ORIGINALS: dict = {}\n"
                       "_SEQUENCE = itertools.count()\ndef f():\n    global LIMIT\n    LIMIT = 1\n")
     assert _mutable_globals(str(module)) == ["_PENDING", "_ORIGINALS", "_SEQUENCE", "global LIMIT"]
+
+
+#: The segment packages (NOTE [ executor segments ]): the pure core and the MXNet adapter.
+_SEGMENT_PACKAGES = (f"{PACKAGE}.core.segments", f"{PACKAGE}.mx.segments")
+
+#: Outside them, segment code is only called: by planning, and by the surfaces that bind a chain
+#: (Module's executor group, bucketing, Gluon's binding).
+_SEGMENT_CALLERS = (f"{PACKAGE}.planning", f"{PACKAGE}.module", f"{PACKAGE}.bucketing", f"{PACKAGE}.gluon")
+
+#: Classes of the segment machinery are named so (a plan, a spec, a chain, its layout, a head...).
+_SEGMENT_CLASS = re.compile(r"Segment|Chunked|ChainLayout|HeadArrays|GatherLayout|LossHead|TensorSpec")
+
+#: Classes outside the segment packages whose names match: the cut-set DP's schedule pieces (one
+#: level's planning, another concept) and planning's private error for a failing segment path.
+_OTHER_SEGMENT_CLASSES = {f"{PACKAGE}.core.planners.dp": {"Segment"},
+                          f"{PACKAGE}.planning.segments": {"_SegmentPathError"}}
+
+
+def _in_segment_packages(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in _SEGMENT_PACKAGES)
+
+
+def _all_imports(module: str, path: str) -> Set[str]:
+    """Package modules ``module`` imports anywhere (also inside functions), as written."""
+    is_package = path.endswith("__init__.py")
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith(PACKAGE))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                found.add(".".join(anchor + ([node.module] if node.module else [])))
+            elif (node.module or "").startswith(PACKAGE):
+                found.add(node.module)
+    return found
+
+
+def test_segment_code_is_called_only_by_planning_and_the_binding_surfaces_through_the_packages():
+    # Outside core/segments/ and mx/segments/ nobody reaches into their modules: the packages'
+    # __init__ re-export what the rest of the library uses, the rest stays theirs.
+    for name, path in _modules().items():
+        if _in_segment_packages(name):
+            continue
+        used = {t for t in _all_imports(name, path) if _in_segment_packages(t)}
+        if not used:
+            continue
+        assert name.startswith(_SEGMENT_CALLERS), (name, used)
+        assert used <= set(_SEGMENT_PACKAGES), (name, used - set(_SEGMENT_PACKAGES))
+
+
+def test_no_module_outside_the_segment_packages_defines_segment_classes():
+    for name, path in _modules().items():
+        if _in_segment_packages(name):
+            continue
+        classes = {node.name for node in ast.walk(ast.parse(open(path, encoding="utf-8").read()))
+                   if isinstance(node, ast.ClassDef) and _SEGMENT_CLASS.search(node.name)}
+        assert classes <= _OTHER_SEGMENT_CLASSES.get(name, set()), (name, classes)
+
+
+def test_the_segment_import_check_sees_a_reach_into_a_segment_module(tmp_path):
+    # The first check above is only worth something if it sees an import of a private module.
+    source = tmp_path / "runner.py"
+    source.write_text("def f():\n    from .mx.segments.chain import SegmentChain\n")
+    assert _all_imports(f"{PACKAGE}.runner", str(source)) == {f"{PACKAGE}.mx.segments.chain"}
