@@ -1,4 +1,4 @@
-"""The one place that reads environment variables (every one is documented in the README).
+"""The one place that reads environment variables (every one is documented in docs/environment.md).
 
 Pure Python: importing it imports nothing heavy.  Each accessor reads the
 variable when called, so a test or a script may set it at any time before

@@ -1,6 +1,6 @@
 """Recomputable dropout (issue 11): the ``recompute_dropout`` option.
 
-What holds (README, Guarantees): with the option off plans are as before; with
+What holds (docs/guarantees.md): with the option off plans are as before; with
 it on, the gradients are those of the masks used in forward, the masks drop a
 fraction p at MXNet's scale, inference passes the input through, and the plan
 is never above the one made without the option (lower where the rewrite helps).

@@ -265,7 +265,7 @@ def test_unrolled_lstm_with_weights_shared_over_steps_without_mkldnn():
 @pytest.mark.slow
 def test_auto_takes_segments_where_they_win_and_trains_like_plain():
     """A 24-step LSTM with the gradient-sum cap 2 (set before the process builds a graph, as the
-    README says): 'auto' measures segments at least 10% below the one-level plan and takes them."""
+    docs/guide/segments.md says): 'auto' measures segments at least 10% below the one-level plan and takes them."""
     result = _without_mkldnn("lstm_auto", backend="auto", segments=0, cap=True)
     assert result["backend"] == "segments" and result["count"] > 1, result["summary"]
     assert not _beyond_rounding(result), _beyond_rounding(result)
@@ -304,7 +304,7 @@ def test_auto_chooses_as_plan_mirror_does(tmp_path):
     data, label = _batches("lstm", 1)[0]
     _train(net, gluon.Trainer(net.collect_params(), "sgd", OPTIMIZER), [(data, label)], [mx.cpu()])
     chosen = mirror_state(net).last_plan
-    _, symbol = mirror_state(net)._symbol
+    symbol, = mirror_state(net).traced_symbols()
     expected = plan_mirror(symbol, [("data", data.shape)], backend="auto", cache_dir=False,
                            grad_req={n: ("null" if n == "data" else "write")
                                      for n in symbol.list_arguments()})
