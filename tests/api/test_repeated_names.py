@@ -7,6 +7,7 @@ import json
 import warnings
 
 import mxnet as mx
+from mxnet import gluon
 import pytest
 
 from mxnet_mirror_hook import BudgetUnreachableError, MirroredModule, plan_mirror
@@ -180,3 +181,40 @@ def test_gluoncv_networks_with_repeated_names_plan_as_if_their_names_were_unique
     assert plan.planned_mb < plan.baseline_mb
     assert _marked_positions(plan.symbol) == _marked_positions(plain.symbol)
     assert operator_names(plan.symbol) == operator_names(symbol)
+
+
+class SharedActivationNet(gluon.HybridBlock):
+    """Dense layers sharing one Activation block: its operator is traced under one name each call."""
+
+    def __init__(self, hidden: int = 1024, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.act = gluon.nn.Activation("relu")
+            self.dense0 = gluon.nn.Dense(hidden)
+            self.dense1 = gluon.nn.Dense(hidden)
+            self.dense2 = gluon.nn.Dense(hidden)
+            self.out = gluon.nn.Dense(10)
+
+    def hybrid_forward(self, F, x):
+        for layer in (self.dense0, self.dense1, self.dense2):
+            x = self.act(layer(x))
+        return self.out(x)
+
+
+def test_a_gluon_block_tracing_repeated_names_trains_bit_identical_to_plain_gluon(tmp_path):
+    from mxnet_mirror_hook.gluon import mirror_state
+    from tests.api.test_gluon_mirror import _assert_identical, _batches, _train_step, _twins
+
+    shape = (1024, 64)
+    traced = SharedActivationNet()
+    traced.initialize()
+    names = operator_names(traced(mx.sym.var("data")))
+    assert len(set(names)) < len(names)
+    (plain, plain_trainer), (net, trainer) = _twins(SharedActivationNet, tmp_path, shape)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for data, label in _batches(2, shape):
+        _train_step(plain, plain_trainer, data, label, [mx.cpu()], loss_fn)
+        _train_step(net, trainer, data, label, [mx.cpu()], loss_fn)
+    _assert_identical(plain, net)
+    plan = mirror_state(net).last_plan
+    assert any("#" in key for key in plan.mirrored)
