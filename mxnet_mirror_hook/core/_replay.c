@@ -11,7 +11,8 @@
  * the planner's search about 30x faster; the package works without it.
  *
  * The model is handed over once as flat int64 arrays (prepare), then every
- * evaluation passes the mirrored nodes' names and a dict of their forward ids.
+ * evaluation passes the mirrored nodes' keys (names, or name#k for repeated names) and a dict
+ * of their forward ids.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -477,8 +478,8 @@ static int compare_ids(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* planned_bytes_of_names(model, mirrored, index, limit): ``mirrored`` an iterable of node names,
-   ``index`` a dict from the names MXNet may recompute to their forward ids (others are
+/* planned_bytes_of_names(model, mirrored, index, limit): ``mirrored`` an iterable of node keys,
+   ``index`` a dict from the keys MXNet may recompute to their forward ids (others are
    ignored, as AllocatorModel._mirror_ids does). */
 static PyObject *planned_bytes_of_names(PyObject *self, PyObject *args) {
     PyObject *capsule, *mirrored, *index;
