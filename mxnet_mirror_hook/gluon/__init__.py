@@ -25,11 +25,18 @@ chain of executor segments instead (NOTE [ executor segments behind a mirrored
 block ] in ``binding.py``).  ``MirroredTrainer`` is a small training loop built
 on the same path.
 
+A mirrored block takes the calls plain Gluon takes: NDArrays, ``None`` for an
+optional input and nested lists or tuples of them, returning outputs in the
+structure the block returns (NOTE [ nested inputs and outputs of a mirrored
+block ]); lazily initialized Parameters get plain Gluon's initial values at the
+same seed (NOTE [ deferred initialization in plain Gluon's order ]).
+
 The modules: ``api`` (mirror, unmirror, plan_block), ``state`` (``MirrorState``:
 plans and bound executors per block), ``hooks`` (the autograd wrap and the one
 ``HookRegistry`` holding every pending forward), ``records`` (a bound executor
 and a recorded forward), ``binding`` (binding a plan to the Parameters' arrays),
-``trainer`` (``MirroredTrainer``).
+``signature`` (nested calls and their traces), ``deferred`` (deferred
+initialization), ``trainer`` (``MirroredTrainer``).
 """
 from __future__ import annotations
 

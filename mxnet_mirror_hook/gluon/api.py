@@ -5,12 +5,14 @@ import weakref
 from typing import Any, Optional, Tuple
 
 import mxnet as mx
+import numpy as np
 from mxnet import autograd, gluon
 
 from ..errors import UnsupportedBlockError
 from ..options import MirrorOptions, takes_options
 from ..plan import MirrorPlan
 from .hooks import REGISTRY
+from .signature import has_symbol
 from .state import MirrorState
 
 __all__ = ["mirror", "unmirror", "is_mirrored", "mirror_state", "plan_block"]
@@ -90,7 +92,7 @@ def _attach(block: "gluon.HybridBlock", state: MirrorState) -> None:
 def _mirrored_forward(block: "gluon.HybridBlock", original: Any, *args: Any) -> Any:
     state = mirror_state(block)
     if state is None or not (autograd.is_recording() and autograd.is_training()) \
-            or any(isinstance(x, mx.sym.Symbol) for x in args):
+            or has_symbol(args):
         return original(*args)
     return state.forward(block, args)
 
@@ -142,8 +144,9 @@ def plan_block(block: "gluon.HybridBlock", *inputs: Any, dtype: Any = "float32",
     block : gluon.HybridBlock
         Mirrored or not; initialized (deferred shapes are completed from the
         inputs).
-    *inputs : NDArray or tuple of int
-        Sample inputs, or their shapes (then zeros of ``dtype`` on the CPU).
+    *inputs : NDArray, tuple of int, None, or (nested) lists of them
+        Sample inputs as the block is called with them, each array given
+        itself or by its shape (then zeros of ``dtype`` on the CPU).
     dtype : str or numpy dtype
         The dtype of inputs given as shapes.
     options, **option_kwargs
@@ -154,9 +157,18 @@ def plan_block(block: "gluon.HybridBlock", *inputs: Any, dtype: Any = "float32",
     MirrorPlan
         With ``baseline_mb`` (the unmirrored executor) and ``planned_mb``.
     """
-    arrays = [x if isinstance(x, mx.nd.NDArray) else mx.nd.zeros(tuple(x), dtype=dtype) for x in inputs]
+    arrays = [_sample(x, dtype) for x in inputs]
     state = mirror_state(block)
     if state is None or options is not None or option_kwargs:
         base = options if options is not None else (state.options if state is not None else None)
         state = MirrorState(block, MirrorOptions.coerce(base, **option_kwargs), 1, 1)
     return state.plan(block, arrays)
+
+
+def _sample(value: Any, dtype: Any) -> Any:
+    """An input of :func:`plan_block`: an array, None, zeros for a shape, or a nested list of them."""
+    if value is None or isinstance(value, mx.nd.NDArray):
+        return value
+    if all(isinstance(x, (int, np.integer)) for x in value):
+        return mx.nd.zeros(tuple(value), dtype=dtype)
+    return type(value)(_sample(x, dtype) for x in value)

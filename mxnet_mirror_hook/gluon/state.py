@@ -15,8 +15,10 @@ from ..errors import GluonMirrorError, MirrorHookError
 from ..options import MirrorOptions
 from ..plan import MirrorPlan, plan_mirror
 from .binding import bind_slot
+from .deferred import finish_deferred_init
 from .hooks import REGISTRY
 from .records import HeadGradCatcher, Slot
+from .signature import Call, Trace, flatten_call, trace
 
 __all__ = ["MirrorState", "restore_state"]
 
@@ -63,7 +65,7 @@ class MirrorState:
         self.max_pending = max(1, int(max_pending))
         self.last_plan: Optional[MirrorPlan] = None
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
-        self._symbol: Optional[Tuple[List[str], "mx.sym.Symbol"]] = None
+        self._traces: Dict[str, Trace] = {}  # per input structure (nested lists, None)
         self._arrays: Optional[List[tuple]] = None
 
     def __reduce__(self) -> Tuple[Any, tuple]:
@@ -80,6 +82,10 @@ class MirrorState:
         :class:`~mxnet_mirror_hook.mx.segments.SegmentChain` per executor for segment plans)."""
         return [slot.executor for entry in self._entries.values() for slot in entry.slots]
 
+    def traced_symbols(self) -> List["mx.sym.Symbol"]:
+        """The block's symbol as traced for each input structure seen (all outputs, flattened)."""
+        return [found.symbol for found in self._traces.values()]
+
     def release(self) -> None:
         """Drop every bound executor (pending forwards become unusable)."""
         for entry in self._entries.values():
@@ -94,11 +100,11 @@ class MirrorState:
         self.max_shapes, self.max_pending = max(1, int(max_shapes)), max(1, int(max_pending))
 
     # ------------------------------------------------------------ tracing and planning
-    def _traced(self, block: "gluon.HybridBlock", args: Sequence["mx.nd.NDArray"],
-                ) -> Tuple[List[str], "mx.sym.Symbol"]:
-        if self._symbol is None:
+    def _traced(self, block: "gluon.HybridBlock", args: Sequence[Any], structure: Any) -> Trace:
+        key = repr(structure)
+        if key not in self._traces:
             try:
-                inputs, out = block._get_graph(*args)
+                found = trace(block, args, structure)
             except MirrorHookError:
                 raise
             except Exception as error:  # anything hybrid_forward raises on Symbols
@@ -107,15 +113,16 @@ class MirrorState:
                     f"{error}); mirroring needs hybrid_forward to use only F (symbol-compatible) "
                     f"operations and return (nested lists of) outputs. Call unmirror(net) to train "
                     f"it plainly") from error
-            names = [symbol.name for symbol in inputs]
             params = {p.name for p in block.collect_params().values()}
-            unknown = (set(out.list_arguments()) | set(out.list_auxiliary_states())) - params - set(names)
+            symbol = found.symbol
+            unknown = (set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())) - params \
+                - set(found.names)
             if unknown:
                 raise GluonMirrorError(f"the traced symbol of {type(block).__name__} reads inputs that "
                                        f"are neither its arguments nor its Parameters: "
                                        f"{sorted(unknown)[:5]}; mirror the block that owns them")
-            self._symbol = names, out
-        return self._symbol
+            self._traces[key] = found
+        return self._traces[key]
 
     def _plan(self, block: "gluon.HybridBlock", symbol: "mx.sym.Symbol", signature: tuple,
               requests: Dict[str, str]) -> MirrorPlan:
@@ -129,14 +136,14 @@ class MirrorState:
                                    f"{signature} ({error}); call unmirror(net) to train it "
                                    f"plainly") from error
 
-    def _requests(self, block: "gluon.HybridBlock", args: Sequence["mx.nd.NDArray"],
-                  ) -> Tuple[List[str], "mx.sym.Symbol", Dict[str, str], List[Tuple[str, Any]]]:
-        """Traced symbol, gradient requests and the inputs that need a gradient."""
-        self._finish_deferred_init(block, args)
-        names, symbol = self._traced(block, args)
+    def _call(self, block: "gluon.HybridBlock", args: Sequence[Any]) -> Call:
+        """The call's traced symbol, input arrays, gradient requests and inputs needing a gradient."""
+        arrays, structure = flatten_call(block, args)
+        finish_deferred_init(block, args)
+        found = self._traced(block, args, structure)
         requests: Dict[str, str] = {}
         leaves: List[Tuple[str, "mx.nd.NDArray"]] = []
-        for name, x in zip(names, args):
+        for name, x in zip(found.names, arrays):
             if x.grad is not None:
                 requests[name] = "write"
                 leaves.append((name, x))
@@ -149,19 +156,20 @@ class MirrorState:
             else:
                 requests[name] = "null"
         params = {p.name: p for p in block.collect_params().values()}
-        for name in symbol.list_arguments():
+        for name in found.symbol.list_arguments():
             if name not in requests:
                 requests[name] = params[name].grad_req
-        return names, symbol, requests, leaves
+        return Call(found, arrays, requests, leaves)
 
     @staticmethod
     def _signature(names: List[str], args: Sequence["mx.nd.NDArray"]) -> tuple:
         return tuple((name, tuple(x.shape), np.dtype(x.dtype).name) for name, x in zip(names, args))
 
-    def plan(self, block: "gluon.HybridBlock", args: Sequence["mx.nd.NDArray"]) -> MirrorPlan:
+    def plan(self, block: "gluon.HybridBlock", args: Sequence[Any]) -> MirrorPlan:
         """The plan a training forward on ``args`` uses (planned or from the cache; nothing bound)."""
-        names, symbol, requests, _ = self._requests(block, args)
-        return self._plan(block, symbol, self._signature(names, args), requests)
+        call = self._call(block, args)
+        return self._plan(block, call.trace.symbol, self._signature(call.trace.names, call.arrays),
+                          call.requests)
 
     # ------------------------------------------------------------ binding
     def _check_arrays(self, block: "gluon.HybridBlock") -> None:
@@ -176,13 +184,13 @@ class MirrorState:
             self.release()
         self._arrays = current
 
-    def _entry(self, block: "gluon.HybridBlock", names: List[str], symbol: "mx.sym.Symbol",
-               args: Sequence["mx.nd.NDArray"], requests: Dict[str, str]) -> _Entry:
-        signature = self._signature(names, args)
-        key = (str(args[0].context), signature, tuple(sorted(requests.items())))
+    def _entry(self, block: "gluon.HybridBlock", call: Call) -> _Entry:
+        signature = self._signature(call.trace.names, call.arrays)
+        key = (str(call.arrays[0].context), call.trace.key, signature,
+               tuple(sorted(call.requests.items())))
         entry = self._entries.get(key)
         if entry is None:
-            plan = self._plan(block, symbol, signature, requests)
+            plan = self._plan(block, call.trace.symbol, signature, call.requests)
             entry = self._entries[key] = _Entry(plan)
             same_context = [k for k in self._entries if k[0] == key[0]]
             for old in same_context[:-self.max_shapes]:  # executors hold device memory
@@ -214,25 +222,26 @@ class MirrorState:
 
     # ------------------------------------------------------------ forward
     def forward(self, block: "gluon.HybridBlock", args: Sequence[Any]) -> Any:
-        """The mirrored forward of ``block`` on NDArray inputs (autograd recording for training)."""
-        if not all(isinstance(x, mx.nd.NDArray) for x in args) or not args:
-            raise GluonMirrorError(f"a mirrored block takes NDArray positional inputs (got "
-                                   f"{[type(x).__name__ for x in args]}); nested lists and None "
-                                   f"are not supported: call unmirror(net) for this block")
-        contexts = {x.context for x in args}
+        """The mirrored forward of ``block`` (autograd recording for training).
+
+        ``args`` are the call's positional inputs: NDArrays, ``None`` for an
+        optional input, and (nested) lists or tuples of them; the outputs come
+        back in the structure the block returns.
+        """
+        call = self._call(block, args)
+        contexts = {x.context for x in call.arrays}
         if len(contexts) > 1:
             raise ValueError(f"inputs of one call live on several contexts {sorted(map(str, contexts))}")
-        names, symbol, requests, leaves = self._requests(block, args)
         self._check_arrays(block)
-        entry = self._entry(block, names, symbol, args, requests)
+        entry = self._entry(block, call)
         self.last_plan = entry.plan
-        slot = self._slot(block, entry, names, args, requests)
-        self._run_forward(slot, names, args)
-        record = REGISTRY.record(slot, leaves)
-        outputs = HeadGradCatcher(record)(record.dummy, *[x for _, x in leaves])
+        slot = self._slot(block, entry, call.trace.names, call.arrays, call.requests)
+        self._run_forward(slot, call.trace.names, call.arrays)
+        record = REGISTRY.record(slot, call.leaves)
+        outputs = HeadGradCatcher(record)(record.dummy, *[x for _, x in call.leaves])
         if isinstance(outputs, mx.nd.NDArray):
             outputs = [outputs]
-        return _regroup(list(outputs), block._out_format)
+        return _regroup(list(outputs), call.trace.out_format)
 
     @staticmethod
     def _run_forward(slot: Slot, names: List[str], args: Sequence["mx.nd.NDArray"]) -> None:
@@ -248,14 +257,6 @@ class MirrorState:
             raise GluonMirrorError(f"the mirrored executor's forward failed ({error}); if the plain "
                                    f"block runs, call unmirror(net) to train it plainly (and report "
                                    f"the network)") from error
-
-    @staticmethod
-    def _finish_deferred_init(block: "gluon.HybridBlock", args: Sequence["mx.nd.NDArray"]) -> None:
-        params = list(block.collect_params().values())
-        if any(getattr(p, "_deferred_init", ()) for p in params):
-            block._deferred_infer_shape(*args)
-            for param in params:
-                param._finish_deferred_init()
 
 
 def restore_state(block: "gluon.HybridBlock", options: MirrorOptions, max_shapes: int,
