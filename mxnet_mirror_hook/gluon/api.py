@@ -106,6 +106,8 @@ class _MirroredForward:
 
     def __call__(self, *args: Any) -> Any:
         block = self._block()
+        if block is None:  # only reachable through a reference kept past the block's life
+            raise ReferenceError("the mirrored block of this forward no longer exists")
         return _mirrored_forward(block, type(block).forward.__get__(block), *args)
 
     def __reduce__(self) -> Tuple[Any, tuple]:

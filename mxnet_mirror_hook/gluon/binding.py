@@ -103,6 +103,8 @@ def segment_chain(plan: MirrorPlan, context: "mx.Context", names: List[str],
     """A :class:`~mxnet_mirror_hook.mx.segments.SegmentChain` of ``plan`` bound to the Parameters' arrays."""
     from ..mx.segments import SegmentChain
 
+    if plan.segment_plan is None:
+        raise GluonMirrorError(f"a {plan.backend!r} plan has no segments to bind; use backend='mirror'")
     params = {name: array for name, array in arrays.items() if name not in names}
     shared = {"arg": params, "grad": {name: grads[name] for name in params if name in grads},
               "aux": aux}

@@ -1,7 +1,7 @@
 """Deferred initialization at the first mirrored forward, in the order plain Gluon's forward runs it."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, List, Sequence, Set
 
 import mxnet as mx
 from mxnet import gluon
@@ -59,7 +59,7 @@ def _call_order(block: "gluon.HybridBlock", args: Sequence[Any]) -> List["gluon.
     """A not hybridized block's Parameters in the order its imperative forward initializes them."""
     order: List["gluon.Parameter"] = []
     inside: List[bool] = []  # per open call: whether it runs inside a hybridized block
-    done: Dict[int, bool] = {}
+    done: Set[int] = set()  # ids of the Parameters already in ``order``
 
     def before(child: "gluon.Block", inputs: Any) -> None:
         outer = bool(inside and inside[-1])
@@ -74,16 +74,18 @@ def _call_order(block: "gluon.HybridBlock", args: Sequence[Any]) -> List["gluon.
         else:
             found = []
         order.extend(found)
-        done.update((id(p), True) for p in found)
+        done.update(id(p) for p in found)
 
     def after(child: "gluon.Block", inputs: Any, output: Any) -> None:
         inside.pop()
 
     handles: List[Any] = []
-    block.apply(lambda child: handles.extend((child.register_forward_pre_hook(before),
-                                              child.register_forward_hook(after))))
+    block.apply(lambda child: None if child is block else handles.extend(
+        (child.register_forward_pre_hook(before), child.register_forward_hook(after))))
+    symbols = _symbols_like(args)
+    before(block, symbols)  # the block itself without its own hooks, as Gluon's trace calls it
     try:
-        block(*_symbols_like(args))
+        type(block).forward(block, *symbols)
     finally:
         for handle in handles:
             handle.detach()
