@@ -35,7 +35,9 @@ CASES = {
     "lstm_lm": ("LSTM language model 2x512, 100 steps, vocabulary 10000, batch 32, Adam", "adam", {}),
     "bert_mlm": ("`bert_mlm` BERT-base, seq 128, 20 masked, dropout 0.1, batch 8, Adam", "adam", {}),
 }
-CONFIGS = ("plain", "mirror")
+CONFIGS = ("plain", "mirror", "gluon")
+#: Gluon rows hybridize with static_alloc (one plan of forward and backward, as a bound executor).
+STATIC_ALLOC = os.environ.get("BENCH_STATIC_ALLOC", "1") == "1"
 PARTS = ("parameters", "gradients", "optimizer_state", "auxiliary", "parameter_copies", "inputs",
          "activations", "workspace", "mkldnn_copies")
 
@@ -95,24 +97,13 @@ def _peak_mb(path: str) -> float:
     return max(v for e in events if e.get("name") == "Memory: cpu/0" for v in e["args"].values()) / 2 ** 20
 
 
-def measure(case: str, config: str) -> dict:
-    """Peak of two profiled training steps and the predicted footprint, in this (fresh) process."""
+def _train_module(symbol, config, data, labels, batch, case, path, cache) -> dict:
+    """Module training under the profiler: bind, init, two steps (the plan made beforehand)."""
     import mxnet as mx
 
-    from mxnet_mirror_hook.mx.footprint import symbol_footprint
     from mxnet_mirror_hook.mx.text import parse_planned_mb
     _, optimizer, params = CASES[case]
-    symbol, data, labels, ranges = build(case)
-    folder = tempfile.mkdtemp()
-    path, cache = os.path.join(folder, "profile.json"), os.path.join(folder, "plans")
-    if config != "plain":  # planned (and cached) outside the profiled window
-        _module(symbol, config, data, labels, cache)
-        mx.nd.waitall()
-    batch = _batch(data, labels, ranges)
-    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
-                           profile_api=False, aggregate_stats=False, filename=path)
     mx.profiler.set_state("run")
-    started = time.time()
     module = _module(symbol, config, data, labels, cache)
     plan = getattr(module, "mirror_plan", None)
     if plan is not None and not plan.from_cache:
@@ -123,17 +114,67 @@ def measure(case: str, config: str) -> dict:
         module.forward_backward(batch)
         module.update()
     mx.nd.waitall()
-    seconds = time.time() - started
     peak = _peak_mb(path)
-    executors = module._exec_group.execs if hasattr(module, "_exec_group") else []
-    debug_mb = parse_planned_mb(executors[0].debug_str()) if plan is None else plan.planned_mb
-    segments = getattr(plan, "segment_count", 1) or 1 if plan is not None else 1
+    executor_mb = parse_planned_mb(module._exec_group.execs[0].debug_str())
+    return {"peak": peak, "plan_mb": executor_mb if plan is None else plan.planned_mb,
+            "executor_mb": executor_mb, "backend": getattr(plan, "backend", "plain"),
+            "segments": (getattr(plan, "segment_count", 1) or 1) if plan is not None else 1}
+
+
+def _train_gluon(symbol, data, labels, batch, case, path) -> dict:
+    """A hybridized ``SymbolBlock`` of the same symbol trained with ``gluon.Trainer``, two steps."""
+    import mxnet as mx
+
+    from mxnet_mirror_hook.mx.bind import planned_mb_in_process
+    _, optimizer, params = CASES[case]
+    names = [n for n, _ in data + labels]
+    executor_mb = planned_mb_in_process(symbol, mx.cpu(), dict(data + labels), grad_req={
+        n: "null" if n in names else "write" for n in symbol.list_arguments()})
+    mx.profiler.set_state("run")
+    block = mx.gluon.SymbolBlock(symbol, [mx.sym.var(n) for n in names])
+    block.collect_params(".*(gamma|moving_var|running_var)$").initialize(mx.init.One())
+    block.collect_params(".*(beta|moving_mean|running_mean|bias)$").initialize(mx.init.Zero())
+    rest = "^(?!.*(gamma|moving_var|running_var|beta|moving_mean|running_mean|bias)$).*$"
+    block.collect_params(rest).initialize(mx.init.Xavier())
+    block.hybridize(static_alloc=STATIC_ALLOC, static_shape=STATIC_ALLOC)
+    trainer = mx.gluon.Trainer(block.collect_params(), optimizer, dict(params))
+    for _ in range(2):
+        with mx.autograd.record():
+            out = block(*(batch.data + batch.label))
+        out.backward()
+        trainer.step(data[0][1][0])
+    mx.nd.waitall()
+    return {"peak": _peak_mb(path), "plan_mb": executor_mb, "executor_mb": executor_mb,
+            "backend": "plain", "segments": 1}
+
+
+def measure(case: str, config: str) -> dict:
+    """Peak of two profiled training steps and the predicted footprint, in this (fresh) process."""
+    import mxnet as mx
+
+    from mxnet_mirror_hook.mx.footprint import symbol_footprint
+    _, optimizer, params = CASES[case]
+    symbol, data, labels, ranges = build(case)
+    folder = tempfile.mkdtemp()
+    path, cache = os.path.join(folder, "profile.json"), os.path.join(folder, "plans")
+    if config == "mirror":  # planned (and cached) outside the profiled window
+        _module(symbol, config, data, labels, cache)
+        mx.nd.waitall()
+    batch = _batch(data, labels, ranges)
+    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
+                           profile_api=False, aggregate_stats=False, filename=path)
+    started = time.time()
+    if config == "gluon":
+        row = _train_gluon(symbol, data, labels, batch, case, path)
+    else:
+        row = _train_module(symbol, config, data, labels, batch, case, path, cache)
+    row["seconds"] = time.time() - started
     shapes = dict(data + labels)
-    found = symbol_footprint(symbol, shapes, activations_mb=debug_mb, input_names=list(shapes),
-                             optimizer=optimizer, optimizer_params=params, executors=segments)
-    return {"case": case, "config": config, "peak": peak, "seconds": seconds,
-            "backend": getattr(plan, "backend", "plain"), "segments": segments,
-            "parts": found.to_dict()}
+    found = symbol_footprint(symbol, shapes, activations_mb=row["plan_mb"], input_names=list(shapes),
+                             optimizer=optimizer, optimizer_params=params, executors=row["segments"],
+                             surface="gluon" if config == "gluon" else "module")
+    row.update(case=case, config=config, parts=found.to_dict())
+    return row
 
 
 def _child(case: str, config: str, mkldnn: bool) -> dict:
@@ -169,17 +210,21 @@ def write_section(rows: list, path: str) -> None:
         "peak (`Memory: cpu/0`) of bind, `init_params`, `init_optimizer` and two training steps "
         "(`forward_backward` + `update`) in a fresh process, CPU, one process at a time. `mirror` is "
         "`MirroredModule` with the default plan (planned and cached before the profiled window); "
-        "the activation part is that plan's figure (plain: the bound executor's `debug_str`).",
+        "`gluon` is the same symbol as a hybridized `SymbolBlock` (`static_alloc`) trained with "
+        "`gluon.Trainer`. The activation part is the plan's figure (`MirrorPlan.planned_mb`; plain and "
+        "gluon: the plain symbol's `debug_str`); the last column is the `debug_str` figure of the "
+        "executor that ran.",
         "",
         "| network | config | MKLDNN | " + " | ".join(short[p] for p in PARTS)
-        + " | predicted | profiler peak | error |",
-        "|---|---|---|" + "---:|" * (len(PARTS) + 3),
+        + " | predicted | profiler peak | error | executor's `debug_str` |",
+        "|---|---|---|" + "---:|" * (len(PARTS) + 4),
     ]
     for row in rows:
         parts = row["parts"]
         lines.append(f"| {row['case']} | {row['config']} | {'on' if row['mkldnn'] else 'off'} | "
                      + " | ".join(f"{parts[p]:.0f}" for p in PARTS)
-                     + f" | {parts['total']:.0f} | {row['peak']:.0f} | {_error(row):+.1%} |")
+                     + f" | {parts['total']:.0f} | {row['peak']:.0f} | {_error(row):+.1%} | "
+                     f"{row['executor_mb']:.0f} |")
     lines += ["", "Cases: " + "; ".join(f"{name}: {desc}" for name, (desc, _, _) in CASES.items()) + ".",
               ""]
     within = sum(abs(_error(r)) <= 0.10 for r in rows)

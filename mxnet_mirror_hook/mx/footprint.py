@@ -109,7 +109,9 @@ def _tuple_attr(text: Optional[str]) -> Tuple[int, ...]:
 #   is about the largest tensor the operator touches plus its weight: resnet50 batch 8 grows
 #   it to 49.0 MB at BatchNorm's backward (2 x 24.5 MB, the 112x112x64 activation) and
 #   49.07 MB at conv1's forward (2 x (24.5 MB output + 37 KB weight)).  A FullyConnected
-#   reading a 4-d activation in MKLDNN layout requests two such tensors (its data and the
+#   requests its data only (its output and weight stay in the default layout): the LSTM
+#   language model's classifier over (3200, 512) grows it to 12.5 MB although its output is
+#   128 MB; one reading a 4-d activation in MKLDNN layout requests two (its data and the
 #   data's gradient): small convnets without pooling before the classifier, 4.0 MB for a 1 MB
 #   input.  The model takes the largest request of any one operator; TmpMemMgr in fact sizes
 #   the buffer by everything requested since the last operator that set it up, so patterns
@@ -126,7 +128,7 @@ def _tuple_attr(text: Optional[str]) -> Tuple[int, ...]:
 #: TmpMemMgr.
 _MKLDNN_OPS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "BatchNorm", "Activation",
                          "Pooling", "LRN", "LeakyReLU", "softmax", "log_softmax"})
-_WEIGHTED = frozenset({"Convolution", "Deconvolution", "FullyConnected"})
+_WEIGHTED = frozenset({"Convolution", "Deconvolution"})
 
 
 def _im2col_bytes(node: NodeTensors) -> int:
@@ -148,14 +150,16 @@ def _im2col_bytes(node: NodeTensors) -> int:
 
 
 def _mkldnn_request(node: NodeTensors) -> int:
-    """One MKLDNN operator's TmpMemMgr request: its largest tensor, plus its weight; a flattening
-    FullyConnected reorders both its N-d input and that input's gradient (measured, no weight)."""
+    """One MKLDNN operator's TmpMemMgr request: its largest tensor, plus a convolution's weight;
+    a FullyConnected's data (its N-d data and that data's gradient when it flattens)."""
     tensors = [t for t in node.inputs[:1] + node.outputs[:1] if t is not None]
     largest = max((tensor_bytes(*t) for t in tensors), default=0)
     data = node.inputs[0] if node.inputs else None
-    if (node.op == "FullyConnected" and data is not None and len(data[0]) > 2
-            and node.attrs.get("flatten", "True") in ("True", "true", "1")):
-        return 2 * tensor_bytes(*data)
+    if node.op == "FullyConnected":
+        if data is None:
+            return 0
+        flattens = len(data[0]) > 2 and node.attrs.get("flatten", "True") in ("True", "true", "1")
+        return (2 if flattens else 1) * tensor_bytes(*data)
     weight = node.inputs[1] if node.op in _WEIGHTED and len(node.inputs) > 1 else None
     return largest + (tensor_bytes(*weight) if weight is not None else 0)
 
@@ -197,7 +201,10 @@ def _grad_reqs(arguments: Sequence[str], inputs: Sequence[str], grad_req: Union[
 # get_params returns), and the DataBatch a Module trains on is copied into the executor's
 # own input arrays, so inputs are held twice.  A Gluon block's parameters are the arrays
 # its cached graph runs on, and its inputs are the user's arrays: one copy each.  The
-# executor's outputs live in the static plan.
+# executor's outputs live in the static plan.  On a GPU, Module's copies and the batch a
+# data iterator yields are host (CPU) arrays: not device memory, not counted there.
+# Temporary space on a GPU (cuDNN's workspace, at most each Convolution's `workspace`
+# attribute, 1024 MB by default) is not measured here; the im2col figure stands in for it.
 def symbol_footprint(symbol: "mx.sym.Symbol", shapes: Mapping[str, tuple], *,
                      activations_mb: float, dtypes: Optional[Mapping[str, Any]] = None,
                      input_names: Optional[Sequence[str]] = None,
@@ -232,7 +239,8 @@ def symbol_footprint(symbol: "mx.sym.Symbol", shapes: Mapping[str, tuple], *,
     optimizer_params : mapping, optional
         Its options when given by name (``momentum``, ``centered``, ``multi_precision``).
     context : str
-        ``'cpu'`` or ``'gpu'`` (MKLDNN's buffers are counted on the CPU only).
+        ``'cpu'`` or ``'gpu'``: the device whose memory is counted (MKLDNN's buffers, Module's
+        parameter copies and the batch's host copy are CPU memory, counted on the CPU only).
     mkldnn : bool, optional
         Whether MKLDNN runs (default: on the CPU unless ``MXNET_MKLDNN_ENABLED=0``).
     surface : str
@@ -261,7 +269,7 @@ def symbol_footprint(symbol: "mx.sym.Symbol", shapes: Mapping[str, tuple], *,
         "auxiliary": sum(tensor_bytes(tuple(s), _dtype_name(t)) for s, t in zip(aux_shapes, aux_types)),
         "inputs": sum(tensor_bytes(*args[n]) for n in inputs if n in args),
     }
-    if surface == "module":
+    if surface == "module" and context == "cpu":  # on a GPU both copies are host memory
         parts["parameter_copies"] = parts["parameters"] + parts["auxiliary"]
         parts["inputs"] *= 2
     workspace, reorder = temp_space_bytes(node_tensors(symbol, shapes, dtypes), context, mkldnn)

@@ -197,3 +197,35 @@ def test_the_predicted_total_is_within_ten_percent_of_the_profilers_peak(mkldnn)
         assert abs(parts["total"] - temp - result["peak"]) > 0.10 * result["peak"]
     else:
         assert parts["mkldnn_copies"] == 0
+
+
+def test_the_im2col_workspace_is_one_images_column_buffer_of_the_largest_convolution():
+    # NOTE [ temporary space beyond the static plan ]: C_in * prod(kernel) * prod(output spatial).
+    found = symbol_footprint(convnet(filters=8), SHAPES, activations_mb=0.0, mkldnn=False)
+    assert found.workspace == pytest.approx(_mb(3 * 9 * 16 * 16 * 4))
+    assert found.mkldnn_copies == 0
+    with_mkldnn = symbol_footprint(convnet(filters=8), SHAPES, activations_mb=0.0, mkldnn=True)
+    # MKLDNN's doubled reorder buffer: a convolution's (4, 8, 16, 16) output and its weight.
+    assert with_mkldnn.workspace == 0
+    assert with_mkldnn.mkldnn_copies == pytest.approx(_mb(2 * (4 * 8 * 16 * 16 + 8 * 3 * 3 * 3) * 4))
+    float64 = symbol_footprint(convnet("float64"), SHAPES, activations_mb=0.0, mkldnn=True,
+                               dtypes={n: "float64" for n in SHAPES})
+    assert float64.mkldnn_copies == 0  # MKLDNN runs float32 only: native im2col in float64
+    assert float64.workspace == pytest.approx(_mb(3 * 9 * 16 * 16 * 8))
+
+
+def test_on_a_gpu_the_modules_host_copies_and_mkldnn_are_not_device_memory():
+    cpu = symbol_footprint(convnet(), SHAPES, activations_mb=5.0, optimizer="sgd")
+    gpu = symbol_footprint(convnet(), SHAPES, activations_mb=5.0, optimizer="sgd", context="gpu")
+    gluon = symbol_footprint(convnet(), SHAPES, activations_mb=5.0, optimizer="sgd", surface="gluon")
+    assert cpu.parameter_copies > 0 and gpu.parameter_copies == 0 == gluon.parameter_copies
+    assert gpu.inputs == pytest.approx(cpu.inputs / 2) == pytest.approx(gluon.inputs)
+    assert gpu.mkldnn_copies == 0
+    assert gpu.activations == cpu.activations == 5.0
+
+
+def test_a_chain_of_executors_counts_one_temp_space_per_copy_mxnet_hands_out(monkeypatch):
+    one = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=False)
+    monkeypatch.setenv("MXNET_CPU_TEMP_COPY", "2")
+    chain = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=False, executors=5)
+    assert chain.workspace == pytest.approx(2 * one.workspace)
