@@ -8,7 +8,7 @@ from mxnet import autograd, gluon
 
 from mxnet_mirror_hook import ShapeError
 from mxnet_mirror_hook.errors import GluonMirrorError
-from mxnet_mirror_hook.gluon import MirroredTrainer
+from mxnet_mirror_hook.gluon import MirroredTrainer, mirror, mirror_state
 
 OPTIMIZER = {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-4}
 
@@ -126,3 +126,24 @@ def test_horovod_distributed_optimizer_is_refused_with_the_fix():
     DistributedOptimizer.__module__ = "horovod.mxnet.mpi_ops"
     with pytest.raises(GluonMirrorError, match="DistributedTrainer"):
         MirroredTrainer(_small_net(), gluon.loss.L2Loss(), DistributedOptimizer())
+
+
+@pytest.mark.parametrize("surface", [mirror, MirroredTrainer], ids=["mirror", "MirroredTrainer"])
+def test_the_gluon_surfaces_take_and_document_every_option(surface):
+    import inspect
+
+    from mxnet_mirror_hook.options import OPTION_NAMES
+
+    parameters = inspect.signature(surface).parameters
+    assert "options" in parameters
+    for name in OPTION_NAMES:
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert f"    {name} : " in surface.__doc__, f"{surface.__name__} does not document {name}"
+
+
+def test_mirror_takes_recompute_dropout_and_refuses_an_unknown_option():
+    net = _small_net()
+    mirror(net, recompute_dropout=True, cache_dir=False)
+    assert mirror_state(net).options.recompute_dropout is True
+    with pytest.raises(TypeError, match="memory_budget"):
+        mirror(_small_net(), memory_bugdet="min")
