@@ -58,6 +58,9 @@ class MirrorPlan:
         is then the user's symbol, split at bind).
     segment_plan : SegmentPlan or None
         The segments, for the ``'segments'`` backend.
+    fallback : str or None
+        With ``backend='auto'``: what failed on the segment path when the one-level plan was
+        used because of it (NOTE [ the segment path falls back ] in :mod:`.segments`).
     """
 
     symbol: Any
@@ -75,6 +78,7 @@ class MirrorPlan:
     inputs: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
     backend: str = "mirror"
     segment_plan: Optional[SegmentPlan] = None
+    fallback: Optional[str] = None
 
     @property
     def segment_count(self) -> int:
@@ -98,6 +102,7 @@ class MirrorPlan:
             "candidates": self.candidates, "backend": self.backend,
             "segment_count": self.segment_count,
             "segments": self.segment_plan.to_dict() if self.segment_plan is not None else None,
+            "fallback": self.fallback,
         }
 
     def summary(self) -> str:
@@ -111,7 +116,8 @@ class MirrorPlan:
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
                 f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
                 f"{self.overhead:.1%}, {'cached' if self.from_cache else 'planned'} in "
-                f"{self.planning_seconds:.2f} s")
+                f"{self.planning_seconds:.2f} s"
+                + (f" (segments failed: {self.fallback}; one-level plan used)" if self.fallback else ""))
 
     def __repr__(self) -> str:
         return f"<MirrorPlan {self.summary()}>"

@@ -10,13 +10,26 @@
 # measure below the one-level plan and re-run at most about one forward under
 # the default budget, so it never returns a plan worse than the one-level one;
 # ``'segments'`` always takes them.
+#
+# NOTE [ the segment path falls back ]
+# ``'auto'`` never fails where ``'mirror'`` plans: whatever fails on the segment
+# path (a bind or measurement the worker refuses, a split the graph does not
+# allow, an executed graph the capture cannot read) is logged as one warning
+# line naming the step and the error, and the one-level plan is returned with
+# ``plan.fallback`` saying why (its summary says so too).  The entry under the
+# ``'auto'`` key records the fallback, so the next run takes the one-level plan
+# from the cache without retrying (a new plugin version retries: its version is
+# in the key).  An explicit ``'segments'`` has nothing to fall back to: it raises
+# one ``BackendError`` with the step, the error and what to use instead.  Only
+# ``Exception`` is caught: an interrupt still stops planning and leaves no entry.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from ..cache import BackendEntry, get_cache
 from ..core.graph import draws_random, replays_random
@@ -72,7 +85,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
 
     def use(entry: BackendEntry) -> Optional[MirrorPlan]:
         if entry.backend == "mirror":
-            return one_level
+            return one_level if entry.fallback is None else _fallen_back(one_level, entry.fallback)
         try:
             chosen = SegmentPlan.from_dict(entry.segments or {})
         except (KeyError, TypeError, ValueError):
@@ -83,7 +96,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
                                 started, from_cache=True)
 
     return cached_plan(get_cache(options.cache_dir), key, BackendEntry, use,
-                       lambda: _choose(setup, options, one_level, started))
+                       lambda: _choose_or_fall_back(setup, options, one_level, started))
 
 
 def _draws_unreplayable_random(setup: PlanningSetup, options: MirrorOptions) -> bool:
@@ -123,9 +136,10 @@ def _measured_candidates(setup: PlanningSetup, options: MirrorOptions,
                          one_level: MirrorPlan) -> List[Measured]:
     """Every candidate segment plan, measured (under ``'min'`` with two levels and tuning)."""
     graph = setup.graph
-    chain = full_cut_chain(graph)  # shared by every split below
-    splits = splits_to_try(graph, options.segments, chain)
-    splits += head_splits(graph, options.segments, splits, chain)
+    with _step("splitting the graph into segments"):
+        chain = full_cut_chain(graph)  # shared by every split below
+        splits = splits_to_try(graph, options.segments, chain)
+        splits += head_splits(graph, options.segments, splits, chain)
     replay = options.recompute_dropout and any(draws_random(n.op, n.attrs) for n in graph.op_nodes)
     splits = [split.with_replay_random(replay) for split in splits]
     candidates = list(splits)
@@ -135,12 +149,67 @@ def _measured_candidates(setup: PlanningSetup, options: MirrorOptions,
         # batch 32: 2 segments, 1138 MB with the global decision, 980 MB planned per segment).
         if one_level.mirrored:
             candidates += [split.with_mirrored(one_level.mirrored, graph) for split in splits]
-        candidates += [per_segment_two_level(split, setup, options)
-                       for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
-    measured = [measure_segments(setup, candidate) for candidate in candidates]
+        with _step("planning the mirror inside each segment"):
+            candidates += [per_segment_two_level(split, setup, options)
+                           for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
+    measured = []
+    for candidate in candidates:
+        with _step(f"measuring a {candidate.count}-segment plan"):
+            measured.append(measure_segments(setup, candidate))
     if options.budget.key == "min":
-        measured += tune_shared_pool(setup, options, chain, measured)
+        with _step("tuning the segments' shared pool"):
+            measured += tune_shared_pool(setup, options, chain, measured)
     return measured
+
+
+class _SegmentPathError(Exception):
+    """A failure on the segment path, its message naming the step (NOTE [ the segment path
+    falls back ])."""
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Name the step in whatever the block raises (an interrupt passes unchanged)."""
+    try:
+        yield
+    except _SegmentPathError:
+        raise
+    except Exception as error:
+        raise _SegmentPathError(f"{what}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """``error`` as one line: its type and message, whitespace folded, at most ``limit`` chars."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _choose_or_fall_back(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
+                         started: float) -> Tuple[MirrorPlan, BackendEntry]:
+    """:func:`_choose`, or, when the segment path fails, the one-level plan under ``'auto'`` and
+    one ``BackendError`` under ``'segments'`` (NOTE [ the segment path falls back ])."""
+    try:
+        return _choose(setup, options, one_level, started)
+    except Exception as error:
+        reason = str(error) if isinstance(error, _SegmentPathError) else _one_line(error)
+        cause = error.__cause__ if isinstance(error, _SegmentPathError) else error
+        if options.backend == "segments":
+            raise BackendError(
+                f"backend='segments' cannot be used for this network: {reason}. Use "
+                f"backend='auto' (which keeps the one-level plan when segments fail) or "
+                f"backend='mirror'") from cause
+        logger.warning("executor segments failed (%s); backend='auto' uses the one-level plan", reason)
+        logger.debug("the segment path's failure", exc_info=cause)
+        plan = _fallen_back(one_level, reason, planning_seconds=time.perf_counter() - started)
+        return plan, dataclasses.replace(_one_level_entry(one_level), fallback=reason)
+
+
+def _fallen_back(one_level: MirrorPlan, reason: str, **changes: float) -> MirrorPlan:
+    """``one_level``, recording why the segment path was not taken, with its summary logged."""
+    plan = dataclasses.replace(one_level, fallback=reason, **changes)
+    logger.info("%s", plan.summary())
+    return plan
 
 
 def _choose(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,

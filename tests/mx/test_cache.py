@@ -275,3 +275,25 @@ def test_memory_only_cache_plans_without_a_lock(tmp_path):
     with PlanCache(None).planning(_key()) as held:
         assert held is False
     assert os.listdir(tmp_path) == []
+
+
+def test_typed_entries_write_the_same_json_as_before_and_refuse_malformed_ones():
+    from mxnet_mirror_hook.cache import BackendEntry, MirrorEntry
+
+    one_level = MirrorEntry(("a", "b"), 10.0, 6.0, 0.2, "dp")
+    assert one_level.to_dict() == {"mirrored": ["a", "b"], "baseline_mb": 10.0, "planned_mb": 6.0,
+                                   "overhead": 0.2, "label": "dp"}
+    assert MirrorEntry.from_dict(one_level.to_dict()) == one_level
+    kept = BackendEntry("mirror", ("a",), 10.0, 6.0, 0.2)
+    assert kept.to_dict() == {"mirrored": ["a"], "baseline_mb": 10.0, "planned_mb": 6.0,
+                              "overhead": 0.2, "backend": "mirror"}  # no 'segments', no 'fallback'
+    fallen = BackendEntry("mirror", ("a",), 10.0, 6.0, 0.2, fallback="measuring: boom")
+    assert BackendEntry.from_dict(fallen.to_dict()) == fallen
+    split = BackendEntry("segments", (), 10.0, 4.0, 0.3, segments={"segments": []})
+    assert BackendEntry.from_dict(split.to_dict()).segments == {"segments": []}
+    for bad in ({**kept.to_dict(), "backend": "checkpoint"},
+                {**kept.to_dict(), "backend": "segments"},  # a segments entry without its plan
+                {**kept.to_dict(), "planned_mb": True},
+                {**kept.to_dict(), "mirrored": "a"}):
+        with pytest.raises(ValueError):
+            BackendEntry.from_dict(bad)
