@@ -125,7 +125,7 @@ def _batches(count, shape, classes=10, seed=0):
 
 def _by_structure(net, ctx=None) -> dict:
     """Parameters (weights and BatchNorm running statistics) keyed without the model prefix."""
-    # No waitall: reading must wait for every write, the statistics included (see gluon.py)
+    # No waitall: reading must wait for every write, the statistics included (see gluon/hooks.py)
     return {name.split("_", 1)[1]: (p.data(ctx) if ctx else p.data()).asnumpy()
             for name, p in net.collect_params().items()}
 
