@@ -1,6 +1,7 @@
 """``mirror(net)`` and its companions: switch mirroring on and off for a Gluon block."""
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any, Optional, Tuple
 
@@ -13,7 +14,9 @@ from ..options import MirrorOptions, takes_options
 from ..plan import MirrorPlan
 from .hooks import REGISTRY
 from .signature import has_symbol
-from .state import MirrorState
+from .state import MirrorState, UntraceableBlockError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["mirror", "unmirror", "is_mirrored", "mirror_state", "plan_block"]
 
@@ -90,11 +93,22 @@ def _attach(block: "gluon.HybridBlock", state: MirrorState) -> None:
 
 
 def _mirrored_forward(block: "gluon.HybridBlock", original: Any, *args: Any) -> Any:
+    # NOTE [ a block that cannot be traced trains plainly ]
+    # Mirroring binds the block's traced symbol; a hybrid_forward that calls nd.* on
+    # its inputs, reads values or branches on them cannot be traced.  Plain Gluon
+    # trains such a block (unhybridized), so the plugin must too: the first failed
+    # trace logs one warning saying why and the block's own forward runs from then
+    # on (``mirror_state(net).plain_reason`` keeps the reason).
     state = mirror_state(block)
-    if state is None or not (autograd.is_recording() and autograd.is_training()) \
-            or has_symbol(args):
+    if state is None or state.plain_reason is not None \
+            or not (autograd.is_recording() and autograd.is_training()) or has_symbol(args):
         return original(*args)
-    return state.forward(block, args)
+    try:
+        return state.forward(block, args)
+    except UntraceableBlockError as error:
+        state.plain_reason = str(error)
+        logger.warning("mirror: %s; %s trains without mirroring", error, type(block).__name__)
+    return original(*args)
 
 
 class _MirroredForward:

@@ -34,6 +34,10 @@ def _in_autograd_graph(array: "mx.nd.NDArray") -> bool:
     return True
 
 
+class UntraceableBlockError(GluonMirrorError):
+    """A mirrored block's ``hybrid_forward`` cannot run on Symbols (it then trains plainly)."""
+
+
 class _Entry:
     """A plan and the executors bound from it for one context and input signature."""
 
@@ -55,6 +59,8 @@ class MirrorState:
         Input signatures whose executors stay bound, per context (least recently used evicted).
     max_pending : int
         Executors per context and signature: forwards that may wait for their backward at once.
+    plain_reason : str or None
+        Why the block trains without mirroring (it cannot be traced to a symbol), or None.
     """
 
     def __init__(self, block: "gluon.HybridBlock", options: MirrorOptions, max_shapes: int,
@@ -64,6 +70,7 @@ class MirrorState:
         self.max_shapes = max(1, int(max_shapes))
         self.max_pending = max(1, int(max_pending))
         self.last_plan: Optional[MirrorPlan] = None
+        self.plain_reason: Optional[str] = None
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._traces: Dict[str, Trace] = {}  # per input structure (nested lists, None)
         self._arrays: Optional[List[tuple]] = None
@@ -108,11 +115,10 @@ class MirrorState:
             except MirrorHookError:
                 raise
             except Exception as error:  # anything hybrid_forward raises on Symbols
-                raise GluonMirrorError(
+                raise UntraceableBlockError(
                     f"{type(block).__name__} cannot be traced to a symbol ({type(error).__name__}: "
                     f"{error}); mirroring needs hybrid_forward to use only F (symbol-compatible) "
-                    f"operations and return (nested lists of) outputs. Call unmirror(net) to train "
-                    f"it plainly") from error
+                    f"operations and return (nested lists of) outputs") from error
             params = {p.name for p in block.collect_params().values()}
             symbol = found.symbol
             unknown = (set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())) - params \
