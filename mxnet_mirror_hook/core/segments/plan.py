@@ -100,6 +100,10 @@ class SegmentPlan:
         0, or the number of row chunks the last segment (a FullyConnected +
         SoftmaxOutput loss head, :func:`loss_head`) is run in instead of one
         executor (NOTE [ chunked loss head ]).
+    kept : tuple of int
+        Segments that keep their activations from forward to backward in a memory pool of their
+        own and are not re-run (NOTE [ selective segments ] in core/segments/selective.py); the
+        others share the pool and are re-run as before.  Never the last segment.
     """
 
     segments: Tuple[SegmentSpec, ...]
@@ -109,6 +113,7 @@ class SegmentPlan:
     boundary_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     replay_random: bool = False
     head_chunks: int = 0
+    kept: Tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
@@ -139,8 +144,9 @@ class SegmentPlan:
     def bind_order(self, skip: Iterable[int] = ()) -> List[int]:
         """Executor segments in the order a chain binds them: the largest working set first
         (it owns the memory pool; NOTE [ the shared pool's union ]), ties by position.
-        ``skip``: segments bound as no executor (NOTE [ gathered steps ] in mx/segments/gather.py)."""
-        skipped = set(skip)
+        ``skip``: segments bound as no executor (NOTE [ gathered steps ] in mx/segments/gather.py).
+        Kept segments (:attr:`kept`) own their pools and are not in this order."""
+        skipped = set(skip) | set(self.kept)
         return sorted((i for i in range(self.executor_count()) if i not in skipped),
                       key=lambda i: (-self.segments[i].working_bytes, i))
 
@@ -150,7 +156,8 @@ class SegmentPlan:
                 "boundary_bytes": self.boundary_bytes, "estimated_bytes": self.estimated_bytes,
                 "recompute_fraction": self.recompute_fraction,
                 "boundary_shapes": {k: list(v) for k, v in self.boundary_shapes.items()},
-                "replay_random": self.replay_random, "head_chunks": self.head_chunks}
+                "replay_random": self.replay_random, "head_chunks": self.head_chunks,
+                "kept": list(self.kept)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SegmentPlan":
@@ -159,7 +166,8 @@ class SegmentPlan:
                    int(data["boundary_bytes"]), int(data["estimated_bytes"]),
                    float(data["recompute_fraction"]),
                    {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()},
-                   bool(data.get("replay_random", False)), int(data.get("head_chunks", 0)))
+                   bool(data.get("replay_random", False)), int(data.get("head_chunks", 0)),
+                   tuple(int(i) for i in data.get("kept", ())))
 
     def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
         """The same split with measured working sets (MXNet's plan of each segment), so that
@@ -184,6 +192,14 @@ class SegmentPlan:
     def with_replay_random(self, replay: bool = True) -> "SegmentPlan":
         """The same split with :attr:`replay_random` set."""
         return dataclasses.replace(self, replay_random=bool(replay))
+
+    def with_kept(self, kept: Iterable[int]) -> "SegmentPlan":
+        """The same split with the segments ``kept`` keeping their activations (not re-run)."""
+        chosen = tuple(sorted({int(i) for i in kept}))
+        if any(not 0 <= i < self.count - 1 for i in chosen):
+            raise ValueError(f"kept segments must be among the first {self.count - 1} (the last "
+                             f"segment is never re-run); got {list(chosen)}")
+        return dataclasses.replace(self, kept=chosen)
 
     def with_head_chunks(self, chunks: int) -> "SegmentPlan":
         """The same split with the last segment run in ``chunks`` row chunks (0: one executor)."""

@@ -7,7 +7,7 @@ import itertools
 import math
 from typing import Any, List, Mapping, Sequence, Tuple
 
-__all__ = ["shared_pool_bytes", "MATCH_RANGES", "POOL_CHOICE_LIMIT", "POOL_CHOICE_PASSES",
+__all__ = ["shared_pool_bytes", "mixed_pool_bytes", "MATCH_RANGES", "POOL_CHOICE_LIMIT", "POOL_CHOICE_PASSES",
            "least_pool_choice"]
 
 
@@ -35,6 +35,14 @@ def shared_pool_bytes(blocks: Sequence[Sequence[int]]) -> int:
             else:
                 pool.append(size)
     return sum(pool)
+
+
+def mixed_pool_bytes(shared: Sequence[Sequence[int]], kept: Sequence[Sequence[int]]) -> int:
+    """Bytes of the pools of a selective chain (NOTE [ selective segments ] in selective.py): the
+    pool the re-run segments share (:func:`shared_pool_bytes`, ``shared`` in bind order) plus
+    each kept segment's own pool, whose blocks hold its activations from its forward to its
+    backward and so cannot be lent to any other executor."""
+    return shared_pool_bytes(shared) + sum(sum(blocks) for blocks in kept)
 
 
 #: ``NNVM_EXEC_MATCH_RANGE`` values a segment may be bound under when the pool is tuned

@@ -139,7 +139,8 @@ class SegmentChain:
         """Find the segments that draw random numbers; refuse them unless the plan replays
         their draws (NOTE [ replaying random draws in re-run segments ])."""
         self._random_segments = frozenset(i for i, sym in enumerate(self.symbols) if _draws_random(sym))
-        if self._random_segments and not self.plan.replay_random:
+        # A kept segment runs its forward once (NOTE [ selective segments ]): nothing to replay.
+        if self._random_segments - set(self.plan.kept) and not self.plan.replay_random:
             raise BackendError(
                 "this segment plan re-runs segments that draw random numbers (Dropout) without "
                 "replaying their draws: backward would differentiate masks forward never used. "
@@ -234,13 +235,19 @@ class SegmentChain:
         variables = cap_variables(self._grad_sum_cap)
         # Largest first: blocks appended to the owner's pool by a large segment can then be
         # reused by the smaller ones (MXNet takes the smallest free block that fits).
-        owner_index, *others = self.plan.bind_order(self.gathers)
-        self._owner_index = owner_index
+        shared = self.plan.bind_order(self.gathers)
+        kept = [i for i in self.plan.kept if i not in self.gathers]
+        self._owner_index = shared[0] if shared else kept[0]
         with environment(variables):
-            owner = self._bind_one(owner_index, shared_exec)
-            self.execs[owner_index] = owner
-            for index in others:
-                self.execs[index] = self._bind_one(index, owner)
+            if shared:
+                owner = self._bind_one(shared[0], shared_exec)
+                self.execs[shared[0]] = owner
+                for index in shared[1:]:
+                    self.execs[index] = self._bind_one(index, owner)
+            # NOTE [ selective segments ] in core/segments/selective.py: a kept segment's pool
+            # holds its activations from its forward to its backward, so it shares no pool.
+            for index in kept:
+                self.execs[index] = self._bind_one(index, None)
         # Variables read by several segments sum their gradients: cleared before each backward
         # unless the user asked for 'add'.
         self._zeroed = [self.grad_dict[n] for n, count in self._readers.items()
@@ -326,7 +333,7 @@ class SegmentChain:
     def backward(self, out_grads: Optional[Sequence["mx.nd.NDArray"]] = None,
                  is_train: bool = True) -> None:
         """Backward through the segments last to first, re-running each one's forward
-        (the last one's state is still that of :meth:`forward`)."""
+        (the last one's and the kept ones' state is still that of :meth:`forward`)."""
         for array in self._zeroed:
             array[:] = 0
         last = self.plan.count - 1
@@ -341,10 +348,12 @@ class SegmentChain:
                 self._rerun(last)
             self.execs[last].backward(out_grads=list(out_grads) if out_grads else None,
                                       is_train=is_train)
+        kept = set(self.plan.kept)
         for index in range(last - 1, -1, -1):
             if self.execs[index] is None:
                 continue  # a gathering segment: its producers take their gradients' slices
-            self._rerun(index)
+            if index not in kept or not self._last_state_valid:
+                self._rerun(index)  # a kept segment's pool still holds its training forward
             heads = [self._head_gradient(e) for e in self.plan.segments[index].outputs]
             self.execs[index].backward(out_grads=heads, is_train=is_train)
         if self._random_segments and self._seeds is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...core.segments.layout import ChainLayout
 from ...core.segments.plan import SegmentPlan
-from ...core.segments.pool import MATCH_RANGES, least_pool_choice, shared_pool_bytes
+from ...core.segments.pool import MATCH_RANGES, least_pool_choice, mixed_pool_bytes
 from ..bind import environment
 from .environment import DEFAULT_GRAD_SUM_CAP, cap_variables, match_range_variables
 from .layout import argument_types, chain_layout, infer_arguments, tensor_spec
@@ -242,11 +242,14 @@ def _pool_mb(plan: SegmentPlan, per_segment: Sequence[float], blocks: Sequence[O
     unknown, the largest segment's plan (a lower bound, logged)."""
     measured = list(per_segment) + [0.0] * (plan.count - len(per_segment))  # a chunked head: 0
     order = plan.with_working_bytes([int(m * 2 ** 20) for m in measured]).bind_order(gathers)
+    # Kept segments own their pools (NOTE [ selective segments ] in core/segments/selective.py).
+    kept_mb = sum(per_segment[i] for i in plan.kept)
     if any(blocks[i] is None for i in order):
         logger.info("the shared pool of the segment chain is counted as its largest segment's plan "
                     "(a lower bound): some segment's storage blocks could not be modelled")
-        return max(per_segment)
-    return shared_pool_bytes([blocks[i] for i in order]) / 2 ** 20
+        return max((per_segment[i] for i in order), default=0.0) + kept_mb
+    kept = [blocks[i] if blocks[i] is not None else [int(per_segment[i] * 2 ** 20)] for i in plan.kept]
+    return mixed_pool_bytes([blocks[i] for i in order], kept) / 2 ** 20
 
 
 # NOTE [ segments planned once per structure ]
