@@ -1,7 +1,7 @@
 """Dropout inside executor segments (issue 11): ``backend='segments'`` with ``recompute_dropout=True``.
 
 What holds (docs/guarantees.md): a re-run segment draws exactly the masks its forward drew
-(NOTE [ replaying random draws in re-run segments ] in mx/segments.py), so the gradients are
+(NOTE [ replaying random draws in re-run segments ] in mx/segments/chain.py), so the gradients are
 those of the masks used in forward: training equals, bit for bit, a plain ``Module`` of the same
 network with each Dropout replaced by a product with the masks the segments drew.  The masks drop
 a fraction p at MXNet's scale.  They are not the draws a plain Module would make at the same

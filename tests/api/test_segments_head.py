@@ -1,4 +1,4 @@
-"""Executor segments with a chunked loss head (issue 11, NOTE [ chunked loss head ] in core/segments.py).
+"""Executor segments with a chunked loss head (issue 11, NOTE [ chunked loss head ] in core/segments/head.py).
 
 A language model's FullyConnected + SoftmaxOutput head runs in row chunks.  The comparisons are
 against a plain ``mx.mod.Module`` / ``mx.mod.BucketingModule``:
@@ -10,7 +10,7 @@ against a plain ``mx.mod.Module`` / ``mx.mod.BucketingModule``:
   backward runs by tiles of rows x classes (NOTE [ chunked loss head ]): the input's gradient is
   summed over class blocks, the classifier's weight and bias gradients over row parts, and (2)
   against a plain Module the LSTM weights read by several segments (and, inside a segment, by
-  several steps: NOTE [ one variable per reader ] in mx/segments.py) are summed in another order
+  several steps: NOTE [ one variable per reader ] in mx/segments/split.py) are summed in another order
   anyway (NOTE [ exact or within rounding ] in test_segments.py).  Tolerances below: 2e-6
   relative for one step's gradients, 1e-5 after three SGD steps with momentum.  With one tile
   every gradient is bit-identical to the same split with the head as one executor (the loss
