@@ -232,9 +232,9 @@ def _all_imports(module: str, path: str) -> Set[str]:
     return found
 
 
-def test_segment_code_is_called_only_by_planning_and_the_binding_surfaces_through_the_packages():
-    # Outside core/segments/ and mx/segments/ nobody reaches into their modules: the packages'
-    # __init__ re-export what the rest of the library uses, the rest stays theirs.
+def test_segment_code_is_called_only_by_planning_and_the_binding_surfaces():
+    # Outside core/segments/ and mx/segments/ only planning reaches into their modules; the
+    # binding surfaces use what the packages' __init__ re-export.
     for name, path in _modules().items():
         if _in_segment_packages(name):
             continue
@@ -242,7 +242,8 @@ def test_segment_code_is_called_only_by_planning_and_the_binding_surfaces_throug
         if not used:
             continue
         assert name.startswith(_SEGMENT_CALLERS), (name, used)
-        assert used <= set(_SEGMENT_PACKAGES), (name, used - set(_SEGMENT_PACKAGES))
+        if not name.startswith(f"{PACKAGE}.planning"):
+            assert used <= set(_SEGMENT_PACKAGES), (name, used - set(_SEGMENT_PACKAGES))
 
 
 def test_no_module_outside_the_segment_packages_defines_segment_classes():
