@@ -1,19 +1,36 @@
 """Recomputation cost model: how much work re-running a forward node costs.
 
-The unit is one floating-point operation; memory-bound operators (BatchNorm,
-activations, elementwise) are charged a few operations per element, which puts
-them at their real weight next to convolutions on a CPU or GPU.  The model is
-deliberately simple; ``plan.overhead`` is an estimate, and the benchmark
-reports how it compares with measured iteration times.
+The analytic unit is one floating-point operation; memory-bound operators
+(BatchNorm, activations, elementwise) are charged a few operations per element.
+When measured operator times are given (:class:`MeasuredCosts`, made by
+``mx/calibrate.py`` on the device the plan is for), they replace the estimate:
+every figure here is a ratio (recomputation over one iteration), so either unit
+works, and a plan made from the same table is the same plan.
+
+# NOTE [ measured operator times ]
+# Counting operations put the recomputation of resnet50_v1b's 'min' plan at
+# 33% of an iteration where the CPU measured 23%, and an unrolled LSTM's at 33%
+# where it measured 68% (bench/RESULTS.md, mean absolute error 12 points):
+# operations say nothing of how fast a backward kernel is next to its forward,
+# nor of the fixed cost of launching a small operator.  A measured table holds,
+# per node, the seconds of one forward and of its backward at the graph's
+# shapes; the iteration is their sum and a recomputed node costs its forward.
+# Nodes the table misses (an operator that would not bind alone) get the
+# analytic figure converted at the table's own rate (measured seconds per
+# estimated operation over the nodes it has), so a partial table still gives
+# one consistent unit.  The table is data: it is measured once, rounded and
+# cached, and planning reads it like any other input (a test injects one).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 from .graph import Graph, Node, NodeKind
 
-__all__ = ["forward_cost", "node_costs", "iteration_cost", "recompute_overhead", "BACKWARD_TO_FORWARD"]
+__all__ = ["forward_cost", "node_costs", "iteration_cost", "recompute_overhead", "BACKWARD_TO_FORWARD",
+           "MeasuredCosts", "use_measured_costs", "measured_costs_of"]
 
 #: A backward pass costs about twice its forward pass (gradients of inputs and of weights).
 BACKWARD_TO_FORWARD = 2.0
@@ -95,8 +112,83 @@ def forward_cost(graph: Graph, node: Node) -> float:
     return out * _PER_ELEMENT.get(op, 1.0)
 
 
-def node_costs(graph: Graph) -> Dict[str, float]:
-    """:func:`forward_cost` of every operator, computed once per graph."""
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """Measured seconds of each operator node's forward and backward (NOTE [ measured operator times ]).
+
+    Parameters
+    ----------
+    forward : mapping of str to float
+        Node key to the seconds of one forward evaluation.
+    backward : mapping of str to float
+        Node key to the seconds of its backward (gradients of its inputs); a node
+        missing here costs ``BACKWARD_TO_FORWARD`` times its forward.
+    device : str
+        Where the times were measured (``'cpu'``, ``'gpu'``), for reports.
+    """
+
+    forward: Mapping[str, float]
+    backward: Mapping[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def rate(self, graph: Graph) -> float:
+        """Measured seconds per estimated operation over the nodes both know (0 if none)."""
+        seconds = operations = 0.0
+        for node in graph.op_nodes:
+            if node.name in self.forward:
+                seconds += self.forward[node.name]
+                operations += forward_cost(graph, node)
+        return seconds / operations if operations > 0 else 0.0
+
+
+def _measured_node_costs(graph: Graph, measured: MeasuredCosts) -> Tuple[Dict[str, float], float]:
+    """Forward seconds of every operator (missing ones converted at the table's rate) and the
+    seconds of one iteration."""
+    rate = measured.rate(graph)
+    forward: Dict[str, float] = {}
+    total = 0.0
+    for node in graph.op_nodes:
+        if node.name in measured.forward:
+            seconds = float(measured.forward[node.name])
+        else:
+            seconds = forward_cost(graph, node) * rate
+        forward[node.name] = seconds
+        total += seconds + float(measured.backward.get(node.name, BACKWARD_TO_FORWARD * seconds))
+    return forward, total
+
+
+def use_measured_costs(graph: Graph, measured: Optional[MeasuredCosts]) -> None:
+    """Make every cost figure of ``graph`` (and of its late order) come from ``measured``.
+
+    ``None`` goes back to the analytic estimate.  The planners read costs through
+    :func:`node_costs`, :func:`iteration_cost` and :func:`recompute_overhead`, so
+    the table reaches the dynamic programs, the segment estimates and ``plan.overhead``.
+    """
+    graphs = [graph]
+    late = graph.as_late_as_possible()  # the segment estimates read the late order's costs
+    if late is not graph:
+        graphs.append(late)
+    for target in graphs:
+        for attribute in ("_forward_costs", "_mirror_costs", "_iteration_seconds"):
+            if hasattr(target, attribute):
+                delattr(target, attribute)
+        target._measured_costs = measured  # type: ignore[attr-defined]
+        if measured is not None:
+            forward, total = _measured_node_costs(target, measured)
+            target._forward_costs = forward  # type: ignore[attr-defined]
+            target._iteration_seconds = total  # type: ignore[attr-defined]
+
+
+def measured_costs_of(graph: Graph) -> Optional[MeasuredCosts]:
+    """The table :func:`use_measured_costs` gave ``graph`` (or its early order), if any."""
+    return getattr(graph, "_measured_costs", None)
+
+
+def node_costs(graph: Graph, measured: Optional[MeasuredCosts] = None) -> Dict[str, float]:
+    """Forward cost of every operator: measured seconds when given (or attached to the graph by
+    :func:`use_measured_costs`), else :func:`forward_cost`, computed once per graph."""
+    if measured is not None:
+        return _measured_node_costs(graph, measured)[0]
     cached = getattr(graph, "_forward_costs", None)
     if cached is None:
         cached = {node.name: forward_cost(graph, node) for node in graph.op_nodes}
@@ -104,12 +196,18 @@ def node_costs(graph: Graph) -> Dict[str, float]:
     return cached
 
 
-def iteration_cost(graph: Graph) -> float:
-    """Estimated operations of one plain training iteration (forward and backward)."""
+def iteration_cost(graph: Graph, measured: Optional[MeasuredCosts] = None) -> float:
+    """Cost of one plain training iteration (forward and backward), in the unit of :func:`node_costs`."""
+    if measured is not None:
+        return _measured_node_costs(graph, measured)[1]
+    seconds = getattr(graph, "_iteration_seconds", None)
+    if seconds is not None:
+        return float(seconds)
     return sum(node_costs(graph).values()) * (1.0 + BACKWARD_TO_FORWARD)
 
 
-def recompute_overhead(graph: Graph, mirrored: Iterable[str]) -> float:
+def recompute_overhead(graph: Graph, mirrored: Iterable[str],
+                       measured: Optional[MeasuredCosts] = None) -> float:
     """Extra work of recomputing ``mirrored`` as a fraction of one plain iteration.
 
     Parameters
@@ -118,12 +216,20 @@ def recompute_overhead(graph: Graph, mirrored: Iterable[str]) -> float:
         The forward graph.
     mirrored : iterable of str
         Names of the nodes recomputed during backward.
+    measured : MeasuredCosts, optional
+        Measured operator times; by default those attached to ``graph``
+        (:func:`use_measured_costs`), else the analytic estimate.
 
     Returns
     -------
     float
         0.0 means no extra work; 0.33 is about one extra forward pass.
     """
+    if measured is not None:
+        forward, total = _measured_node_costs(graph, measured)
+        extra = sum(forward.get(name, 0.0) for name in set(mirrored)
+                    if name in graph and graph.node(name).can_mirror)
+        return extra / total if total > 0 else 0.0
     total = iteration_cost(graph)
     if total <= 0:
         return 0.0

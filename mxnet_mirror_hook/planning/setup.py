@@ -10,11 +10,13 @@ import mxnet as mx
 import numpy as np
 
 from .._version import __version__
-from ..cache import PlanKey, grad_req_digest
+from ..cache import PlanKey, get_cache, grad_req_digest
+from ..core.cost import measured_costs_of, use_measured_costs
 from ..core.graph import Graph, NodeKind
 from ..errors import ShapeError
 from ..mx.apply import MirrorTemplate
 from ..mx.bind import to_context
+from ..mx.calibrate import table_costs
 from ..mx.convert import normalize_inputs, structure_hash, symbol_to_graph
 from ..options import MirrorOptions, normalize_keep_ops
 from .measure import BindMeasure
@@ -61,10 +63,16 @@ class PlanRequest:
     inputs_need_grad: bool = False
 
     def prepare(self, symbol: "mx.sym.Symbol", options: MirrorOptions) -> PlanningSetup:
-        """:func:`prepare_planning` of ``symbol`` for this request under ``options``."""
-        return prepare_planning(symbol, self.data_shapes, self.label_shapes, ctx=options.cost_ctx,
-                                grad_req=self.grad_req, fixed_param_names=self.fixed_param_names,
-                                inputs_need_grad=self.inputs_need_grad, keep_ops=options.keep_ops)
+        """:func:`prepare_planning` of ``symbol`` for this request under ``options``, with the
+        operator times of the cache directory's calibration table when it has them all (NOTE [
+        calibrating the cost model ] in mx/calibrate.py)."""
+        setup = prepare_planning(symbol, self.data_shapes, self.label_shapes, ctx=options.cost_ctx,
+                                 grad_req=self.grad_req, fixed_param_names=self.fixed_param_names,
+                                 inputs_need_grad=self.inputs_need_grad, keep_ops=options.keep_ops)
+        directory = get_cache(options.cache_dir).directory
+        if directory is not None:
+            use_measured_costs(setup.graph, table_costs(setup.graph, setup.context.device_type, directory))
+        return setup
 
 
 @dataclass
@@ -100,9 +108,11 @@ class PlanningSetup:
 
     def key(self, options: MirrorOptions) -> PlanKey:
         """The cache key of the one-level plan under ``options`` (a segments request's key is
-        this one with its ``backend``)."""
+        this one with its ``backend``).  A plan made from measured operator times has its own key."""
+        measured = measured_costs_of(self.graph)
+        planner = options.planner if measured is None else f"{options.planner}@measured-{measured.device}"
         return PlanKey(structure=self.structure, inputs=tuple(sorted(self.all_inputs)),
-                       grad_req=grad_req_digest(self.requests), planner=options.planner,
+                       grad_req=grad_req_digest(self.requests), planner=planner,
                        budget=options.budget.key, mxnet_version=mx.__version__,
                        context=self.context.device_type, keep_ops=self.keep_ops,
                        plugin_version=__version__, recompute_dropout=options.recompute_dropout)
