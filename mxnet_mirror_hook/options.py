@@ -54,6 +54,11 @@ OPTION_DOCS: Tuple[Tuple[str, str, str], ...] = (
      "1-byte mask and a product it may recompute; executor segments replay each re-run "
      "segment's random draws.  Off by default: either way the masks come from another random "
      "stream than MXNet's Dropout would use."),
+    ("max_overhead", "float, optional",
+     "The extra time allowed, as a fraction of one training iteration (``0.05``: 5%): plans a "
+     "selective segment chain, segments keeping their activations or re-run as a dynamic program "
+     "chooses (the least memory within it; with a ``memory_budget`` limit, the least recomputation "
+     "that fits, refused when none fits within it).  The ``'mirror'`` backend becomes ``'auto'``."),
 )
 
 #: The option names, as keyword arguments of every surface (in :data:`OPTION_DOCS` order).
@@ -142,6 +147,7 @@ class MirrorOptions:
     backend: str = "mirror"
     segments: Optional[int] = None
     recompute_dropout: bool = False
+    max_overhead: Optional[float] = None
 
     def __post_init__(self) -> None:
         get_planner(self.planner)  # TypeError / UnknownPlannerError naming the known ones
@@ -162,6 +168,20 @@ class MirrorOptions:
                               f"(chosen by the planner); got {self.segments!r}")
         if not isinstance(self.recompute_dropout, bool):
             raise TypeError(f"recompute_dropout must be True or False; got {self.recompute_dropout!r}")
+        self._check_max_overhead()
+
+    def _check_max_overhead(self) -> None:
+        """Validate :attr:`max_overhead`; it plans executor segments, so ``'mirror'`` becomes ``'auto'``
+        (NOTE [ selective segments ] in core/segments/selective.py)."""
+        if self.max_overhead is None:
+            return
+        value = self.max_overhead
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+            raise OptionError(f"max_overhead must be the extra time allowed as a fraction of one "
+                              f"iteration (0.05 for 5%); got {value!r}")
+        object.__setattr__(self, "max_overhead", float(value))
+        if self.backend == "mirror":
+            object.__setattr__(self, "backend", "auto")
 
     @property
     def budget(self) -> Budget:
@@ -232,7 +252,8 @@ class MirrorOptions:
                           memory_budget=first("memory_budget", "budget"), cache_dir=cache_dir,
                           cost_ctx=first("cost_ctx", "ctx"), keep_ops=first("keep_ops"),
                           backend=first("backend"), segments=first("segments"),
-                          recompute_dropout=True if getattr(args, "recompute_dropout", False) else None)
+                          recompute_dropout=True if getattr(args, "recompute_dropout", False) else None,
+                          max_overhead=first("max_overhead"))
 
 MirrorOptions.__doc__ = _document_options(MirrorOptions.__doc__)
 
@@ -294,6 +315,10 @@ _OPTIONS = (
     ("recompute_dropout", ("--recompute-dropout",),
      {"action": "store_true", "help": "rewrite Dropout so its output can be recomputed (1-byte masks "
                                       "from another random stream than MXNet's Dropout; off by default)"}),
+    ("max_overhead", ("--max-overhead",),
+     {"type": float, "metavar": "FRACTION",
+      "help": "extra time allowed per iteration (0.05: 5%%): a selective segment plan, the least "
+              "memory within it"}),
 )
 
 

@@ -109,7 +109,7 @@ def per_segment_two_level(split: SegmentPlan, setup: PlanningSetup,
     """``split`` with a least-memory mirror plan made for each segment symbol on its own."""
     given = {name: (shape, dtype) for name, shape, dtype in setup.all_inputs}
     # The pieces are bound as written (a replayed Dropout is the user's), so planned so.
-    piece_options = options.replace(memory_budget="min", backend="mirror", segments=None,
+    piece_options = options.replace(memory_budget="min", backend="mirror", segments=None, max_overhead=None,
                                     recompute_dropout=False)
     mirrored: set = set()
     pieces = list(zip(split.segments, split_symbol(setup.symbol, split)))

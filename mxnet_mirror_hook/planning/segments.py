@@ -34,13 +34,14 @@ from typing import Iterator, List, Optional, Tuple
 from ..cache import BackendEntry, get_cache
 from ..core.graph import draws_random, replays_random
 from ..core.segments import SegmentPlan, full_cut_chain
-from ..errors import BackendError
+from ..errors import BackendError, OptionError
 from ..options import MirrorOptions
 from .cached import cached_plan
 from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_segments,
                          per_segment_two_level, splits_to_try, tune_shared_pool)
 from .dropout import plan_dropout_variants
 from .result import PLAN_LOGGER, MirrorPlan
+from .selective import plan_selective, prefer_one_level
 from .setup import PlanningSetup
 
 __all__ = ["plan_with_segments", "SEGMENT_RECOMPUTE_LIMIT", "SEGMENT_WIN_FRACTION",
@@ -77,10 +78,16 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         ``time.perf_counter()`` when planning began.
     """
     started = time.perf_counter() if started is None else started
-    one_level = plan_dropout_variants(setup, options.replace(backend="mirror", segments=None), started)
+    one_level_options = options.replace(backend="mirror", segments=None, max_overhead=None)
+    if options.max_overhead is not None and options.budget.is_limit:
+        # The budget is the selective plan's to meet (NOTE [ planning under an overhead limit ]).
+        one_level_options = one_level_options.replace(memory_budget=None)
+    one_level = plan_dropout_variants(setup, one_level_options, started)
     if _draws_unreplayable_random(setup, options):
         return one_level
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
+    if options.max_overhead is not None:
+        request += f":overhead={options.max_overhead!r}"  # NOTE [ planning under an overhead limit ]
     key = dataclasses.replace(setup.key(options), backend=request)
 
     def use(entry: BackendEntry) -> Optional[MirrorPlan]:
@@ -172,8 +179,8 @@ def _step(what: str) -> Iterator[None]:
     """Name the step in whatever the block raises (an interrupt passes unchanged)."""
     try:
         yield
-    except _SegmentPathError:
-        raise
+    except (_SegmentPathError, OptionError):
+        raise  # an OptionError is the user's contradiction (NOTE [ planning under an overhead limit ])
     except Exception as error:
         raise _SegmentPathError(f"{what}: {_one_line(error)}") from error
 
@@ -191,6 +198,8 @@ def _choose_or_fall_back(setup: PlanningSetup, options: MirrorOptions, one_level
     one ``BackendError`` under ``'segments'`` (NOTE [ the segment path falls back ])."""
     try:
         return _choose(setup, options, one_level, started)
+    except OptionError:
+        raise
     except Exception as error:
         reason = str(error) if isinstance(error, _SegmentPathError) else _one_line(error)
         cause = error.__cause__ if isinstance(error, _SegmentPathError) else error
@@ -215,6 +224,8 @@ def _fallen_back(one_level: MirrorPlan, reason: str, **changes: float) -> Mirror
 def _choose(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
             started: float) -> Tuple[MirrorPlan, BackendEntry]:
     """Measure the candidates and take the segments or keep ``one_level``; the plan and its entry."""
+    if options.max_overhead is not None:
+        return _choose_selective(setup, options, one_level, started)
     measured = _measured_candidates(setup, options, one_level)
     least = min(item.mb for item in measured)
     # Within 3% of the least memory, fewer segments: fewer executor calls per iteration, and
@@ -236,6 +247,23 @@ def _choose(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
                        "(backend='auto' keeps the lower plan)", mb, one_level.planned_mb)
     entry = BackendEntry("segments", tuple(sorted(n for s in chosen.segments for n in s.mirrored)),
                          one_level.baseline_mb, mb, overhead, segments=chosen.to_dict())
+    return _segments_result(setup, one_level, chosen, mb, overhead, started, from_cache=False), entry
+
+
+def _choose_selective(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
+                      started: float) -> Tuple[MirrorPlan, BackendEntry]:
+    """The selective plan under ``max_overhead``, or ``one_level`` under ``'auto'`` when it is lower
+    within the limit (NOTE [ planning under an overhead limit ] in planning/selective.py)."""
+    with _step("planning a selective segment chain"):
+        mb, overhead, chosen = plan_selective(setup, options, one_level)
+    keep, why = prefer_one_level(options, one_level, Measured(mb, overhead, chosen))
+    if keep:
+        logger.info("max_overhead: %s; the one-level plan is used", why)
+        tried = [{"label": f"selective segments x{chosen.count}", "planned_mb": mb, "overhead": overhead,
+                  "mirrored_count": 0}]
+        return (dataclasses.replace(one_level, candidates=one_level.candidates + tried),
+                _one_level_entry(one_level))
+    entry = BackendEntry("segments", (), one_level.baseline_mb, mb, overhead, segments=chosen.to_dict())
     return _segments_result(setup, one_level, chosen, mb, overhead, started, from_cache=False), entry
 
 

@@ -1,0 +1,115 @@
+"""Selective segment planning under ``max_overhead``: the dynamic program's labelled cut set,
+measured (NOTE [ selective segments ] in core/segments/selective.py).
+
+# NOTE [ planning under an overhead limit ]
+# ``max_overhead`` asks for the least memory whose estimated extra time is
+# within that fraction of an iteration; with a ``memory_budget`` limit (a
+# fraction or a size) it asks for the least recomputation that fits.  The
+# program runs on the model's bytes, so the limit is carried over as a ratio of
+# the unmirrored plan (the model's figure of one unsplit segment against
+# MXNet's measured baseline).  The chosen plan is then measured (MXNet's plan of
+# each segment, the shared pool and each kept pool, the chain's own arrays); a
+# measured figure above the budget tightens the model's limit by the measured
+# over-run and solves again, REFINE_PASSES times at most.  When no plan meets
+# both limits the request contradicts itself: one ``OptionError`` line names
+# the least memory within the overhead and the least overhead within the budget.
+# Under ``'auto'`` the one-level plan is returned instead when its estimated
+# overhead is within the limit and it measures lower.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+from ..core.graph import draws_random
+from ..core.segments import full_cut_chain
+from ..core.segments.selective import (SelectiveChain, SelectiveChoice, selective_chain, selective_plan,
+                                       solve_selective)
+from ..errors import OptionError
+from ..options import MirrorOptions
+from .candidates import Measured, measure_segments
+from .result import PLAN_LOGGER, MirrorPlan
+from .setup import PlanningSetup
+
+__all__ = ["plan_selective", "prefer_one_level", "REFINE_PASSES"]
+
+logger = logging.getLogger(PLAN_LOGGER)
+
+#: Re-solves with a tightened limit when the measured figure exceeds the budget.
+REFINE_PASSES = 3
+
+
+def plan_selective(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan) -> Measured:
+    """The measured selective plan under ``options.max_overhead`` (and a budget limit, if any).
+
+    Raises
+    ------
+    OptionError
+        When ``max_overhead`` and the memory budget contradict (no plan meets both).
+    """
+    graph = setup.graph
+    cut_chain = full_cut_chain(graph)
+    chain = selective_chain(graph, cut_chain)
+    limit_mb = options.budget.limit_mb(one_level.baseline_mb)
+    ratio = _ratio(options, limit_mb, one_level.baseline_mb)
+    model_full = chain.working[0][chain.last]
+    replay = options.recompute_dropout and any(draws_random(n.op, n.attrs) for n in graph.op_nodes)
+    scale = 1.0
+    for _ in range(REFINE_PASSES):
+        max_bytes = None if ratio is None else ratio * model_full * scale
+        choice = solve_selective(chain, max_bytes=max_bytes, max_cost=options.max_overhead)
+        if choice is None:
+            raise _contradiction(chain, options, limit_mb, one_level.baseline_mb)
+        plan = selective_plan(graph, choice, chain, cut_chain).with_replay_random(replay)
+        measured = measure_segments(setup, plan)
+        logger.info("selective plan: %d segments, %d kept, %.0f MB static, estimated overhead %.1f%%",
+                    plan.count, len(plan.kept), measured.mb, 100 * measured.overhead)
+        if limit_mb is None or measured.mb <= limit_mb:
+            return measured
+        scale *= limit_mb / measured.mb
+    raise OptionError(f"memory_budget {options.memory_budget!r} ({limit_mb:.0f} MB) is not reached by "
+                      f"a selective plan within max_overhead={options.max_overhead:g} (measured "
+                      f"{measured.mb:.0f} MB); raise max_overhead or the budget")
+
+
+def _ratio(options: MirrorOptions, limit_mb: Optional[float], baseline_mb: float) -> Optional[float]:
+    """The budget as a fraction of the unmirrored plan (None: no limit)."""
+    if limit_mb is None:
+        return None
+    if options.budget.kind == "fraction":
+        return options.budget.value
+    return limit_mb / baseline_mb if baseline_mb > 0 else float("inf")
+
+
+def _contradiction(chain: SelectiveChain, options: MirrorOptions, limit_mb: Optional[float],
+                   baseline_mb: float) -> OptionError:
+    """The one-line error for a budget and an overhead limit no plan meets together."""
+    least = solve_selective(chain, max_cost=options.max_overhead)
+    model_full = chain.working[0][chain.last] or 1
+    reachable = baseline_mb * least.memory / model_full if least is not None else float("nan")
+    fits: Optional[SelectiveChoice] = None
+    ratio = _ratio(options, limit_mb, baseline_mb)
+    if ratio is not None:
+        fits = solve_selective(chain, max_bytes=ratio * model_full)
+    needed = f"{100 * fits.cost:.1f}%" if fits is not None else "no segment plan"
+    return OptionError(
+        f"memory_budget {options.memory_budget!r} and max_overhead={options.max_overhead:g} "
+        f"contradict: within {100 * options.max_overhead:g}% extra time the least memory is about "
+        f"{reachable:.0f} MB (budget {limit_mb:.0f} MB), and fitting the budget takes {needed} "
+        f"recomputation; raise one of them")
+
+
+def prefer_one_level(options: MirrorOptions, one_level: MirrorPlan,
+                     measured: Measured) -> Tuple[bool, str]:
+    """Whether ``'auto'`` keeps the one-level plan: its estimated overhead within the limit and its
+    figure below the selective plan's (and within the budget)."""
+    if options.backend != "auto" or one_level.overhead > options.max_overhead:
+        return False, ""
+    limit_mb = options.budget.limit_mb(one_level.baseline_mb)
+    if limit_mb is not None and one_level.planned_mb > limit_mb:
+        return False, ""
+    if one_level.planned_mb < measured.mb:
+        return True, (f"the one-level plan ({one_level.planned_mb:.0f} MB, overhead "
+                      f"{100 * one_level.overhead:.1f}%) is below the selective segments "
+                      f"({measured.mb:.0f} MB)")
+    return False, ""
