@@ -114,23 +114,36 @@ def test_dropouts_of_one_name_are_rewritten_recomputable_and_plan():
     assert plan.planned_mb <= plan.baseline_mb
 
 
-@pytest.mark.xfail(strict=False, reason="the segment path (mx/segments JSON surgery) still finds "
-                   "nodes by name; pending the segment package move")
-def test_the_segment_backend_plans_repeated_names(residual):
+def test_the_segment_backend_plans_repeated_names_as_unique_ones(residual):
     unique, repeated, data_shape, label_shape = residual
     plain = _plan(unique, data_shape, label_shape, memory_budget="min", backend="segments", cache_dir=False)
     plan = _plan(repeated, data_shape, label_shape, memory_budget="min", backend="segments", cache_dir=False)
+    assert plan.backend == "segments" and plan.segment_count > 1
     assert plan.planned_mb == plain.planned_mb
+    assert [s.nodes for s in plan.segment_plan.segments] != [s.nodes for s in plain.segment_plan.segments]
 
 
-@pytest.mark.xfail(strict=False, reason="backend='auto' tries the segment path, whose JSON surgery "
-                   "(mx/segments) still finds nodes by name; pending the segment package move")
-def test_backend_auto_plans_repeated_names(residual):
+def test_backend_auto_plans_repeated_names_without_falling_back(residual):
     unique, repeated, data_shape, label_shape = residual
     plain = _plan(unique, data_shape, label_shape, memory_budget="min", backend="auto", cache_dir=False)
     plan = _plan(repeated, data_shape, label_shape, memory_budget="min", backend="auto", cache_dir=False)
-    assert plan.planned_mb <= plan.baseline_mb
-    assert plan.planned_mb <= plain.planned_mb or plan.segment_plan is None
+    assert plan.fallback is None and plain.fallback is None
+    assert (plan.backend, plan.planned_mb) == (plain.backend, plain.planned_mb)
+
+
+def test_segments_of_repeated_names_train_bit_identical_to_those_of_unique_names(residual):
+    from tests.api.test_equivalence import train_and_capture
+
+    unique, repeated, data_shape, label_shape = residual
+    runs = []
+    for symbol in (unique, repeated):
+        module = MirroredModule(symbol, backend="segments", memory_budget="min", cache_dir=False)
+        runs.append(train_and_capture(module, data_shape, label_shape))
+        assert module.mirror_plan.backend == "segments" and module.mirror_plan.segment_count > 1
+    for left, right in zip(*runs):
+        assert sorted(left) == sorted(right)
+        for name in left:
+            assert (left[name] == right[name]).all(), name
 
 
 
@@ -156,15 +169,11 @@ def _gluoncv(network: str) -> "mx.sym.Symbol":
 
 GLUONCV = {"c3d": ("c3d_kinetics400", (1, 3, 16, 112, 112)), "xception": ("xception", (1, 3, 299, 299))}
 OPTIONS = {"default": {}, "half": {"memory_budget": 0.5}, "auto": {"backend": "auto"}}
-SEGMENTS_PENDING = pytest.mark.xfail(strict=False, reason="backend='auto' on the segment path (mx/segments "
-                                     "JSON surgery) still finds nodes by name; pending the package move")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("network, options", [
-    pytest.param(network, options, id=f"{network}-{options}",
-                 marks=[SEGMENTS_PENDING] if (network, options) == ("xception", "auto") else [])
-    for network in GLUONCV for options in OPTIONS])
+    pytest.param(network, options, id=f"{network}-{options}") for network in GLUONCV for options in OPTIONS])
 def test_gluoncv_networks_with_repeated_names_plan_as_if_their_names_were_unique(network, options):
     network, shape = GLUONCV[network]
     options = OPTIONS[options]

@@ -14,6 +14,7 @@ from ...core.segments.plan import Entry, SegmentPlan
 from ...core.segments.tensors import TensorSpec
 from ...errors import ShapeError
 from .gather import GatherLayout, find_gathers
+from ..convert import json_node_keys
 from .split import boundary_name, source_name
 
 __all__ = ["reader_bindings", "shareable_gradients", "summed_request", "tensor_spec", "argument_types",
@@ -112,11 +113,12 @@ def head_parts(document: Mapping[str, Any], plan: SegmentPlan
     """The chunked head of ``plan`` in the full symbol's JSON ``document``: its FullyConnected
     and SoftmaxOutput nodes, the classifier's input, weight, bias (None) and label names."""
     segment = plan.segments[-1]
-    nodes = {n["name"]: n for n in document["nodes"]}
-    softmax = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "SoftmaxOutput")
-    fc = next(nodes[name] for name in segment.nodes if nodes[name]["op"] == "FullyConnected")
+    keys = json_node_keys(document["nodes"])  # NOTE [ nodes are identified by key, not by name ]
+    nodes = dict(zip(keys, document["nodes"]))
+    softmax = next(nodes[key] for key in segment.nodes if nodes[key]["op"] == "SoftmaxOutput")
+    fc = next(nodes[key] for key in segment.nodes if nodes[key]["op"] == "FullyConnected")
     inputs = document["nodes"]
-    data = (inputs[fc["inputs"][0][0]]["name"], int(fc["inputs"][0][1]))
+    data = (keys[fc["inputs"][0][0]], int(fc["inputs"][0][1]))
     weight = inputs[fc["inputs"][1][0]]["name"]
     bias = inputs[fc["inputs"][2][0]]["name"] if len(fc["inputs"]) > 2 else None
     label = next(n for n in segment.variables if n not in (weight, bias))

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 
 from ...core.segments.plan import Entry, SegmentPlan, SegmentSpec
-from ..convert import MIRROR_ATTR
+from ..convert import MIRROR_ATTR, json_node_keys
 
 __all__ = ["boundary_name", "reader_name", "source_name", "segment_documents", "split_symbol"]
 
@@ -61,10 +61,12 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
     """JSON documents of the segment symbols (JSON surgery, NOTE [ splitting by JSON ];
     NOTE [ BatchNorm in re-run segments ] for ``rerun_cudnn_off``; ``auxiliary``: the
     symbol's auxiliary states)."""
-    index = {node["name"]: i for i, node in enumerate(document["nodes"])}
+    keys = json_node_keys(document["nodes"])  # NOTE [ nodes are identified by key, not by name ]
+    index = {key: i for i, key in enumerate(keys)}
     documents = []
     for segment in plan.segments:
-        new_nodes, new_index = _segment_nodes(document["nodes"], index, segment, plan, rerun_cudnn_off)
+        new_nodes, new_index = _segment_nodes(document["nodes"], keys, index, segment, plan,
+                                              rerun_cudnn_off)
         heads = [[new_index[index[name]], out, 0] for name, out in segment.outputs]
         _slice_replayed_steps(new_nodes, heads)
         _one_variable_per_reader(new_nodes, heads, auxiliary)
@@ -77,10 +79,14 @@ def segment_documents(document: Mapping[str, Any], plan: SegmentPlan,
     return documents
 
 
-def _segment_nodes(nodes: Sequence[Dict[str, Any]], index: Mapping[str, int], segment: SegmentSpec,
-                   plan: SegmentPlan, rerun_cudnn_off: bool) -> Tuple[List[Dict[str, Any]], Dict[Any, int]]:
+def _segment_nodes(nodes: Sequence[Dict[str, Any]], keys: Sequence[str], index: Mapping[str, int],
+                   segment: SegmentSpec, plan: SegmentPlan,
+                   rerun_cudnn_off: bool) -> Tuple[List[Dict[str, Any]], Dict[Any, int]]:
     """The node list of one segment (boundary variables first, then its operators and variables
-    in the original order, re-indexed), and where each original node (or boundary) went."""
+    in the original order, re-indexed), and where each original node (or boundary) went.
+
+    Operators are named by their key in the segment: segment symbols are internal, and an
+    output named after a repeated operator name could not be told apart in MXNet's report."""
     members = set(segment.nodes) | set(segment.variables)
     boundary = {(index[name], out): boundary_name((name, out)) for name, out in segment.inputs}
     new_nodes: List[Dict[str, Any]] = []
@@ -89,7 +95,7 @@ def _segment_nodes(nodes: Sequence[Dict[str, Any]], index: Mapping[str, int], se
         new_index[key] = len(new_nodes)
         new_nodes.append({"op": "null", "name": name, "inputs": []})
     for i, node in enumerate(nodes):
-        if node["name"] not in members:
+        if keys[i] not in members:
             continue
         copy = dict(node)
         inputs = []
@@ -104,7 +110,8 @@ def _segment_nodes(nodes: Sequence[Dict[str, Any]], index: Mapping[str, int], se
                 inputs.append([new_index[source], out] + (rest or [0]))
         copy["inputs"] = inputs
         if node["op"] != "null":
-            attrs = _segment_attrs(node, segment, plan, rerun_cudnn_off)
+            copy["name"] = keys[i]
+            attrs = _segment_attrs(node, keys[i], segment, plan, rerun_cudnn_off)
             if attrs:
                 copy["attrs"] = attrs
             else:
@@ -114,13 +121,13 @@ def _segment_nodes(nodes: Sequence[Dict[str, Any]], index: Mapping[str, int], se
     return new_nodes, new_index
 
 
-def _segment_attrs(node: Mapping[str, Any], segment: SegmentSpec, plan: SegmentPlan,
+def _segment_attrs(node: Mapping[str, Any], key: str, segment: SegmentSpec, plan: SegmentPlan,
                    rerun_cudnn_off: bool) -> Dict[str, str]:
     """An operator's attributes in its segment: ``force_mirroring`` as the segment mirrors it,
     ``cudnn_off`` where NOTE [ BatchNorm in re-run segments ] asks for it."""
     attrs = dict(node.get("attrs") or {})
     attrs.pop(MIRROR_ATTR, None)
-    if node["name"] in segment.mirrored:
+    if key in segment.mirrored:
         attrs[MIRROR_ATTR] = "True"
         if node["op"] == "BatchNorm":
             attrs["cudnn_off"] = "True"  # NOTE [ BatchNorm recomputed ] in apply.py
