@@ -163,6 +163,9 @@ class Footprint:
     inputs : float
         Data and labels: the executor's input arrays and, for ``Module``, the batch the data
         iterator hands it (copied into them).
+    head_gradients : float
+        Gluon: the gradient ``backward()`` creates for the outputs it is called on (ones of their
+        shape); ``Module`` needs none for loss outputs.
     activations : float
         The plan's figure of intermediate activations (MXNet's static plan).
     workspace : float
@@ -177,6 +180,7 @@ class Footprint:
     auxiliary: float = 0.0
     parameter_copies: float = 0.0
     inputs: float = 0.0
+    head_gradients: float = 0.0
     activations: float = 0.0
     workspace: float = 0.0
     mkldnn_copies: float = 0.0
@@ -201,7 +205,8 @@ class Footprint:
         """One line: the total and its parts."""
         names = {"parameters": "params", "gradients": "grads", "optimizer_state": "optimizer",
                  "auxiliary": "aux", "parameter_copies": "param copies", "inputs": "inputs",
-                 "activations": "activations", "workspace": "workspace", "mkldnn_copies": "mkldnn"}
+                 "head_gradients": "head grads", "activations": "activations",
+                 "workspace": "workspace", "mkldnn_copies": "mkldnn"}
         parts = ", ".join(f"{label} {getattr(self, name):.0f}" for name, label in names.items()
                           if getattr(self, name) >= 0.5)
         return f"footprint {self.total:.0f} MB ({parts})"

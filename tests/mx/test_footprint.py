@@ -229,3 +229,11 @@ def test_a_chain_of_executors_counts_one_temp_space_per_copy_mxnet_hands_out(mon
     monkeypatch.setenv("MXNET_CPU_TEMP_COPY", "2")
     chain = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=False, executors=5)
     assert chain.workspace == pytest.approx(2 * one.workspace)
+
+
+def test_a_gluon_block_counts_every_temp_space_copy_and_the_outputs_head_gradient(monkeypatch):
+    monkeypatch.setenv("MXNET_CPU_TEMP_COPY", "3")
+    module = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=True)
+    gluon = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=True, surface="gluon")
+    assert gluon.mkldnn_copies == pytest.approx(3 * module.mkldnn_copies)
+    assert gluon.head_gradients == pytest.approx(_mb(BATCH * 10 * 4)) and module.head_gradients == 0
