@@ -97,7 +97,10 @@ def _where(error: BaseException) -> str:
     frame = (own or frames or [None])[-1]
     if frame is None:
         return ""
-    return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno} {frame.name}"
+    path = frame.filename
+    path = (path.split("site-packages" + os.sep, 1)[1] if "site-packages" + os.sep in path
+            else os.path.relpath(path, ROOT))
+    return f"{path}:{frame.lineno} {frame.name}"
 
 
 def _error_row(row: dict, error: BaseException, stage: str) -> dict:

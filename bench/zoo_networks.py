@@ -198,6 +198,9 @@ def _get_model(name: str, **kwargs) -> "mx.gluon.HybridBlock":
     except TypeError as error:
         if "pretrained_base" not in str(error):
             raise
+    except Warning as error:   # gluoncv's DarknetV3 raises Warning on unknown keyword arguments
+        if "kwargs" not in str(error):
+            raise
     return get_model(name, pretrained=False, **kwargs)
 
 
