@@ -24,21 +24,28 @@ __all__ = ["GradReq", "bind_symbol", "bound", "planned_mb_in_process", "parse_pl
 #: ``grad_req`` as ``simple_bind`` takes it.
 GradReq = Union[str, Dict[str, str]]
 
-_ERROR_MARKERS = ("Error", "Check failed", "error")
+#: Markers of the line that says what went wrong, most telling first.
+_ERROR_MARKERS = (("Check failed",), ("MXNetError:",), ("Error", "error"))
+#: Headers the Python front end puts before MXNet's own message (they say nothing of the cause).
+_HEADERS = ("simple_bind error",)
 
 
 def mxnet_error_line(error: BaseException, limit: int = 400) -> str:
     """The line of an MXNet error that says what went wrong (not the stack trace).
 
-    MXNet's messages carry a C++ stack trace; the useful line is the first one
-    naming an error or a failed check, else the first line.
+    MXNet's messages carry a C++ stack trace, and ``simple_bind``'s a header
+    ("simple_bind error. Arguments: ...") before it; the useful line is the first
+    failed check, else the first ``MXNetError:`` line, else the first naming an
+    error, else the first line.
     """
     text = str(error).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if any(marker in line for marker in _ERROR_MARKERS):
-            return line[:limit]
-    return text.splitlines()[0][:limit] if text else repr(error)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith(_HEADERS)]
+    for markers in _ERROR_MARKERS:
+        for line in lines:
+            if any(marker in line for marker in markers):
+                return line[:limit]
+    return (lines or text.splitlines() or [repr(error)])[0][:limit]
 
 
 

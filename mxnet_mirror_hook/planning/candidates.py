@@ -1,6 +1,7 @@
 """Segment plan candidates: the splits, the chunked loss head, two levels, and their measurement."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
@@ -9,7 +10,9 @@ from ..core.graph import Graph
 from ..core.segments import (MAX_SEGMENTS, SegmentPlan, alternative_cuts, best_segment_plan,
                              cut_positions, head_chunk_count, loss_head, plan_segments,
                              plan_segments_with_head, segment_plan_for_cuts)
-from ..mx.segments import boundary_name, segment_planned_mb, source_name, split_symbol, tune_match_ranges
+from ..errors import MeasurementError
+from ..mx.segments import (GRAD_SUM_CAP_ENV, boundary_name, segment_planned_mb, source_name, split_symbol,
+                           tune_match_ranges)
 from ..options import MirrorOptions
 from .one_level import plan_one_level
 from .result import PLAN_LOGGER
@@ -90,9 +93,27 @@ def head_splits(graph: Graph, segments: Optional[int], splits: Sequence[SegmentP
     return found
 
 
+# NOTE [ a network the cap cannot bind ]
+# Segments are measured and bound under MXNET_EXEC_INPLACE_GRAD_SUM_CAP=2 (NOTE [ the
+# gradient-sum cap is read once per process ] in mx/segments/environment.py).  Under a
+# cap below 8, MXNet 1.9.1 cannot bind some networks at all, not even whole and plain:
+# AggregateGradient chains in-place gradient sums with control dependencies that are
+# only safe when the contributions arrive in dependency order, and the branches of
+# gluoncv's residual-attention networks break that ("control dep not found in graph").
+# A candidate whose measurement fails under the cap is measured again under MXNet's
+# default and carries ``grad_sum_cap=None``, which the chain then binds under.
 def measure_segments(setup: PlanningSetup, candidate: SegmentPlan) -> Measured:
-    """MXNet's static figure of ``candidate`` and its estimated overhead."""
-    mb, per_segment = segment_planned_mb(setup.symbol, candidate, setup.context, *setup.bind_inputs)
+    """MXNet's static figure of ``candidate`` and its estimated overhead (NOTE [ a network
+    the cap cannot bind ])."""
+    try:
+        mb, per_segment = segment_planned_mb(setup.symbol, candidate, setup.context, *setup.bind_inputs)
+    except MeasurementError as error:
+        if candidate.grad_sum_cap is None:
+            raise
+        logger.info("segments do not bind under %s=%d (%s); measured under MXNet's default",
+                    GRAD_SUM_CAP_ENV, candidate.grad_sum_cap, error)
+        candidate = dataclasses.replace(candidate, grad_sum_cap=None)
+        mb, per_segment = segment_planned_mb(setup.symbol, candidate, setup.context, *setup.bind_inputs)
     # The segment MXNet plans largest owns the shared pool (bound first).
     candidate = candidate.with_working_bytes([int(m * 2 ** 20) for m in per_segment])
     inner = [n for s in candidate.segments for n in s.mirrored]

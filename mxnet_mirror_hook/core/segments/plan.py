@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..graph import Graph
 from ..liveness import drop_unread_copies
 
-__all__ = ["Entry", "HEAD_GRAD_COPIES", "SegmentSpec", "SegmentPlan", "entry_key"]
+__all__ = ["Entry", "HEAD_GRAD_COPIES", "DEFAULT_GRAD_SUM_CAP", "SegmentSpec", "SegmentPlan", "entry_key"]
 
 
 #: A tensor: (producing node's name, output index).
@@ -75,6 +75,11 @@ class SegmentSpec:
                    int(data.get("working_bytes", 0)), int(data.get("match_range", 0)))
 
 
+#: ``MXNET_EXEC_INPLACE_GRAD_SUM_CAP`` segments are bound and measured under by default
+#: (NOTE [ the gradient-sum cap is read once per process ] in mx/segments/environment.py).
+DEFAULT_GRAD_SUM_CAP = 2
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     """A split of the graph into segments, with its modelled memory.
@@ -104,6 +109,10 @@ class SegmentPlan:
         Segments that keep their activations from forward to backward in a memory pool of their
         own and are not re-run (NOTE [ selective segments ] in core/segments/selective.py); the
         others share the pool and are re-run as before.  Never the last segment.
+    grad_sum_cap : int or None
+        ``MXNET_EXEC_INPLACE_GRAD_SUM_CAP`` the segments are measured and bound under (None:
+        MXNet's default, for networks MXNet cannot bind under the cap; NOTE [ a network the
+        cap cannot bind ] in planning/candidates.py).
     """
 
     segments: Tuple[SegmentSpec, ...]
@@ -114,6 +123,7 @@ class SegmentPlan:
     replay_random: bool = False
     head_chunks: int = 0
     kept: Tuple[int, ...] = ()
+    grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP
 
     @property
     def count(self) -> int:
@@ -157,7 +167,7 @@ class SegmentPlan:
                 "recompute_fraction": self.recompute_fraction,
                 "boundary_shapes": {k: list(v) for k, v in self.boundary_shapes.items()},
                 "replay_random": self.replay_random, "head_chunks": self.head_chunks,
-                "kept": list(self.kept)}
+                "kept": list(self.kept), "grad_sum_cap": self.grad_sum_cap}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SegmentPlan":
@@ -167,7 +177,8 @@ class SegmentPlan:
                    float(data["recompute_fraction"]),
                    {k: tuple(v) for k, v in data.get("boundary_shapes", {}).items()},
                    bool(data.get("replay_random", False)), int(data.get("head_chunks", 0)),
-                   tuple(int(i) for i in data.get("kept", ())))
+                   tuple(int(i) for i in data.get("kept", ())),
+                   _optional_int(data.get("grad_sum_cap", DEFAULT_GRAD_SUM_CAP)))
 
     def with_working_bytes(self, measured: Sequence[int]) -> "SegmentPlan":
         """The same split with measured working sets (MXNet's plan of each segment), so that
@@ -229,3 +240,6 @@ def entry_key(entry: Entry) -> str:
     """``"node:output"``, the key of a boundary in :attr:`SegmentPlan.boundary_shapes`."""
     return f"{entry[0]}:{entry[1]}"
 
+
+def _optional_int(value: Any) -> Optional[int]:
+    return None if value is None else int(value)

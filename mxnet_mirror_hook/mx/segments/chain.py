@@ -14,7 +14,7 @@ from ...core.segments.head import LossHead
 from ...core.segments.plan import Entry, SegmentPlan, SegmentSpec
 from ...errors import BackendError
 from ..bind import environment
-from .environment import DEFAULT_GRAD_SUM_CAP, cap_variables, match_range_variables
+from .environment import cap_variables, match_range_variables
 from .head import ChunkedHead
 from .layout import (argument_types, chain_layout, head_parts, infer_arguments, reader_bindings,
                      summed_request, tensor_spec)
@@ -65,8 +65,6 @@ class SegmentChain:
         Types of inputs.
     grad_req : dict of str to str
         The user's request per argument of ``symbol``.
-    grad_sum_cap : int or None
-        ``MXNET_EXEC_INPLACE_GRAD_SUM_CAP`` for the segment binds (None: MXNet's default).
     shared_arrays : dict, optional
         ``arg``/``grad``/``aux`` dicts of arrays to reuse when shapes and types match
         (``reshape``; the parameters of another bucket).
@@ -79,13 +77,11 @@ class SegmentChain:
                  input_shapes: Mapping[str, Tuple[int, ...]],
                  type_dict: Optional[Mapping[str, Any]] = None,
                  grad_req: Optional[Mapping[str, str]] = None,
-                 grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP,
                  shared_arrays: Optional[Mapping[str, Mapping[str, "mx.nd.NDArray"]]] = None,
                  shared_exec: Optional["mx.executor.Executor"] = None) -> None:
         self.symbol, self.plan, self.ctx = symbol, plan, ctx
         self._input_shapes = dict(input_shapes)
         self._type_dict = argument_types(self._input_shapes, type_dict)
-        self._grad_sum_cap = grad_sum_cap
         requests = dict(grad_req or {})
         self._user_req = {name: requests.get(name, "null") for name in symbol.list_arguments()}
         self._allocate_arguments(shared_arrays or {})
@@ -232,7 +228,7 @@ class SegmentChain:
         """Bind the segment with the largest working set first: it owns the pool (MXNet's
         shared_exec takes blocks from the owner's pool, largest first), or shares
         ``shared_exec``'s pool (another bucket) and passes it on."""
-        variables = cap_variables(self._grad_sum_cap)
+        variables = cap_variables(self.plan.grad_sum_cap)
         # Largest first: blocks appended to the owner's pool by a large segment can then be
         # reused by the smaller ones (MXNet takes the smallest free block that fits).
         shared = self.plan.bind_order(self.gathers)
@@ -433,7 +429,7 @@ class SegmentChain:
         shapes = dict(self._input_shapes)
         shapes.update({k: tuple(v) for k, v in kwargs.items()})
         return SegmentChain(self.symbol, self.plan, self.ctx, shapes, self._type_dict,
-                            self._user_req, self._grad_sum_cap,
+                            self._user_req,
                             {"arg": self.arg_dict, "grad": self.grad_dict, "aux": self.aux_dict})
 
     def debug_str(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from ... import env
+from ...core.segments.plan import DEFAULT_GRAD_SUM_CAP
 
 __all__ = ["GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP", "cap_variables", "match_range_variables"]
 
@@ -24,7 +25,7 @@ __all__ = ["GRAD_SUM_CAP_ENV", "DEFAULT_GRAD_SUM_CAP", "cap_variables", "match_r
 # longer sum inside a segment and the cap matters less (bench LSTM, 14 segments:
 # 24.6 MB with and without it).  The benchmark sets it before MXNet builds any graph.
 GRAD_SUM_CAP_ENV = "MXNET_EXEC_INPLACE_GRAD_SUM_CAP"
-DEFAULT_GRAD_SUM_CAP = 2
+
 
 def cap_variables(grad_sum_cap: Optional[int]) -> Dict[str, str]:
     """The environment segments are bound and measured under for the gradient-sum cap (None:

@@ -11,7 +11,6 @@ import mxnet as mx
 
 from ...core.segments.plan import SegmentPlan
 from .chain import SegmentChain
-from .environment import DEFAULT_GRAD_SUM_CAP
 
 __all__ = ["SegmentedExecutorGroup", "executor_group_for"]
 
@@ -29,14 +28,10 @@ class SegmentedExecutorGroup(mx.module.executor_group.DataParallelExecutorGroup)
         As for ``DataParallelExecutorGroup``.
     segment_plan : SegmentPlan
         The split (the same on every device: one chain per device).
-    grad_sum_cap : int or None
-        See :class:`SegmentChain`.
     """
 
-    def __init__(self, *args: Any, segment_plan: SegmentPlan,
-                 grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, segment_plan: SegmentPlan, **kwargs: Any) -> None:
         self.segment_plan = segment_plan
-        self.grad_sum_cap = grad_sum_cap
         super().__init__(*args, **kwargs)
 
     def _bind_ith_exec(self, i: int, data_shapes: Any, label_shapes: Any,
@@ -58,7 +53,7 @@ class SegmentedExecutorGroup(mx.module.executor_group.DataParallelExecutorGroup)
                 "aux": dict(other.aux_dict)}
             shared_exec = other.pool_owner if isinstance(other, SegmentChain) else other
         return SegmentChain(self.symbol, self.segment_plan, self.contexts[i], input_shapes,
-                            input_types, self.grad_req, self.grad_sum_cap, shared_arrays, shared_exec)
+                            input_types, self.grad_req, shared_arrays, shared_exec)
 
     def install_monitor(self, mon: Any) -> None:
         """Install a monitor on every segment executor."""

@@ -16,7 +16,7 @@ from ...core.segments.layout import ChainLayout
 from ...core.segments.plan import SegmentPlan
 from ...core.segments.pool import MATCH_RANGES, least_pool_choice, mixed_pool_bytes
 from ..bind import environment
-from .environment import DEFAULT_GRAD_SUM_CAP, cap_variables, match_range_variables
+from .environment import cap_variables, match_range_variables
 from .layout import argument_types, chain_layout, infer_arguments, tensor_spec
 from .split import boundary_name, source_name, split_symbol
 
@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Context",
                        shapes: Mapping[str, Tuple[int, ...]],
                        type_dict: Optional[Mapping[str, Any]] = None,
-                       grad_req: Optional[Mapping[str, str]] = None,
-                       grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP) -> Tuple[float, List[float]]:
+                       grad_req: Optional[Mapping[str, str]] = None) -> Tuple[float, List[float]]:
     """Static memory of a segment plan in MB, and MXNet's planned MB of each segment.
 
     # NOTE [ static memory of a segment plan ]
@@ -64,7 +63,7 @@ def segment_planned_mb(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Cont
     layout, gathers = _figure_layout(symbol, plan, symbols, shapes, type_dict, requests)
     per_segment, blocks = _measure_executors(plan, symbols, ctx, _BindInputs.of(plan, layout, shapes,
                                                                                 type_dict, requests),
-                                             gathers, cap_variables(grad_sum_cap))
+                                             gathers, cap_variables(plan.grad_sum_cap))
     pool_mb = _pool_mb(plan, per_segment, blocks, gathers)
     boundary_mb = layout.boundary_bytes() / 2 ** 20
     if plan.head_chunks:
@@ -152,7 +151,6 @@ def tune_match_ranges(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Conte
                       shapes: Mapping[str, Tuple[int, ...]],
                       type_dict: Optional[Mapping[str, Any]] = None,
                       grad_req: Optional[Mapping[str, str]] = None,
-                      grad_sum_cap: Optional[int] = DEFAULT_GRAD_SUM_CAP,
                       ranges: Sequence[int] = MATCH_RANGES) -> SegmentPlan:
     """``plan`` with the match range of each executor segment that makes the shared pool least
     (NOTE [ a match range per segment ] in core/segments/pool.py).
@@ -162,7 +160,7 @@ def tune_match_ranges(symbol: "mx.sym.Symbol", plan: SegmentPlan, ctx: "mx.Conte
     keeps its own.  Gathering segments and a chunked head run no executor (range 0).
     """
     requests = dict(grad_req or {})
-    variables = cap_variables(grad_sum_cap)
+    variables = cap_variables(plan.grad_sum_cap)
     symbols = split_symbol(symbol, plan)
     layout, gathers = _figure_layout(symbol, plan, symbols, shapes, type_dict, requests)
     inputs = _BindInputs.of(plan, layout, shapes, type_dict, requests)
