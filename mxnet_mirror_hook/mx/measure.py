@@ -19,6 +19,7 @@ from .. import env
 from ..core.allocator import ExecutedGraph
 from .bind import GradReq, environment, planned_mb_in_process
 from .executed import capture_executed_graph
+from .text import UnreadableGraphError
 from .worker import get_capture_worker, get_pool
 
 __all__ = ["planned_mb", "planned_mb_many", "executed_graph", "measures_in_process",
@@ -124,6 +125,9 @@ def executed_graph(symbol: SymbolLike, ctx: "mx.Context", shapes: Mapping[str, t
         return capture_executed_graph(mx.sym.load_json(text), ctx, shapes, type_dict, grad_req)
     reply = get_capture_worker().exchange(
         worker_request(text, ctx, shapes, type_dict, grad_req, capture=True))
+    if reply.get("executed") is None:  # NOTE [ a figure without its graph ] in text.py
+        raise UnreadableGraphError(reply.get("unreadable", "the executed graph cannot be read"),
+                                   float(reply["mb"]))
     return ExecutedGraph.from_dict(reply["executed"])
 
 

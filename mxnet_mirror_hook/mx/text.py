@@ -15,7 +15,23 @@ from .. import env
 from ..core.allocator import DEFAULT_MATCH_RANGE, ExecutedGraph, ExecutedNode
 from ..errors import MeasurementError
 
-__all__ = ["parse_planned_mb", "parse_executed_graph", "capture_match_range", "executed_graph_from_text"]
+__all__ = ["parse_planned_mb", "parse_executed_graph", "capture_match_range", "executed_graph_from_text",
+           "UnreadableGraphError"]
+
+
+class UnreadableGraphError(MeasurementError):
+    """MXNet bound the symbol but its executed graph cannot be read from its report (the planned
+    MB can): NOTE [ a figure without its graph ].
+
+    Attributes
+    ----------
+    planned_mb : float
+        MXNet's planned MB of the bind.
+    """
+
+    def __init__(self, message: str, planned_mb: float) -> None:
+        super().__init__(message)
+        self.planned_mb = planned_mb
 
 _TOTAL = re.compile(r"Total\s+(\d+(?:\.\d+)?)\s+MB\s+allocated")
 
@@ -273,8 +289,30 @@ def capture_match_range() -> int:
 def executed_graph_from_text(debug_text: str, log_text: str, num_heads: int,
                              match_range: int) -> ExecutedGraph:
     """The executed graph of a bind from its ``debug_str()`` and memory-plan log, with the
-    bind's planned MB."""
-    graph = parse_executed_graph(debug_text, log_text, num_heads, match_range)
-    graph.measured_mb = parse_planned_mb(debug_text)
+    bind's planned MB.
+
+    # NOTE [ a figure without its graph ]
+    # debug_str names operators, not entries, so a graph output is told apart from
+    # same-named nodes by what reads it; an argument whose gradient is itself an
+    # intermediate gradient sum read by other backward operators (a segment that
+    # starts with ``elemwise_add`` of two boundaries: the sum's gradient is the
+    # boundaries' gradient) cannot be resolved that way.  The bind's planned MB is
+    # still MXNet's own figure, so it is kept (``UnreadableGraphError.planned_mb``):
+    # the caller does without the allocator model for that bind (a segment's pool
+    # then counts its plan whole, a one-level plan binds its candidates).
+
+    Raises
+    ------
+    UnreadableGraphError
+        If the graph cannot be read (the planned MB rides on the error).
+    """
+    planned_mb = parse_planned_mb(debug_text)
+    try:
+        graph = parse_executed_graph(debug_text, log_text, num_heads, match_range)
+    except UnreadableGraphError:
+        raise
+    except MeasurementError as error:
+        raise UnreadableGraphError(str(error), planned_mb) from error
+    graph.measured_mb = planned_mb
     return graph
 

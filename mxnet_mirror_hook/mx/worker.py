@@ -344,6 +344,7 @@ def _answer_with_package(request: Mapping[str, Any]) -> Dict[str, Any]:
 
     from .bind import planned_mb_in_process
     from .executed import capture_executed_graph
+    from .text import UnreadableGraphError
 
     symbol = mx.sym.load_json(request["symbol"])
     kind, index = request["ctx"]
@@ -351,7 +352,10 @@ def _answer_with_package(request: Mapping[str, Any]) -> Dict[str, Any]:
     shapes = {k: tuple(v) for k, v in request["shapes"].items()}
     ctx = mx.Context(kind, index)
     if request.get("capture"):
-        executed = capture_executed_graph(symbol, ctx, shapes, types, request["grad_req"])
+        try:
+            executed = capture_executed_graph(symbol, ctx, shapes, types, request["grad_req"])
+        except UnreadableGraphError as error:
+            return _unreadable_reply(error)
         return {"ok": True, "executed": executed.to_dict(), "mb": executed.measured_mb}
     return {"ok": True, "mb": planned_mb_in_process(symbol, ctx, shapes, types, request["grad_req"])}
 
@@ -362,7 +366,7 @@ def _answer_with_library(binder: Any, request: Mapping[str, Any]) -> Dict[str, A
 
     from .capi import CApiUnsupported
     from .process import stderr_into
-    from .text import capture_match_range, executed_graph_from_text, parse_planned_mb
+    from .text import UnreadableGraphError, capture_match_range, executed_graph_from_text, parse_planned_mb
 
     if "device" not in request:
         raise CApiUnsupported("the request has no device id")
@@ -379,8 +383,17 @@ def _answer_with_library(binder: Any, request: Mapping[str, Any]) -> Dict[str, A
                 debug, num_heads = binder.debug_str(*args)  # logs its plan
             log_file.seek(0)
             log_text = log_file.read().decode("utf-8", "replace")
-    graph = executed_graph_from_text(debug, log_text, num_heads, match_range)
+    try:
+        graph = executed_graph_from_text(debug, log_text, num_heads, match_range)
+    except UnreadableGraphError as error:
+        return _unreadable_reply(error)
     return {"ok": True, "executed": graph.to_dict(), "mb": graph.measured_mb}
+
+
+def _unreadable_reply(error: Any) -> Dict[str, Any]:
+    """The reply to a capture whose graph cannot be read: MXNet's figure without the graph
+    (NOTE [ a figure without its graph ] in text.py)."""
+    return {"ok": True, "executed": None, "mb": error.planned_mb, "unreadable": str(error)}
 
 
 def _serve(library: Optional[str] = None) -> int:

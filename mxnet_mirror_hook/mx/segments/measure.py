@@ -219,6 +219,10 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
     reply = get_capture_worker(variables).exchange(
         worker_request(text, ctx, shapes, dict(types) or None, requests, capture=True,
                        match_range=match_range))
+    if reply.get("executed") is None:  # NOTE [ a figure without its graph ] in mx/text.py
+        logger.debug("segment's executed graph cannot be read (%s): its plan counts whole",
+                     reply.get("unreadable"))
+        return float(reply["mb"]), None
     graph = ExecutedGraph.from_dict(reply["executed"])
     mb = float(graph.measured_mb)
     found = AllocatorModel(graph).planned_blocks()
