@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Executor-segments benchmark (issue 11): planned and profiled memory, and iteration time.
+"""Executor-segments benchmark: planned and profiled memory, and iteration time.
 
 For each network: MXNet's planned MB of the plain symbol and of today's
 one-level plan (``plan_mirror``, default budget), the segment plan's static MB
-(NOTE [ static memory of a segment plan ] in ``mx/segments.py``), the storage
+(NOTE [ static memory of a segment plan ] in ``mx/segments/measure.py``), the storage
 profiler's peak of one training iteration for all three (each in its own
 process: parameters, gradients, data and the bound executors included), and
 the CPU iteration time of one-level and segment training against a plain
@@ -66,7 +66,7 @@ STATIC_ONLY = {
 
 TIMING_BATCH, TIMING_ITERATIONS = 4, 5
 
-#: BERT rows (issue 11): name -> (description, dropout).  The project's own BERT-base-shaped
+#: BERT rows: name -> (description, dropout).  The project's own BERT-base-shaped
 #: masked-LM symbol (``testing.models.bert_mlm``: 12 x 768, 12 heads, FFN 3072, fused GELU, tied
 #: decoder over 80 masked positions per sequence), seq 512, batch 8, all plans under 'min';
 #: with dropout 0.1 both one-level and segment plans have ``recompute_dropout`` on.

@@ -228,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with script_logging():
             run_script(args.script, args.script_args, options)
-    except (BudgetError, UnknownPlannerError) as error:  # one line, no traceback (issue 13)
+    except (BudgetError, UnknownPlannerError) as error:  # one line, no traceback
         sys.stderr.write(f"{parser.prog}: error: {error}\n")
         return 2
     return 0

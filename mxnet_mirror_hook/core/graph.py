@@ -109,7 +109,7 @@ def draws_random(op: str, attrs: Dict[str, str]) -> bool:
 
 
 #: Prefixes of the samplers whose draws re-seeding the context reproduces (checked: uniform,
-#: normal_like), besides Dropout (NOTE [ replaying random draws in re-run segments ], mx/segments.py).
+#: normal_like), besides Dropout (NOTE [ replaying random draws in re-run segments ], mx/segments/chain.py).
 REPLAYABLE_RANDOM_PREFIXES = ("_random_", "_sample_", "random_", "sample_")
 
 

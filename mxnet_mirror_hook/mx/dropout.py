@@ -1,4 +1,4 @@
-"""Recomputable dropout: rewrite ``Dropout`` so its product can be recomputed (issue 11).
+"""Recomputable dropout: rewrite ``Dropout`` so its product can be recomputed.
 
 MXNet never recomputes ``Dropout`` (a second draw would give a new mask), so in
 a mirrored network every Dropout output and its float32 mask stay alive until

@@ -1,7 +1,7 @@
 """MXNet's planned memory of symbols, measured in recycled worker processes.
 
 :func:`planned_mb_many` is what planners measure with (through
-``plan._BindMeasure``); :func:`executed_graph` captures the executed graph the
+``planning.measure.BindMeasure``); :func:`executed_graph` captures the executed graph the
 allocator model replays.  Both bind in worker processes (NOTE [ why
 measurements run in a worker process ] in :mod:`.worker`) unless a symbol has
 ``Custom`` operators or ``$MXNET_MIRROR_HOOK_MEASURE`` is ``inprocess``; the

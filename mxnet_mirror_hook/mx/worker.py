@@ -316,7 +316,7 @@ _CAPTURES: Dict[Tuple[Tuple[str, str], ...], MeasureWorker] = {}
 def get_capture_worker(environment: Optional[Mapping[str, str]] = None) -> MeasureWorker:
     """The process-wide worker that captures executed graphs (memory-plan log on), one per
     extra ``environment`` (segment binds run under the gradient-sum cap, which MXNet reads
-    once per process: NOTE [ the gradient-sum cap is read once per process ] in segments.py)."""
+    once per process: NOTE [ the gradient-sum cap is read once per process ] in mx/segments/environment.py)."""
     key = tuple(sorted((environment or {}).items()))
     with _POOL_LOCK:
         if key not in _CAPTURES:
@@ -414,7 +414,7 @@ def _serve(library: Optional[str] = None) -> int:
                 reply: Dict[str, Any] = {"ok": True, "mb": 0.0}
             else:
                 # A segment bound under its own match range (NOTE [ a match range per
-                # segment ] in core/segments.py): nnvm reads the variable at every bind.
+                # segment ] in core/segments/pool.py): nnvm reads the variable at every bind.
                 scope = ({env.MATCH_RANGE: str(int(request["match_range"]))}
                          if request.get("match_range") else {})
                 with env.scoped(scope):

@@ -1,4 +1,4 @@
-"""Recomputable dropout (issue 11): the ``recompute_dropout`` option.
+"""Recomputable dropout: the ``recompute_dropout`` option.
 
 What holds (docs/guarantees.md): with the option off plans are as before; with
 it on, the gradients are those of the masks used in forward, the masks drop a

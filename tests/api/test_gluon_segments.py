@@ -213,7 +213,7 @@ def _without_mkldnn(name: str, contexts: int = 1, grad_req: str = "write", backe
                     segments: int = 3, cap: bool = False) -> Dict[str, object]:
     env = dict(os.environ, MXNET_MKLDNN_ENABLED="0", PYTHONPATH=ROOT)
     env.pop("MXNET_EXEC_INPLACE_GRAD_SUM_CAP", None)
-    if cap:  # NOTE [ the gradient-sum cap is read once per process ] (mx/segments.py)
+    if cap:  # NOTE [ the gradient-sum cap is read once per process ] (mx/segments/environment.py)
         env["MXNET_EXEC_INPLACE_GRAD_SUM_CAP"] = "2"
     done = subprocess.run([sys.executable, os.path.abspath(__file__), name, str(contexts), grad_req,
                            backend, str(segments)], env=env, capture_output=True, text=True,

@@ -51,7 +51,7 @@ def test_gpu_measured_plan_is_close_to_the_cpu_plan():
 @requires_gpu
 def test_segment_reruns_update_batchnorm_statistics_once_on_the_gpu():
     """Segments before the last run their forward twice; their BatchNorm nodes get
-    cudnn_off=True on the GPU (NOTE [ BatchNorm in re-run segments ] in mx/segments.py)."""
+    cudnn_off=True on the GPU (NOTE [ BatchNorm in re-run segments ] in mx/segments/split.py)."""
     symbol = small_resnet(num_blocks=4, channels=16)
     shape = (8, 3, 64, 64)
     plain_args, plain_auxs = train(mx.mod.Module(symbol, context=mx.gpu()), shape, 10)

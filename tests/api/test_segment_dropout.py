@@ -1,4 +1,4 @@
-"""Dropout inside executor segments (issue 11): ``backend='segments'`` with ``recompute_dropout=True``.
+"""Dropout inside executor segments: ``backend='segments'`` with ``recompute_dropout=True``.
 
 What holds (docs/guarantees.md): a re-run segment draws exactly the masks its forward drew
 (NOTE [ replaying random draws in re-run segments ] in mx/segments/chain.py), so the gradients are

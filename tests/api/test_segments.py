@@ -1,4 +1,4 @@
-"""Executor segments (issue 11): a MirroredModule with backend='segments' trains as a plain Module.
+"""Executor segments: a MirroredModule with backend='segments' trains as a plain Module.
 
 # NOTE [ exact or within rounding ]
 # With MKLDNN off, segment training is bit-identical to a plain Module on the

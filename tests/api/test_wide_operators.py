@@ -1,5 +1,5 @@
 """Operators of many outputs (an unrolled LSTM's input split by one SliceChannel) plan under
-every option set: the compiled replay has no fixed limit on outputs (issue 20)."""
+every option set: the compiled replay has no fixed limit on outputs."""
 from __future__ import annotations
 
 import pytest
