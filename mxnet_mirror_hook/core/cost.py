@@ -164,6 +164,8 @@ def use_measured_costs(graph: Graph, measured: Optional[MeasuredCosts]) -> None:
     :func:`node_costs`, :func:`iteration_cost` and :func:`recompute_overhead`, so
     the table reaches the dynamic programs, the segment estimates and ``plan.overhead``.
     """
+    if measured is None and measured_costs_of(graph) is None:
+        return  # nothing attached, nothing to undo
     graphs = [graph]
     late = graph.as_late_as_possible()  # the segment estimates read the late order's costs
     if late is not graph:

@@ -43,6 +43,7 @@ from ..core.cost import MeasuredCosts
 from ..core.graph import Graph, Node, NodeKind
 from ..errors import MeasurementError
 from .bind import bind_symbol
+from .timing import CLOCKS
 
 __all__ = ["TABLE_FILE", "calibrate", "calibrated_costs", "table_costs", "measure_node", "node_signature",
            "round_seconds"]
@@ -109,23 +110,26 @@ def _bind_alone(graph: Graph, node: Node, ctx: "mx.Context") -> Tuple[Any, bool]
     return executor, any(r == "write" for r in requests.values())
 
 
-def measure_node(graph: Graph, node: Node, ctx: "mx.Context", repeats: int = 3) -> Tuple[float, float]:
-    """Seconds of one forward and one backward of ``node`` alone (least of ``repeats`` rounds)."""
+def measure_node(graph: Graph, node: Node, ctx: "mx.Context", repeats: int = 3,
+                 clock: str = "wall") -> Tuple[float, float]:
+    """Seconds of one forward and one backward of ``node`` alone (least of ``repeats`` rounds)
+    on ``clock`` (:data:`~.timing.CLOCKS`)."""
+    now = CLOCKS[clock]
     executor, has_gradients = _bind_alone(graph, node, ctx)
     head_grads = [mx.nd.ones(out.shape, ctx=ctx, dtype=out.dtype) for out in executor.outputs]
     forward, backward = [], []
     try:
         for round_index in range(repeats + 1):
-            started = time.perf_counter()
+            started = now()
             executor.forward(is_train=True)
             mx.nd.waitall()
-            middle = time.perf_counter()
+            middle = now()
             if has_gradients:
                 executor.backward(head_grads)
                 mx.nd.waitall()
             if round_index:
                 forward.append(middle - started)
-                backward.append(time.perf_counter() - middle)
+                backward.append(now() - middle)
     finally:
         del executor
     return min(forward), min(backward)
@@ -166,7 +170,7 @@ def _write_table(path: Optional[str], entries: Mapping[str, List[float]]) -> Non
 
 
 def calibrated_costs(graph: Graph, ctx: Optional["mx.Context"] = None, directory: Optional[str] = None,
-                     repeats: int = 3) -> Optional[MeasuredCosts]:
+                     repeats: int = 3, clock: str = "wall") -> Optional[MeasuredCosts]:
     """Measured forward and backward seconds of every operator of ``graph`` on ``ctx``.
 
     Parameters
@@ -180,6 +184,8 @@ def calibrated_costs(graph: Graph, ctx: Optional["mx.Context"] = None, directory
         nothing (every call measures).
     repeats : int
         Timed rounds per operator (the least is kept).
+    clock : str
+        ``'wall'`` or ``'cpu'`` (:data:`~.timing.CLOCKS`).
 
     Returns
     -------
@@ -200,7 +206,7 @@ def calibrated_costs(graph: Graph, ctx: Optional["mx.Context"] = None, directory
         key = node_signature(graph, node, ctx.device_type)
         if key not in entries:
             try:
-                entries[key] = [round_seconds(t) for t in measure_node(graph, node, ctx, repeats)]
+                entries[key] = [round_seconds(t) for t in measure_node(graph, node, ctx, repeats, clock)]
                 measured += 1
             except (MeasurementError, mx.base.MXNetError) as error:
                 logger.debug("calibration: %s (%s) not timed alone: %s", node.name, node.op, error)
@@ -232,8 +238,8 @@ def table_costs(graph: Graph, device: str, directory: Optional[str]) -> Optional
 
 
 def calibrate(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None,
-              ctx: Optional["mx.Context"] = None, cache_dir: Any = None, repeats: int = 3
-              ) -> Optional[MeasuredCosts]:
+              ctx: Optional["mx.Context"] = None, cache_dir: Any = None, repeats: int = 3,
+              clock: str = "wall") -> Optional[MeasuredCosts]:
     """Time every operator of ``symbol`` at these shapes on ``ctx`` and save the table where
     plans with ``cache_dir`` read it (NOTE [ calibrating the cost model ]).
 
@@ -249,10 +255,13 @@ def calibrate(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = Non
         The plan cache directory (as ``plan_mirror`` takes it); ``False`` keeps nothing.
     repeats : int
         Timed rounds per operator (the least is kept).
+    clock : str
+        ``'wall'`` (elapsed) or ``'cpu'`` (this process's CPU time: on a machine shared with
+        other work, with one OpenMP thread, what other processes disturb least).
     """
     from ..cache import get_cache
     from .convert import normalize_inputs, symbol_to_graph
 
     inputs = normalize_inputs(data_shapes, "data") + normalize_inputs(label_shapes, "label")
     graph = symbol_to_graph(symbol, inputs)
-    return calibrated_costs(graph, ctx, get_cache(cache_dir).directory, repeats)
+    return calibrated_costs(graph, ctx, get_cache(cache_dir).directory, repeats, clock)

@@ -12,7 +12,12 @@ import numpy as np
 
 from .bind import GradReq, bind_symbol, environment
 
-__all__ = ["iteration_seconds"]
+__all__ = ["iteration_seconds", "CLOCKS"]
+
+#: Clocks a measurement can read: ``'wall'`` (elapsed time) or ``'cpu'`` (this process's CPU
+#: time, all threads; on a machine shared with other work, with one OpenMP thread, the figure
+#: other processes disturb least).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +35,20 @@ def _bind(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple
     return executor
 
 
-def _step(executor: "mx.executor.Executor") -> float:
-    started = time.perf_counter()
+def _step(executor: "mx.executor.Executor", clock: str = "wall") -> float:
+    now = CLOCKS[clock]
+    started = now()
     executor.forward(is_train=True)
     executor.backward()
     mx.nd.waitall()
-    return time.perf_counter() - started
+    return now() - started
 
 
 def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, tuple],
                       ctx: Optional["mx.Context"] = None, grad_req: GradReq = "write",
                       repeats: int = 5, warmup: int = 2,
-                      bind_env: Optional[Sequence[Mapping[str, str]]] = None) -> List[float]:
+                      bind_env: Optional[Sequence[Mapping[str, str]]] = None,
+                      clock: str = "wall") -> List[float]:
     """Median seconds per training iteration of each symbol, measured side by side.
 
     The executors are bound together and stepped in turn, round after round,
@@ -65,11 +72,15 @@ def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, t
     bind_env : sequence of mapping, optional
         Environment variables to set while binding each symbol (for example
         ``MXNET_BACKWARD_DO_MIRROR=1``).
+    clock : str
+        ``'wall'`` or ``'cpu'`` (:data:`CLOCKS`).
 
     Returns
     -------
     list of float
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     ctx = ctx or mx.cpu()
     executors = []
     for index, symbol in enumerate(symbols):
@@ -79,7 +90,7 @@ def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, t
     try:
         for round_index in range(warmup + repeats):
             for index, executor in enumerate(executors):
-                seconds = _step(executor)
+                seconds = _step(executor, clock)
                 if round_index >= warmup:
                     times[index].append(seconds)
     finally:
