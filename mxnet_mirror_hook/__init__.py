@@ -22,6 +22,7 @@ _LAZY = {
     "register_planner": ".core.planners", "MirrorOptions": ".options", "MirrorPlan": ".plan",
     "plan_mirror": ".plan", "MirroredModule": ".module", "MirroredBucketingModule": ".bucketing",
     "add_arguments": ".runner", "from_args": ".runner", "mirrored_modules": ".runner",
+    "max_batch": ".planning.batch", "DeviceMemoryError": ".planning.device",
 }
 
 
@@ -46,4 +47,5 @@ __all__ = [
     "register_planner", "parse_budget", "MirrorHookError", "ShapeError", "BudgetError",
     "BudgetUnreachableError", "UnknownPlannerError", "MeasurementError",
     "BackendError", "OptionError", "GluonMirrorError", "UnsupportedBlockError", "memonger",
+    "max_batch", "DeviceMemoryError",
 ]

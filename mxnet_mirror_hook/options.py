@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple, TypeVar, Unio
 
 from .core.budget import Budget, BudgetLike, parse_budget
 from .core.planners import get_planner, list_planners
-from .errors import OptionError
+from .errors import BudgetError, OptionError
 
 __all__ = ["MirrorOptions", "OPTION_NAMES", "OPTION_DOCS", "BACKENDS", "takes_options", "options_doc",
            "normalize_keep_ops", "option_arguments", "option_parser"]
@@ -59,6 +59,13 @@ OPTION_DOCS: Tuple[Tuple[str, str, str], ...] = (
      "selective segment chain, segments keeping their activations or re-run as a dynamic program "
      "chooses (the least memory within it; with a ``memory_budget`` limit, the least recomputation "
      "that fits, refused when none fits within it).  The ``'mirror'`` backend becomes ``'auto'``."),
+    ("device_memory", "str or int, optional",
+     "The device's memory for the whole training footprint (``'16GB'``, bytes): parameters, "
+     "gradients, optimizer state, auxiliary states, inputs, workspace and activations "
+     "(``MirrorPlan.footprint``).  Plans the least recomputation whose footprint fits (the device "
+     "memory minus everything but the activations becomes the activation budget); one "
+     "``DeviceMemoryError`` line with the smallest footprint reachable and the largest batch that "
+     "would fit when none does.  ``memory_budget`` counts activations only; give one of the two."),
 )
 
 #: The option names, as keyword arguments of every surface (in :data:`OPTION_DOCS` order).
@@ -148,6 +155,7 @@ class MirrorOptions:
     segments: Optional[int] = None
     recompute_dropout: bool = False
     max_overhead: Optional[float] = None
+    device_memory: Union[None, str, int] = None
 
     def __post_init__(self) -> None:
         get_planner(self.planner)  # TypeError / UnknownPlannerError naming the known ones
@@ -169,6 +177,31 @@ class MirrorOptions:
         if not isinstance(self.recompute_dropout, bool):
             raise TypeError(f"recompute_dropout must be True or False; got {self.recompute_dropout!r}")
         self._check_max_overhead()
+        self._check_device_memory()
+
+    def _check_device_memory(self) -> None:
+        """Validate :attr:`device_memory`: a size, and not with an activation ``memory_budget``
+        (NOTE [ planning for the device's memory ] in planning/device.py)."""
+        if self.device_memory is None:
+            return
+        try:
+            parsed = parse_budget(self.device_memory)
+        except (TypeError, BudgetError) as error:
+            parsed, why = None, str(error)
+        if parsed is None or parsed.kind != "bytes":
+            raise OptionError(f"device_memory must be a size such as '16GB' or a number of bytes; got "
+                              f"{self.device_memory!r}" + (f" ({why})" if parsed is None else ""))
+        if self.budget.kind != "auto":
+            raise OptionError(f"give device_memory (the whole footprint) or memory_budget (activations "
+                              f"only), not both; got device_memory={self.device_memory!r} and "
+                              f"memory_budget={self.memory_budget!r}")
+
+    @property
+    def device_memory_mb(self) -> Optional[float]:
+        """:attr:`device_memory` in MB (None when not given)."""
+        if self.device_memory is None:
+            return None
+        return parse_budget(self.device_memory).limit_mb(0.0)
 
     def _check_max_overhead(self) -> None:
         """Validate :attr:`max_overhead`; it plans executor segments, so ``'mirror'`` becomes ``'auto'``
@@ -253,7 +286,7 @@ class MirrorOptions:
                           cost_ctx=first("cost_ctx", "ctx"), keep_ops=first("keep_ops"),
                           backend=first("backend"), segments=first("segments"),
                           recompute_dropout=True if getattr(args, "recompute_dropout", False) else None,
-                          max_overhead=first("max_overhead"))
+                          max_overhead=first("max_overhead"), device_memory=first("device_memory"))
 
 MirrorOptions.__doc__ = _document_options(MirrorOptions.__doc__)
 
@@ -319,6 +352,10 @@ _OPTIONS = (
      {"type": float, "metavar": "FRACTION",
       "help": "extra time allowed per iteration (0.05: 5%%): a selective segment plan, the least "
               "memory within it"}),
+    ("device_memory", ("--device-memory",),
+     {"metavar": "SIZE",
+      "help": "the device's memory for the whole footprint (16GB): the least recomputation whose "
+              "parameters, gradients, optimizer state, inputs and activations fit"}),
 )
 
 

@@ -12,9 +12,9 @@ import mxnet as mx
 
 from .core.budget import BudgetLike
 from .options import MirrorOptions
-from .planning.dropout import plan_dropout_variants
+from .planning.device import plan_request
+from .planning.footprint import FootprintSource
 from .planning.result import MirrorPlan
-from .planning.segments import plan_with_segments
 from .planning.setup import PlanningSetup, PlanRequest, prepare_planning
 
 __all__ = ["MirrorPlan", "plan_mirror", "prepare_planning", "PlanningSetup"]
@@ -30,7 +30,9 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 inputs_need_grad: bool = False,
                 keep_ops: Optional[Iterable[str]] = None,
                 backend: Optional[str] = None, segments: Optional[int] = None,
-                recompute_dropout: Optional[bool] = None) -> MirrorPlan:
+                recompute_dropout: Optional[bool] = None, max_overhead: Optional[float] = None,
+                device_memory: Union[None, str, int] = None, optimizer: Any = None,
+                optimizer_params: Optional[Dict[str, Any]] = None) -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -79,6 +81,13 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         arguments, outputs and auxiliary states).  With executor segments,
         networks with Dropout may be split instead, re-run segments replaying
         their draws (``segment_plan.replay_random``).  Off by default.
+    max_overhead, device_memory : optional
+        See :class:`~mxnet_mirror_hook.options.MirrorOptions`.
+    optimizer : str or mx.optimizer.Optimizer, optional
+        The optimizer training will use, for :attr:`MirrorPlan.footprint` and ``device_memory``
+        (default: SGD with momentum 0.9, said to be assumed).
+    optimizer_params : dict, optional
+        Its options when given by name (``momentum``, ``multi_precision``...).
 
     Returns
     -------
@@ -102,9 +111,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     options = MirrorOptions.coerce(options, planner=planner, memory_budget=memory_budget,
                                    cache_dir=cache_dir, cost_ctx=ctx, keep_ops=keep_ops,
                                    backend=backend, segments=segments,
-                                   recompute_dropout=recompute_dropout)
+                                   recompute_dropout=recompute_dropout, max_overhead=max_overhead,
+                                   device_memory=device_memory)
     request = PlanRequest(data_shapes, label_shapes, grad_req, fixed_param_names, inputs_need_grad)
     setup = request.prepare(symbol, options)  # once, for every plan below
-    if options.backend == "mirror":
-        return plan_dropout_variants(setup, options, started)
-    return plan_with_segments(setup, options, started)
+    return plan_request(setup, options, started, FootprintSource.of_setup(setup, optimizer, optimizer_params))

@@ -1,10 +1,13 @@
 """The result of planning: :class:`MirrorPlan` (re-exported by :mod:`mxnet_mirror_hook.plan`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..core.footprint import Footprint
 from ..core.segments import SegmentPlan
+from .footprint import FootprintSource
 
 __all__ = ["MirrorPlan", "PLAN_LOGGER"]
 
@@ -61,6 +64,9 @@ class MirrorPlan:
     fallback : str or None
         With ``backend='auto'``: what failed on the segment path when the one-level plan was
         used because of it (NOTE [ the segment path falls back ] in :mod:`.segments`).
+    footprint_source : FootprintSource or None
+        What :attr:`footprint` is computed from (set by ``plan_mirror``; None for a plan made
+        otherwise).
     """
 
     symbol: Any
@@ -79,6 +85,32 @@ class MirrorPlan:
     backend: str = "mirror"
     segment_plan: Optional[SegmentPlan] = None
     fallback: Optional[str] = None
+    footprint_source: Optional[FootprintSource] = field(default=None, repr=False, compare=False)
+
+    @property
+    def footprint(self) -> Optional[Footprint]:
+        """The whole training footprint on the device (:class:`~mxnet_mirror_hook.core.footprint.Footprint`,
+        MB): parameters, gradients, optimizer state, auxiliary states, inputs, workspace and this
+        plan's activations (the segment plan's figure for executor segments); computed on first
+        use.  The optimizer is the one a surface passed, else SGD with momentum 0.9, said by
+        :attr:`optimizer_label` (NOTE [ the optimizer a footprint assumes ] in planning/footprint.py).
+        None when the plan was not made by ``plan_mirror``.
+        """
+        if self.footprint_source is None:
+            return None
+        return self.footprint_source.footprint(self.planned_mb, self.segment_count)
+
+    @property
+    def optimizer_label(self) -> Optional[str]:
+        """The optimizer :attr:`footprint` counts, in words (``'... (assumed)'`` when none was given)."""
+        return self.footprint_source.optimizer_label if self.footprint_source is not None else None
+
+    def with_footprint(self, **changes: Any) -> "MirrorPlan":
+        """This plan with its footprint source changed (``optimizer``, ``optimizer_params``,
+        ``device``, ``surface``); the plan itself is the same."""
+        if self.footprint_source is None:
+            raise ValueError("this plan has no footprint source (it was not made by plan_mirror)")
+        return dataclasses.replace(self, footprint_source=self.footprint_source.replace(**changes))
 
     @property
     def segment_count(self) -> int:
@@ -103,6 +135,8 @@ class MirrorPlan:
             "segment_count": self.segment_count,
             "segments": self.segment_plan.to_dict() if self.segment_plan is not None else None,
             "fallback": self.fallback,
+            "footprint": self.footprint.to_dict() if self.footprint_source is not None else None,
+            "optimizer": self.optimizer_label,
         }
 
     def summary(self) -> str:
@@ -114,10 +148,18 @@ class MirrorPlan:
         return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}{backend}]"
                 f"{' for ' + shapes if shapes else ''}: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
+                + self._footprint_words() +
                 f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
                 f"{self.overhead:.1%}, {'cached' if self.from_cache else 'planned'} in "
                 f"{self.planning_seconds:.2f} s"
                 + (f" (segments failed: {self.fallback}; one-level plan used)" if self.fallback else ""))
+
+    def _footprint_words(self) -> str:
+        """``'whole footprint N MB with <optimizer>, '``, beside the activation figure ('' without
+        a source)."""
+        if self.footprint_source is None:
+            return ""
+        return f"whole footprint {self.footprint.total:.0f} MB with {self.optimizer_label}, "
 
     def __repr__(self) -> str:
         return f"<MirrorPlan {self.summary()}>"

@@ -1,0 +1,297 @@
+"""The largest batch whose whole footprint fits a device: :func:`max_batch`.
+
+# NOTE [ searching for the largest batch ]
+# The footprint grows with the batch (activations, inputs, MKLDNN's buffers) on top
+# of a fixed part (parameters, gradients, optimizer state), nearly linearly, but
+# MXNet's static plan and a planner's decisions are not exactly linear in it.  The
+# exact search ('search') plans at real batches only: the first two probes give a
+# per-sample slope and a guess of the answer; from the guess it steps outward by
+# doubling steps until the answer is bracketed (one batch that fits, one that does
+# not), then bisects the bracket.  Each step is a plan (through the plan cache, and
+# kept here by batch, so no batch is planned twice), and the steps are bounded by
+# ``max_steps`` (a bracket not closed within it returns its lower end, marked not
+# exact).  The estimate ('slope') plans at the probes only and extrapolates every
+# part of the footprint linearly from the two: cheap for planners that take long at
+# large batches ('min' executor segments), marked ``estimated``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+from ..core.footprint import Footprint
+from .result import PLAN_LOGGER, MirrorPlan
+
+__all__ = ["max_batch", "MaxBatch", "BatchFit", "VARIANTS", "shapes_at", "search_largest"]
+
+logger = logging.getLogger(PLAN_LOGGER)
+
+#: The plans compared: name -> (backend, memory_budget, planner).
+VARIANTS: Dict[str, Tuple[str, Any, Optional[str]]] = {
+    "plain": ("mirror", None, "none"), "one-level": ("mirror", "min", None),
+    "segments": ("segments", "min", None)}
+
+ShapesLike = Union[Mapping[str, Sequence[Optional[int]]], Callable[[int], Mapping[str, Sequence[int]]]]
+
+
+def shapes_at(shapes: ShapesLike, batch: int) -> Dict[str, Tuple[int, ...]]:
+    """The input shapes at ``batch``: ``None`` axes replaced by it, or ``shapes(batch)``."""
+    if callable(shapes):
+        return {name: tuple(int(d) for d in shape) for name, shape in shapes(batch).items()}
+    found = {name: tuple(batch if d is None else int(d) for d in shape) for name, shape in shapes.items()}
+    if not any(None in tuple(shape) for shape in shapes.values()):
+        raise ValueError("shapes must mark the batch axis with None, e.g. {'data': (None, 3, 224, 224)}, "
+                         "or be a function of the batch")
+    return found
+
+
+@dataclass
+class BatchFit:
+    """The largest batch of one plan kind.
+
+    Attributes
+    ----------
+    variant : str
+        ``'plain'``, ``'one-level'`` or ``'segments'``.
+    batch : int
+        The largest batch that fits (0: none).
+    footprint : Footprint or None
+        Its footprint (None when no batch fits).
+    overhead : float
+        The plan's estimated extra compute at that batch (fraction of an iteration).
+    exact : bool
+        Whether the next batch was planned and found not to fit.
+    estimated : bool
+        Whether the footprint is extrapolated from the probes (``method='slope'``).
+    steps : int
+        Plans made (batches evaluated).
+    """
+
+    variant: str
+    batch: int
+    footprint: Optional[Footprint]
+    overhead: float
+    exact: bool
+    estimated: bool
+    steps: int
+    plan: Optional[MirrorPlan] = field(default=None, repr=False)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe: the batch, its footprint (MB, with parts), overhead and how it was found."""
+        return {"batch": self.batch, "footprint_mb": self.footprint.total if self.footprint else None,
+                "footprint": self.footprint.to_dict() if self.footprint else None,
+                "overhead": self.overhead, "exact": self.exact, "estimated": self.estimated,
+                "steps": self.steps}
+
+
+@dataclass
+class MaxBatch:
+    """:func:`max_batch`'s answer: one :class:`BatchFit` per plan kind."""
+
+    device_mb: float
+    optimizer: str
+    fits: Dict[str, BatchFit]
+
+    def ratio(self, variant: str) -> float:
+        """``variant``'s batch over the plain batch (nan when plain fits none)."""
+        plain = self.fits["plain"].batch if "plain" in self.fits else 0
+        return self.fits[variant].batch / plain if plain else float("nan")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """One JSON-safe object: the device, the optimizer and, per plan kind, the batch and footprint."""
+        return {"device_mb": self.device_mb, "optimizer": self.optimizer,
+                **{name: fit.to_dict() for name, fit in self.fits.items()}}
+
+    def summary(self) -> str:
+        """One line per plan kind."""
+        lines = [f"largest batch in {self.device_mb:.0f} MB with {self.optimizer}:"]
+        for name, fit in self.fits.items():
+            where = f"footprint {fit.footprint.total:.0f} MB" if fit.footprint else "nothing fits"
+            mark = " (estimated)" if fit.estimated else ("" if fit.exact else " (search not closed)")
+            lines.append(f"  {name:10s} batch {fit.batch:6d}  {where}, est. overhead "
+                         f"{fit.overhead:.1%}{mark}")
+        return "\n".join(lines)
+
+
+Evaluate = Callable[[int], Tuple[Footprint, MirrorPlan]]
+
+
+def search_largest(evaluate: Evaluate, device_mb: float, probes: Tuple[int, int], limit: int,
+                   max_steps: int) -> Tuple[int, Dict[int, Tuple[Footprint, MirrorPlan]], bool]:
+    """The largest batch in ``[1, limit]`` whose footprint fits (NOTE [ searching for the largest
+    batch ]): ``(batch, evaluated, exact)`` with every evaluated batch's footprint and plan."""
+    seen: Dict[int, Tuple[Footprint, MirrorPlan]] = {}
+
+    def fits(batch: int) -> bool:
+        if batch not in seen:
+            seen[batch] = evaluate(batch)
+        return seen[batch][0].total <= device_mb
+
+    lo, hi = 0, limit + 1
+    for batch in probes:
+        (lo, hi) = (max(lo, batch), hi) if fits(batch) else (lo, min(hi, batch))
+    guess = _linear_guess(seen, probes, device_mb, limit)
+    step = max(1, guess // 16)
+    point = guess
+    while hi - lo > 1 and len(seen) < max_steps and lo < point < hi:  # step outward from the guess
+        if fits(point):
+            lo, point = point, min(point + step, hi - 1 if hi <= limit else limit)
+        else:
+            hi, point = point, max(point - step, lo + 1)
+        step *= 2
+        if point in seen:
+            break
+    while hi - lo > 1 and hi <= limit and len(seen) < max_steps:  # bisection
+        middle = (lo + hi) // 2
+        (lo, hi) = (middle, hi) if fits(middle) else (lo, middle)
+    return lo, seen, hi - lo == 1 or lo == limit
+
+
+def _linear_guess(seen: Dict[int, Tuple[Footprint, MirrorPlan]], probes: Sequence[int], device_mb: float,
+                  limit: int) -> int:
+    """The batch where the line through the two probes' totals meets ``device_mb``."""
+    (b1, (f1, _)), (b2, (f2, _)) = sorted((b, seen[b]) for b in probes)[:2]
+    slope = (f2.total - f1.total) / (b2 - b1) if b2 != b1 else 0.0
+    if slope <= 0:
+        return limit
+    return max(1, min(limit, int(math.floor(b1 + (device_mb - f1.total) / slope))))
+
+
+def extrapolate(first: Tuple[int, Footprint], second: Tuple[int, Footprint], batch: int) -> Footprint:
+    """Every part of the footprint on the line through two batches' footprints, at ``batch``."""
+    (b1, f1), (b2, f2) = first, second
+    parts = {}
+    for name, value in f1.to_dict().items():
+        if name != "total":
+            parts[name] = max(0.0, value + (getattr(f2, name) - value) * (batch - b1) / (b2 - b1))
+    return Footprint(**parts)
+
+
+def _traced(model: Any, shapes: Optional[ShapesLike], input_shape: Optional[Sequence[Optional[int]]]
+            ) -> Tuple[Any, ShapesLike, str]:
+    """``(symbol, shapes, surface)`` of a symbol with its shapes, or of a Gluon block with its input shape."""
+    import mxnet as mx
+
+    if isinstance(model, mx.sym.Symbol):
+        if shapes is None:
+            raise ValueError("a symbol needs shapes with the batch axis as None, e.g. "
+                             "{'data': (None, 3, 224, 224), 'softmax_label': (None,)}")
+        return model, shapes, "module"
+    if isinstance(model, mx.gluon.HybridBlock):
+        if input_shape is None:
+            raise ValueError("a Gluon block needs input_shape with the batch axis as None, "
+                             "e.g. (None, 3, 224, 224)")
+        out = model(mx.sym.var("data"))
+        symbol = mx.sym.Group(list(out)) if isinstance(out, (list, tuple)) else out
+        return symbol, {"data": tuple(input_shape)}, "gluon"
+    raise TypeError(f"max_batch takes an mx.sym.Symbol or a gluon.HybridBlock, got {type(model).__name__}")
+
+
+def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surface: str,
+               device: Optional[str], dtypes: Optional[Mapping[str, Any]], optimizer: Any,
+               optimizer_params: Any) -> Evaluate:
+    """The footprint and plan of ``variant`` at a batch."""
+    from ..plan import plan_mirror
+
+    backend, budget, planner = VARIANTS[variant]
+    chosen = options.replace(backend=backend, memory_budget=budget, planner=planner or options.planner,
+                             device_memory=None, segments=None, max_overhead=None)
+
+    def evaluate(batch: int) -> Tuple[Footprint, MirrorPlan]:
+        inputs = [(name, shape, (dtypes or {}).get(name, "float32"))
+                  for name, shape in shapes_at(shapes, batch).items()]
+        plan = plan_mirror(symbol, inputs, options=chosen, optimizer=optimizer,
+                           optimizer_params=optimizer_params)
+        plan = plan.with_footprint(surface=surface, **({"device": device} if device else {}))
+        logger.debug("max_batch %s at %d: %s", variant, batch, plan.footprint.summary())
+        return plan.footprint, plan
+
+    return evaluate
+
+
+def max_batch(model: Any, shapes: Optional[ShapesLike] = None, device_memory: Union[str, int] = "16GB", *,
+              input_shape: Optional[Sequence[Optional[int]]] = None,
+              dtypes: Optional[Mapping[str, Any]] = None,
+              optimizer: Any = None, optimizer_params: Optional[Mapping[str, Any]] = None,
+              device: Optional[str] = None, variants: Sequence[str] = tuple(VARIANTS), method: str = "search",
+              probes: Tuple[int, int] = (8, 16), limit: int = 1 << 16, max_steps: int = 16,
+              options: Any = None, **overrides: Any) -> MaxBatch:
+    """The largest batch whose whole footprint fits ``device_memory``: plain, one-level and segments.
+
+    Parameters
+    ----------
+    model : mx.sym.Symbol or gluon.HybridBlock
+        The training symbol (loss included), or a Gluon block (its outputs' head gradients counted).
+    shapes : mapping or callable, optional
+        For a symbol: every input's shape with ``None`` on the batch axis (``{'data': (None, 3, 224,
+        224), 'softmax_label': (None,)}``), or a function of the batch returning the shapes.
+    device_memory : str or int
+        The device's memory (``'16GB'``, bytes).
+    input_shape : sequence, optional
+        For a Gluon block: its input's shape with ``None`` on the batch axis.
+    dtypes : mapping, optional
+        Input dtypes (float32 where not given).
+    optimizer, optimizer_params : optional
+        The optimizer whose state is counted (default: SGD with momentum 0.9, said to be assumed).
+    device : str, optional
+        ``'cpu'`` or ``'gpu'``: the device whose memory is counted (default: where plans are measured).
+    variants : sequence of str
+        Among ``'plain'``, ``'one-level'`` (``backend='mirror'``, ``'min'``) and ``'segments'``
+        (``backend='segments'``, ``'min'``).
+    method : str
+        ``'search'`` (plans at real batches) or ``'slope'`` (plans at ``probes`` and extrapolates;
+        NOTE [ searching for the largest batch ]).
+    probes : (int, int)
+        The first two batches planned.
+    limit : int
+        The largest batch considered.
+    max_steps : int
+        At most this many batches planned per variant.
+    options, **overrides
+        Mirror options (``recompute_dropout``, ``cache_dir``...) as for ``plan_mirror``.
+
+    Returns
+    -------
+    MaxBatch
+    """
+    from ..options import MirrorOptions
+
+    if method not in ("search", "slope"):
+        raise ValueError(f"method must be 'search' or 'slope', got {method!r}")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose among {list(VARIANTS)}")
+    options = MirrorOptions.coerce(options, **overrides)
+    device_mb = MirrorOptions(device_memory=device_memory).device_memory_mb
+    symbol, shapes, surface = _traced(model, shapes, input_shape)
+    fits: Dict[str, BatchFit] = {}
+    label = None
+    for variant in variants:
+        evaluate = _evaluator(symbol, shapes, variant, options, surface, device, dtypes, optimizer,
+                              optimizer_params)
+        fits[variant] = _fit(variant, evaluate, device_mb, tuple(probes), limit, max_steps, method)
+        plan = fits[variant].plan
+        label = label or (plan.optimizer_label if plan is not None else None)
+        logger.info("max_batch %s: batch %d", variant, fits[variant].batch)
+    return MaxBatch(device_mb, label or "", fits)
+
+
+def _fit(variant: str, evaluate: Evaluate, device_mb: float, probes: Tuple[int, int], limit: int,
+         max_steps: int, method: str) -> BatchFit:
+    """One variant's :class:`BatchFit`."""
+    if method == "search":
+        batch, seen, exact = search_largest(evaluate, device_mb, probes, limit, max_steps)
+        found, plan = seen[batch] if batch else (None, None)
+        if plan is None:  # nothing fits: the overhead of the smallest batch planned
+            plan = seen[min(seen)][1]
+        return BatchFit(variant, batch, found, plan.overhead, exact, False, len(seen), plan)
+    seen = {batch: evaluate(batch) for batch in probes}
+    batch = _linear_guess(seen, probes, device_mb, limit)
+    found = extrapolate(*[(b, seen[b][0]) for b in sorted(probes)[:2]], batch)
+    while batch > 0 and found.total > device_mb:  # the floor of the line can round over by a part
+        batch -= 1
+        found = extrapolate(*[(b, seen[b][0]) for b in sorted(probes)[:2]], batch)
+    plan = seen[max(probes)][1]
+    return BatchFit(variant, batch, found if batch else None, plan.overhead, False, True, len(seen), plan)
