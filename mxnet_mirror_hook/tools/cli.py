@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "parse_shape", "SUBCOMMANDS"]
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", parents=[shape, planning],
                                  help="draw live memory along one iteration (PNG)")
     report.add_argument("-o", "--output", default="mirror-report.png", help="PNG to write")
+    report.add_argument("--measured", action="store_true",
+                        help="draw measured memory instead of the liveness model: one training iteration "
+                        "(SGD, momentum 0.9) plain and one with the plan on the CPU, each in a fresh process "
+                        "under MXNet's storage profiler, over the predicted footprint's parts")
     measuring = argparse.ArgumentParser(add_help=False)
     option_arguments(measuring, switch=False, only=("cost_ctx", "keep_ops"))
     pareto = commands.add_parser(
@@ -104,9 +108,32 @@ def run_report(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     symbol, plan = loaded
+    if args.measured:
+        return _run_measured_report(args, symbol, plan)
     graph = symbol_to_graph(symbol, normalize_inputs(list(args.shape)))
     draw_report(graph, plan, os.path.basename(args.symbol), args.output)
     sys.stdout.write(f"{args.output}: {plan.summary()}\n")
+    return 0
+
+
+def _run_measured_report(args: argparse.Namespace, symbol: Any, plan: Any) -> int:
+    """``report --measured``: profile plain and planned training, draw both, print the peaks."""
+    import os
+
+    from ..errors import MirrorHookError
+    from ..options import MirrorOptions
+    from .memory_picture import write_measured_report
+
+    try:
+        found = write_measured_report(symbol, list(args.shape), plan, MirrorOptions.from_args(args),
+                                      os.path.basename(args.symbol), args.output)
+    except (MirrorHookError, ValueError, TypeError) as error:
+        _error_line(error)
+        return 2
+    sys.stdout.write(f"{args.output}: measured peak {found.plain.peak_mb:.0f} MB plain, "
+                     f"{found.mirrored.peak_mb:.0f} MB mirrored ({found.ratio:.2f}x); predicted footprint "
+                     f"{found.plain_footprint.total:.0f} -> {found.mirrored_footprint.total:.0f} MB; "
+                     f"{plan.summary()}\n")
     return 0
 
 

@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 from ..core.footprint import Footprint
 from ..mx.profile import END, PHASES, MemoryTimeline
 
-__all__ = ["MeasuredReport", "measure_report", "draw_measured_report", "aligned_positions", "BAND_PARTS",
-           "PHASE_WIDTHS"]
+__all__ = ["MeasuredReport", "measure_report", "draw_measured_report", "write_measured_report",
+           "split_inputs", "aligned_positions", "BAND_PARTS", "PHASE_WIDTHS"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,3 +165,20 @@ def draw_measured_report(report: MeasuredReport, title: str, path: str) -> None:
     figure.savefig(path)
     plt.close(figure)
     logger.info("wrote %s", path)
+
+
+def split_inputs(shapes: Sequence[Tuple[str, Tuple[int, ...]]]
+                 ) -> Tuple[List[Tuple[str, Tuple[int, ...]]], List[Tuple[str, Tuple[int, ...]]]]:
+    """``(data, labels)`` of the command line's ``--shape`` list: names ending in ``label`` are
+    labels (MXNet's convention, ``softmax_label``), the rest data."""
+    labels = [(n, tuple(s)) for n, s in shapes if n.endswith("label")]
+    return [(n, tuple(s)) for n, s in shapes if not n.endswith("label")], labels
+
+
+def write_measured_report(symbol: Any, shapes: Sequence[Tuple[str, Tuple[int, ...]]], plan: Any,
+                          options: Any, title: str, path: str) -> MeasuredReport:
+    """Profile both runs (:func:`measure_report`) and draw them to ``path``; the report."""
+    data, labels = split_inputs(shapes)
+    report = measure_report(symbol, data, labels, plan, options)
+    draw_measured_report(report, title, path)
+    return report
