@@ -1,8 +1,9 @@
 """``MirroredModule``: a drop-in ``mx.mod.Module`` that binds a mirrored symbol."""
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mxnet as mx
 from mxnet.module.executor_group import _split_input_slice
@@ -39,6 +40,11 @@ def _grad_req_mapping(symbol: "mx.sym.Symbol", grad_req: Any) -> Union[str, Dict
     if isinstance(grad_req, (list, tuple)):
         return dict(zip(symbol.list_arguments(), grad_req))
     return grad_req
+
+
+def _params_dict(params: Any) -> Optional[Dict[str, Any]]:
+    """``Module``'s optimizer_params (a dict or a tuple of pairs) as a dict."""
+    return None if params is None else dict(params)
 
 
 def _segments_of(plan: Optional[MirrorPlan]) -> Any:
@@ -96,6 +102,7 @@ class MirroredModule(mx.mod.Module):
         self.mirror_options = mirror_options
         self._user_symbol = symbol
         self.mirror_plan: Optional[MirrorPlan] = None
+        self._mirror_optimizer: Tuple[Any, Any] = (None, None)  # (optimizer, params) once known
 
     # ----------------------------------------------------------------- planning
     def _plan_for(self, data_shapes: Sequence[DataDesc],
@@ -106,7 +113,41 @@ class MirroredModule(mx.mod.Module):
             per_device_descs(label_shapes, self._context, self._work_load_list) or None,
             options=self.mirror_options,
             grad_req=_grad_req_mapping(self._user_symbol, grad_req),
-            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad)
+            fixed_param_names=self._fixed_param_names, inputs_need_grad=self.inputs_need_grad,
+            optimizer=self._mirror_optimizer[0], optimizer_params=_params_dict(self._mirror_optimizer[1]),
+            device=self._context[0].device_type)
+
+    # -------------------------------------------------------------- optimizer
+    # NOTE [ the optimizer of a module's footprint ]
+    # ``fit`` binds before it creates the optimizer, so it records the optimizer it was
+    # given first and the training bind plans with it (``device_memory`` counts its
+    # state).  A module bound by hand plans with the assumed SGD with momentum
+    # (NOTE [ the optimizer a footprint assumes ]); ``init_optimizer`` then sets the
+    # plan's optimizer, and when ``device_memory`` is set and the footprint with it no
+    # longer fits, says so in one warning (rebind, or call ``fit``, to plan with it).
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        """As ``Module.fit``; the training bind's plan counts ``optimizer``'s state."""
+        bound = inspect.signature(mx.mod.BaseModule.fit).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self._mirror_optimizer = (bound.arguments["optimizer"], bound.arguments["optimizer_params"])
+        super().fit(*args, **kwargs)
+
+    def init_optimizer(self, kvstore: Any = "local", optimizer: Any = "sgd",
+                       optimizer_params: Any = (("learning_rate", 0.01),), force_init: bool = False) -> None:
+        """As ``Module.init_optimizer``; :attr:`mirror_plan`'s footprint then counts this optimizer."""
+        super().init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=optimizer_params,
+                               force_init=force_init)
+        self._mirror_optimizer = (optimizer, optimizer_params)
+        plan = self.mirror_plan
+        if plan is None or plan.footprint_source is None or not self.optimizer_initialized:
+            return
+        self.mirror_plan = plan = plan.with_footprint(optimizer=self._optimizer, optimizer_params=None)
+        limit = self.mirror_options.device_memory_mb
+        if limit is not None and plan.footprint.total > limit:
+            logger.warning("with %s the footprint is %.0f MB, above device_memory %.0f MB (the plan was "
+                           "made for %s); bind again or call fit() to plan with this optimizer",
+                           plan.optimizer_label, plan.footprint.total, limit,
+                           "the assumed optimizer" if self._mirror_optimizer[0] is None else "another")
 
     def _needs_plan(self, for_training: bool, grad_req: Any, inputs_need_grad: bool) -> bool:
         """Whether a bind computes any gradient (else mirroring cannot help)."""

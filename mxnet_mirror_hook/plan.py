@@ -32,7 +32,8 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 backend: Optional[str] = None, segments: Optional[int] = None,
                 recompute_dropout: Optional[bool] = None, max_overhead: Optional[float] = None,
                 device_memory: Union[None, str, int] = None, optimizer: Any = None,
-                optimizer_params: Optional[Dict[str, Any]] = None) -> MirrorPlan:
+                optimizer_params: Optional[Dict[str, Any]] = None,
+                device: Optional[str] = None) -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -88,6 +89,9 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         (default: SGD with momentum 0.9, said to be assumed).
     optimizer_params : dict, optional
         Its options when given by name (``momentum``, ``multi_precision``...).
+    device : str, optional
+        ``'cpu'`` or ``'gpu'``: the device whose memory the footprint counts (default: where the
+        plan is measured).
 
     Returns
     -------
@@ -115,4 +119,7 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                                    device_memory=device_memory)
     request = PlanRequest(data_shapes, label_shapes, grad_req, fixed_param_names, inputs_need_grad)
     setup = request.prepare(symbol, options)  # once, for every plan below
-    return plan_request(setup, options, started, FootprintSource.of_setup(setup, optimizer, optimizer_params))
+    source = FootprintSource.of_setup(setup, optimizer, optimizer_params)
+    if device is not None:
+        source = source.replace(device=device)
+    return plan_request(setup, options, started, source)

@@ -7,10 +7,10 @@ import logging
 import sys
 from typing import Any, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "parse_shape", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "parse_shape", "parse_batch_shape", "SUBCOMMANDS"]
 
 #: Subcommands of ``mxnet-mirror``; ``python -m mxnet_mirror_hook`` runs a script otherwise.
-SUBCOMMANDS = ("plan", "report", "pareto")
+SUBCOMMANDS = ("plan", "report", "pareto", "max-batch")
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,46 @@ def parse_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
     if not shape or any(d <= 0 for d in shape):
         raise argparse.ArgumentTypeError(f"--shape {text!r}: dimensions must be positive")
     return name.strip(), shape
+
+
+def parse_batch_shape(text: str) -> Tuple[str, Tuple[Optional[int], ...]]:
+    """``'data=B,3,224,224'`` -> ``('data', (None, 3, 224, 224))``: ``B`` marks the batch axis."""
+    name, sep, dims = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--shape wants NAME=B,D2,... (B: the batch), got {text!r}")
+    shape = []
+    for part in (d.strip() for d in dims.split(",") if d.strip()):
+        if part.upper() == "B":
+            shape.append(None)
+        elif part.isdigit() and int(part) > 0:
+            shape.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"--shape {text!r}: dimensions are positive integers or B")
+    if None not in shape:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: mark the batch axis with B, "
+                                         f"e.g. data=B,3,224,224")
+    return name.strip(), tuple(shape)
+
+
+def _add_max_batch(commands: Any, planning: argparse.ArgumentParser) -> None:
+    """The ``max-batch`` subcommand's parser."""
+    found = commands.add_parser("max-batch", parents=[planning],
+                                help="the largest batch whose whole footprint fits --device-memory: "
+                                     "plain, one-level and segments")
+    found.add_argument("symbol", help="SYMBOL.json saved by mx.sym.Symbol.save or Module.save_checkpoint")
+    found.add_argument("--shape", action="append", type=parse_batch_shape, required=True,
+                       metavar="NAME=B,D2,...", help="shape of a data or label input, B the batch (repeat)")
+    found.add_argument("--optimizer", default="sgd", help="optimizer whose state is counted (default sgd)")
+    found.add_argument("--momentum", type=float, default=0.9,
+                       help="momentum of sgd/nag-like optimizers (default 0.9; 0: no state)")
+    found.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                       help="the device whose memory is counted (default: where plans are measured, "
+                            "the CPU unless --cost-ctx gpu); gpu for a graphics card")
+    found.add_argument("--method", choices=("search", "slope"), default="search",
+                       help="search: plans at real batches; slope: two probes, extrapolated")
+    found.add_argument("--json", action="store_true",
+                       help="print one JSON object: per plain, one-level and segments the batch and "
+                            "its footprint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--repeats", type=int, default=3, help="timed iterations per plan")
     pareto.add_argument("--csv", default="pareto.csv", help="CSV to write")
     pareto.add_argument("--png", default="pareto.png", help="PNG to write")
+    _add_max_batch(commands, planning)
     return parser
 
 
@@ -200,6 +241,41 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_max_batch(args: argparse.Namespace) -> int:
+    """The ``max-batch`` command."""
+    import mxnet as mx
+
+    from ..errors import MirrorHookError
+    from ..options import MirrorOptions
+    from ..planning.batch import max_batch
+
+    if args.device_memory is None:
+        logger.error("max-batch needs --device-memory, e.g. --device-memory 16GB")
+        return 2
+    try:
+        symbol = mx.sym.load(args.symbol)
+    except (OSError, mx.base.MXNetError) as error:
+        logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
+        return 2
+    params = {"momentum": args.momentum} if args.optimizer.lower() in _MOMENTUM_OPTIMIZERS else {}
+    try:
+        options = MirrorOptions.from_args(args).replace(device_memory=None)
+        found = max_batch(symbol, dict(args.shape), args.device_memory, optimizer=args.optimizer,
+                          optimizer_params=params, device=args.device, method=args.method, options=options)
+    except (MirrorHookError, ValueError, TypeError) as error:
+        _error_line(error)
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(found.to_dict()) + "\n")
+    else:
+        sys.stdout.write(found.summary() + "\n")
+    return 0
+
+
+#: Optimizers with a ``momentum`` option (``--momentum`` applies to them).
+_MOMENTUM_OPTIMIZERS = ("sgd", "nag", "lars", "lbsgd", "signum", "dcasgd", "ccsgd")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``mxnet-mirror``."""
     parser = build_parser()
@@ -212,6 +288,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_report(args)
     if args.command == "pareto":
         return run_pareto(args)
+    if args.command == "max-batch":
+        return run_max_batch(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
