@@ -21,7 +21,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from mxnet_mirror_hook import MirrorOptions, add_arguments, from_args, parse_budget, plan_mirror
+from mxnet_mirror_hook import MirrorOptions, add_arguments, from_args, max_batch
 from mxnet_mirror_hook.gluon import mirror, mirror_state
 from mxnet_mirror_hook.testing.models import default_image_size, gluon_symbol
 
@@ -44,8 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rec", default=None,
                         help="a RecordIO file of images (ImageRecordIter) instead of synthetic data")
     parser.add_argument("--find-max-batch", default=None, metavar="BUDGET",
-                        help="report the largest batch whose planned memory fits BUDGET "
-                             "(e.g. 16GB), with and without mirroring, and exit")
+                        help="report the largest batch whose whole footprint fits BUDGET "
+                             "(e.g. 16GB): plain, one-level and segments, and exit")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids; CPU when empty")
     parser.add_argument("--lr", type=float, default=0.01)
     # --mirror/--no-mirror, --memory-budget, --planner, --cache-dir, --no-cache, --cost-ctx, --keep-ops
@@ -77,44 +77,26 @@ def progress(total: int) -> "tqdm":
 
 
 # ----------------------------------------------------------------- max batch
-def parameter_mb(symbol: mx.sym.Symbol, shape: Tuple[int, ...]) -> float:
-    """Weights and their gradients, in MB (MXNet's planned figure excludes them)."""
-    arg_shapes, _, aux_shapes = symbol.infer_shape(data=shape)
-    names = symbol.list_arguments()
-    weights = sum(int(np.prod(s)) for n, s in zip(names, arg_shapes)
-                  if n not in ("data", "softmax_label"))
-    aux = sum(int(np.prod(s)) for s in aux_shapes)
-    return (2 * weights + aux) * 4 / 2 ** 20
-
-
-def find_max_batch(args, symbol: mx.sym.Symbol, size: int) -> Dict[str, int]:
-    """Largest batch whose planned memory plus parameters fits the budget."""
-    budget = parse_budget(args.find_max_batch)
-    if budget.kind != "bytes":
-        raise SystemExit("--find-max-batch wants a size such as 16GB")
-    limit_mb = budget.value / 2 ** 20
-    params_mb = parameter_mb(symbol, (1, 3, size, size))
-
-    def fits(batch: int, mirrored: bool) -> bool:
-        plan = plan_mirror(symbol, [("data", (batch, 3, size, size))],
-                           planner=args.planner if mirrored else "none",
-                           memory_budget="min" if mirrored else None)
-        return plan.planned_mb + params_mb <= limit_mb
-
-    found = {}
-    for mirrored in (False, True):
-        low, high = 0, 1
-        while fits(high, mirrored):
-            low, high = high, high * 2
-            if high > 1 << 16:
-                break
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if fits(middle, mirrored) else (low, middle)
-        found["mirrored" if mirrored else "plain"] = low
-    log.info("largest batch within %s (parameters and gradients %.0f MB included): plain %d, "
-             "mirrored %d", args.find_max_batch, params_mb, found["plain"], found["mirrored"])
-    return found
+def find_max_batch(args, symbol: mx.sym.Symbol, size: int, contexts) -> Dict[str, int]:
+    """Largest batch whose whole footprint (parameters, gradients, SGD momentum, inputs, workspace
+    and activations) fits ``--find-max-batch``: plain and one-level searched over real plans,
+    executor segments estimated from two probes (their 'min' planning is the slow one)."""
+    device = "gpu" if contexts[0].device_type == "gpu" else "cpu"
+    options = MirrorOptions.from_args(args).replace(device_memory=None)
+    common = dict(optimizer="sgd", optimizer_params={"momentum": 0.9}, device=device, options=options)
+    shapes = {"data": (None, 3, size, size), "softmax_label": (None,)}
+    found = max_batch(symbol, shapes, args.find_max_batch, variants=("plain", "one-level"), **common)
+    estimated = max_batch(symbol, shapes, args.find_max_batch, variants=("segments",), method="slope",
+                          **common)
+    fits = {**found.fits, **estimated.fits}
+    for name, fit in fits.items():
+        log.info("largest batch within %s, %s: %d (footprint %s, est. overhead %.1f%%%s)",
+                 args.find_max_batch, name, fit.batch,
+                 f"{fit.footprint.total:.0f} MB" if fit.footprint else "-", 100 * fit.overhead,
+                 ", estimated" if fit.estimated else "")
+    batches = {name: fit.batch for name, fit in fits.items()}
+    batches["mirrored"] = max(batches["one-level"], batches["segments"])
+    return batches
 
 
 # ---------------------------------------------------------------------- train
@@ -188,7 +170,7 @@ def main(argv=None) -> dict:
     contexts = [mx.gpu(int(i)) for i in args.gpus.split(",") if i.strip()] or [mx.cpu()]
     if args.find_max_batch:
         symbol, _ = gluon_symbol(args.network, classes=args.classes)
-        return find_max_batch(args, symbol, size)
+        return find_max_batch(args, symbol, size, contexts)
     data_iter = batches(args, size)
     if args.mode == "module":
         symbol, _ = gluon_symbol(args.network, classes=args.classes)

@@ -33,7 +33,7 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
                 recompute_dropout: Optional[bool] = None, max_overhead: Optional[float] = None,
                 device_memory: Union[None, str, int] = None, optimizer: Any = None,
                 optimizer_params: Optional[Dict[str, Any]] = None,
-                device: Optional[str] = None) -> MirrorPlan:
+                device: Optional[str] = None, surface: str = "module") -> MirrorPlan:
     """Plan which forward nodes to recompute during backward.
 
     Parameters
@@ -92,6 +92,9 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     device : str, optional
         ``'cpu'`` or ``'gpu'``: the device whose memory the footprint counts (default: where the
         plan is measured).
+    surface : str
+        ``'module'`` (its parameter copies and the batch's copy counted) or ``'gluon'`` (the outputs'
+        head gradients counted) for the footprint.
 
     Returns
     -------
@@ -120,6 +123,6 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     request = PlanRequest(data_shapes, label_shapes, grad_req, fixed_param_names, inputs_need_grad)
     setup = request.prepare(symbol, options)  # once, for every plan below
     source = FootprintSource.of_setup(setup, optimizer, optimizer_params)
-    if device is not None:
-        source = source.replace(device=device)
+    if device is not None or surface != "module":
+        source = source.replace(device=device or source.device, surface=surface)
     return plan_request(setup, options, started, source)

@@ -61,6 +61,9 @@ class MirrorState:
         Executors per context and signature: forwards that may wait for their backward at once.
     plain_reason : str or None
         Why the block trains without mirroring (it cannot be traced to a symbol), or None.
+    optimizer : (optimizer, optimizer_params)
+        What the plans' footprints count (set by ``MirroredTrainer``; ``(None, None)``: SGD with
+        momentum assumed, NOTE [ the optimizer a footprint assumes ]).
     """
 
     def __init__(self, block: "gluon.HybridBlock", options: MirrorOptions, max_shapes: int,
@@ -71,6 +74,7 @@ class MirrorState:
         self.max_pending = max(1, int(max_pending))
         self.last_plan: Optional[MirrorPlan] = None
         self.plain_reason: Optional[str] = None
+        self.optimizer: Tuple[Any, Any] = (None, None)
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._traces: Dict[str, Trace] = {}  # per input structure (nested lists, None)
         self._arrays: Optional[List[tuple]] = None
@@ -134,7 +138,8 @@ class MirrorState:
               requests: Dict[str, str]) -> MirrorPlan:
         try:
             return plan_mirror(symbol, [(name, shape, dtype) for name, shape, dtype in signature],
-                               grad_req=requests, options=self.options)
+                               grad_req=requests, options=self.options, optimizer=self.optimizer[0],
+                               optimizer_params=self.optimizer[1], surface="gluon")
         except MirrorHookError:
             raise
         except mx.base.MXNetError as error:

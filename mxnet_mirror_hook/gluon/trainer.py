@@ -95,6 +95,8 @@ class MirroredTrainer:
             self.trainer = gluon.Trainer(self._params, optimizer, optimizer_params, kvstore=kvstore)
         self._context = context
         mirror(net, options=MirrorOptions.coerce(options, **overrides), max_shapes=max_bound_shapes)
+        # The plans' footprints (and device_memory) count this Trainer's optimizer state.
+        mirror_state(net).optimizer = (getattr(self.trainer, "_optimizer", None), None)
 
     @property
     def mirror_plan(self) -> Optional[MirrorPlan]:

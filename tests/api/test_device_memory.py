@@ -126,3 +126,22 @@ def test_max_batch_command_prints_one_json_object(tmp_path, capsys):
     assert found["optimizer"] == "sgd momentum 0.9"
     for variant in ("plain", "one-level", "segments"):
         assert found[variant]["batch"] > 0 and found[variant]["footprint_mb"] <= 200
+
+
+def test_mirrored_trainer_plans_count_its_optimizer_and_the_head_gradient():
+    from mxnet import gluon
+
+    from mxnet_mirror_hook.gluon import MirroredTrainer
+
+    net = gluon.nn.HybridSequential()
+    for _ in range(3):
+        net.add(gluon.nn.Conv2D(8, 3, padding=1), gluon.nn.BatchNorm(), gluon.nn.Activation("relu"))
+    net.add(gluon.nn.Dense(10))
+    net.initialize()
+    trainer = MirroredTrainer(net, gluon.loss.SoftmaxCrossEntropyLoss(), "adam", {"learning_rate": 1e-3})
+    batch = batches(1, (8, 3, 16, 16), 10)[0]
+    trainer.step(batch.data[0], batch.label[0])
+    found = trainer.mirror_plan.footprint
+    assert trainer.mirror_plan.optimizer_label == "adam"
+    assert found.optimizer_state == pytest.approx(2 * found.parameters, rel=1e-6)
+    assert found.parameter_copies == 0 and found.head_gradients > 0  # Gluon's, not Module's
