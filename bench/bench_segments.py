@@ -31,6 +31,7 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
+from mxnet_mirror_hook.mx.profile import profiler_peak_mb, start_storage_profiler  # noqa: E402
 from mxnet_mirror_hook.testing.models import last_output_lstm, lstm_language_model  # noqa: E402
 
 log = logging.getLogger("bench_segments")
@@ -102,23 +103,6 @@ def measure_bert(case: str) -> dict:
             "mirror_rewritten": "_mask_draw" in one_level.symbol.tojson()}
 
 
-def _start_profiler(path: str) -> None:
-    """Start MXNet's storage profiler, writing to ``path``."""
-    mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
-                           profile_api=False, aggregate_stats=False, filename=path)
-    mx.profiler.set_state("run")
-
-
-def _profiler_peak_mb(path: str) -> float:
-    """Stop the profiler started by :func:`_start_profiler` and return its CPU memory peak (MB)."""
-    mx.profiler.set_state("stop")
-    mx.profiler.dump()
-    with open(path, "r", encoding="utf-8") as handle:
-        events = json.load(handle)["traceEvents"]
-    values = [v for e in events if e.get("name") == "Memory: cpu/0" for v in e["args"].values()]
-    return max(values) / 2 ** 20
-
-
 def profile_bert(case: str, config: str) -> dict:
     """Storage profiler peak (MB) and seconds of bind + one forward/backward of a BERT row, in
     this (fresh) process."""
@@ -135,7 +119,7 @@ def profile_bert(case: str, config: str) -> dict:
     batch = mx.io.DataBatch([mx.nd.array(v) for v in values],
                             [mx.nd.array(rng.randint(0, 30522, (BERT_BATCH, BERT_MASKED)))])
     path = os.path.join(tempfile.mkdtemp(), "profile.json")
-    _start_profiler(path)
+    start_storage_profiler(path)
     module = (mx.mod.Module(symbol, data_names=names) if config == "plain"
               else MirroredModule(symbol, data_names=names, options=options))
     module.bind(data, labels)
@@ -146,7 +130,7 @@ def profile_bert(case: str, config: str) -> dict:
     module.forward_backward(batch)
     mx.nd.waitall()
     seconds = time.perf_counter() - started
-    return {"peak": _profiler_peak_mb(path), "seconds": seconds}
+    return {"peak": profiler_peak_mb(path), "seconds": seconds}
 
 
 def measure_static(case: str) -> dict:
@@ -201,7 +185,7 @@ def profile_static(case: str, config: str) -> float:
     rng = np.random.RandomState(0)
     batch = mx.io.DataBatch([mx.nd.array(rng.uniform(-1, 1, shape))],
                             [mx.nd.array(rng.randint(0, 1000, (shape[0],)))])
-    _start_profiler(path)
+    start_storage_profiler(path)
     module = mx.mod.Module(symbol) if config == "plain" else MirroredModule(symbol, **options)
     module.bind([("data", shape)], labels)
     if config != "plain" and not module.mirror_plan.from_cache:
@@ -209,7 +193,7 @@ def profile_static(case: str, config: str) -> float:
     module.init_params(mx.init.Xavier())
     module.forward_backward(batch)
     mx.nd.waitall()
-    return _profiler_peak_mb(path)
+    return profiler_peak_mb(path)
 
 
 def _interleaved_seconds(modules: dict, batch: mx.io.DataBatch, iterations: int,
@@ -274,13 +258,13 @@ def profile_peak(case: str, config: str, segments: int) -> float:
         mx.nd.waitall()
         gc.collect()
     batch = _batch(case)
-    _start_profiler(path)
+    start_storage_profiler(path)
     module = _module(case, config, segments, cache_dir=cache, symbol=symbol)
     if config != "plain" and not module.mirror_plan.from_cache:
         raise RuntimeError("the profiled bind planned again: its peak would count planning binds")
     module.forward_backward(batch)
     mx.nd.waitall()
-    return _profiler_peak_mb(path)
+    return profiler_peak_mb(path)
 
 
 def measure_case(case: str, segments: int, iterations: int) -> dict:

@@ -160,14 +160,16 @@ def run_report(args: argparse.Namespace) -> int:
 def _run_measured_report(args: argparse.Namespace, symbol: Any, plan: Any) -> int:
     """``report --measured``: profile plain and planned training, draw both, print the peaks."""
     import os
+    import re
 
     from ..errors import MirrorHookError
     from ..options import MirrorOptions
     from .memory_picture import write_measured_report
 
     try:
-        found = write_measured_report(symbol, list(args.shape), plan, MirrorOptions.from_args(args),
-                                      os.path.basename(args.symbol), args.output)
+        title = re.sub(r"(-symbol)?\.json$", "", os.path.basename(args.symbol))
+        found = write_measured_report(symbol, list(args.shape), plan, MirrorOptions.from_args(args), title,
+                                      args.output)
     except (MirrorHookError, ValueError, TypeError) as error:
         _error_line(error)
         return 2

@@ -162,7 +162,7 @@ def draw_measured_report(report: MeasuredReport, title: str, path: str) -> None:
                 title="bands: predicted footprint's parts (plain)")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     logger.info("wrote %s", path)
 
