@@ -143,8 +143,8 @@ def _train_gluon(symbol, data, labels, batch, case, path) -> dict:
         trainer.step(data[0][1][0])
     mx.nd.waitall()
     peak = _peak_mb(path)
-    # Bound after the profiled window: memory a bind in this process releases before the window
-    # lowered the Gluon peaks by up to 1.2 GB (BERT) when bound first.
+    # Bound after the profiled window: bound just before it, its arrays were freed inside the
+    # window and counted negative (the Gluon peaks came out up to 1.2 GB lower, BERT).
     executor_mb = planned_mb_in_process(symbol, mx.cpu(), dict(data + labels), grad_req={
         n: "null" if n in names else "write" for n in symbol.list_arguments()})
     return {"peak": peak, "plan_mb": executor_mb, "executor_mb": executor_mb,
@@ -160,8 +160,12 @@ def measure(case: str, config: str) -> dict:
     symbol, data, labels, ranges = build(case)
     folder = tempfile.mkdtemp()
     path, cache = os.path.join(folder, "profile.json"), os.path.join(folder, "plans")
-    if config == "mirror":  # planned (and cached) outside the profiled window
-        _module(symbol, config, data, labels, cache)
+    planner = None
+    if config == "mirror":  # planned (and cached) outside the profiled window, and kept: the
+        # profiler's running total starts at 0, so memory allocated before the window and freed
+        # (asynchronously) inside it counts negative (a Gluon row whose figure was bound just
+        # before the window peaked 0.2-1.2 GB lower)
+        planner = _module(symbol, config, data, labels, cache)
         mx.nd.waitall()
     batch = _batch(data, labels, ranges)
     mx.profiler.set_config(profile_memory=True, profile_symbolic=True, profile_imperative=True,
@@ -172,6 +176,7 @@ def measure(case: str, config: str) -> dict:
     else:
         row = _train_module(symbol, config, data, labels, batch, case, path, cache)
     row["seconds"] = time.time() - started
+    del planner
     shapes = dict(data + labels)
     found = symbol_footprint(symbol, shapes, activations_mb=row["plan_mb"], input_names=list(shapes),
                              optimizer=optimizer, optimizer_params=params, executors=row["segments"],
@@ -198,6 +203,34 @@ def _error(row: dict) -> float:
 
 #: What the table's misses are, from the measurements (rewritten when the rows change).
 NOTES = """\
+What each part is and where the rows miss (NOTE [ temporary space beyond the static plan ] and NOTE [ what
+Module and Gluon hold beside the executor ] in `mx/footprint.py`):
+
+- `Module` rows (plain and one-level mirror) are within 2.7%. Beside the plan's activations they hold the
+  parameters, their gradients, the optimizer state, `Module`'s own copy of the parameters and auxiliary
+  states (`_arg_params`/`_aux_params`: the ~100 MB the first resnet50_v1b batch 16 measurement could not
+  place, with the 7 MB im2col buffer), the batch twice (the `DataBatch` and the executor's input arrays) and
+  one temporary space per executor: without MKLDNN convolution's im2col column buffer for one image (7 MB
+  resnet50, 24 MB inceptionv3, whatever the batch); with MKLDNN the reorder buffer `TmpMemMgr` sizes at twice
+  the largest single request (resnet50 batch 8: 2 x 24.5 MB; at batch 16 2 x 49 MB, the rest of the ~190 MB).
+  MKLDNN keeps no per-weight layout copy in training.
+- bert_mlm mirror, MKLDNN off (-2.7%): the plan's figure (693 MB) is not the bound executor's (762 MB): with
+  MKLDNN off the plan mirrors 123 nodes and still reports 693 MB (with MKLDNN on: 152 nodes, 693 MB, equal to
+  its executor). With the executor's figure the row is within 0.3%. Smaller cases of the same: inceptionv3
+  mirror off (178 / 186), lstm_lm mirror off (488 / 484). A planner matter, outside the footprint model.
+- lstm_lm (+1.9% to +2.5%): the static pool MXNet allocates is ~15 MB below its own `debug_str` figure (508);
+  every other part matched the profiler's per-phase increments.
+- Gluon rows: a hybridized block needs the head gradient `out.backward()` creates (ones of the outputs:
+  the LSTM's 3200 x 10000 softmax, 122 MB) and its cached graph takes temporary space round robin from all
+  `MXNET_CPU_TEMP_COPY` (4) copies, each growing to the full size (measured: four 49 MB buffers, resnet50 with
+  MKLDNN); without MKLDNN the four im2col copies are an upper bound (inceptionv3 +2.5%). The activation part
+  is the `Module` static plan of the same symbol; the cached graph's own allocation differs by a few percent.
+- Measuring: the profiler's running total starts at 0 when it starts, so memory allocated before and freed
+  inside the window counts negative (the Gluon rows first bound their figure just before the window and
+  peaked 0.2-1.2 GB lower); the planning module of the mirror rows is kept alive through the window.
+- Not measured here: a chain of executors (`backend='segments'`: counted as min(segments, 4) full-size temp
+  spaces, an upper bound), GPUs (cuDNN's workspace: the im2col figure stands in), float16 activations (the
+  plan's figure counts 4 bytes per element).
 """
 
 
