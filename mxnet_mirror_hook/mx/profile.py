@@ -269,8 +269,8 @@ def profile_iteration(symbol: "Any", data: Shapes, labels: Shapes = (), *, optio
         with open(request_path, "w", encoding="utf-8") as handle:
             json.dump(request, handle)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        env = dict(os.environ)  # MXNET_MKLDNN_ENABLED and the rest as in this process
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             done = subprocess.run([sys.executable, "-m", "mxnet_mirror_hook.mx.profile", request_path],
                                   env=env, capture_output=True, text=True, timeout=timeout)
