@@ -19,7 +19,7 @@ from .result import PLAN_LOGGER
 from .setup import PlanRequest, PlanningSetup
 
 __all__ = ["Measured", "splits_to_try", "head_splits", "per_segment_two_level", "measure_segments",
-           "tune_shared_pool", "MAX_PER_SEGMENT_PLANS", "NEIGHBOUR_CUTS"]
+           "tune_shared_pool", "MAX_PER_SEGMENT_PLANS", "NEIGHBOUR_CUTS", "NEIGHBOUR_REPLANS", "TUNING_GAIN"]
 
 logger = logging.getLogger(PLAN_LOGGER)
 
@@ -29,6 +29,12 @@ MAX_PER_SEGMENT_PLANS = 4
 #: Neighbouring cut lists measured around the best per-segment plan of each segment count
 #: under 'min' (:func:`alternative_cuts`).
 NEIGHBOUR_CUTS = 8
+#: Of those, how many get a mirror plan made per segment (NOTE [ tuning bounded by work ]).
+NEIGHBOUR_REPLANS = 2
+#: The most tuning has lowered a segment count's least static figure (resnet152_v1b, batch 32,
+#: 'min': 2 segments, 1143 -> 1042 MB, 8.8%); a count that could not become the choice even so
+#: is not tuned (NOTE [ tuning bounded by work ]).
+TUNING_GAIN = 0.10
 
 
 class Measured(NamedTuple):
@@ -151,7 +157,7 @@ def per_segment_two_level(split: SegmentPlan, setup: PlanningSetup,
 
 
 def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
-                     measured: List[Measured]) -> List[Measured]:
+                     measured: List[Measured], tolerance: float = 1.03) -> List[Measured]:
     """Under ``'min'``: plans that make the shared pool of the executors smaller.
 
     The best measured plan of each segment count with a mirror plan made per segment is
@@ -159,25 +165,77 @@ def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
     (:func:`alternative_cuts`: the pool depends on how the segments' blocks dovetail,
     which only measuring tells), and the least plan of each count, the originals among them,
     with a match range per segment (NOTE [ a match range per segment ] in core/segments).
-    The work is bounded by those counts, not by time.
+    The work is bounded by counts, not by time (NOTE [ tuning bounded by work ]).
+    ``tolerance``: the chosen plan is the one with fewest segments within this factor of the least.
     """
     eligible = [item for item in measured if _two_level_per_segment(item.plan)]
     if not eligible:
         return []
-    found = []
-    for best in _least_of_each_count(eligible):
-        cuts = cut_positions(setup.graph, best.plan)
-        per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
-        for moved in alternative_cuts(setup.graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
-            split = segment_plan_for_cuts(setup.graph, moved, chain).with_replay_random(
-                best.plan.replay_random)
-            found.append(measure_segments(setup, per_segment_two_level(split, setup, options)))
+    found: List[Measured] = []
+    for best in _worth_tuning(_least_of_each_count(eligible), measured, tolerance):
+        found += _neighbours(setup, options, chain, best)
     tuned = []
-    for least in _least_of_each_count(eligible + found):
+    for least in _worth_tuning(_least_of_each_count(eligible + found), measured + found, tolerance):
         plan = tune_match_ranges(setup.symbol, least.plan, setup.context, *setup.bind_inputs)
         if any(s.match_range for s in plan.segments):
             tuned.append(measure_segments(setup, plan))
     return found + tuned
+
+
+# NOTE [ tuning bounded by work ]
+# Tuning the shared pool was most of a 'min' + 'auto' plan's time (resnet152_v1b,
+# batch 32: 24 neighbouring cut lists, each with a mirror plan made for every
+# segment, and every segment bound under five match ranges: 80% of 226 s on a
+# loaded two-core machine).  Two bounds by count, none by time, keep a plan the
+# same on every machine:
+# * A segment count is tuned only if tuning could make it the plan chosen (the
+#   fewest segments within the tolerance of the least): a count above the one
+#   chosen must be able to pull the least below the chosen figure over the
+#   tolerance, a count below it to come within the tolerance of the least,
+#   each lowered by at most ``TUNING_GAIN`` (the most tuning has lowered a
+#   count's least figure in the bench networks).
+# * Each neighbouring cut list is first measured with the best plan's mirrored
+#   nodes carried over (binds only, each unchanged segment from the structure
+#   cache); only the ``NEIGHBOUR_REPLANS`` least of them get a mirror plan made
+#   per segment (a one-level planning per changed segment, the dear part).  The
+#   quick measurements are candidates too, so the set measured only grows.
+
+
+def _worth_tuning(bests: List[Measured], measured: List[Measured], tolerance: float) -> List[Measured]:
+    """The plans of ``bests`` (one per segment count) whose count tuning could make the choice
+    (NOTE [ tuning bounded by work ])."""
+    least = min(item.mb for item in measured)
+    chosen = min((item for item in measured if item.mb <= least * tolerance),
+                 key=lambda item: (item.plan.count, item.overhead, item.mb))
+    worth = []
+    for best in bests:
+        lowest = best.mb * (1 - TUNING_GAIN)
+        if best.plan.count == chosen.plan.count:
+            worth.append(best)
+        elif best.plan.count < chosen.plan.count and lowest <= least * tolerance:
+            worth.append(best)
+        elif best.plan.count > chosen.plan.count and lowest * tolerance < chosen.mb:
+            worth.append(best)
+        else:
+            logger.info("segment count %d not tuned: %.0f MB cannot become the choice (%d segments, "
+                        "%.0f MB)", best.plan.count, best.mb, chosen.plan.count, chosen.mb)
+    return worth
+
+
+def _neighbours(setup: PlanningSetup, options: MirrorOptions, chain: Any, best: Measured) -> List[Measured]:
+    """``best`` with its cuts moved (NOTE [ tuning bounded by work ]): every neighbour measured
+    with ``best``'s mirrored nodes, the least ``NEIGHBOUR_REPLANS`` also with a plan per segment."""
+    cuts = cut_positions(setup.graph, best.plan)
+    per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
+    mirrored = [n for segment in best.plan.segments for n in segment.mirrored]
+    quick = []
+    for moved in alternative_cuts(setup.graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
+        split = segment_plan_for_cuts(setup.graph, moved, chain).with_replay_random(best.plan.replay_random)
+        quick.append((measure_segments(setup, split.with_mirrored(mirrored, setup.graph)), split))
+    ranked = sorted(range(len(quick)), key=lambda i: (quick[i][0].mb, i))
+    replanned = [measure_segments(setup, per_segment_two_level(quick[i][1], setup, options))
+                 for i in ranked[:NEIGHBOUR_REPLANS]]
+    return [item for item, _ in quick] + replanned
 
 
 def _two_level_per_segment(plan: SegmentPlan) -> bool:

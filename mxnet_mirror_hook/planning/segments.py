@@ -165,7 +165,7 @@ def _measured_candidates(setup: PlanningSetup, options: MirrorOptions,
             measured.append(measure_segments(setup, candidate))
     if options.budget.key == "min":
         with _step("tuning the segments' shared pool"):
-            measured += tune_shared_pool(setup, options, chain, measured)
+            measured += tune_shared_pool(setup, options, chain, measured, SEGMENT_COUNT_TOLERANCE)
     return measured
 
 
