@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 # Horovod built against the venv's MXNet (about 70 s; needs cmake and a C++ compiler). Optional:

@@ -77,6 +77,8 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         Bucket key -> :class:`MirrorPlan` (``None`` for buckets bound without gradients).
     """
 
+    binded: bool  # BaseModule's flag (MXNet has no annotations): set in its __init__ and in bind
+
     def __init__(self, sym_gen: Callable, default_bucket_key: Any = None, logger: Any = logging,
                  context: Any = mx.cpu(), work_load_list: Optional[list] = None,
                  fixed_param_names: Optional[list] = None, state_names: Optional[list] = None,

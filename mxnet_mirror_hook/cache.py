@@ -55,7 +55,7 @@ from . import env
 try:
     import fcntl
 except ImportError:  # pragma: no cover  (Windows: no cross-process planning lock)
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # no such module here; the lock checks for None
 
 __all__ = ["PlanKey", "PlanCache", "MirrorEntry", "BackendEntry", "grad_req_digest", "default_cache_dir",
            "get_cache", "CACHE_FORMAT", "lock_timeout"]
@@ -120,7 +120,8 @@ class PlanKey:
 
     def as_json(self) -> Dict[str, Any]:
         """A JSON-safe form of the key."""
-        extra = {} if self.backend == "mirror" else {"backend": self.backend}  # old digests unchanged
+        # A mirror key has no "backend" field: old digests unchanged.
+        extra: Dict[str, Any] = {} if self.backend == "mirror" else {"backend": self.backend}
         if self.recompute_dropout:
             extra["recompute_dropout"] = True
         return {**extra, "structure": self.structure,
@@ -339,7 +340,7 @@ class PlanCache:
             logger.warning("plan cache: ignoring %s: its key does not match; planning again", path)
             return None
         plan = document.get("plan")
-        if not _valid_plan(plan):
+        if not isinstance(plan, dict) or not _valid_plan(plan):
             logger.warning("plan cache: ignoring %s: malformed plan; planning again", path)
             return None
         self._remember(digest, plan)

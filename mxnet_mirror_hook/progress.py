@@ -63,7 +63,9 @@ class PlanProgress:
         self.label = label
         self.enabled = _wanted() if enabled is None else enabled
         self._started = time.monotonic()
-        self._name, self._total, self._done = "", None, 0
+        self._name = ""
+        self._total: Optional[int] = None
+        self._done = 0
         # Only the planning thread reports: measurements started in the background
         # (CandidateEvaluator.prefetch) would otherwise reset its phase or open a second bar.
         self._owner = threading.get_ident()

@@ -14,7 +14,7 @@ import logging
 import os
 import runpy
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Type
 
 import mxnet as mx
 
@@ -32,7 +32,7 @@ PACKAGE_LOGGER = __name__.rpartition(".")[0]
 FALLBACK_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-def _subclass_with_defaults(base: type, options: Dict[str, Any]) -> type:
+def _subclass_with_defaults(base: Type[Any], options: Dict[str, Any]) -> type:
     """A subclass of ``base`` whose constructor fills in ``options`` unless given."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -47,7 +47,7 @@ from .units import MB_SHIFT
 try:  # NOTE [ the compiled replay ]
     from . import _replay
 except ImportError:  # built by setup.py when a C compiler is there; the Python replay is the same walk
-    _replay = None
+    _replay = None  # type: ignore[assignment]  # no extension here; callers check for None
 
 __all__ = ["ExecutedNode", "ExecutedGraph", "AllocatorModel", "INPLACE_OPTIONS",
            "DEFAULT_MATCH_RANGE", "AllocatorSearchResult", "search_allocator_plan"]
@@ -235,7 +235,7 @@ class AllocatorModel:
     # walk follows.  A graph the C walk cannot take (an in-place table it does not know,
     # arrays ``prepare`` refuses) is walked in Python, with a debug line saying why.
 
-    def _prepare_compiled(self):
+    def _prepare_compiled(self) -> Optional[object]:
         try:
             arrays = self._compiled_arrays()
             if arrays is None:
@@ -246,7 +246,7 @@ class AllocatorModel:
                          "replaying it in Python (same figures, slower)", error)
             return None
 
-    def _compiled_arrays(self) -> Optional[tuple]:
+    def _compiled_arrays(self) -> Optional[Tuple[array[int], ...]]:
         """The flat int64 arrays ``_replay.prepare`` takes, or None when an operator's in-place
         options are not among those the C walk knows."""
         nodes = self.graph.nodes

@@ -31,7 +31,7 @@ class CApiUnsupported(Exception):
     """This request needs the ``mxnet`` package (the worker falls back to it)."""
 
 
-def _strings(values: List[str]) -> "ctypes.Array":
+def _strings(values: List[str]) -> ctypes.Array[ctypes.c_char_p]:
     return (ctypes.c_char_p * len(values))(*[v.encode("utf-8") for v in values])
 
 
@@ -112,6 +112,8 @@ class CApiBinder:
         try:
             text = ctypes.c_char_p()
             self._check(lib.MXExecutorPrint(executor, ctypes.byref(text)))
+            if text.value is None:
+                raise CApiUnsupported("MXExecutorPrint returned no text")
             debug = text.value.decode("utf-8", "replace")
         finally:
             for array in arrays:
@@ -122,6 +124,10 @@ class CApiBinder:
     def _bind(self, symbol: ctypes.c_void_p, device: Tuple[int, int], shapes: Mapping[str, tuple],
               type_ids: Optional[Mapping[str, int]], grad_req: Union[str, Dict[str, str]],
               ) -> Tuple[ctypes.c_void_p, List[int]]:
+        # A C array where there are values, a null pointer of the same element type where there are none.
+        request_names: ctypes._Pointer[ctypes.c_char_p] | ctypes.Array[ctypes.c_char_p]
+        type_names: ctypes._Pointer[ctypes.c_char_p] | ctypes.Array[ctypes.c_char_p]
+        type_data: ctypes._Pointer[ctypes.c_uint] | ctypes.Array[ctypes.c_int]
         if isinstance(grad_req, str):
             request_count, request_names, request_types = 0, ctypes.POINTER(ctypes.c_char_p)(), \
                 _strings([grad_req])

@@ -53,7 +53,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -122,7 +122,7 @@ def recomputable_dropout(symbol: "mx.sym.Symbol") -> "mx.sym.Symbol":
     out: List[Dict[str, Any]] = []
     remap: Dict[int, int] = {}
 
-    def add(op: str, name: str, inputs: List[Entry], attrs: Dict[str, str] = None,
+    def add(op: str, name: str, inputs: List[Entry], attrs: Optional[Dict[str, str]] = None,
             keep: bool = False) -> Entry:
         # A name the symbol has already (two Dropouts of one name) is allowed: nodes are
         # told apart by position (NOTE [ nodes are identified by key, not by name ]).

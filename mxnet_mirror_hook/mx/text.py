@@ -91,7 +91,7 @@ def _parse_debug(text: str) -> Tuple[List[Tuple[str, str, List[str]]], List[Tupl
 def _parse_log(text: str) -> List[Tuple[str, List[int], List[Tuple[int, int]]]]:
     """Operators of the verbose memory log: ``(op, input entries, (output entry, bytes))``."""
     steps: List[Tuple[str, List[int], List[Tuple[int, int]]]] = []
-    current = None
+    current: Optional[Tuple[str, List[int], List[Tuple[int, int]]]] = None
     for line in text.splitlines():
         match = _NODE.search(line)
         if match:
@@ -210,7 +210,7 @@ def parse_executed_graph(debug_text: str, log_text: str, num_heads: int,
         if deps or op.startswith("_backward") or name.endswith("_backward") or name == "sum_grad":
             break
         forward += 1
-    consumed = set()
+    consumed: Set[Tuple[int, int]] = set()
     nodes: List[ExecutedNode] = []
     earlier: Dict[str, List[int]] = {}  # node indices by name, so far
     chooser = _forward_chooser(nodes, forward)

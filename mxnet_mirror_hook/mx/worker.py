@@ -66,7 +66,7 @@ class MeasureWorker:
         self.max_resident_mb = env.worker_max_mb() if max_resident_mb is None else max_resident_mb
         self.restarts = 0
         self.last_resident_mb = 0.0
-        self._process: Optional[subprocess.Popen] = None
+        self._process: Optional[subprocess.Popen[str]] = None
         self._lock = threading.Lock()
         self._sequence = 0
         self._answered = False  # the running child has answered (its MXNet import is done)
@@ -92,7 +92,7 @@ class MeasureWorker:
         self._pinging = threading.Thread(target=ping, name="mirror-worker-start", daemon=True)
         self._pinging.start()
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self) -> subprocess.Popen[str]:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = package_root + os.pathsep + child_env.get("PYTHONPATH", "")
@@ -118,7 +118,7 @@ class MeasureWorker:
         try:
             if kill:
                 process.kill()
-            else:
+            elif process.stdin is not None:
                 process.stdin.close()
             process.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
@@ -155,11 +155,13 @@ class MeasureWorker:
             if self._process is None or self._process.poll() is not None:
                 self._process = self._start()
                 self._answered = False
+            stdin, stdout = self._process.stdin, self._process.stdout
+            assert stdin is not None and stdout is not None  # the child is started with pipes
             try:
                 try:
-                    self._process.stdin.write(line)
-                    self._process.stdin.flush()
-                    answer = self._process.stdout.readline()
+                    stdin.write(line)
+                    stdin.flush()
+                    answer = stdout.readline()
                 except (BrokenPipeError, OSError):
                     answer = ""
             except BaseException:
@@ -316,7 +318,8 @@ _CAPTURES: Dict[Tuple[Tuple[str, str], ...], MeasureWorker] = {}
 def get_capture_worker(environment: Optional[Mapping[str, str]] = None) -> MeasureWorker:
     """The process-wide worker that captures executed graphs (memory-plan log on), one per
     extra ``environment`` (segment binds run under the gradient-sum cap, which MXNet reads
-    once per process: NOTE [ the gradient-sum cap is read once per process ] in mx/segments/environment.py)."""
+    once per process: NOTE [ the gradient-sum cap is read once per process ] in
+    mx/segments/environment.py)."""
     key = tuple(sorted((environment or {}).items()))
     with _POOL_LOCK:
         if key not in _CAPTURES:

@@ -5,7 +5,7 @@ builds a gluoncv model (random weights) and traces it to a symbol.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import mxnet as mx
 
@@ -328,10 +328,10 @@ def bert_mlm(layers: int = 12, units: int = 768, heads: int = 12, hidden: int = 
     return mx.sym.SoftmaxOutput(logits, label, name="softmax")
 
 
-def bert_mlm_shapes(batch: int = 8, seq_len: int = 512, masked: int = 80,
+def bert_mlm_shapes(batch: int = 8, seq_len: int = 512, masked: Optional[int] = 80,
                     padding_mask: bool = False):
     """``(data_shapes, label_shapes)`` of :func:`bert_mlm` (``masked=None``: every position)."""
-    data = [("data", (batch, seq_len)), ("token_types", (batch, seq_len))]
+    data: List[Tuple[str, Tuple[int, ...]]] = [("data", (batch, seq_len)), ("token_types", (batch, seq_len))]
     if masked is not None:
         data.append(("masked_positions", (batch, masked)))
     if padding_mask:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 import mxnet as mx
 
@@ -89,7 +89,7 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
         Sorted by source, then memory; ``on_front`` marks our Pareto-optimal ones.
     """
     setup = prepare_planning(symbol, data_shapes, label_shapes, ctx=ctx,
-                             keep_ops=MirrorOptions(keep_ops=keep_ops or ()).keep_ops)
+                             keep_ops=MirrorOptions(keep_ops=tuple(keep_ops or ())).keep_ops)
     graph = setup.graph
     # Everything 'auto' binds for the least memory when it binds every candidate,
     # what it binds after searching against the allocator model, and the
@@ -150,7 +150,7 @@ def _measure_times(setup, points: List[ParetoPoint], repeats: int) -> None:
     template = setup.template
     plain = template.build(frozenset())
     symbols = [template.build(p.mirrored) for p in chosen] + [plain for _ in do_mirror]
-    envs = [{}] + [{} for _ in chosen] + [DO_MIRROR_ENV for _ in do_mirror]
+    envs: List[Mapping[str, str]] = [{}] + [{} for _ in chosen] + [DO_MIRROR_ENV for _ in do_mirror]
     shapes = setup.measure.shapes
     seconds = iteration_seconds([plain] + symbols, shapes, grad_req=setup.requests,
                                 repeats=repeats, bind_env=envs)

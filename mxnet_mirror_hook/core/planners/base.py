@@ -171,8 +171,7 @@ class Planner:
         PlanOutcome
         """
         evaluator = CandidateEvaluator(graph, measure)
-        baseline = evaluator.evaluate_many([Decision(frozenset(), "unmirrored")]
-                                           + self.propose(graph))[0]
+        baseline, _ = evaluator.evaluate_with_baseline(self.propose(graph))
         return evaluator.outcome(budget, baseline)
 
 
@@ -197,6 +196,19 @@ class CandidateEvaluator:
     def evaluate(self, decision: Decision) -> Optional[Candidate]:
         """The candidate for ``decision``, measuring it only the first time."""
         return self.evaluate_many([decision])[0]
+
+    def evaluate_with_baseline(self, decisions: Sequence[Decision] = (),
+                               ) -> Tuple[Candidate, List[Optional[Candidate]]]:
+        """The unmirrored candidate and the candidates of ``decisions``, measured together
+        (:meth:`evaluate_many` of the unmirrored decision followed by ``decisions``).
+
+        The unmirrored graph is never skipped: a bind of it that MXNet refuses raises.
+        """
+        results = self.evaluate_many([Decision(frozenset(), "unmirrored")] + list(decisions))
+        baseline = results[0]
+        if baseline is None:  # _measure_all raises first; kept so the type says what callers get
+            raise MeasurementError("the unmirrored graph was not measured")
+        return baseline, results[1:]
 
     def prefetch(self, decisions: Sequence[Decision]) -> None:
         """Start measuring ``decisions`` in a background thread and return at once.

@@ -156,7 +156,7 @@ class CutChain:
         # The terms precomputed per cut (_precompute), summed in the frontier's order so that
         # the float cost is the same sum as walking the nodes.
         crossing = unread = 0
-        cost = 0
+        cost: float = 0
         for x, crossing_bytes, unread_bytes, node_cost in self.frontier_terms[j]:
             if x > start:
                 crossing += crossing_bytes

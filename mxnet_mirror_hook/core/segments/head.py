@@ -257,8 +257,7 @@ def plan_segments_with_head(graph: Graph, count: int, head: LossHead,
         merge -= 1
     if merge < head_cut and crossings.owned[merge] and crossings.valid(merge):
         cuts = {c for c in cuts if c < merge} | {merge, head_cut}
-    cuts = sorted(cuts)
-    plan = segment_plan_for_cuts(graph, cuts, chain, grad_factor)
+    plan = segment_plan_for_cuts(graph, sorted(cuts), chain, grad_factor)
     if set(plan.segments[-1].nodes) - {n for n in plan.segments[-1].nodes
                                        if late.node(n).op in _LABEL_RESHAPES} != head.nodes:
         raise ValueError("the last segment is not exactly the loss head")

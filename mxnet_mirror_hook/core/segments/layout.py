@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
 from .head import head_buffer_floats
-from .plan import Entry, SegmentPlan
+from .plan import Entry, SegmentPlan, as_entry
 from .tensors import TensorSpec
 
 __all__ = ["HeadArrays", "ChainLayout", "gradient_slots"]
@@ -111,8 +111,8 @@ class ChainLayout:
         readers: Dict[Entry, set] = {}
         for segment in self.plan.segments:
             for entry in segment.inputs:
-                readers.setdefault(tuple(entry), set()).add(segment.index)
-        return frozenset(e for e in self.gathered if readers.get(tuple(e), set()) <= self.gathering)
+                readers.setdefault(as_entry(entry), set()).add(segment.index)
+        return frozenset(e for e in self.gathered if readers.get(as_entry(e), set()) <= self.gathering)
 
     @functools.cached_property
     def values(self) -> Dict[Entry, TensorSpec]:
@@ -137,7 +137,7 @@ class ChainLayout:
     def head_gradient_copies(self) -> Dict[Entry, TensorSpec]:
         """Boundaries whose producing executor holds a head-gradient copy (all but the outputs
         of gathering segments, which run no executor)."""
-        merged = {tuple(e) for index in self.gathering for e in self.plan.segments[index].outputs}
+        merged = {as_entry(e) for index in self.gathering for e in self.plan.segments[index].outputs}
         return {e: spec for e, spec in self.boundaries.items() if e not in merged}
 
     def largest_slice_bytes(self) -> int:
@@ -202,7 +202,7 @@ def gradient_slots(plan: SegmentPlan, keys: Mapping[Entry, Any],
         slot_key[slot] = keys[entry]
         free_from[slot] = read
         slots[entry] = slot
-    for entry in sorted(tuple(e) for e in keys):
+    for entry in sorted(as_entry(e) for e in keys):
         if entry not in slots:
             slots[entry] = len(slot_key)
             slot_key[slots[entry]] = keys[entry]
@@ -213,15 +213,15 @@ def _gradient_lives(plan: SegmentPlan, keys: Mapping[Entry, Any],
                     shareable: Iterable[Entry]) -> List[Tuple[int, int, Entry]]:
     """(backward step writing it, step reading it, entry) of each shareable boundary in
     ``keys`` read by one segment, sorted (step 0: the last segment's)."""
-    producer = {tuple(e): s.index for s in plan.segments for e in s.outputs}
+    producer = {as_entry(e): s.index for s in plan.segments for e in s.outputs}
     readers: Dict[Entry, List[int]] = {}
     for segment in plan.segments:
         for entry in segment.inputs:
-            readers.setdefault(tuple(entry), []).append(segment.index)
+            readers.setdefault(as_entry(entry), []).append(segment.index)
     last = plan.count - 1
     lives = []
     for entry in shareable:
-        entry = tuple(entry)
+        entry = as_entry(entry)
         if entry not in keys or len(readers.get(entry, ())) != 1 or entry not in producer:
             continue
         lives.append((last - readers[entry][0], last - producer[entry], entry))

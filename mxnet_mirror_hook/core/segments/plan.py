@@ -11,7 +11,8 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequ
 from ..graph import Graph
 from ..liveness import drop_unread_copies
 
-__all__ = ["Entry", "HEAD_GRAD_COPIES", "DEFAULT_GRAD_SUM_CAP", "SegmentSpec", "SegmentPlan", "entry_key"]
+__all__ = ["Entry", "HEAD_GRAD_COPIES", "DEFAULT_GRAD_SUM_CAP", "SegmentSpec", "SegmentPlan", "entry_key",
+           "as_entry"]
 
 
 #: A tensor: (producing node's name, output index).
@@ -234,6 +235,11 @@ class SegmentPlan:
                 inside = frozenset()  # a chunked head runs no executor (NOTE [ chunked loss head ])
             segments.append(dataclasses.replace(segment, mirrored=inside))
         return dataclasses.replace(self, segments=tuple(segments))
+
+
+def as_entry(entry: Sequence[Any]) -> Entry:
+    """``entry`` (a tuple, or a list read from JSON) as an :data:`Entry` tuple."""
+    return (entry[0], entry[1])
 
 
 def entry_key(entry: Entry) -> str:

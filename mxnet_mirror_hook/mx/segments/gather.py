@@ -95,7 +95,9 @@ def gather_layout(symbol: "mx.sym.Symbol", shapes: Mapping[str, Tuple[int, ...]]
     ndim = len(shapes[sources[0][0]]) + (1 if sources[0][1] is not None else 0)
     axis = int(attrs.get("dim", 1))
     axis = axis + ndim if axis < 0 else axis
-    pieces, offset, shape = [], 0, None
+    pieces: List[Tuple[str, int, int]] = []
+    offset = 0
+    shape: Optional[List[int]] = None
     for name, expanded in sources:
         piece = list(shapes[name])
         if expanded is not None:
@@ -111,6 +113,7 @@ def gather_layout(symbol: "mx.sym.Symbol", shapes: Mapping[str, Tuple[int, ...]]
             return None
         pieces.append((name, offset, offset + piece[axis]))
         offset += piece[axis]
+    assert shape is not None  # sources is not empty
     shape[axis] = offset
     return GatherLayout(tuple(shape), axis, tuple(pieces))
 

@@ -2,7 +2,7 @@
 :mod:`mxnet_mirror_hook.core.segments.head`)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple, TypeVar
 
 import mxnet as mx
 import numpy as np
@@ -13,6 +13,16 @@ from ...errors import ShapeError
 from .ops import invoke, operator_attrs
 
 __all__ = ["ChunkedHead"]
+
+_Array = TypeVar("_Array")
+
+
+def _allocated(array: Optional[_Array]) -> _Array:
+    """``array``, read only by the requests it was allocated for (a gradient or work array is
+    None exactly when its request is ``'null'`` or :class:`HeadArrays` gives it no size)."""
+    if array is None:
+        raise AssertionError("the loss head read an array it did not allocate")
+    return array
 
 
 class ChunkedHead:
@@ -146,19 +156,20 @@ class ChunkedHead:
                 write_data = block_index == 0 and self.data_req == "write"
                 write_weight = part_index == 0 and self._w_req == "write"
                 write_bias = part_index == 0 and self._b_req == "write"
-                data_out = self.data_grad[low:high] if write_data else self._data_work[:count]
-                outputs = [data_out, self.weight_grad[start:stop] if write_weight
-                           else self._weight_work[:size]]
+                data_out = self.data_grad[low:high] if write_data else _allocated(self._data_work)[:count]
+                outputs = [data_out, _allocated(self.weight_grad)[start:stop] if write_weight
+                           else _allocated(self._weight_work)[:size]]
                 if self.bias is not None:
-                    outputs.append(self.bias_grad[start:stop] if write_bias else self._bias_work[:size])
+                    outputs.append(_allocated(self.bias_grad)[start:stop] if write_bias
+                                   else _allocated(self._bias_work)[:size])
                 invoke("_backward_FullyConnected", [grad, self.data[low:high], weight], outputs, attrs)
                 if not write_data:
                     target = self.data_grad[low:high]
-                    target += self._data_work[:count]
+                    target += _allocated(self._data_work)[:count]
                 if self._w_req != "null" and not write_weight:
-                    target = self.weight_grad[start:stop]
-                    target += self._weight_work[:size]
+                    target = _allocated(self.weight_grad)[start:stop]
+                    target += _allocated(self._weight_work)[:size]
                 if self.bias is not None and self._b_req != "null" and not write_bias:
-                    target = self.bias_grad[start:stop]
-                    target += self._bias_work[:size]
+                    target = _allocated(self.bias_grad)[start:stop]
+                    target += _allocated(self._bias_work)[:size]
 

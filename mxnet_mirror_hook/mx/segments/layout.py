@@ -10,7 +10,7 @@ import mxnet as mx
 import numpy as np
 
 from ...core.segments.layout import ChainLayout, HeadArrays
-from ...core.segments.plan import Entry, SegmentPlan
+from ...core.segments.plan import Entry, SegmentPlan, as_entry
 from ...core.segments.tensors import TensorSpec
 from ...errors import ShapeError
 from .gather import GatherLayout, find_gathers
@@ -40,10 +40,10 @@ def shareable_gradients(plan: SegmentPlan, gathers: Mapping[int, Any],
                         gathered: Mapping[Entry, Any], readers: Mapping[str, int]) -> List[Entry]:
     """Boundaries whose gradient array may be shared (NOTE [ boundary gradients share arrays ]
     in core/segments/layout.py): bound once, so written with 'write', and not gathered."""
-    merged = {tuple(e) for index in gathers for e in plan.segments[index].outputs}
-    return [tuple(e) for e in plan.boundaries
-            if readers.get(boundary_name(e), 0) == 1 and tuple(e) not in gathered
-            and tuple(e) not in merged]
+    merged = {as_entry(e) for index in gathers for e in plan.segments[index].outputs}
+    return [as_entry(e) for e in plan.boundaries
+            if readers.get(boundary_name(e), 0) == 1 and as_entry(e) not in gathered
+            and as_entry(e) not in merged]
 
 
 def summed_request(request: str, readers: int) -> str:

@@ -135,7 +135,7 @@ def _measure_executors(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"], ct
 
 
 def _segment_measure(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
-                     types: Mapping[str, Any], requests: Mapping[str, str],
+                     types: Mapping[str, Any], requests: Dict[str, str],
                      variables: Mapping[str, str], match_range: int = 0
                      ) -> Tuple[float, Optional[List[int]]]:
     """:func:`_measure_segment` once per structure (NOTE [ segments planned once per structure ])."""
@@ -193,7 +193,7 @@ def _known_shapes(plan: SegmentPlan, shapes: Mapping[str, Tuple[int, ...]]) -> D
 
 
 def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, Tuple[int, ...]],
-                     types: Mapping[str, Any], requests: Mapping[str, str],
+                     types: Mapping[str, Any], requests: Dict[str, str],
                      variables: Mapping[str, str], match_range: int = 0
                      ) -> Tuple[float, Optional[List[int]]]:
     """MXNet's planned MB of a segment and its storage blocks (None when they cannot be
@@ -224,6 +224,7 @@ def _measure_segment(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping
                      reply.get("unreadable"))
         return float(reply["mb"]), None
     graph = ExecutedGraph.from_dict(reply["executed"])
+    assert graph.measured_mb is not None  # a capture reply's graph carries MXNet's figure
     mb = float(graph.measured_mb)
     found = AllocatorModel(graph).planned_blocks()
     # debug_str's total is whole MB (rounded down).  The model may plan a little more than
@@ -246,12 +247,16 @@ def _pool_mb(plan: SegmentPlan, per_segment: Sequence[float], blocks: Sequence[O
     order = plan.with_working_bytes([int(m * 2 ** 20) for m in measured]).bind_order(gathers)
     # Kept segments own their pools (NOTE [ selective segments ] in core/segments/selective.py).
     kept_mb = sum(per_segment[i] for i in plan.kept)
-    if any(blocks[i] is None for i in order):
+    ordered = [found for found in (blocks[i] for i in order) if found is not None]
+    if len(ordered) < len(order):
         logger.info("the shared pool of the segment chain is counted as its largest segment's plan "
                     "(a lower bound): some segment's storage blocks could not be modelled")
         return max((per_segment[i] for i in order), default=0.0) + kept_mb
-    kept = [blocks[i] if blocks[i] is not None else [int(per_segment[i] * 2 ** 20)] for i in plan.kept]
-    return mixed_pool_bytes([blocks[i] for i in order], kept) / 2 ** 20
+    kept: List[List[int]] = []
+    for i in plan.kept:
+        found = blocks[i]
+        kept.append(found if found is not None else [int(per_segment[i] * 2 ** 20)])
+    return mixed_pool_bytes(ordered, kept) / 2 ** 20
 
 
 # NOTE [ segments planned once per structure ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...budget import Budget
 from ...cost import recompute_overhead
-from ..base import CandidateEvaluator, Decision, PlanOutcome
+from ..base import CandidateEvaluator, PlanOutcome
 from .candidates import CandidateSets
 
 __all__ = ["plan_measured", "FRONTIER_FALLBACK_RATIO"]
@@ -28,13 +28,11 @@ def plan_measured(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
         When nothing bound fits a fixed limit.
     """
     graph = sets.graph
-    unmirrored = Decision(frozenset(), "unmirrored")
     sweep = sets.sweep() if budget.is_limit else []
     least_memory = sets.least_memory()
     programs = sweep + least_memory
     if not sets.stages:
-        baseline = evaluator.evaluate_many(
-            [unmirrored] + sets.selective() + programs + sets.wide_cuts())[0]
+        baseline, _ = evaluator.evaluate_with_baseline(sets.selective() + programs + sets.wide_cuts())
         return evaluator.outcome(budget, baseline)
     grid_decisions = [d for _, d in sets.grid()]
     if budget.is_limit:
@@ -42,15 +40,15 @@ def plan_measured(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
         # whole forward pass; when a plan of the sweep already fits with less
         # estimated recomputation than any of them, none of them can be
         # chosen: skip their binds.
-        baseline = evaluator.evaluate_many([unmirrored] + sweep)[0]
+        baseline, _ = evaluator.evaluate_with_baseline(sweep)
         limit = budget.limit_mb(baseline.planned_mb)
+        assert limit is not None  # a fixed limit has a figure
         fitting = [c.overhead for c in evaluator.candidates if c.planned_mb <= limit]
         heavy = grid_decisions + least_memory
         if fitting and min(fitting) < min(recompute_overhead(graph, d.mirrored) for d in heavy):
             return evaluator.outcome(budget, baseline)
-    results = evaluator.evaluate_many([unmirrored] + grid_decisions + programs)
-    baseline = results[0]
-    measured = {d.mirrored: c.planned_mb for d, c in zip(grid_decisions, results[1:])
+    baseline, results = evaluator.evaluate_with_baseline(grid_decisions + programs)
+    measured = {d.mirrored: c.planned_mb for d, c in zip(grid_decisions, results)
                 if c is not None}
     if not measured:
         return evaluator.outcome(budget, baseline)

@@ -72,7 +72,7 @@ def plan_on_model(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
                   search_evaluations: Optional[int] = None) -> PlanOutcome:
     """Rank every candidate with the allocator model, search from the best, bind the few best."""
     graph = sets.graph
-    baseline = evaluator.evaluate(Decision(frozenset(), "unmirrored"))
+    baseline, _ = evaluator.evaluate_with_baseline()
     cap = overhead_cap(budget)
     scored: Dict[FrozenSet[str], Tuple[float, Decision]] = {}
 
@@ -136,8 +136,8 @@ def allocator_search(graph: Graph, model: AllocatorModel, start: Decision, cap: 
         Told the evaluations done.
     """
     movable = [n.name for n in graph.op_nodes if n.can_mirror]
-    bounded = cap is not None and cap != float("inf")
-    accept = (lambda mirrored: recompute_overhead(graph, mirrored) <= cap) if bounded else None
+    bound = cap if cap is not None and cap != float("inf") else None
+    accept = (lambda mirrored: recompute_overhead(graph, mirrored) <= bound) if bound is not None else None
     executed = len(model.graph.nodes) + len(start.mirrored)
     count = evaluations or max(100, ALLOCATOR_SEARCH_WORK // executed)
     report = None
