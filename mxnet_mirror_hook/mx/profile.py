@@ -150,7 +150,7 @@ def profiler_peak_mb(path: str, device: str = "cpu/0") -> float:
 # it would count negative (bench/bench_footprint.py measured Gluon peaks 0.2-1.2 GB low that
 # way).  Each run needs its own process: binds leak native memory (NOTE [ why measurements
 # run in a worker process ] in worker.py), and one process's profiler has one window.
-def _batch(data: Shapes, labels: Shapes) -> "Any":
+def _batch(data: Shapes, labels: Shapes) -> Any:
     import mxnet as mx
     import numpy as np
 
@@ -159,7 +159,7 @@ def _batch(data: Shapes, labels: Shapes) -> "Any":
                            [mx.nd.zeros(shape) for _, shape in labels])
 
 
-def _make_module(symbol: "Any", data: Shapes, labels: Shapes, options: Optional["Any"]) -> "Any":
+def _make_module(symbol: Any, data: Shapes, labels: Shapes, options: Optional[Any]) -> Any:
     import mxnet as mx
 
     from ..module import MirroredModule
@@ -170,8 +170,8 @@ def _make_module(symbol: "Any", data: Shapes, labels: Shapes, options: Optional[
     return module
 
 
-def train_one_iteration(symbol: "Any", data: Shapes, labels: Shapes, path: str, *,
-                        options: Optional["Any"] = None, optimizer: str = "sgd",
+def train_one_iteration(symbol: Any, data: Shapes, labels: Shapes, path: str, *,
+                        options: Optional[Any] = None, optimizer: str = "sgd",
                         optimizer_params: Optional[Mapping[str, Any]] = None,
                         label: str = "") -> MemoryTimeline:
     """One profiled training iteration in this process (NOTE [ one profiled iteration ]).
@@ -231,7 +231,7 @@ def train_one_iteration(symbol: "Any", data: Shapes, labels: Shapes, path: str, 
     return read_memory_timeline(path, label=label, planned_mb=planned)
 
 
-def _options_json(options: "Any") -> Dict[str, Any]:
+def _options_json(options: Any) -> Dict[str, Any]:
     """The options as JSON (a context by its device type, which the options read back)."""
     fields = options.as_dict()
     ctx = fields.get("cost_ctx")
@@ -241,7 +241,7 @@ def _options_json(options: "Any") -> Dict[str, Any]:
     return fields
 
 
-def profile_iteration(symbol: "Any", data: Shapes, labels: Shapes = (), *, options: Optional["Any"] = None,
+def profile_iteration(symbol: Any, data: Shapes, labels: Shapes = (), *, options: Optional[Any] = None,
                       label: Optional[str] = None, optimizer: str = "sgd",
                       optimizer_params: Optional[Mapping[str, Any]] = None,
                       timeout: float = 3600.0) -> MemoryTimeline:
