@@ -143,10 +143,11 @@ class MirroredModule(mx.mod.Module):
             return
         self.mirror_plan = plan = plan.with_footprint(optimizer=self._optimizer, optimizer_params=None)
         limit = self.mirror_options.device_memory_mb
-        if limit is not None and plan.footprint.total > limit:
+        footprint = plan.footprint  # not None: the plan has a footprint source
+        if limit is not None and footprint is not None and footprint.total > limit:
             logger.warning("with %s the footprint is %.0f MB, above device_memory %.0f MB (the plan was "
                            "made for %s); bind again or call fit() to plan with this optimizer",
-                           plan.optimizer_label, plan.footprint.total, limit,
+                           plan.optimizer_label, footprint.total, limit,
                            "the assumed optimizer" if self._mirror_optimizer[0] is None else "another")
 
     def _needs_plan(self, for_training: bool, grad_req: Any, inputs_need_grad: bool) -> bool:

@@ -96,7 +96,9 @@ class MirroredTrainer:
         self._context = context
         mirror(net, options=MirrorOptions.coerce(options, **overrides), max_shapes=max_bound_shapes)
         # The plans' footprints (and device_memory) count this Trainer's optimizer state.
-        mirror_state(net).optimizer = (getattr(self.trainer, "_optimizer", None), None)
+        state = mirror_state(net)
+        assert state is not None  # mirror() has just set it
+        state.optimizer = (getattr(self.trainer, "_optimizer", None), None)
 
     @property
     def mirror_plan(self) -> Optional[MirrorPlan]:

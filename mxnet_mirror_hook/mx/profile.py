@@ -163,9 +163,9 @@ def _make_module(symbol: Any, data: Shapes, labels: Shapes, options: Optional[An
     import mxnet as mx
 
     from ..module import MirroredModule
-    names = dict(data_names=[n for n, _ in data], label_names=[n for n, _ in labels])
-    module = (mx.mod.Module(symbol, **names) if options is None
-              else MirroredModule(symbol, options=options, **names))
+    data_names, label_names = [n for n, _ in data], [n for n, _ in labels]
+    module = (mx.mod.Module(symbol, data_names=data_names, label_names=label_names) if options is None
+              else MirroredModule(symbol, options=options, data_names=data_names, label_names=label_names))
     module.bind(list(data), list(labels) or None)
     return module
 
@@ -259,11 +259,12 @@ def profile_iteration(symbol: Any, data: Shapes, labels: Shapes = (), *, options
     from ..errors import MeasurementError
     label = label or ("plain" if options is None else "mirrored")
     with tempfile.TemporaryDirectory(prefix="mirror-profile-") as folder:
-        request = {"symbol": os.path.join(folder, "symbol.json"), "data": [[n, list(s)] for n, s in data],
-                   "labels": [[n, list(s)] for n, s in labels], "label": label,
-                   "options": None if options is None else _options_json(options),
-                   "optimizer": optimizer, "optimizer_params": optimizer_params,
-                   "trace": os.path.join(folder, "trace.json"), "result": os.path.join(folder, "result.json")}
+        request: Dict[str, Any] = {
+            "symbol": os.path.join(folder, "symbol.json"), "data": [[n, list(s)] for n, s in data],
+            "labels": [[n, list(s)] for n, s in labels], "label": label,
+            "options": None if options is None else _options_json(options),
+            "optimizer": optimizer, "optimizer_params": optimizer_params,
+            "trace": os.path.join(folder, "trace.json"), "result": os.path.join(folder, "result.json")}
         symbol.save(request["symbol"])
         request_path = os.path.join(folder, "request.json")
         with open(request_path, "w", encoding="utf-8") as handle:

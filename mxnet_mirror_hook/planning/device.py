@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..core.footprint import Footprint
 from ..core.units import MB
@@ -102,7 +102,8 @@ def plan_request(setup: PlanningSetup, options: MirrorOptions, started: float,
 
 def _budgeted(options: MirrorOptions, backend: str, activation_mb: float) -> MirrorOptions:
     """``options`` planning ``backend`` within ``activation_mb`` of activations."""
-    changes = {"device_memory": None, "backend": backend, "memory_budget": int(activation_mb * MB)}
+    changes: Dict[str, Any] = {"device_memory": None, "backend": backend,
+                               "memory_budget": int(activation_mb * MB)}
     if backend != "mirror" and options.max_overhead is None:
         changes["max_overhead"] = WIDEST_OVERHEAD
     return options.replace(**changes)
@@ -118,6 +119,7 @@ def plan_for_device(setup: PlanningSetup, options: MirrorOptions, started: float
         When none fits (one line: the smallest footprint reachable, about the largest batch).
     """
     device_mb = options.device_memory_mb
+    assert device_mb is not None  # planned for a device only under device_memory
     fixed_mb = source.footprint(0.0).total
     backends = ["mirror", "segments"] if options.backend == "auto" else [options.backend]
     fitting: List[MirrorPlan] = []
@@ -135,7 +137,9 @@ def plan_for_device(setup: PlanningSetup, options: MirrorOptions, started: float
                              activation_mb, error)
                 break
             plan = dataclasses.replace(plan, footprint_source=source, budget=f"device {device_mb:.0f} MB")
-            excess = plan.footprint.total - device_mb
+            footprint = plan.footprint
+            assert footprint is not None  # the plan has a footprint source
+            excess = footprint.total - device_mb
             if excess <= 0:
                 fitting.append(plan)
                 break

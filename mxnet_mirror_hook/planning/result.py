@@ -135,7 +135,7 @@ class MirrorPlan:
             "segment_count": self.segment_count,
             "segments": self.segment_plan.to_dict() if self.segment_plan is not None else None,
             "fallback": self.fallback,
-            "footprint": self.footprint.to_dict() if self.footprint_source is not None else None,
+            "footprint": footprint.to_dict() if (footprint := self.footprint) is not None else None,
             "optimizer": self.optimizer_label,
         }
 
@@ -157,9 +157,10 @@ class MirrorPlan:
     def _footprint_words(self) -> str:
         """``'whole footprint N MB with <optimizer>, '``, beside the activation figure ('' without
         a source)."""
-        if self.footprint_source is None:
+        footprint = self.footprint
+        if footprint is None:
             return ""
-        return f"whole footprint {self.footprint.total:.0f} MB with {self.optimizer_label}, "
+        return f"whole footprint {footprint.total:.0f} MB with {self.optimizer_label}, "
 
     def __repr__(self) -> str:
         return f"<MirrorPlan {self.summary()}>"

@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "parse_shape", "parse_batch_shape", "SUBCOMMANDS"]
 
@@ -34,7 +34,7 @@ def parse_batch_shape(text: str) -> Tuple[str, Tuple[Optional[int], ...]]:
     name, sep, dims = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--shape wants NAME=B,D2,... (B: the batch), got {text!r}")
-    shape = []
+    shape: List[Optional[int]] = []
     for part in (d.strip() for d in dims.split(",") if d.strip()):
         if part.upper() == "B":
             shape.append(None)

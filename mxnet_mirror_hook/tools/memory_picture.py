@@ -65,7 +65,8 @@ def measure_report(symbol: Any, data: Sequence[Tuple[str, Tuple[int, ...]]],
     mirrored = profile_iteration(symbol, data, labels, options=options, optimizer=OPTIMIZER,
                                  optimizer_params=OPTIMIZER_PARAMS)
     shapes = dict(list(data) + list(labels))
-    common = dict(input_names=list(shapes), optimizer=OPTIMIZER, optimizer_params=OPTIMIZER_PARAMS)
+    common: Dict[str, Any] = dict(input_names=list(shapes), optimizer=OPTIMIZER,
+                                  optimizer_params=OPTIMIZER_PARAMS)
     plain_footprint = symbol_footprint(symbol, shapes, activations_mb=plain.planned_mb or plan.baseline_mb,
                                        **common)
     mirrored_footprint = symbol_footprint(symbol, shapes, activations_mb=plan.planned_mb,
