@@ -35,7 +35,7 @@ CASES = {
     "lstm_lm": ("LSTM language model 2x512, 100 steps, vocabulary 10000, batch 32, Adam", "adam", {}),
     "bert_mlm": ("`bert_mlm` BERT-base, seq 128, 20 masked, dropout 0.1, batch 8, Adam", "adam", {}),
 }
-CONFIGS = ("plain", "mirror", "gluon")
+CONFIGS = ("plain", "mirror", "segments", "gluon")
 #: Gluon rows hybridize with static_alloc (one plan of forward and backward, as a bound executor).
 STATIC_ALLOC = os.environ.get("BENCH_STATIC_ALLOC", "1") == "1"
 PARTS = ("parameters", "gradients", "optimizer_state", "auxiliary", "parameter_copies", "inputs",
@@ -81,8 +81,13 @@ def _module(symbol, config, data, labels, cache):
 
     from mxnet_mirror_hook import MirroredModule
     names = dict(data_names=[n for n, _ in data], label_names=[n for n, _ in labels])
-    module = (mx.mod.Module(symbol, **names) if config == "plain"
-              else MirroredModule(symbol, cache_dir=cache, **names))
+    if config == "plain":
+        module = mx.mod.Module(symbol, **names)
+    elif config == "segments":
+        module = MirroredModule(symbol, cache_dir=cache, backend="segments", recompute_dropout=True,
+                                **names)
+    else:
+        module = MirroredModule(symbol, cache_dir=cache, **names)
     module.bind(data, labels)
     return module
 
@@ -115,7 +120,8 @@ def _train_module(symbol, config, data, labels, batch, case, path, cache) -> dic
         module.update()
     mx.nd.waitall()
     peak = _peak_mb(path)
-    executor_mb = parse_planned_mb(module._exec_group.execs[0].debug_str())
+    chain = plan is not None and plan.backend == "segments"  # no one executor: the plan's figure
+    executor_mb = plan.planned_mb if chain else parse_planned_mb(module._exec_group.execs[0].debug_str())
     return {"peak": peak, "plan_mb": executor_mb if plan is None else plan.planned_mb,
             "executor_mb": executor_mb, "backend": getattr(plan, "backend", "plain"),
             "segments": (getattr(plan, "segment_count", 1) or 1) if plan is not None else 1}
@@ -161,8 +167,8 @@ def measure(case: str, config: str) -> dict:
     folder = tempfile.mkdtemp()
     path, cache = os.path.join(folder, "profile.json"), os.path.join(folder, "plans")
     planner = None
-    if config == "mirror":  # planned (and cached) outside the profiled window, and kept: the
-        # profiler's running total starts at 0, so memory allocated before the window and freed
+    if config in ("mirror", "segments"):  # planned (and cached) outside the profiled window, and
+        # kept: the profiler's running total starts at 0, so memory allocated before the window and freed
         # (asynchronously) inside it counts negative (a Gluon row whose figure was bound just
         # before the window peaked 0.2-1.2 GB lower)
         planner = _module(symbol, config, data, labels, cache)
@@ -228,8 +234,14 @@ Module and Gluon hold beside the executor ] in `mx/footprint.py`):
 - Measuring: the profiler's running total starts at 0 when it starts, so memory allocated before and freed
   inside the window counts negative (the Gluon rows first bound their figure just before the window and
   peaked 0.2-1.2 GB lower); the planning module of the mirror rows is kept alive through the window.
-- Not measured here: a chain of executors (`backend='segments'`: counted as min(segments, 4) full-size temp
-  spaces, an upper bound), GPUs (cuDNN's workspace: the im2col figure stands in), float16 activations (the
+- Segment rows (`backend='segments', recompute_dropout=True`, a chain of executors, default budget; resnet50
+  and inceptionv3 only): each executor takes one of the 4 temp-space copies round robin, and with MKLDNN each
+  grows to twice the one-executor size (boundary arrays arrive in MKLDNN layout: measured four 98 MB buffers
+  on resnet50_v1b, peak 1291 MB). The model counts min(segments, 4) such copies: an upper bound, the safe
+  side for a device budget. inceptionv3 misses by +19% (MKLDNN on) and +8% (off): its measured temp space
+  is about two copies' worth (177 MB with MKLDNN, 39 MB without), executors sharing a copy; without MKLDNN
+  resnet50's chain holds a single 7 MB im2col buffer (+2.4%). The last column is the plan's figure there.
+- Not measured here: GPUs (cuDNN's workspace: the im2col figure stands in), float16 activations (the
   plan's figure counts 4 bytes per element).
 """
 
@@ -274,6 +286,8 @@ def write_section(rows: list, path: str) -> None:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--configs", nargs="*", default=["plain", "mirror", "gluon"], choices=CONFIGS,
+                        help="segments: MirroredModule(backend='segments', recompute_dropout=True)")
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "footprint_rows.json"),
                         help="measured rows (kept between runs; rows present are not measured again)")
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
@@ -288,7 +302,7 @@ def main(argv=None) -> list:
     rows = [] if args.fresh or not os.path.exists(args.rows) else json.load(open(args.rows))
     if not args.write_only:
         for case in args.cases:
-            for config in CONFIGS:
+            for config in args.configs:
                 for mkldnn in (True, False):
                     key = (case, config, mkldnn)
                     if any((r["case"], r["config"], r["mkldnn"]) == key for r in rows):

@@ -229,6 +229,10 @@ def test_a_chain_of_executors_counts_one_temp_space_per_copy_mxnet_hands_out(mon
     monkeypatch.setenv("MXNET_CPU_TEMP_COPY", "2")
     chain = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=False, executors=5)
     assert chain.workspace == pytest.approx(2 * one.workspace)
+    # With MKLDNN each executor's reorder buffer is twice one executor's (boundary reorders).
+    single = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=True)
+    linked = symbol_footprint(convnet(), SHAPES, activations_mb=0.0, mkldnn=True, executors=5)
+    assert linked.mkldnn_copies == pytest.approx(2 * 2 * single.mkldnn_copies)
 
 
 def test_a_gluon_block_counts_every_temp_space_copy_and_the_outputs_head_gradient(monkeypatch):
