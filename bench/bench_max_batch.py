@@ -76,19 +76,24 @@ def _verify(symbol, shapes, result, case_options, device_mb) -> dict:
     return checked
 
 
-def run_case(case: str, device_memory: str, verify: bool) -> dict:
-    """One row: the largest batch of each kind, its footprint and overhead."""
+def run_case(case: str, device_memory: str, verify: bool, exact: bool) -> dict:
+    """One row: the largest batch of each kind, its footprint and overhead (``exact``: plain and
+    one-level searched over real plans, segments still from the probes)."""
     from mxnet_mirror_hook import MirrorOptions, max_batch
 
     description, optimizer, params, probes, dropout = CASES[case]
     symbol, shapes = build(case)
     options = MirrorOptions(recompute_dropout=dropout)
     started = time.perf_counter()
-    result = max_batch(symbol, shapes, device_memory, optimizer=optimizer, optimizer_params=params,
-                       device="gpu", method="slope", probes=probes, options=options)
+    common = dict(optimizer=optimizer, optimizer_params=params, device="gpu", probes=probes, options=options)
+    result = max_batch(symbol, shapes, device_memory, method="slope",
+                       variants=("plain", "one-level", "segments") if not exact else ("segments",), **common)
+    if exact:
+        searched = max_batch(symbol, shapes, device_memory, variants=("plain", "one-level"), **common)
+        result.fits = {**searched.fits, **result.fits}
     row = {"case": case, "description": description, "optimizer": result.optimizer,
            "probes": list(probes), "seconds": time.perf_counter() - started, **result.to_dict()}
-    if verify:
+    if verify and not exact:
         row["verified"] = _verify(symbol, shapes, result, {"options": options, "optimizer": optimizer,
                                                            "optimizer_params": params}, result.device_mb)
     logger.info("%s\n%s", case, result.summary())
@@ -99,7 +104,8 @@ def _cell(row: dict, variant: str) -> str:
     fit = row[variant]
     if not fit["batch"]:
         return "none fits"
-    return f"{fit['batch']} ({fit['footprint_mb']:.0f} MB, est. +{fit['overhead']:.0%})"
+    mark = "" if fit["estimated"] else "*"
+    return f"{fit['batch']}{mark} ({fit['footprint_mb']:.0f} MB, est. +{fit['overhead']:.0%})"
 
 
 def _ratio(row: dict, variant: str) -> str:
@@ -116,9 +122,11 @@ def write_section(rows: list, path: str, device_memory: str) -> None:
              "buffers; the im2col column buffer stands in for cuDNN's workspace, which is not modelled). "
              "Activations are MXNet's static plans measured on the CPU (`cost_ctx` cpu), which a GPU's "
              "cuDNN plan may differ from. Plain: the unmirrored plan; one-level: `backend='mirror'`, "
-             "`memory_budget='min'`; segments: `backend='segments'`, `'min'`. Each kind is planned at "
-             "two probe batches and the batch read off the footprint's per-sample slope (NOTE [ the "
-             "bench's bounded search ]); cells: batch (footprint at that batch, estimated overhead). "
+             "`memory_budget='min'`; segments: `backend='segments'`, `'min'`. Segments: the plan made at "
+             "the first probe batch, measured again at the second, and the batch read off the "
+             "footprint's per-sample slope (NOTE [ the bench's bounded search ]); a batch marked * was "
+             "searched over real plans (it fits, the next one does not), the others are read off the "
+             "slope the same way. Cells: batch (footprint at that batch, estimated overhead). "
              "Targets (issue 21): 4x resnet50, 6x resnet152, 5x BERT-base over plain.", "",
              "| network | optimizer | plain | one-level | segments | one-level / plain | segments / plain |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -146,15 +154,22 @@ def main(argv=None) -> list:
     parser.add_argument("--device-memory", default="16GB")
     parser.add_argument("--verify", action="store_true",
                         help="plan plain and one-level again at the batch found and one above")
+    parser.add_argument("--exact", action="store_true",
+                        help="search plain and one-level over real plans (segments stay estimated)")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "max_batch_rows.json"))
+    parser.add_argument("--write-only", action="store_true", help="write the section from --rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     kept = {}
+    if args.write_only:
+        rows = json.load(open(args.rows))
+        write_section(rows, args.output, args.device_memory)
+        return rows
     if os.path.exists(args.rows):
         kept = {row["case"]: row for row in json.load(open(args.rows))}
     for case in args.cases.split(","):
-        kept[case] = run_case(case, args.device_memory, args.verify)
+        kept[case] = run_case(case, args.device_memory, args.verify, args.exact)
         rows = [kept[c] for c in CASES if c in kept]
         with open(args.rows, "w") as handle:
             json.dump(rows, handle, indent=1)

@@ -145,3 +145,13 @@ def test_mirrored_trainer_plans_count_its_optimizer_and_the_head_gradient():
     assert trainer.mirror_plan.optimizer_label == "adam"
     assert found.optimizer_state == pytest.approx(2 * found.parameters, rel=1e-6)
     assert found.parameter_copies == 0 and found.head_gradients > 0  # Gluon's, not Module's
+
+
+def test_the_slope_estimate_is_near_the_search_and_marked_estimated():
+    searched = max_batch(conv_net(), SHAPES, "150MB", variants=("plain",))
+    estimated = max_batch(conv_net(), SHAPES, "150MB", variants=("plain", "segments"), method="slope")
+    assert estimated.fits["plain"].estimated and not searched.fits["plain"].estimated
+    # MXNet reports whole MB, so two small probes give the slope to a few percent only.
+    assert estimated.fits["plain"].batch == pytest.approx(searched.fits["plain"].batch, rel=0.1)
+    segments = estimated.fits["segments"]
+    assert segments.batch > 0 and segments.footprint.total <= 150 and segments.steps == 2
