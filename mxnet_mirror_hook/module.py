@@ -143,7 +143,11 @@ class MirroredModule(mx.mod.Module):
             return
         self.mirror_plan = plan = plan.with_footprint(optimizer=self._optimizer, optimizer_params=None)
         limit = self.mirror_options.device_memory_mb
-        footprint = plan.footprint  # not None: the plan has a footprint source
+        try:
+            footprint = plan.footprint  # not None: the plan has a footprint source
+        except ValueError as error:  # an optimizer the footprint does not know
+            logger.warning("the footprint cannot count this optimizer's state: %s", error)
+            return
         if limit is not None and footprint is not None and footprint.total > limit:
             logger.warning("with %s the footprint is %.0f MB, above device_memory %.0f MB (the plan was "
                            "made for %s); bind again or call fit() to plan with this optimizer",

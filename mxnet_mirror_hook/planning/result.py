@@ -157,7 +157,10 @@ class MirrorPlan:
     def _footprint_words(self) -> str:
         """``'whole footprint N MB with <optimizer>, '``, beside the activation figure ('' without
         a source)."""
-        footprint = self.footprint
+        try:
+            footprint = self.footprint
+        except ValueError as error:  # an optimizer the model does not know: the line still logs
+            return f"whole footprint unknown ({error}), "
         if footprint is None:
             return ""
         return f"whole footprint {footprint.total:.0f} MB with {self.optimizer_label}, "

@@ -155,3 +155,10 @@ def test_the_slope_estimate_is_near_the_search_and_marked_estimated():
     assert estimated.fits["plain"].batch == pytest.approx(searched.fits["plain"].batch, rel=0.1)
     segments = estimated.fits["segments"]
     assert segments.batch > 0 and segments.footprint.total <= 150 and segments.steps == 2
+
+
+def test_an_optimizer_the_footprint_does_not_know_leaves_the_summary_readable():
+    plan = _plan().with_footprint(optimizer="notanoptimizer")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        plan.footprint
+    assert "whole footprint unknown (unknown optimizer 'notanoptimizer'" in plan.summary()
