@@ -7,6 +7,7 @@ script with a case name prints its differences as JSON).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -216,11 +217,19 @@ def test_a_selective_chain_trains_like_a_plain_executor_and_never_reruns_kept_se
             assert value == 0.0, (key, value)
 
 
+@functools.lru_cache(maxsize=None)
+def _planned_transformer() -> "mx.sym.Symbol":
+    """Built once: a rebuilt symbol's automatic names (``_plus0``...) move on, and a cached plan is
+    only taken for a graph holding its segments' nodes."""
+    return bert_mlm(layers=2, units=64, heads=4, hidden=256, vocab=100, seq_len=128, max_length=128,
+                    dropout=0.0, masked=8)
+
+
 def _transformer_plan(**options):
     data, label = bert_mlm_shapes(batch=8, seq_len=128, masked=8)
-    symbol = bert_mlm(layers=2, units=64, heads=4, hidden=256, vocab=100, seq_len=128, max_length=128,
-                      dropout=0.0, masked=8)
-    return plan_mirror(symbol, data, label, options=MirrorOptions(cache_dir=False, **options))
+    symbol = _planned_transformer()
+    options.setdefault("cache_dir", False)
+    return plan_mirror(symbol, data, label, options=MirrorOptions(**options))
 
 
 @pytest.mark.parametrize("limit", [0.0, 0.05, 0.3])
@@ -245,6 +254,14 @@ def test_a_budget_with_max_overhead_is_the_least_recomputation_that_fits_or_one_
     with pytest.raises(OptionError, match="contradict") as caught:
         _transformer_plan(max_overhead=0.0, memory_budget=0.2, backend="segments")
     assert "\n" not in str(caught.value)
+
+
+def test_a_cached_selective_plan_comes_back_with_its_kept_segments(tmp_path):
+    first = _transformer_plan(max_overhead=0.2, backend="segments", cache_dir=str(tmp_path))
+    again = _transformer_plan(max_overhead=0.2, backend="segments", cache_dir=str(tmp_path))
+    assert again.from_cache and again.segment_plan == first.segment_plan
+    other = _transformer_plan(max_overhead=0.0, backend="segments", cache_dir=str(tmp_path))
+    assert not other.from_cache  # the limit is in the key
 
 
 def test_max_overhead_is_an_option_of_every_surface_and_the_command_line():
