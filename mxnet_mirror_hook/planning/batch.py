@@ -123,7 +123,15 @@ class MaxBatch:
 Evaluate = Callable[[int], Tuple[Footprint, MirrorPlan]]
 
 
-def search_largest(evaluate: Evaluate, device_mb: float, probes: Tuple[int, int], limit: int,
+def _footprint_of(plan: MirrorPlan) -> Footprint:
+    """The footprint of a plan made by ``plan_mirror`` (which gives it a footprint source)."""
+    footprint = plan.footprint
+    if footprint is None:
+        raise ValueError("max_batch evaluates plans with a footprint source (made by plan_mirror)")
+    return footprint
+
+
+def search_largest(evaluate: Evaluate, device_mb: float, probes: Sequence[int], limit: int,
                    max_steps: int) -> Tuple[int, Dict[int, Tuple[Footprint, MirrorPlan]], bool]:
     """The largest batch in ``[1, limit]`` whose footprint fits (NOTE [ searching for the largest
     batch ]): ``(batch, evaluated, exact)`` with every evaluated batch's footprint and plan."""
@@ -210,8 +218,9 @@ def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surf
         plan = plan_mirror(symbol, inputs, options=chosen, optimizer=optimizer,
                            optimizer_params=optimizer_params)
         plan = plan.with_footprint(surface=surface, **({"device": device} if device else {}))
-        logger.debug("max_batch %s at %d: %s", variant, batch, plan.footprint.summary())
-        return plan.footprint, plan
+        footprint = _footprint_of(plan)
+        logger.debug("max_batch %s at %d: %s", variant, batch, footprint.summary())
+        return footprint, plan
 
     def remeasure(plan: MirrorPlan, batch: int) -> Tuple[Footprint, MirrorPlan]:
         """``plan``'s segment split measured at ``batch`` (no new search)."""
@@ -221,17 +230,18 @@ def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surf
         inputs = [(name, shape, (dtypes or {}).get(name, "float32"))
                   for name, shape in shapes_at(shapes, batch).items()]
         setup = PlanRequest(inputs).prepare(symbol, chosen)
-        split = plan.segment_plan
+        split, made_for = plan.segment_plan, plan.footprint_source
+        assert split is not None and made_for is not None  # a segment plan evaluate() made
         shapes_now = {}
         for key in split.boundary_shapes:
             name, output = key.rsplit(":", 1)
             shapes_now[key] = tuple(setup.graph.node(name).output_shapes[int(output)])
         measured = measure_segments(setup, dataclasses.replace(split, boundary_shapes=shapes_now))
         source = FootprintSource.of_setup(setup, optimizer, optimizer_params).replace(
-            device=plan.footprint_source.device, surface=surface)
+            device=made_for.device, surface=surface)
         again = dataclasses.replace(plan, planned_mb=measured.mb, overhead=measured.overhead,
                                     inputs=setup.input_shapes, footprint_source=source)
-        return again.footprint, again
+        return _footprint_of(again), again
 
     evaluate.remeasure = remeasure  # type: ignore[attr-defined]
     return evaluate
@@ -291,6 +301,7 @@ def max_batch(model: Any, shapes: Optional[ShapesLike] = None, device_memory: Un
         raise ValueError(f"unknown variants {sorted(unknown)}; choose among {list(VARIANTS)}")
     options = MirrorOptions.coerce(options, **overrides)
     device_mb = MirrorOptions(device_memory=device_memory).device_memory_mb
+    assert device_mb is not None  # device_memory is given
     symbol, shapes, surface = _traced(model, shapes, input_shape)
     fits: Dict[str, BatchFit] = {}
     label = None
@@ -304,7 +315,7 @@ def max_batch(model: Any, shapes: Optional[ShapesLike] = None, device_memory: Un
     return MaxBatch(device_mb, label or "", fits)
 
 
-def _fit(variant: str, evaluate: Evaluate, device_mb: float, probes: Tuple[int, int], limit: int,
+def _fit(variant: str, evaluate: Evaluate, device_mb: float, probes: Sequence[int], limit: int,
          max_steps: int, method: str) -> BatchFit:
     """One variant's :class:`BatchFit`."""
     if method == "search":
@@ -326,9 +337,10 @@ def _fit(variant: str, evaluate: Evaluate, device_mb: float, probes: Tuple[int, 
     if seen[second] is None:
         seen[second] = evaluate(second)
     batch = _linear_guess(seen, probes, device_mb, limit)
-    found = extrapolate(*[(b, seen[b][0]) for b in sorted(probes)[:2]], batch)
+    ends = (first, seen[first][0]), (second, seen[second][0])
+    found = extrapolate(*ends, batch)
     while batch > 0 and found.total > device_mb:  # the floor of the line can round over by a part
         batch -= 1
-        found = extrapolate(*[(b, seen[b][0]) for b in sorted(probes)[:2]], batch)
+        found = extrapolate(*ends, batch)
     plan = seen[max(probes)][1]
     return BatchFit(variant, batch, found if batch else None, plan.overhead, False, True, len(seen), plan)
