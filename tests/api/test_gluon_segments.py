@@ -264,8 +264,9 @@ def test_unrolled_lstm_with_weights_shared_over_steps_without_mkldnn():
 
 @pytest.mark.slow
 def test_auto_takes_segments_where_they_win_and_trains_like_plain():
-    """A 24-step LSTM with the gradient-sum cap 2 (set before the process builds a graph, as the
-    docs/guide/segments.md says): 'auto' measures segments at least 10% below the one-level plan and takes them."""
+    """A 24-step LSTM with the gradient-sum cap 2 (set before the process builds a graph, as
+    docs/guide/segments.md says): 'auto' measures segments at least 10% below the one-level plan and
+    takes them."""
     result = _without_mkldnn("lstm_auto", backend="auto", segments=0, cap=True)
     assert result["backend"] == "segments" and result["count"] > 1, result["summary"]
     assert not _beyond_rounding(result), _beyond_rounding(result)
