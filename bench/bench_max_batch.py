@@ -39,7 +39,8 @@ SECTION = "max-batch"
 CASES = {
     "resnet50_v1b": ("resnet50_v1b 224x224", "sgd", {"momentum": 0.9}, (16, 32), False),
     "resnet152_v1b": ("resnet152_v1b 224x224", "sgd", {"momentum": 0.9}, (16, 32), False),
-    "inceptionv3": ("inceptionv3 299x299", "sgd", {"momentum": 0.9}, (16, 32), False),
+    "inceptionv3": ("inceptionv3 299x299 (its classifier's Dropout: recompute_dropout)", "sgd",
+                    {"momentum": 0.9}, (16, 32), True),
     "bert_base_512": ("`bert_mlm` BERT-base, seq 512, 80 masked, dropout 0.1, recompute_dropout",
                       "adam", {}, (4, 8), True),
     "lstm_lm": ("LSTM language model 2x512, 100 steps, vocabulary 10000", "adam", {}, (16, 32), False),
@@ -63,15 +64,24 @@ def build(case: str):
 
 
 def _verify(symbol, shapes, result, case_options, device_mb) -> dict:
-    """Real plans of plain and one-level at the batch found and the next: their totals (MB)."""
+    """Real figures at the batch found and the next: plain and one-level planned there, the segment
+    plan (made at the first probe) measured there; their totals (MB)."""
     from mxnet_mirror_hook.planning.batch import _evaluator
 
     checked = {}
-    for variant in ("plain", "one-level"):
-        batch = result.fits[variant].batch
+    for variant in ("plain", "one-level", "segments"):
+        fit = result.fits[variant]
+        if not fit.batch or fit.plan is None:
+            continue
         evaluate = _evaluator(symbol, shapes, variant, case_options["options"], "module", "gpu", None,
                               case_options["optimizer"], case_options["optimizer_params"])
-        checked[variant] = {str(b): evaluate(b)[0].total for b in (batch, batch + 1)}
+        if variant == "segments":
+            if fit.plan.segment_plan is None:
+                continue
+            checked[variant] = {str(b): evaluate.remeasure(fit.plan, b)[0].total
+                                for b in (fit.batch, fit.batch + 1)}
+        else:
+            checked[variant] = {str(b): evaluate(b)[0].total for b in (fit.batch, fit.batch + 1)}
         logger.info("verified %s: %s (device %.0f MB)", variant, checked[variant], device_mb)
     return checked
 
@@ -93,7 +103,7 @@ def run_case(case: str, device_memory: str, verify: bool, exact: bool) -> dict:
         result.fits = {**searched.fits, **result.fits}
     row = {"case": case, "description": description, "optimizer": result.optimizer,
            "probes": list(probes), "seconds": time.perf_counter() - started, **result.to_dict()}
-    if verify and not exact:
+    if verify:
         row["verified"] = _verify(symbol, shapes, result, {"options": options, "optimizer": optimizer,
                                                            "optimizer_params": params}, result.device_mb)
     logger.info("%s\n%s", case, result.summary())
@@ -102,6 +112,8 @@ def run_case(case: str, device_memory: str, verify: bool, exact: bool) -> dict:
 
 def _cell(row: dict, variant: str) -> str:
     fit = row[variant]
+    if fit.get("error"):
+        return "not available"
     if not fit["batch"]:
         return "none fits"
     mark = "" if fit["estimated"] else "*"
@@ -136,7 +148,8 @@ def write_section(rows: list, path: str, device_memory: str) -> None:
                      f"{_ratio(row, 'segments')} |")
     checked = [row for row in rows if "verified" in row]
     if checked:
-        lines += ["", "Checked with real plans (whole footprint in MB at the batch found / one above):"]
+        lines += ["", "Checked (whole footprint in MB at the batch found / one above; plain and one-level "
+              "planned there, segments: the split made at the first probe measured there):"]
         for row in checked:
             parts = [f"{variant} " + " / ".join(f"{b}: {mb:.0f}" for b, mb in found.items())
                      for variant, found in row["verified"].items()]

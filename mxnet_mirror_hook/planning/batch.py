@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ..core.footprint import Footprint
+from ..errors import BackendError
 from .footprint import FootprintSource
 from .result import PLAN_LOGGER, MirrorPlan
 
@@ -72,6 +73,9 @@ class BatchFit:
         Whether the footprint is extrapolated from the probes (``method='slope'``).
     steps : int
         Plans made (batches evaluated).
+    error : str or None
+        Why this kind cannot train the network (``backend='segments'`` on a network drawing random
+        numbers without ``recompute_dropout``); ``batch`` is then 0.
     """
 
     variant: str
@@ -82,13 +86,14 @@ class BatchFit:
     estimated: bool
     steps: int
     plan: Optional[MirrorPlan] = field(default=None, repr=False)
+    error: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe: the batch, its footprint (MB, with parts), overhead and how it was found."""
         return {"batch": self.batch, "footprint_mb": self.footprint.total if self.footprint else None,
                 "footprint": self.footprint.to_dict() if self.footprint else None,
                 "overhead": self.overhead, "exact": self.exact, "estimated": self.estimated,
-                "steps": self.steps}
+                "steps": self.steps, "error": self.error}
 
 
 @dataclass
@@ -113,7 +118,8 @@ class MaxBatch:
         """One line per plan kind."""
         lines = [f"largest batch in {self.device_mb:.0f} MB with {self.optimizer}:"]
         for name, fit in self.fits.items():
-            where = f"footprint {fit.footprint.total:.0f} MB" if fit.footprint else "nothing fits"
+            where = (f"footprint {fit.footprint.total:.0f} MB" if fit.footprint
+                     else f"not available: {fit.error}" if fit.error else "nothing fits")
             mark = " (estimated)" if fit.estimated else ("" if fit.exact else " (search not closed)")
             lines.append(f"  {name:10s} batch {fit.batch:6d}  {where}, est. overhead "
                          f"{fit.overhead:.1%}{mark}")
@@ -308,7 +314,10 @@ def max_batch(model: Any, shapes: Optional[ShapesLike] = None, device_memory: Un
     for variant in variants:
         evaluate = _evaluator(symbol, shapes, variant, options, surface, device, dtypes, optimizer,
                               optimizer_params)
-        fits[variant] = _fit(variant, evaluate, device_mb, tuple(probes), limit, max_steps, method)
+        try:
+            fits[variant] = _fit(variant, evaluate, device_mb, tuple(probes), limit, max_steps, method)
+        except BackendError as error:  # this kind cannot train the network: say why, go on
+            fits[variant] = BatchFit(variant, 0, None, 0.0, False, False, 0, error=str(error))
         plan = fits[variant].plan
         label = label or (plan.optimizer_label if plan is not None else None)
         logger.info("max_batch %s: batch %d", variant, fits[variant].batch)
