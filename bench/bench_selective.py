@@ -147,7 +147,7 @@ def time_row(case: str, iterations: int) -> dict:
             "ratio_range": (min(ratios), max(ratios)), "timing_mb_ratio": plan.ratio,
             "timing_kept": len(plan.segment_plan.kept) if plan.segment_plan else 0,
             "timing_count": plan.segment_plan.count if plan.segment_plan else 1,
-            "timing_overhead": plan.overhead}
+            "timing_overhead": plan.overhead, "load": os.getloadavg()[0]}
 
 
 def write_section(rows: list, path: str) -> None:
@@ -160,8 +160,8 @@ def write_section(rows: list, path: str) -> None:
              "ratios in brackets), at the timing size (BERT seq 128 batch 8, resnet50 batch 8); the "
              "plan there is again chosen by the program (its shape in the last column).", "",
              "| network | plain MB | selective MB (ratio) | est. overhead | segments (kept) | planned in "
-             "| measured time | timing plan | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| measured time | timing plan | target | met |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for row in rows:
         description, ratio, overhead, _ = CASES[row["case"]]
         timed = (f"{row['time_ratio']:.2f}x ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f})"
@@ -171,7 +171,12 @@ def write_section(rows: list, path: str) -> None:
         lines.append(f"| {description} | {row['baseline_mb']:.0f} | {row['planned_mb']:.0f} "
                      f"({row['planned_mb'] / row['baseline_mb']:.2f}x) | +{row['overhead']:.1%} | "
                      f"{row['count']} ({row['kept']}) | {row['plan_seconds']:.0f} s | {timed} | "
-                     f"{timing_plan} | <= {ratio}x at <= +{overhead:.0%} |")
+                     f"{timing_plan} | <= {ratio}x at <= +{overhead:.0%} | {_met(row, ratio, overhead)} |")
+    loads = [f"{r['case']} {r['load']:.1f}" for r in rows if "load" in r]
+    if loads:
+        lines += ["", "Load average of the two-core machine when each row was timed (other jobs were "
+                  "running; a ratio measured under such load is not to be trusted to a few percent): "
+                  + ", ".join(loads) + "."]
     lines += ["", "Frontier (static ratio at est. overhead, per `max_overhead`):", ""]
     for row in rows:
         points = ", ".join(f"{limit:g}: {r:.2f}x at +{o:.1%}" for limit, r, o in row["frontier"])
@@ -190,6 +195,14 @@ def write_section(rows: list, path: str) -> None:
     replace_section(path, "selective", "\n".join(lines))
 
 
+def _met(row: dict, ratio: float, overhead: float) -> str:
+    """Whether the static ratio and the measured time meet the target ('-' when not timed)."""
+    memory = row["planned_mb"] / row["baseline_mb"] <= ratio
+    if "time_ratio" not in row:
+        return "memory " + ("yes" if memory else "no") + ", time not measured"
+    return "yes" if memory and row["time_ratio"] <= 1 + overhead else "no"
+
+
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
@@ -197,10 +210,11 @@ def main(argv=None) -> list:
     parser.add_argument("--no-time", dest="time", action="store_false")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "selective_rows.json"))
+    parser.add_argument("--write-only", action="store_true", help="write the section from --rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rows = json.load(open(args.rows)) if os.path.exists(args.rows) else []
-    for case in args.cases.split(","):
+    for case in ([] if args.write_only else args.cases.split(",")):
         rows = [r for r in rows if r["case"] != case]
         row = plan_row(case)
         if args.time:
