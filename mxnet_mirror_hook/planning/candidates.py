@@ -19,7 +19,7 @@ from .result import PLAN_LOGGER
 from .setup import PlanRequest, PlanningSetup
 
 __all__ = ["Measured", "splits_to_try", "head_splits", "per_segment_two_level", "measure_segments",
-           "tune_shared_pool", "MAX_PER_SEGMENT_PLANS", "NEIGHBOUR_CUTS", "NEIGHBOUR_REPLANS", "TUNING_GAIN"]
+           "tune_shared_pool", "MAX_PER_SEGMENT_PLANS", "NEIGHBOUR_CUTS", "TUNING_GAIN"]
 
 logger = logging.getLogger(PLAN_LOGGER)
 
@@ -29,8 +29,6 @@ MAX_PER_SEGMENT_PLANS = 4
 #: Neighbouring cut lists measured around the best per-segment plan of each segment count
 #: under 'min' (:func:`alternative_cuts`).
 NEIGHBOUR_CUTS = 8
-#: Of those, how many get a mirror plan made per segment (NOTE [ tuning bounded by work ]).
-NEIGHBOUR_REPLANS = 2
 #: The most tuning has lowered a segment count's least static figure (resnet152_v1b, batch 32,
 #: 'min': 2 segments, 1143 -> 1042 MB, 8.8%); a count that could not become the choice even so
 #: is not tuned (NOTE [ tuning bounded by work ]).
@@ -186,19 +184,17 @@ def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
 # Tuning the shared pool was most of a 'min' + 'auto' plan's time (resnet152_v1b,
 # batch 32: 24 neighbouring cut lists, each with a mirror plan made for every
 # segment, and every segment bound under five match ranges: 80% of 226 s on a
-# loaded two-core machine).  Two bounds by count, none by time, keep a plan the
-# same on every machine:
-# * A segment count is tuned only if tuning could make it the plan chosen (the
-#   fewest segments within the tolerance of the least): a count above the one
-#   chosen must be able to pull the least below the chosen figure over the
-#   tolerance, a count below it to come within the tolerance of the least,
-#   each lowered by at most ``TUNING_GAIN`` (the most tuning has lowered a
-#   count's least figure in the bench networks).
-# * Each neighbouring cut list is first measured with the best plan's mirrored
-#   nodes carried over (binds only, each unchanged segment from the structure
-#   cache); only the ``NEIGHBOUR_REPLANS`` least of them get a mirror plan made
-#   per segment (a one-level planning per changed segment, the dear part).  The
-#   quick measurements are candidates too, so the set measured only grows.
+# loaded two-core machine).  The bound is by count, not by time, so a plan is
+# the same on every machine: a segment count is tuned only if tuning could make
+# it the plan chosen (the fewest segments within the tolerance of the least): a
+# count above the one chosen must be able to pull the least below the chosen
+# figure over the tolerance, a count below it to come within the tolerance of
+# the least, each lowered by at most ``TUNING_GAIN`` (the most tuning has
+# lowered a count's least figure in the bench networks).  A cheaper ranking of
+# the neighbours (measured with the best plan's mirrored nodes carried over,
+# only the two least planned per segment) was tried and dropped: on
+# mobilenetv2_1.0 it missed the neighbour that planned per segment gives
+# 823 MB, and the plan chosen rose to 889 MB.
 
 
 def _worth_tuning(bests: List[Measured], measured: List[Measured], tolerance: float) -> List[Measured]:
@@ -223,19 +219,14 @@ def _worth_tuning(bests: List[Measured], measured: List[Measured], tolerance: fl
 
 
 def _neighbours(setup: PlanningSetup, options: MirrorOptions, chain: Any, best: Measured) -> List[Measured]:
-    """``best`` with its cuts moved (NOTE [ tuning bounded by work ]): every neighbour measured
-    with ``best``'s mirrored nodes, the least ``NEIGHBOUR_REPLANS`` also with a plan per segment."""
+    """``best`` with its cuts moved, each with a mirror plan made per segment."""
     cuts = cut_positions(setup.graph, best.plan)
     per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
-    mirrored = [n for segment in best.plan.segments for n in segment.mirrored]
-    quick = []
+    found = []
     for moved in alternative_cuts(setup.graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
         split = segment_plan_for_cuts(setup.graph, moved, chain).with_replay_random(best.plan.replay_random)
-        quick.append((measure_segments(setup, split.with_mirrored(mirrored, setup.graph)), split))
-    ranked = sorted(range(len(quick)), key=lambda i: (quick[i][0].mb, i))
-    replanned = [measure_segments(setup, per_segment_two_level(quick[i][1], setup, options))
-                 for i in ranked[:NEIGHBOUR_REPLANS]]
-    return [item for item, _ in quick] + replanned
+        found.append(measure_segments(setup, per_segment_two_level(split, setup, options)))
+    return found
 
 
 def _two_level_per_segment(plan: SegmentPlan) -> bool:
