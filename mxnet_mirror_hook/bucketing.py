@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import mxnet as mx
 from mxnet.io import DataDesc
 
-from .errors import BackendError, MirrorHookError, OptionError
+from .errors import MirrorHookError, OptionError
 from .module import MirroredModule
 from .options import MirrorOptions, takes_options
 from .plan import MirrorPlan
@@ -66,9 +66,9 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         As for ``mx.mod.BucketingModule``.
     options : MirrorOptions, optional
         The mirroring options in one object; the keyword arguments below
-        override its fields.  ``backend='auto'`` is refused: buckets share
-        parameters and memory with the default bucket, which needs every
-        bucket bound by the same backend (``'mirror'`` or ``'segments'``).
+        override its fields.  With ``backend='auto'`` (the default) the
+        decision is made once, on the default bucket, and every bucket binds
+        with the backend it chose (NOTE [ one backend for all buckets ]).
     <mirror options>
 
     Attributes
@@ -85,10 +85,6 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                  group2ctxs: Any = None, compression_params: Any = None, *,
                  options: Optional[MirrorOptions] = None, **overrides: Any) -> None:
         mirror_options = MirrorOptions.coerce(options, **overrides)
-        if mirror_options.backend == "auto":
-            raise BackendError("MirroredBucketingModule takes backend 'mirror' or 'segments', not "
-                             "'auto' (every bucket must bind the same way: buckets share "
-                             "parameters and memory with the default bucket)")
         super().__init__(sym_gen, default_bucket_key, logger=logger, context=context,
                          work_load_list=work_load_list, fixed_param_names=fixed_param_names,
                          state_names=state_names, group2ctxs=group2ctxs,
@@ -101,6 +97,27 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         """The plan of every bound bucket, by bucket key."""
         return {key: module.mirror_plan for key, module in self._buckets.items()}
 
+    # NOTE [ one backend for all buckets ]
+    # Buckets share parameters and memory with the default bucket, so every bucket must
+    # bind the same way (one mirrored executor, or a chain of segments).  Under 'auto'
+    # the default bucket decides (it is bound first, and it is the largest bucket in
+    # BucketSentenceIter's use); every other bucket is planned with the backend the
+    # default bucket's plan has ('mirror' when it kept the one-level plan or fell back,
+    # 'segments' when it took segments: each bucket then chooses its own split).  Deciding
+    # per bucket would let buckets of one module bind differently.
+    def bucket_options(self, bucket_key: Any) -> MirrorOptions:
+        """The options bucket ``bucket_key`` is planned with: the module's, with ``'auto'`` replaced
+        by the default bucket's backend once that bucket has a plan (NOTE [ one backend for all
+        buckets ])."""
+        options = self.mirror_options
+        if options.backend != "auto" or bucket_key == self._default_bucket_key:
+            return options
+        default = self._buckets.get(self._default_bucket_key)
+        plan = default.mirror_plan if default is not None else None
+        if plan is None:  # not bound for training: nothing was decided, one-level like MXNet
+            return options.replace(backend="mirror")
+        return options.replace(backend=plan.backend)
+
     def _new_bucket_module(self, bucket_key: Any) -> MirroredModule:
         symbol, data_names, label_names = self._call_sym_gen(bucket_key)
         return MirroredModule(symbol, data_names, label_names, logger=self.logger,
@@ -108,7 +125,7 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                               fixed_param_names=self._fixed_param_names,
                               state_names=self._state_names, group2ctxs=self._group2ctxs,
                               compression_params=self._compression_params,
-                              options=self.mirror_options)
+                              options=self.bucket_options(bucket_key))
 
     def bind(self, data_shapes: Any, label_shapes: Any = None, for_training: bool = True,
              inputs_need_grad: bool = False, force_rebind: bool = False,

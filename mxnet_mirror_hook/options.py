@@ -45,9 +45,11 @@ OPTION_DOCS: Tuple[Tuple[str, str, str], ...] = (
      "Operator types never to recompute (their outputs are kept); stored sorted and without "
      "duplicates."),
     ("backend", "str",
-     "``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'`` (executor segments) "
-     "or ``'auto'`` (segments when they measure clearly below the one-level plan, else the "
-     "one-level plan)."),
+     "``'auto'`` (the default: executor segments when their whole footprint on the device, "
+     "MKLDNN's copies at the cuts included, is clearly below the one-level plan's, else the "
+     "one-level plan), ``'mirror'`` (MXNet's one-level mirror: training bit for bit as plain "
+     "MXNet; ask for it for bit-identical training) or ``'segments'`` (executor segments, always).  "
+     "See the guarantees in the docs."),
     ("segments", "int, optional", "Number of executor segments (default: chosen by the planner)."),
     ("recompute_dropout", "bool",
      "Let Dropout be recomputed: the one-level mirror rewrites each ``Dropout`` into a stored "
@@ -151,7 +153,7 @@ class MirrorOptions:
     cache_dir: Union[None, str, bool] = None
     cost_ctx: Any = None
     keep_ops: Tuple[str, ...] = ()
-    backend: str = "mirror"
+    backend: str = "auto"
     segments: Optional[int] = None
     recompute_dropout: bool = False
     max_overhead: Optional[float] = None
@@ -341,8 +343,9 @@ _OPTIONS = (
      {"metavar": "OP[,OP]", "help": "operator types never to recompute, e.g. BatchNorm,Convolution"}),
     ("backend", ("--backend",),
      {"choices": BACKENDS, "metavar": "BACKEND",
-      "help": "mirror (MXNet's one-level mirror, the default), segments (executor segments) or "
-              "auto (segments when they measure clearly lower)"}),
+      "help": "auto (the default: executor segments when their whole footprint is clearly lower, "
+              "else the one-level mirror), mirror (MXNet's one-level mirror, bit-identical "
+              "training) or segments (executor segments, always)"}),
     ("segments", ("--segments",),
      {"type": int, "metavar": "K", "help": "number of executor segments (default: chosen)"}),
     ("recompute_dropout", ("--recompute-dropout",),

@@ -68,10 +68,11 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
         are never recomputed in any case (see NOTE [ BatchNorm recomputed ] in
         :mod:`.mx.apply`).
     backend : str
-        ``'mirror'`` (MXNet's one-level mirror, the default), ``'segments'``
-        (executor segments, always) or ``'auto'`` (segments when they measure
-        lower than the one-level plan; see NOTE [ choosing the backend ] in
-        :mod:`.planning.segments`).
+        ``'auto'`` (the default: executor segments when their whole footprint
+        on the device is clearly below the one-level plan's, else the one-level
+        plan; see NOTE [ choosing the backend ] in :mod:`.planning.segments`),
+        ``'mirror'`` (MXNet's one-level mirror, bit-identical training) or
+        ``'segments'`` (executor segments, always).
     segments : int, optional
         Number of segments for the segments backend (default: chosen by the
         memory estimate).
@@ -125,4 +126,5 @@ def plan_mirror(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = N
     source = FootprintSource.of_setup(setup, optimizer, optimizer_params)
     if device is not None or surface != "module":
         source = source.replace(device=device or source.device, surface=surface)
+    setup.footprint_source = source  # 'auto' decides on the footprint on this device
     return plan_request(setup, options, started, source)

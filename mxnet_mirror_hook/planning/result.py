@@ -91,14 +91,17 @@ class MirrorPlan:
     def footprint(self) -> Optional[Footprint]:
         """The whole training footprint on the device (:class:`~mxnet_mirror_hook.core.footprint.Footprint`,
         MB): parameters, gradients, optimizer state, auxiliary states, inputs, workspace and this
-        plan's activations (the segment plan's figure for executor segments); computed on first
-        use.  The optimizer is the one a surface passed, else SGD with momentum 0.9, said by
-        :attr:`optimizer_label` (NOTE [ the optimizer a footprint assumes ] in planning/footprint.py).
-        None when the plan was not made by ``plan_mirror``.
+        plan's activations (the segment plan's figure for executor segments, with MKLDNN's copies
+        at the cuts on the CPU: NOTE [ MKLDNN copies at the cuts ] in planning/chain_footprint.py);
+        computed on first use.  The optimizer is the one a surface passed, else SGD with momentum
+        0.9, said by :attr:`optimizer_label` (NOTE [ the optimizer a footprint assumes ] in
+        planning/footprint.py).  None when the plan was not made by ``plan_mirror``.
         """
         if self.footprint_source is None:
             return None
-        return self.footprint_source.footprint(self.planned_mb, self.segment_count)
+        from .chain_footprint import segment_footprint  # MKLDNN's copies at a chain's cuts
+
+        return segment_footprint(self.footprint_source, self.planned_mb, self.segment_plan)
 
     @property
     def optimizer_label(self) -> Optional[str]:

@@ -7,9 +7,11 @@
 # segment plan ] in mx/segments).  With the ``'min'`` budget the same split is
 # also measured with the one-level plan's mirrored nodes inside each segment (two
 # levels) and the lower kept.  ``'auto'`` takes the segments only when they
-# measure below the one-level plan and re-run at most about one forward under
-# the default budget, so it never returns a plan worse than the one-level one;
-# ``'segments'`` always takes them.
+# are clearly below the one-level plan in whole footprint on the device the plan
+# runs on, MKLDNN's copies at the cuts included (NOTE [ auto decides on the whole
+# footprint ] in planning/chain_footprint.py), and re-run at most about one forward
+# under the default budget, so it never returns a plan whose footprint is above the
+# one-level one; ``'segments'`` always takes them.
 #
 # NOTE [ the segment path falls back ]
 # ``'auto'`` never fails where ``'mirror'`` plans: whatever fails on the segment
@@ -37,6 +39,7 @@ from ..core.segments import SegmentPlan, full_cut_chain
 from ..errors import BackendError, OptionError
 from ..options import MirrorOptions
 from .cached import cached_plan
+from .chain_footprint import compare_backends, decision_tag, footprint_source_of
 from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_segments,
                          per_segment_two_level, splits_to_try, tune_shared_pool)
 from .dropout import plan_dropout_variants
@@ -52,11 +55,13 @@ logger = logging.getLogger(PLAN_LOGGER)
 #: Re-run forward allowed by the default budget, as a fraction of one plain iteration: about one
 #: extra forward (forward : backward = 1 : 2).  Plain segments re-run at most one forward.
 SEGMENT_RECOMPUTE_LIMIT = 0.4
-#: 'auto' takes segments only when their static figure is at most this fraction of the one-level
-#: plan.  The storage profiler (bench/bench_segments.py, beyond the bind-time arrays every backend
-#: has) matched the static figure of the bench LSTM to ~1 MB but measured the 13-segment language
-#: model ~55 MB above it (pool sharing between executors, per-executor buffers), so a small static
-#: win is not trusted.
+#: 'auto' takes segments only when their whole footprint is below the one-level plan's by at least
+#: (1 - this) of the one-level plan's activation figure (NOTE [ auto decides on the whole
+#: footprint ] in planning/chain_footprint.py; before, their static figure had to be at most this
+#: fraction of the one-level plan's).  The storage profiler (bench/bench_segments.py, beyond
+#: the bind-time arrays every backend has) matched the static figure of the bench LSTM to ~1 MB
+#: but measured the 13-segment language model ~55 MB above it (pool sharing between executors,
+#: per-executor buffers), so a small win is not trusted.
 SEGMENT_WIN_FRACTION = 0.9
 #: A plan with fewer segments is taken when its static figure is within this factor of the
 #: least.
@@ -88,6 +93,8 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
     if options.max_overhead is not None:
         request += f":overhead={options.max_overhead!r}"  # NOTE [ planning under an overhead limit ]
+    if options.backend == "auto":  # the decision depends on the device and MKLDNN
+        request += decision_tag(footprint_source_of(setup))
     key = dataclasses.replace(setup.key(options), backend=request)
 
     def use(entry: BackendEntry) -> Optional[MirrorPlan]:
@@ -234,8 +241,8 @@ def _choose(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
     # and 2074 MB).
     mb, overhead, chosen = min((item for item in measured if item.mb <= least * SEGMENT_COUNT_TOLERANCE),
                                key=lambda item: (item.plan.count, item.overhead, item.mb))
-    wins = (chosen.count > 1 and mb <= SEGMENT_WIN_FRACTION * one_level.planned_mb
-            and (options.budget.key == "min" or overhead <= SEGMENT_RECOMPUTE_LIMIT))
+    wins = (chosen.count > 1 and (options.budget.key == "min" or overhead <= SEGMENT_RECOMPUTE_LIMIT)
+            and (options.backend != "auto" or _footprint_wins(setup, one_level, mb, chosen)))
     if options.backend == "auto" and not wins:
         tried = [{"label": f"segments x{c.count}", "planned_mb": m, "overhead": o,
                   "mirrored_count": sum(len(s.mirrored) for s in c.segments)} for m, o, c in measured]
@@ -250,6 +257,19 @@ def _choose(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
     return _segments_result(setup, one_level, chosen, mb, overhead, started, from_cache=False), entry
 
 
+def _footprint_wins(setup: PlanningSetup, one_level: MirrorPlan, mb: float, chosen: SegmentPlan,
+                    margin: bool = True) -> bool:
+    """Whether ``chosen`` (``mb`` of activations) is below ``one_level`` in whole footprint on the
+    device the plan runs on, by the margin unless ``margin`` is False (NOTE [ auto decides on the
+    whole footprint ] in planning/chain_footprint.py)."""
+    margin_mb = (1 - SEGMENT_WIN_FRACTION) * one_level.planned_mb if margin else 0.0
+    compared = compare_backends(footprint_source_of(setup), one_level.planned_mb, mb, chosen, margin_mb)
+    wins = compared.segments_win
+    logger.info("backend='auto': %s: %s", compared.words(),
+                "segments lower" if wins else "segments not lower by the margin")
+    return wins
+
+
 def _choose_selective(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
                       started: float) -> Tuple[MirrorPlan, BackendEntry]:
     """The selective plan under ``max_overhead``, or ``one_level`` under ``'auto'`` when it is lower
@@ -257,6 +277,12 @@ def _choose_selective(setup: PlanningSetup, options: MirrorOptions, one_level: M
     with _step("planning a selective segment chain"):
         mb, overhead, chosen = plan_selective(setup, options, one_level)
     keep, why = prefer_one_level(options, one_level, Measured(mb, overhead, chosen))
+    if not keep and options.backend == "auto" and not _footprint_wins(setup, one_level, mb, chosen,
+                                                                      margin=False):
+        # The same rule on whole footprints: the one-level plan, when it is within the limits,
+        # is kept unless the selective chain's footprint is lower.
+        keep, _ = prefer_one_level(options, one_level, Measured(float("inf"), overhead, chosen))
+        why = "the selective segments' whole footprint is not below the one-level plan's"
     if keep:
         logger.info("max_overhead: %s; the one-level plan is used", why)
         tried = [{"label": f"selective segments x{chosen.count}", "planned_mb": mb, "overhead": overhead,

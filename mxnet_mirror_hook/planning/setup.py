@@ -89,6 +89,9 @@ class PlanningSetup:
     keep_ops: Tuple[str, ...]
     symbol: Any
     request: PlanRequest
+    #: The footprint source ``plan_mirror`` made for this setup (the device the plan runs on):
+    #: ``'auto'`` compares the backends' footprints on it (planning/chain_footprint.py).
+    footprint_source: Optional[Any] = None
 
     @property
     def input_shapes(self) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
