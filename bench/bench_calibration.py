@@ -74,7 +74,7 @@ def measure(name, repeats, table_dir, clock):
     return row
 
 
-def write(rows, path):
+def write(rows, path, note=""):
     """The ``calibration`` section of RESULTS.md from ``rows``."""
     from bench.sections import replace_section
 
@@ -87,7 +87,7 @@ def write(rows, path):
              "of the rounds given. *analytic*: the operation-count estimate (before); *calibrated*: the "
              "same plan's estimate from operator times measured alone on this CPU (`mx/calibrate.py`, "
              "NOTE [ calibrating the cost model ]); *measured*: extra time of a training iteration over "
-             "plain. Percent of a plain iteration.", "",
+             "plain. Percent of a plain iteration." + (f" {note}" if note else ""), "",
              "| network | input | plain s/iter | budget | MB | analytic | calibrated | measured |"
              " analytic - measured | calibrated - measured |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -119,6 +119,7 @@ def main(argv=None):
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                         help="what the operators and iterations are timed by (cpu: this process's CPU time)")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    parser.add_argument("--note", default="", help="a sentence about this run for the section")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("mxnet_mirror_hook").setLevel(logging.WARNING)
@@ -131,7 +132,7 @@ def main(argv=None):
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump(rows, handle, indent=1)
     order = {name: i for i, name in enumerate(NETWORKS)}
-    write(sorted(rows, key=lambda r: order.get(r["name"], len(order))), args.output)
+    write(sorted(rows, key=lambda r: order.get(r["name"], len(order))), args.output, args.note)
 
 
 if __name__ == "__main__":
