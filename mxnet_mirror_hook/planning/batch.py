@@ -153,15 +153,23 @@ def search_largest(evaluate: Evaluate, device_mb: float, probes: Sequence[int], 
         (lo, hi) = (max(lo, batch), hi) if fits(batch) else (lo, min(hi, batch))
     guess = _linear_guess(seen, probes, device_mb, limit)
     step = max(1, guess // 16)
-    point = guess
-    while hi - lo > 1 and len(seen) < max_steps and lo < point < hi:  # step outward from the guess
-        if fits(point):
-            lo, point = point, min(point + step, hi - 1 if hi <= limit else limit)
+    if lo < guess < hi and len(seen) < max_steps:  # step outward from the guess, doubling the step
+        if fits(guess):
+            lo = guess
+            while hi - lo > 1 and lo < limit and len(seen) < max_steps:
+                point = min(lo + step, hi - 1, limit)
+                if not fits(point):
+                    hi = point
+                    break
+                lo, step = point, step * 2
         else:
-            hi, point = point, max(point - step, lo + 1)
-        step *= 2
-        if point in seen:
-            break
+            hi = guess
+            while hi - lo > 1 and len(seen) < max_steps:
+                point = max(hi - step, lo + 1)
+                if fits(point):
+                    lo = point
+                    break
+                hi, step = point, step * 2
     while hi - lo > 1 and hi <= limit and len(seen) < max_steps:  # bisection
         middle = (lo + hi) // 2
         (lo, hi) = (middle, hi) if fits(middle) else (lo, middle)
