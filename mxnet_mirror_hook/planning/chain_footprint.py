@@ -21,43 +21,57 @@ them: :func:`segment_footprint` (the chain's footprint, MKLDNN's copies at the c
 # decision's cache key (:func:`decision_tag`).
 #
 # NOTE [ MKLDNN copies at the cuts ]
-# Measured with the storage profiler (mx/profile.py; SGD with momentum, MXNet 1.9.1, CPU)
-# on BERT-shaped symbols of the project's own (testing.models.bert_mlm, seq 128, batch 8,
-# width 256, largest MKLDNN request r = 4 MB), the peak with MKLDNN on minus the peak with
-# MXNET_MKLDNN_ENABLED=0:
-#   4 layers, Module:  one-level -4.5 MB, 2 segments +16, 4 segments +34, 8 segments +36
-#   4 layers, Gluon:   one-level -4.6 MB, 4 segments +34, 8 segments +36
-#   12 layers, dropout 0.1 replayed, Gluon: one-level +8, 4 segments +34, 16 segments +32
-# So a chain with MKLDNN holds about 8r more than the same chain without, saturating at
-# MXNET_CPU_TEMP_COPY (4) executors: the temporary spaces, each grown by the chain's
-# reorders (boundary arrays arrive in MKLDNN layout and are reordered beside the
-# operator's output), which mx/footprint.py counts (min(executors, 4) copies of a
-# doubled request for Module, all 4 for Gluon).  It does NOT grow per executor beyond
-# that (12 and 16 segments add no more than 4).  What that figure leaves out is one
-# re-laid-out copy of the tensors crossing the cuts, which :func:`chain_copies_bytes`
-# adds (the plan's boundary bytes, once each): with it the model is within -8..+18 MB of
-# the measured difference between the chains and the one-level plan for Gluon and 14 to
-# 26 MB above it for Module (an upper bound: 'auto' errs towards the one-level plan).
-# Not explained: gluonnlp 0.10's BERT-base in 16 segments (seq 128, batch 8, BERTAdam)
-# measured 586 MB above the same chain without MKLDNN, where this model gives about
-# 100 MB of temporary space and 47 MB of boundary copies.  Nothing on a GPU (no MKLDNN)
-# or with MXNET_MKLDNN_ENABLED=0.
+# Measured with the storage profiler (mx/profile.py; SGD with momentum, MXNet 1.9.1, CPU,
+# two training steps) on BERT-shaped symbols of the project's own (testing.models.bert_mlm,
+# seq 128, batch 8, tied decoder), the peak with MKLDNN on minus the peak with
+# MXNET_MKLDNN_ENABLED=0 (MB):
+#   4 layers x 256, vocab 2000, Module: one-level -4.5; 2 / 4 / 8 segments +16 / +34 / +36
+#   same, Gluon:                        one-level -4.6; 4 / 8 segments +34 / +36
+#   12 x 256, vocab 2000, dropout 0.1 replayed, Gluon: one-level +8; 4 / 16 segments +34 / +32
+#   4 x 256, vocab 30522, Gluon:        one-level -8; 4 segments +240
+#   12 x 768 (BERT-base), vocab 30522, dropout 0.1, Gluon: one-level +24; 16 segments +719
+# Three things a chain holds with MKLDNN:
+# - Temporary spaces grown by the chain's reorders (boundary arrays arrive in MKLDNN
+#   layout and are reordered beside the operator's output), about 8x the largest request
+#   and saturating at MXNET_CPU_TEMP_COPY (4) executors (12 and 16 segments add no more
+#   than 4): mx/footprint.py counts them (min(executors, 4) copies for Module, all 4 for
+#   Gluon, of four times the request in a chain).
+# - One re-laid-out copy of the tensors crossing the cuts (the plan's boundary bytes).
+# - A weight that several segments read has its gradient summed ('add', NOTE [ one variable
+#   per reader ]); an MKLDNN FullyConnected or Convolution adding to a gradient computes it in
+#   a TmpMemMgr buffer first (doubled, and again in a chain).  That is what grows with the
+#   vocabulary: the tied 30522-word decoder weight (89 MB at width 768, 30 MB at 256) costs
+#   553 MB (6.2x) and 214 MB (7.2x) beyond the two terms above; counted as
+#   SUMMED_GRADIENT_COPIES = 6 copies of each such weight (MB here are MiB).
+# With all three (predicted against measured, MKLDNN on, Gluon): BERT-base one-level 1937 /
+# 1908 MB and 16 segments 2244 / 2288 (both decided right: the chain is above the one-level
+# plan); 4 x 256 vocab 30522: 280 / 295 and 452 / 519; the chains of vocabulary 2000 within
+# -8..+30 MB of their measured difference to the one-level plan (an upper bound: on the
+# 12-layer one, 16 segments 37 MB below the one-level plan measured, 7 MB predicted, so 'auto'
+# keeps the one-level plan there).  Nothing on a GPU (no MKLDNN) or with
+# MXNET_MKLDNN_ENABLED=0.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
+
 from .. import env
-from ..core.footprint import Footprint
+from ..core.footprint import Footprint, tensor_bytes
 from ..core.segments import SegmentPlan
 from ..core.units import to_mb
 from .footprint import FootprintSource
 
 __all__ = ["BackendFootprints", "compare_backends", "segment_footprint", "chain_copies_bytes",
+           "SUMMED_GRADIENT_COPIES",
            "decision_tag", "mkldnn_runs", "footprint_source_of", "SURFACES"]
 
+#: Operators whose MKLDNN kernels write their weight's gradient (with 'add': through TmpMemMgr).
+_WEIGHTED_MKLDNN = frozenset({"Convolution", "Deconvolution", "FullyConnected"})
 #: The surfaces the decision is made for (NOTE [ auto decides on the whole footprint ]).
 SURFACES = ("module", "gluon")
 
@@ -73,13 +87,38 @@ def decision_tag(source: FootprintSource) -> str:
     return f"@{source.device}" + ("+mkldnn" if mkldnn_runs(source.device) else "")
 
 
+#: TmpMemMgr bytes per byte of a summed weight gradient an MKLDNN operator adds to in a chain
+#: (NOTE [ MKLDNN copies at the cuts ]).
+SUMMED_GRADIENT_COPIES = 6
+
+
+def _summed_mkldnn_weights(source: FootprintSource, plan: SegmentPlan) -> int:
+    """Bytes of the float32 weights several segments read (their gradients summed, 'add') that a
+    Convolution, Deconvolution or FullyConnected reads as its weight."""
+    shared = set(plan.shared_variables())
+    requests = dict(source.grad_req)
+    nodes = json.loads(source.symbol.tojson())["nodes"]
+    weights = {nodes[node["inputs"][1][0]]["name"] for node in nodes
+               if node["op"] in _WEIGHTED_MKLDNN and len(node["inputs"]) > 1}
+    names = source.symbol.list_arguments()
+    arg_shapes, _, _ = source.symbol.infer_shape(**dict(source.shapes))
+    arg_types, _, _ = source.symbol.infer_type(**dict(source.dtypes))
+    total = 0
+    for name, shape, dtype in zip(names, arg_shapes, arg_types):
+        if name in shared & weights and requests.get(name, "null") != "null" \
+                and np.dtype(dtype) == np.float32:
+            total += tensor_bytes(tuple(shape), "float32")
+    return total
+
+
 def chain_copies_bytes(source: FootprintSource, plan: Optional[SegmentPlan]) -> int:
     """Bytes a chain of executors holds on a CPU with MKLDNN beyond what the footprint's
-    temporary-space figure counts: one re-laid-out copy of every tensor crossing a cut (NOTE
-    [ MKLDNN copies at the cuts ]); 0 for one executor, on a GPU or without MKLDNN."""
+    temporary-space figure counts (NOTE [ MKLDNN copies at the cuts ]): one re-laid-out copy of
+    every tensor crossing a cut, and :data:`SUMMED_GRADIENT_COPIES` copies of every weight
+    gradient an MKLDNN operator adds to; 0 for one executor, on a GPU or without MKLDNN."""
     if plan is None or plan.executor_count() <= 1 or not mkldnn_runs(source.device):
         return 0
-    return int(plan.boundary_bytes)
+    return int(plan.boundary_bytes) + SUMMED_GRADIENT_COPIES * _summed_mkldnn_weights(source, plan)
 
 
 def segment_footprint(source: FootprintSource, planned_mb: float, plan: Optional[SegmentPlan]) -> Footprint:

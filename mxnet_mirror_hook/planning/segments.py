@@ -35,6 +35,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..cache import BackendEntry, get_cache
 from ..core.graph import draws_random, replays_random
+from ..core.liveness import kept_bytes
 from ..core.segments import SegmentPlan, full_cut_chain
 from ..errors import BackendError, OptionError
 from ..options import MirrorOptions
@@ -43,6 +44,7 @@ from .chain_footprint import compare_backends, decision_tag, footprint_source_of
 from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_segments,
                          per_segment_two_level, splits_to_try, tune_shared_pool)
 from .dropout import plan_dropout_variants
+from .one_level import SMALL_ACTIVATIONS_BYTES
 from .result import PLAN_LOGGER, MirrorPlan
 from .selective import plan_selective, prefer_one_level
 from .setup import PlanningSetup
@@ -88,7 +90,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         # The budget is the selective plan's to meet (NOTE [ planning under an overhead limit ]).
         one_level_options = one_level_options.replace(memory_budget=None)
     one_level = plan_dropout_variants(setup, one_level_options, started)
-    if _draws_unreplayable_random(setup, options):
+    if _too_small_for_segments(setup, options) or _draws_unreplayable_random(setup, options):
         return one_level
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
     if options.max_overhead is not None:
@@ -111,6 +113,14 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
 
     return cached_plan(get_cache(options.cache_dir), key, BackendEntry, use,
                        lambda: _choose_or_fall_back(setup, options, one_level, started))
+
+
+def _too_small_for_segments(setup: PlanningSetup, options: MirrorOptions) -> bool:
+    """Whether ``'auto'`` under the default budget keeps the one-level plan without measuring segments:
+    backward keeps under 1 MB of activations, so no chain could show a saving in MXNet's whole-MB
+    figures (NOTE [ deciding without candidates ] in planning/one_level.py)."""
+    return (options.backend == "auto" and options.segments is None and options.max_overhead is None
+            and options.budget.kind == "auto" and kept_bytes(setup.graph) < SMALL_ACTIVATIONS_BYTES)
 
 
 def _draws_unreplayable_random(setup: PlanningSetup, options: MirrorOptions) -> bool:
