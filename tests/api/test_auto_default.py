@@ -12,8 +12,8 @@ from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, MirrorOpt
 from mxnet_mirror_hook.gluon import MirroredTrainer, mirror, mirror_state
 from mxnet_mirror_hook.options import OPTION_DOCS, option_parser
 from mxnet_mirror_hook.planning import chain_footprint
-from mxnet_mirror_hook.planning.chain_footprint import (chain_copies_bytes, compare_backends,
-                                                       decision_tag, segment_footprint)
+from mxnet_mirror_hook.planning.chain_footprint import (SUMMED_GRADIENT_COPIES, chain_copies_bytes,
+                                                       compare_backends, decision_tag, segment_footprint)
 from mxnet_mirror_hook.runner import build_parser
 from mxnet_mirror_hook.testing.models import lstm_language_model
 from mxnet_mirror_hook.tools.cli import build_parser as cli_parser
@@ -87,12 +87,17 @@ def test_default_plan_goes_through_the_auto_decision():
     assert plan.footprint.total <= one_level.footprint.total
 
 
-def test_chain_copies_count_the_cut_tensors_on_a_cpu_with_mkldnn_only(monkeypatch):
+def test_chain_copies_count_cut_tensors_and_summed_weights_on_a_cpu_with_mkldnn_only(monkeypatch):
     data, labels = _shapes()
     plan = plan_mirror(_language_model(), data, labels, cache_dir=False, backend="segments", segments=3)
     source = plan.footprint_source
     monkeypatch.setenv("MXNET_MKLDNN_ENABLED", "1")
-    assert chain_copies_bytes(source, plan.segment_plan) == plan.segment_plan.boundary_bytes > 0
+    # The boundaries once, and six copies of the LSTM weights every segment reads (summed gradients):
+    summed = chain_footprint._summed_mkldnn_weights(source, plan.segment_plan)
+    assert summed == 4 * (4 * 128) * 128 * 4  # i2h and h2h weights (4 gates x 128, 128) of two layers
+    assert chain_copies_bytes(source, plan.segment_plan) == \
+        plan.segment_plan.boundary_bytes + SUMMED_GRADIENT_COPIES * summed
+    assert plan.segment_plan.boundary_bytes > 0
     assert decision_tag(source) == "@cpu+mkldnn"
     with_copies = segment_footprint(source, plan.planned_mb, plan.segment_plan)
     assert with_copies.mkldnn_copies > source.footprint(plan.planned_mb, 3).mkldnn_copies
