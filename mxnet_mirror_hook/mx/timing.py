@@ -12,7 +12,7 @@ import numpy as np
 
 from .bind import GradReq, bind_symbol, environment
 
-__all__ = ["iteration_seconds", "CLOCKS"]
+__all__ = ["iteration_seconds", "bind_filled", "CLOCKS"]
 
 #: Clocks a measurement can read: ``'wall'`` (elapsed time) or ``'cpu'`` (this process's CPU
 #: time, all threads; on a machine shared with other work, with one OpenMP thread, the figure
@@ -22,8 +22,9 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 logger = logging.getLogger(__name__)
 
 
-def _bind(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
-          grad_req: GradReq, seed: int) -> "mx.executor.Executor":
+def bind_filled(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],
+                grad_req: GradReq = "write", seed: int = 0) -> "mx.executor.Executor":
+    """An executor of ``symbol`` with inputs in [0, 1) and small random weights, ready to step."""
     executor = bind_symbol(symbol, ctx, shapes, grad_req=grad_req)
     generator = np.random.RandomState(seed)
     for name, array in executor.arg_dict.items():
@@ -85,7 +86,7 @@ def iteration_seconds(symbols: Sequence["mx.sym.Symbol"], shapes: Mapping[str, t
     executors = []
     for index, symbol in enumerate(symbols):
         with environment(bind_env[index] if bind_env else {}):
-            executors.append(_bind(symbol, ctx, shapes, grad_req, seed=0))
+            executors.append(bind_filled(symbol, ctx, shapes, grad_req, seed=0))
     times: List[List[float]] = [[] for _ in executors]
     try:
         for round_index in range(warmup + repeats):

@@ -82,7 +82,7 @@ def test_a_plan_is_reproducible_from_an_injected_table(tmp_path, monkeypatch):
 def test_planning_reads_a_complete_table_only_and_never_measures(tmp_path, monkeypatch):
     graph = _graph()
     assert table_costs(graph, "cpu", str(tmp_path)) is None  # no table: the analytic model
-    calibrate(_net(), list(SHAPES.items()), ctx=mx.cpu(), cache_dir=str(tmp_path), repeats=1)
+    calibrate(_net(), list(SHAPES.items()), ctx=mx.cpu(), cache_dir=str(tmp_path), repeats=1, method="alone")
     assert set(table_costs(graph, "cpu", str(tmp_path)).forward) == {n.name for n in graph.op_nodes}
     assert table_costs(graph, "gpu", str(tmp_path)) is None
     wider = symbol_to_graph(_net(), normalize_inputs([("data", (8, 3, 32, 32))]))
@@ -90,3 +90,12 @@ def test_planning_reads_a_complete_table_only_and_never_measures(tmp_path, monke
     monkeypatch.setattr(calibration, "measure_node", lambda *a, **k: pytest.fail("planning timed"))
     plan = plan_mirror(_net(), list(SHAPES.items()), cache_dir=str(tmp_path))
     assert plan.planned_mb <= plan.baseline_mb
+
+
+def test_profiled_times_cover_every_operator_inside_the_graph(tmp_path):
+    graph = _graph()
+    table = calibration.profiled_costs(_net(), graph, SHAPES, mx.cpu())
+    assert set(table.forward) == {n.name for n in graph.op_nodes}
+    assert all(t >= 0 for t in table.forward.values()) and sum(table.backward.values()) > 0
+    saved = calibrate(_net(), list(SHAPES.items()), ctx=mx.cpu(), cache_dir=str(tmp_path))
+    assert table_costs(graph, "cpu", str(tmp_path)) == saved  # planning reads what was saved
