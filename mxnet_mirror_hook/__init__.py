@@ -12,7 +12,7 @@ import importlib as _importlib
 from typing import Any as _Any
 
 from ._version import __version__
-from .errors import (BackendError, BudgetError, BudgetUnreachableError, GluonMirrorError,
+from .errors import (BackendError, BudgetError, BudgetUnreachableError, DeviceMemoryError, GluonMirrorError,
                      MeasurementError, MirrorHookError, OptionError, ShapeError, UnknownPlannerError,
                      UnsupportedBlockError)
 
@@ -22,7 +22,7 @@ _LAZY = {
     "register_planner": ".core.planners", "MirrorOptions": ".options", "MirrorPlan": ".plan",
     "plan_mirror": ".plan", "MirroredModule": ".module", "MirroredBucketingModule": ".bucketing",
     "add_arguments": ".runner", "from_args": ".runner", "mirrored_modules": ".runner",
-    "max_batch": ".planning.batch", "DeviceMemoryError": ".planning.device",
+    "max_batch": ".planning.batch",
 }
 
 

@@ -10,11 +10,14 @@ mirroring cannot follow).  Each message says what was wrong and what to do.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 __all__ = [
     "MirrorHookError",
     "ShapeError",
     "BudgetError",
     "BudgetUnreachableError",
+    "DeviceMemoryError",
     "UnknownPlannerError",
     "MeasurementError",
     "GluonMirrorError",
@@ -55,6 +58,45 @@ class BudgetUnreachableError(BudgetError):
             f"memory budget {budget_mb:.0f} MB is below the smallest reachable plan "
             f"({min_reachable_mb:.0f} MB; unmirrored {baseline_mb:.0f} MB). Raise the budget to at "
             f"least {min_reachable_mb:.0f} MB, use memory_budget='min', or reduce the batch size.")
+
+
+class DeviceMemoryError(BudgetUnreachableError):
+    """No plan's whole footprint fits ``device_memory``.
+
+    Attributes
+    ----------
+    device_mb : float
+        The device memory asked for, in MB.
+    footprint_mb : float or None
+        The smallest whole footprint reachable (the ``'min'`` plan's), in MB; None when the
+        ``'min'`` plan could not be made.
+    largest_batch : int or None
+        About the largest batch that would fit (0: none; None: no batch axis known).
+    batch : int or None
+        The batch that was planned.
+    """
+
+    def __init__(self, device_mb: float, smallest: Optional[Tuple[float, float, float]], fixed_mb: float,
+                 baseline_mb: float, batch: Optional[int], largest_batch: Optional[int],
+                 optimizer: str) -> None:
+        # smallest: (total, activations, everything beside the activations) of the 'min' plan, MB.
+        super().__init__(device_mb, smallest[1] if smallest else float("nan"), baseline_mb)
+        self.device_mb, self.batch, self.largest_batch = device_mb, batch, largest_batch
+        self.footprint_mb = smallest[0] if smallest is not None else None
+        reach = (f"the smallest footprint reachable is {smallest[0]:.0f} MB ({smallest[1]:.0f} MB of "
+                 f"activations + {smallest[2]:.0f} MB of parameters, gradients, optimizer state, inputs "
+                 f"and workspace)" if smallest is not None
+                 else f"parameters, gradients, optimizer state, inputs and workspace alone take "
+                      f"{fixed_mb:.0f} MB")
+        if largest_batch is None:
+            advice = "reduce the batch"
+        elif largest_batch < 1:
+            advice = "no batch fits: the parts that do not grow with the batch leave no room"
+        else:
+            advice = f"the largest batch that would fit is about {largest_batch}" + \
+                (f" (this one is {batch})" if batch else "")
+        self.args = (f"device_memory {device_mb:.0f} MB: no plan fits with {optimizer}; {reach}; "
+                     f"{advice}",)
 
 
 class UnknownPlannerError(MirrorHookError, ValueError):

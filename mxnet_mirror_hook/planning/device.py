@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 from ..core.footprint import Footprint
 from ..core.units import MB
-from ..errors import BackendError, BudgetUnreachableError, OptionError
+from ..errors import BackendError, BudgetUnreachableError, DeviceMemoryError, OptionError
 from ..options import MirrorOptions
 from .dropout import plan_dropout_variants
 from .footprint import FootprintSource
@@ -37,7 +37,7 @@ from .result import PLAN_LOGGER, MirrorPlan
 from .segments import plan_with_segments
 from .setup import PlanningSetup
 
-__all__ = ["plan_request", "plan_for_device", "DeviceMemoryError", "largest_fitting_batch",
+__all__ = ["plan_request", "plan_for_device", "largest_fitting_batch",
            "WIDEST_OVERHEAD"]
 
 logger = logging.getLogger(PLAN_LOGGER)
@@ -45,43 +45,6 @@ logger = logging.getLogger(PLAN_LOGGER)
 #: ``max_overhead`` given to the selective segment program under ``device_memory`` (its widest: the
 #: program then finds the least recomputation that fits the activation budget).
 WIDEST_OVERHEAD = 10.0
-
-
-class DeviceMemoryError(BudgetUnreachableError):
-    """No plan's whole footprint fits ``device_memory``.
-
-    Attributes
-    ----------
-    device_mb : float
-        The device memory asked for, in MB.
-    footprint_mb : float or None
-        The smallest whole footprint reachable (the ``'min'`` plan's), in MB; None when the
-        ``'min'`` plan could not be made.
-    largest_batch : int or None
-        About the largest batch that would fit (0: none; None: no batch axis known).
-    batch : int or None
-        The batch that was planned.
-    """
-
-    def __init__(self, device_mb: float, smallest: Optional[Footprint], fixed_mb: float, baseline_mb: float,
-                 batch: Optional[int], largest_batch: Optional[int], optimizer: str) -> None:
-        super().__init__(device_mb, smallest.activations if smallest else float("nan"), baseline_mb)
-        self.device_mb, self.batch, self.largest_batch = device_mb, batch, largest_batch
-        self.footprint_mb = smallest.total if smallest is not None else None
-        reach = (f"the smallest footprint reachable is {smallest.total:.0f} MB "
-                 f"({smallest.activations:.0f} MB of activations + {smallest.beside_activations:.0f} MB "
-                 f"of parameters, gradients, optimizer state, inputs and workspace)" if smallest is not None
-                 else f"parameters, gradients, optimizer state, inputs and workspace alone take "
-                      f"{fixed_mb:.0f} MB")
-        if largest_batch is None:
-            advice = "reduce the batch"
-        elif largest_batch < 1:
-            advice = "no batch fits: the parts that do not grow with the batch leave no room"
-        else:
-            advice = f"the largest batch that would fit is about {largest_batch}" + \
-                (f" (this one is {batch})" if batch else "")
-        self.args = (f"device_memory {device_mb:.0f} MB: no plan fits with {optimizer}; {reach}; "
-                     f"{advice}",)
 
 
 def _dispatch(setup: PlanningSetup, options: MirrorOptions, started: float) -> MirrorPlan:
@@ -181,5 +144,5 @@ def _unreachable(setup: PlanningSetup, options: MirrorOptions, started: float, s
     largest = 0 if fixed_mb >= device_mb else None
     if batch is not None and smallest is not None:
         largest = largest_fitting_batch(smallest, batch, device_mb)
-    return DeviceMemoryError(device_mb, smallest, fixed_mb, baseline_mb, batch, largest,
-                             source.optimizer_label)
+    parts = None if smallest is None else (smallest.total, smallest.activations, smallest.beside_activations)
+    return DeviceMemoryError(device_mb, parts, fixed_mb, baseline_mb, batch, largest, source.optimizer_label)
