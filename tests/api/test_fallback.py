@@ -39,11 +39,13 @@ def _warnings(caplog):
 
 def test_auto_falls_back_to_the_one_level_plan_with_one_warning_when_measuring_segments_fails(
         isolated_cache, monkeypatch, caplog):
-    one_level = plan_mirror(_symbol(), DATA)
+    one_level = plan_mirror(_symbol(), DATA, backend="mirror")
     calls = _refuse_measurement(monkeypatch)
     with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
         plan = plan_mirror(_symbol(), DATA, backend="auto")
-    assert calls["n"] == 1  # the first failure ends the segment path
+    # The first candidate fails under the gradient-sum cap and again under MXNet's default
+    # (NOTE [ a network the cap cannot bind ]); that failure ends the segment path.
+    assert calls["n"] == 2
     assert plan.backend == "mirror" and plan.segment_plan is None
     assert plan.mirrored and plan.mirrored == one_level.mirrored
     assert plan.planned_mb == one_level.planned_mb < plan.baseline_mb
@@ -60,11 +62,11 @@ def test_auto_falls_back_to_the_one_level_plan_with_one_warning_when_measuring_s
 def test_a_fallback_is_kept_in_the_cache_and_not_retried(isolated_cache, monkeypatch, caplog):
     calls = _refuse_measurement(monkeypatch)
     first = plan_mirror(_symbol(), DATA, backend="auto")
-    assert calls["n"] == 1
+    assert calls["n"] == 2  # under the cap and under MXNet's default
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
         again = plan_mirror(_symbol(), DATA, backend="auto")
-    assert calls["n"] == 1  # from the cache: nothing measured again
+    assert calls["n"] == 2  # from the cache: nothing measured again
     assert again.from_cache and again.fallback == first.fallback
     assert "segments failed" in again.summary()
     assert _warnings(caplog) == []
