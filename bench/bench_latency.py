@@ -156,7 +156,7 @@ def _children_cpu():
     return usage.ru_utime + usage.ru_stime
 
 
-def write_min_auto(rows, path, before_label):
+def write_min_auto(rows, path, before_label, note=""):
     """The ``latency-min-auto`` section: cold seconds and planned MB, before and after."""
     from bench.sections import replace_section
 
@@ -179,6 +179,8 @@ def write_min_auto(rows, path, before_label):
                if "cpu" in old and "cpu" in new else "- | - | -")
         lines.append(f"| {row['name']} | {old['cold']:.1f} | {new['cold']:.1f} | {cpu} | {old_mb} | "
                      f"{new_mb} | {'/'.join(sorted(set(new['backend'])))} |")
+    if note:
+        lines += ["", note]
     replace_section(path, "latency-min-auto", "\n".join(lines))
 
 
