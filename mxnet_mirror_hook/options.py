@@ -60,7 +60,8 @@ OPTION_DOCS: Tuple[Tuple[str, str, str], ...] = (
      "The extra time allowed, as a fraction of one training iteration (``0.05``: 5%): plans a "
      "selective segment chain, segments keeping their activations or re-run as a dynamic program "
      "chooses (the least memory within it; with a ``memory_budget`` limit, the least recomputation "
-     "that fits, refused when none fits within it).  Not with ``backend='mirror'``."),
+     "that fits, refused when none fits within it).  Applies to the ``'auto'`` and ``'segments'`` "
+     "backends (``'mirror'`` plans under ``memory_budget`` alone)."),
     ("device_memory", "str or int, optional",
      "The device's memory for the whole training footprint (``'16GB'``, bytes): parameters, "
      "gradients, optimizer state, auxiliary states, inputs, workspace and activations "
@@ -206,7 +207,9 @@ class MirrorOptions:
         return parse_budget(self.device_memory).limit_mb(0.0)
 
     def _check_max_overhead(self) -> None:
-        """Validate :attr:`max_overhead`; it plans executor segments, so not with ``'mirror'``
+        """Validate :attr:`max_overhead`; it plans executor segments (``'auto'``, ``'segments'``; the
+        one-level ``'mirror'`` backend, which a bucketing module's other buckets may be given, plans
+        under ``memory_budget`` alone)
         (NOTE [ selective segments ] in core/segments/selective.py)."""
         if self.max_overhead is None:
             return
@@ -215,9 +218,6 @@ class MirrorOptions:
             raise OptionError(f"max_overhead must be the extra time allowed as a fraction of one "
                               f"iteration (0.05 for 5%); got {value!r}")
         object.__setattr__(self, "max_overhead", float(value))
-        if self.backend == "mirror":
-            raise OptionError("max_overhead plans selective executor segments, which backend='mirror' "
-                              "does not use: pass backend='auto' (the default) or 'segments'")
 
     @property
     def budget(self) -> Budget:
