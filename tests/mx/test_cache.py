@@ -26,17 +26,17 @@ def _entries(directory):
 
 def test_second_plan_comes_from_memory_and_disk(isolated_cache):
     symbol = small_resnet(4, 16)
-    first = plan_mirror(symbol, DATA)
+    first = plan_mirror(symbol, DATA, backend="mirror")
     assert not first.from_cache
     assert len(_entries(isolated_cache)) == 1
-    second = plan_mirror(symbol, DATA)
+    second = plan_mirror(symbol, DATA, backend="mirror")
     assert second.from_cache and second.mirrored == first.mirrored
     assert second.planned_mb == first.planned_mb and second.baseline_mb == first.baseline_mb
 
 
 def test_cache_hit_in_a_new_process_needs_no_bind(isolated_cache):
     symbol = small_resnet(4, 16)
-    first = plan_mirror(symbol, DATA)
+    first = plan_mirror(symbol, DATA, backend="mirror")
     script = textwrap.dedent(f"""
         import json, time
         from mxnet_mirror_hook import plan_mirror
@@ -47,7 +47,7 @@ def test_cache_hit_in_a_new_process_needs_no_bind(isolated_cache):
             raise AssertionError("a cached plan must not bind")
         measure.planned_mb_many = measure.executed_graph = refuse
         one_level.planned_mb_in_process = refuse
-        plan = plan_mirror(small_resnet(4, 16), {DATA!r})
+        plan = plan_mirror(small_resnet(4, 16), {DATA!r}, backend="mirror")
         print(json.dumps([plan.from_cache, list(plan.mirrored), plan.planning_seconds]))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -60,10 +60,10 @@ def test_cache_hit_in_a_new_process_needs_no_bind(isolated_cache):
 
 def test_key_depends_on_shapes_budget_and_planner(isolated_cache):
     symbol = small_resnet(4, 16)
-    plan_mirror(symbol, DATA)
-    plan_mirror(symbol, [("data", (4, 3, 64, 64))])
-    plan_mirror(symbol, DATA, memory_budget="min")
-    plan_mirror(symbol, DATA, planner="none")
+    plan_mirror(symbol, DATA, backend="mirror")
+    plan_mirror(symbol, [("data", (4, 3, 64, 64))], backend="mirror")
+    plan_mirror(symbol, DATA, memory_budget="min", backend="mirror")
+    plan_mirror(symbol, DATA, planner="none", backend="mirror")
     assert len(_entries(isolated_cache)) == 4
 
 
@@ -72,13 +72,13 @@ def test_key_depends_on_shapes_budget_and_planner(isolated_cache):
 def test_corrupt_or_foreign_entry_is_ignored_with_a_warning_and_replaced(isolated_cache, caplog,
                                                                          damage):
     symbol = small_resnet(4, 16)
-    first = plan_mirror(symbol, DATA)
+    first = plan_mirror(symbol, DATA, backend="mirror")
     (entry,) = _entries(isolated_cache)
     with open(os.path.join(isolated_cache, entry), "w") as handle:
         handle.write(damage)
     get_cache(None)._memory.clear()
     with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
-        again = plan_mirror(symbol, DATA)
+        again = plan_mirror(symbol, DATA, backend="mirror")
     assert not again.from_cache and again.mirrored == first.mirrored
     assert "ignoring" in caplog.text
     with open(os.path.join(isolated_cache, entry)) as handle:
@@ -87,7 +87,7 @@ def test_corrupt_or_foreign_entry_is_ignored_with_a_warning_and_replaced(isolate
 
 def test_entry_naming_nodes_the_symbol_lacks_is_replanned(isolated_cache, caplog):
     symbol = small_resnet(4, 16)
-    plan_mirror(symbol, DATA)
+    plan_mirror(symbol, DATA, backend="mirror")
     (entry,) = _entries(isolated_cache)
     path = os.path.join(isolated_cache, entry)
     with open(path) as handle:
@@ -97,14 +97,14 @@ def test_entry_naming_nodes_the_symbol_lacks_is_replanned(isolated_cache, caplog
         json.dump(document, handle)
     get_cache(None)._memory.clear()
     with caplog.at_level(logging.WARNING):
-        again = plan_mirror(symbol, DATA)
+        again = plan_mirror(symbol, DATA, backend="mirror")
     assert not again.from_cache and "ghost_node" not in again.mirrored
     assert "lacks" in caplog.text
 
 
 def test_entry_recomputing_a_node_the_rules_now_forbid_is_replanned(isolated_cache, caplog):
     symbol = small_resnet(4, 16)
-    first = plan_mirror(symbol, DATA)
+    first = plan_mirror(symbol, DATA, backend="mirror")
     (entry,) = _entries(isolated_cache)
     path = os.path.join(isolated_cache, entry)
     with open(path) as handle:
@@ -115,14 +115,14 @@ def test_entry_recomputing_a_node_the_rules_now_forbid_is_replanned(isolated_cac
         json.dump(document, handle)
     get_cache(None)._memory.clear()
     # keep_ops changes the key, so simulate an old entry under the new key instead:
-    again = plan_mirror(symbol, DATA)
+    again = plan_mirror(symbol, DATA, backend="mirror")
     assert again.from_cache  # still valid: convolutions may be recomputed
     document["plan"]["mirrored"].append("softmax_label")  # a variable can never be recomputed
     with open(path, "w") as handle:
         json.dump(document, handle)
     get_cache(None)._memory.clear()
     with caplog.at_level(logging.WARNING):
-        third = plan_mirror(symbol, DATA)
+        third = plan_mirror(symbol, DATA, backend="mirror")
     assert not third.from_cache and "no longer" in caplog.text
 
 
@@ -140,8 +140,8 @@ def test_unwritable_directory_degrades_to_memory_only(tmp_path, caplog):
         except OSError:
             pass
         with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
-            first = plan_mirror(small_resnet(4, 16), DATA, cache_dir=str(locked))
-            second = plan_mirror(small_resnet(4, 16), DATA, cache_dir=str(locked))
+            first = plan_mirror(small_resnet(4, 16), DATA, cache_dir=str(locked), backend="mirror")
+            second = plan_mirror(small_resnet(4, 16), DATA, cache_dir=str(locked), backend="mirror")
         assert "memory only" in caplog.text
         assert second.from_cache and second.mirrored == first.mirrored
     finally:
@@ -183,8 +183,8 @@ def test_failed_write_degrades_to_memory_only_without_leaving_a_partial_file(
 
     monkeypatch.setattr(cache_module.os, "replace", failing_replace)
     with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook.cache"):
-        first = plan_mirror(small_resnet(4, 16), DATA)
-        second = plan_mirror(small_resnet(4, 16), DATA)
+        first = plan_mirror(small_resnet(4, 16), DATA, backend="mirror")
+        second = plan_mirror(small_resnet(4, 16), DATA, backend="mirror")
     monkeypatch.setattr(cache_module.os, "replace", real_replace)
     assert "memory only" in caplog.text
     assert second.from_cache and second.mirrored == first.mirrored
@@ -200,7 +200,7 @@ RANK_SCRIPT = textwrap.dedent("""
     go = sys.argv[1]
     while not os.path.exists(go):  # every rank imported MXNet; start together
         time.sleep(0.01)
-    plan = plan_mirror(symbol, {data!r}, cache_dir=sys.argv[2])
+    plan = plan_mirror(symbol, {data!r}, cache_dir=sys.argv[2], backend="mirror")
     print(json.dumps([plan.from_cache, list(plan.mirrored), plan.planned_mb]))
 """)
 
