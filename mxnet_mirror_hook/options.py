@@ -122,7 +122,7 @@ def takes_options(func: F) -> F:
     # unknown keyword is a TypeError naming the options) and this decorator writes
     # the visible signature and docstring from one table.
     """
-    target = func.__init__ if isinstance(func, type) else func  # type: ignore[misc]
+    target: Any = getattr(func, "__init__") if isinstance(func, type) else func
     signature = inspect.signature(target)
     if "options" not in signature.parameters:
         raise TypeError(f"{func.__qualname__} must take options= to be declared with takes_options")

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from ..cache import BackendEntry, get_cache
 from ..core.graph import draws_random, replays_random
@@ -231,7 +231,7 @@ def _choose_or_fall_back(setup: PlanningSetup, options: MirrorOptions, one_level
         return plan, dataclasses.replace(_one_level_entry(one_level), fallback=reason)
 
 
-def _fallen_back(one_level: MirrorPlan, reason: str, **changes: float) -> MirrorPlan:
+def _fallen_back(one_level: MirrorPlan, reason: str, **changes: Any) -> MirrorPlan:
     """``one_level``, recording why the segment path was not taken, with its summary logged."""
     plan = dataclasses.replace(one_level, fallback=reason, **changes)
     logger.info("%s", plan.summary())

@@ -25,7 +25,7 @@ measured (NOTE [ selective segments ] in core/segments/selective.py).
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..core.graph import draws_random
 from ..core.segments import full_cut_chain
@@ -88,9 +88,11 @@ def _least_measured(setup: PlanningSetup, options: MirrorOptions, chain: Selecti
     """The least measured of the program's choices at HEDGE fractions of the overhead limit and the
     unsplit chain (NOTE [ planning under an overhead limit ]: the model's figure of a kept
     executor is not MXNet's, so a lower limit may measure lower)."""
-    choices = {((), ()): SelectiveChoice((), (), chain.working[0][chain.last], 0.0)}
+    limit = _overhead_limit(options)
+    choices: Dict[Tuple[Tuple[int, ...], Tuple[int, ...]], SelectiveChoice] = {
+        ((), ()): SelectiveChoice((), (), chain.working[0][chain.last], 0.0)}
     for fraction in HEDGE:
-        choice = solve_selective(chain, max_cost=fraction * options.max_overhead)
+        choice = solve_selective(chain, max_cost=fraction * limit)
         if choice is not None:
             choices.setdefault((choice.cuts, choice.kept), choice)
     found = []
@@ -100,6 +102,13 @@ def _least_measured(setup: PlanningSetup, options: MirrorOptions, chain: Selecti
         logger.info("selective plan: %d segments, %d kept, %.0f MB static, estimated overhead %.1f%%",
                     plan.count, len(plan.kept), found[-1].mb, 100 * found[-1].overhead)
     return min(found, key=lambda item: (item.mb, item.overhead))
+
+
+def _overhead_limit(options: MirrorOptions) -> float:
+    """``options.max_overhead``, which selective planning is only entered with."""
+    if options.max_overhead is None:
+        raise ValueError("selective planning needs max_overhead")
+    return float(options.max_overhead)
 
 
 def _ratio(options: MirrorOptions, limit_mb: Optional[float], baseline_mb: float) -> Optional[float]:
@@ -114,7 +123,8 @@ def _ratio(options: MirrorOptions, limit_mb: Optional[float], baseline_mb: float
 def _contradiction(chain: SelectiveChain, options: MirrorOptions, limit_mb: Optional[float],
                    baseline_mb: float) -> OptionError:
     """The one-line error for a budget and an overhead limit no plan meets together."""
-    least = solve_selective(chain, max_cost=options.max_overhead)
+    limit = _overhead_limit(options)
+    least = solve_selective(chain, max_cost=limit)
     model_full = chain.working[0][chain.last] or 1
     reachable = baseline_mb * least.memory / model_full if least is not None else float("nan")
     fits: Optional[SelectiveChoice] = None
@@ -123,8 +133,8 @@ def _contradiction(chain: SelectiveChain, options: MirrorOptions, limit_mb: Opti
         fits = solve_selective(chain, max_bytes=ratio * model_full)
     needed = f"{100 * fits.cost:.1f}%" if fits is not None else "no segment plan"
     return OptionError(
-        f"memory_budget {options.memory_budget!r} and max_overhead={options.max_overhead:g} "
-        f"contradict: within {100 * options.max_overhead:g}% extra time the least memory is about "
+        f"memory_budget {options.memory_budget!r} and max_overhead={limit:g} "
+        f"contradict: within {100 * limit:g}% extra time the least memory is about "
         f"{reachable:.0f} MB (budget {limit_mb:.0f} MB), and fitting the budget takes {needed} "
         f"recomputation; raise one of them")
 
@@ -133,7 +143,7 @@ def prefer_one_level(options: MirrorOptions, one_level: MirrorPlan,
                      measured: Measured) -> Tuple[bool, str]:
     """Whether ``'auto'`` keeps the one-level plan: its estimated overhead within the limit and its
     figure below the selective plan's (and within the budget)."""
-    if options.backend != "auto" or one_level.overhead > options.max_overhead:
+    if options.backend != "auto" or one_level.overhead > _overhead_limit(options):
         return False, ""
     limit_mb = options.budget.limit_mb(one_level.baseline_mb)
     if limit_mb is not None and one_level.planned_mb > limit_mb:

@@ -113,10 +113,15 @@ def _pool_of(options: Variants, choice: Sequence[Any]) -> int:
     return shared_pool_bytes([chosen[i][1] for i in order])
 
 
+def _least_variant(keys: Sequence[Any], variants: Mapping[Any, Any]) -> Any:
+    """The variant key whose blocks add up to the least bytes (ties: by the key's text)."""
+    return min(keys, key=lambda key: (sum(variants[key][1]), repr(key)))
+
+
 def _coordinate_descent(options: Variants, keys: Sequence[Sequence[Any]]) -> Tuple[int, List[Any]]:
     """From each executor's least plan, change one executor's variant at a time while the pool
     shrinks, POOL_CHOICE_PASSES passes at most."""
-    choice = [min(k, key=lambda key, o=o: (sum(o[key][1]), repr(key))) for k, o in zip(keys, options)]
+    choice = [_least_variant(k, o) for k, o in zip(keys, options)]
     current = _pool_of(options, choice)
     for _ in range(POOL_CHOICE_PASSES):
         improved = False

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...core.graph import draws_random
 from ...core.segments.head import LossHead
-from ...core.segments.plan import Entry, SegmentPlan, SegmentSpec
+from ...core.segments.plan import Entry, SegmentPlan, SegmentSpec, as_entry
 from ...errors import BackendError
 from ..bind import environment
 from .environment import cap_variables, match_range_variables
@@ -156,7 +156,14 @@ class SegmentChain:
             return [self.head.output]
         if self.layout.outputs:
             return [_zeros(spec.shape, self.ctx, spec.dtype) for spec in self.layout.outputs]
-        return self.execs[-1].outputs
+        return self._executor(self.plan.count - 1).outputs
+
+    def _executor(self, index: int) -> "mx.executor.Executor":
+        """The bound executor of segment ``index`` (gathering segments have none)."""
+        executor = self.execs[index]
+        if executor is None:
+            raise ValueError(f"segment {index} gathers its inputs and runs no executor")
+        return executor
 
     def _make_head(self) -> ChunkedHead:
         fc, softmax, data, weight, bias, label = head_parts(json.loads(self.symbol.tojson()), self.plan)
@@ -246,9 +253,10 @@ class SegmentChain:
                 self.execs[index] = self._bind_one(index, None)
         # Variables read by several segments sum their gradients: cleared before each backward
         # unless the user asked for 'add'.
-        self._zeroed = [self.grad_dict[n] for n, count in self._readers.items()
-                        if count > 1 and n in self.grad_dict and self.grad_dict[n] is not None
-                        and self._user_req[n] in ("write", "inplace")]
+        self._zeroed: List["mx.nd.NDArray"] = [
+            grad for n, count in self._readers.items()
+            if count > 1 and (grad := self.grad_dict.get(n)) is not None
+            and self._user_req[n] in ("write", "inplace")]
         self._zeroed += [self.boundary_grad[e] for e in self.boundary
                          if self._readers.get(boundary_name(e), 0) > 1]
 
@@ -290,13 +298,14 @@ class SegmentChain:
         for name, value in kwargs.items():
             self.arg_dict[name][:] = value
         replay = bool(is_train and self._random_segments)
-        self._seeds = self._draw_seeds() if replay else None
+        seeds = self._draw_seeds() if replay else []
+        self._seeds = seeds if replay else None
         last = self.plan.count - 1
         for index, executor in enumerate(self.execs):
             if executor is None:
                 continue  # a gathering segment: its inputs were placed as they were computed
             if replay and index in self._random_segments:
-                self._seed(self._seeds[index])
+                self._seed(seeds[index])
             executor.forward(is_train=is_train)
             if index < last:
                 for entry, output in zip(self.plan.segments[index].outputs, executor.outputs):
@@ -309,11 +318,11 @@ class SegmentChain:
                         output.copyto(self.boundary[entry])
         if self.head is not None:
             self.head.forward(is_train)
-        elif self.outputs is not self.execs[-1].outputs:
-            for output, kept in zip(self.execs[-1].outputs, self.outputs):
+        elif self.outputs is not self._executor(last).outputs:
+            for output, kept in zip(self._executor(last).outputs, self.outputs):
                 output.copyto(kept)  # NOTE [ outputs outlive the re-runs ]
         if replay:
-            self._seed(self._seeds[-2])
+            self._seed(seeds[-2])
         self._last_state_valid = bool(is_train)
         return self.outputs
 
@@ -324,7 +333,7 @@ class SegmentChain:
                 raise BackendError("backward re-runs segments that draw random numbers and needs the "
                                    "draws of a training forward: call forward(is_train=True) first")
             self._seed(self._seeds[index])
-        self.execs[index].forward(is_train=True)
+        self._executor(index).forward(is_train=True)
 
     def backward(self, out_grads: Optional[Sequence["mx.nd.NDArray"]] = None,
                  is_train: bool = True) -> None:
@@ -342,8 +351,8 @@ class SegmentChain:
         else:
             if not self._last_state_valid:
                 self._rerun(last)
-            self.execs[last].backward(out_grads=list(out_grads) if out_grads else None,
-                                      is_train=is_train)
+            self._executor(last).backward(out_grads=list(out_grads) if out_grads else None,
+                                          is_train=is_train)
         kept = set(self.plan.kept)
         for index in range(last - 1, -1, -1):
             if self.execs[index] is None:
@@ -351,7 +360,7 @@ class SegmentChain:
             if index not in kept or not self._last_state_valid:
                 self._rerun(index)  # a kept segment's pool still holds its training forward
             heads = [self._head_gradient(e) for e in self.plan.segments[index].outputs]
-            self.execs[index].backward(out_grads=heads, is_train=is_train)
+            self._executor(index).backward(out_grads=heads, is_train=is_train)
         if self._random_segments and self._seeds is not None:
             self._seed(self._seeds[-1])
         # The re-runs overwrote the shared pool: another backward must re-run the last segment.
@@ -359,7 +368,7 @@ class SegmentChain:
 
     def _gather_view(self, segment: int, arrays: Mapping[Entry, "mx.nd.NDArray"]) -> "mx.nd.NDArray":
         """The merged tensor (value or gradient) of a gathering segment, in its concat shape."""
-        return arrays[tuple(self.plan.segments[segment].outputs[0])].reshape(self.gathers[segment].shape)
+        return arrays[as_entry(self.plan.segments[segment].outputs[0])].reshape(self.gathers[segment].shape)
 
     def _head_gradient(self, entry: Entry) -> "mx.nd.NDArray":
         """The gradient of a segment output for its executor's backward (NOTE [ gathered steps ])."""
