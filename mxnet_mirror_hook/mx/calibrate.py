@@ -341,8 +341,11 @@ def profiled_costs(symbol: "mx.sym.Symbol", graph: Graph, shapes: Mapping[str, T
     # to the graph's operators in order and by type (a node without its event is
     # left to the table's rate, NOTE [ measured operator times ]), and the
     # backward events' total is shared out in proportion to the forward times
-    # (only the iteration's total is read).  Same network: 25% estimated, 24%
-    # measured.  The profile runs in a fresh Python process (MXNet's profiler
+    # (only the iteration's total is read).  Same network: 25% (22% in another
+    # run) estimated, 24% measured; but not better than the analytic count on
+    # every bench network (bench/RESULTS.md), and where the engine runs branches
+    # out of the graph's order (inceptionv3, the unrolled LSTM) fewer events
+    # match.  The profile runs in a fresh Python process (MXNet's profiler
     # writes one trace per process), and only when calibration is asked for.
     """
     ctx = ctx or mx.cpu()
