@@ -43,7 +43,7 @@ def test_gpu_measured_plan_is_close_to_the_cpu_plan():
     symbol = small_resnet(num_blocks=4, channels=16)
     data = [("data", (32, 3, 64, 64))]
     on_cpu = plan_mirror(symbol, data, cache_dir=False)
-    on_gpu = plan_mirror(symbol, data, ctx=mx.gpu(), cache_dir=False)
+    on_gpu = plan_mirror(symbol, data, cost_ctx=mx.gpu(), cache_dir=False)
     assert on_gpu.planned_mb < on_gpu.baseline_mb
     assert abs(on_gpu.planned_mb - on_cpu.planned_mb) <= 0.25 * on_cpu.planned_mb
 

@@ -99,9 +99,44 @@ def test_runner_cli_and_examples_share_the_vocabulary():
 
 # ----------------------------------------------------------- one signature source
 def _surfaces():
-    from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule
+    from mxnet_mirror_hook import MirroredBucketingModule, MirroredModule, plan_mirror
+    from mxnet_mirror_hook.gluon import MirroredTrainer, mirror
 
-    return [MirroredModule, MirroredBucketingModule]
+    return [MirroredModule, MirroredBucketingModule, plan_mirror, mirror, MirroredTrainer]
+
+
+def _declared_parameters(surface):
+    """The parameters the surface's code declares (not the signature takes_options shows)."""
+    code = (surface.__init__ if isinstance(surface, type) else surface).__code__
+    count = code.co_argcount + code.co_kwonlyargcount
+    return set(code.co_varnames[:count])
+
+
+@pytest.mark.parametrize("surface", _surfaces(), ids=lambda s: s.__name__)
+def test_every_surface_takes_the_options_from_the_one_table_not_its_own_keywords(surface):
+    from mxnet_mirror_hook.options import OPTION_NAMES
+
+    assert not _declared_parameters(surface) & set(OPTION_NAMES), surface.__name__
+
+
+def test_every_public_surface_taking_options_is_in_the_list_above():
+    import inspect
+
+    import mxnet_mirror_hook
+    import mxnet_mirror_hook.gluon as gluon_surfaces
+
+    found = set()
+    for module in (mxnet_mirror_hook, gluon_surfaces):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if callable(value) and not isinstance(value, type(mxnet_mirror_hook)):
+                try:
+                    parameters = inspect.signature(value).parameters
+                except (TypeError, ValueError):
+                    continue
+                if "options" in parameters and "memory_budget" in parameters:
+                    found.add(value)
+    assert found == set(_surfaces())
 
 
 @pytest.mark.parametrize("surface", _surfaces(), ids=lambda s: s.__name__)
