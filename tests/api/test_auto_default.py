@@ -32,8 +32,10 @@ def _shapes(steps: int = 24):
 @pytest.fixture
 def no_mkldnn(monkeypatch):
     """The decision made as on a CPU without MKLDNN (no copies at the cuts), where the segments of
-    :func:`_language_model` win."""
-    monkeypatch.setenv("MXNET_MKLDNN_ENABLED", "0")
+    :func:`_language_model` win, as the plugin reads it (``env.mkldnn_switched_off``).
+    MXNET_MKLDNN_ENABLED itself is left alone: MXNet reads it once per process, and a test must not
+    switch MKLDNN off for the tests after it."""
+    monkeypatch.setattr(chain_footprint.env, "mkldnn_switched_off", lambda: True)
 
 
 def _dense_net() -> "mx.gluon.HybridBlock":
@@ -91,7 +93,7 @@ def test_chain_copies_count_cut_tensors_and_summed_weights_on_a_cpu_with_mkldnn_
     data, labels = _shapes()
     plan = plan_mirror(_language_model(), data, labels, cache_dir=False, backend="segments", segments=3)
     source = plan.footprint_source
-    monkeypatch.setenv("MXNET_MKLDNN_ENABLED", "1")
+    monkeypatch.setattr(chain_footprint.env, "mkldnn_switched_off", lambda: False)  # not MXNet's env
     # The boundaries once, and six copies of the LSTM weights every segment reads (summed gradients):
     summed = chain_footprint._summed_mkldnn_weights(source, plan.segment_plan)
     assert summed == 4 * (4 * 128) * 128 * 4  # i2h and h2h weights (4 gates x 128, 128) of two layers
@@ -104,7 +106,7 @@ def test_chain_copies_count_cut_tensors_and_summed_weights_on_a_cpu_with_mkldnn_
     assert chain_copies_bytes(source, None) == 0
     assert chain_copies_bytes(source.replace(device="gpu"), plan.segment_plan) == 0
     assert decision_tag(source.replace(device="gpu")) == "@gpu"
-    monkeypatch.setenv("MXNET_MKLDNN_ENABLED", "0")
+    monkeypatch.setattr(chain_footprint.env, "mkldnn_switched_off", lambda: True)
     assert chain_copies_bytes(source, plan.segment_plan) == 0
     assert decision_tag(source) == "@cpu"
 
