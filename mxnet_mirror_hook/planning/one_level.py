@@ -23,7 +23,7 @@ from .cached import cached_plan
 from .result import PLAN_LOGGER, MirrorPlan
 from .setup import PlanningSetup
 
-__all__ = ["plan_one_level", "nothing_to_gain", "SMALL_ACTIVATIONS_BYTES"]
+__all__ = ["plan_one_level", "nothing_to_gain", "unmirrored_plan", "SMALL_ACTIVATIONS_BYTES"]
 
 logger = logging.getLogger(PLAN_LOGGER)
 
@@ -128,6 +128,12 @@ def _finish(setup: PlanningSetup, options: MirrorOptions, started: float, mirror
         candidates=candidates or [], inputs=setup.input_shapes)
     logger.info("%s", plan.summary())
     return plan
+
+
+def unmirrored_plan(setup: PlanningSetup, options: MirrorOptions, started: float, baseline_mb: float,
+                    candidates: Optional[List[Dict[str, Any]]] = None) -> MirrorPlan:
+    """The plan that recomputes nothing (what every backend falls back to rather than plan above it)."""
+    return _finish(setup, options, started, (), baseline_mb, baseline_mb, 0.0, False, candidates)
 
 
 def _runnable(graph: Graph, mirrored: Sequence[str], planned_mb: float) -> Sequence[str]:

@@ -44,7 +44,7 @@ from .chain_footprint import compare_backends, decision_tag, footprint_source_of
 from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_segments,
                          per_segment_two_level, splits_to_try, tune_shared_pool)
 from .dropout import plan_dropout_variants
-from .one_level import SMALL_ACTIVATIONS_BYTES
+from .one_level import SMALL_ACTIVATIONS_BYTES, unmirrored_plan
 from .result import PLAN_LOGGER, MirrorPlan
 from .selective import plan_selective, prefer_one_level
 from .setup import PlanningSetup
@@ -293,12 +293,20 @@ def _choose_selective(setup: PlanningSetup, options: MirrorOptions, one_level: M
         # is kept unless the selective chain's footprint is lower.
         keep, _ = prefer_one_level(options, one_level, Measured(float("inf"), overhead, chosen))
         why = "the selective segments' whole footprint is not below the one-level plan's"
+    tried = [{"label": f"selective segments x{chosen.count}", "planned_mb": mb, "overhead": overhead,
+              "mirrored_count": 0}]
     if keep:
         logger.info("max_overhead: %s; the one-level plan is used", why)
-        tried = [{"label": f"selective segments x{chosen.count}", "planned_mb": mb, "overhead": overhead,
-                  "mirrored_count": 0}]
         return (dataclasses.replace(one_level, candidates=one_level.candidates + tried),
                 _one_level_entry(one_level))
+    if options.backend == "auto" and mb >= one_level.baseline_mb:
+        # Never above not mirroring: under 'auto', a chain that measures no lower than the
+        # unmirrored plan (its kept pools and boundary copies outweigh what it re-runs) is not
+        # bound (an explicit backend='segments' is, as asked).
+        logger.info("max_overhead: the selective segments (%.0f MB) are not below the unmirrored "
+                    "plan (%.0f MB); nothing is recomputed", mb, one_level.baseline_mb)
+        plain = unmirrored_plan(setup, options, started, one_level.baseline_mb, tried)
+        return plain, BackendEntry("mirror", (), one_level.baseline_mb, one_level.baseline_mb, 0.0)
     entry = BackendEntry("segments", (), one_level.baseline_mb, mb, overhead, segments=chosen.to_dict())
     return _segments_result(setup, one_level, chosen, mb, overhead, started, from_cache=False), entry
 

@@ -276,3 +276,22 @@ def test_max_overhead_is_an_option_of_every_surface_and_the_command_line():
 
 if __name__ == "__main__":
     print(json.dumps(compare_case(sys.argv[1])))
+
+
+def test_auto_never_binds_a_selective_chain_above_the_unmirrored_plan(monkeypatch):
+    # A selective chain whose kept pools and boundary copies outweigh what it re-runs (seen on
+    # resnet50 and gluoncv's train_imagenet.py under max_overhead=0.05: 183 -> 184 MB).
+    from mxnet_mirror_hook.planning import segments as planning_segments
+
+    real = planning_segments.plan_selective
+
+    def above_plain(setup, options, one_level):
+        mb, overhead, chosen = real(setup, options, one_level)
+        return mb + one_level.baseline_mb, overhead, chosen
+
+    monkeypatch.setattr(planning_segments, "plan_selective", above_plain)
+    monkeypatch.setattr(planning_segments, "prefer_one_level", lambda *args: (False, ""))
+    monkeypatch.setattr(planning_segments, "_footprint_wins", lambda *args, **kwargs: True)
+    plan = _transformer_plan(max_overhead=0.05, backend="auto")
+    assert plan.backend == "mirror" and plan.mirrored == ()
+    assert plan.planned_mb == plan.baseline_mb and plan.overhead == 0.0
