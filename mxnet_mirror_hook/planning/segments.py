@@ -151,8 +151,15 @@ def _draws_unreplayable_random(setup: PlanningSetup, options: MirrorOptions) -> 
                           "Pass recompute_dropout=True to replay Dropout draws (masks drawn "
                           "from per-segment seeds, not MXNet's own draws), or ")
             + "use backend='mirror' (or 'auto', which keeps the one-level plan here)")
-    logger.info("segments not considered: %d nodes draw random numbers in forward (%s)",
-                len(random_nodes), random_nodes[0])
+    if options.max_overhead is not None:
+        # max_overhead is met by selective segments; the one-level plan does not bound its time.
+        logger.warning("max_overhead=%g cannot be applied: %d nodes draw random numbers in forward "
+                       "(%s) and segments would redraw them; pass recompute_dropout=True to replay "
+                       "the draws, or a memory_budget for the one-level plan", options.max_overhead,
+                       len(random_nodes), random_nodes[0])
+    else:
+        logger.info("segments not considered: %d nodes draw random numbers in forward (%s)",
+                    len(random_nodes), random_nodes[0])
     return True
 
 

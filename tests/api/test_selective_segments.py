@@ -295,3 +295,16 @@ def test_auto_never_binds_a_selective_chain_above_the_unmirrored_plan(monkeypatc
     plan = _transformer_plan(max_overhead=0.05, backend="auto")
     assert plan.backend == "mirror" and plan.mirrored == ()
     assert plan.planned_mb == plan.baseline_mb and plan.overhead == 0.0
+
+
+def test_max_overhead_that_cannot_be_applied_to_random_draws_is_said_in_a_warning(caplog):
+    import logging
+
+    from tests.api.test_equivalence import ARCHITECTURES
+
+    symbol, data_shape, label_shape = ARCHITECTURES["mlp_dropout"]()
+    with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook"):
+        plan_mirror(symbol, [("data", data_shape)], [("softmax_label", label_shape)], max_overhead=0.05,
+                    cache_dir=False)
+    lines = [r.getMessage() for r in caplog.records if "cannot be applied" in r.getMessage()]
+    assert len(lines) == 1 and "recompute_dropout=True" in lines[0]
