@@ -111,18 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_symbol(path: str) -> Any:
+    """The symbol saved at ``path``, or None after logging why it cannot be loaded."""
+    import mxnet as mx
+
+    try:
+        return mx.sym.load(path)
+    except (OSError, mx.base.MXNetError) as error:
+        logger.error("cannot load symbol %s: %s", path, str(error).splitlines()[0])
+        return None
+
+
 def _load_and_plan(args: argparse.Namespace):
     """Load the symbol and plan it; ``(symbol, plan)``, or ``None`` after logging why."""
-    import mxnet as mx
 
     from ..errors import MirrorHookError
     from ..options import MirrorOptions
     from ..plan import plan_mirror
 
-    try:
-        symbol = mx.sym.load(args.symbol)
-    except (OSError, mx.base.MXNetError) as error:
-        logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
+    symbol = _load_symbol(args.symbol)
+    if symbol is None:
         return None
     try:
         options = MirrorOptions.from_args(args)
@@ -184,7 +192,6 @@ def run_pareto(args: argparse.Namespace) -> int:
     """The ``pareto`` command."""
     import os
 
-    import mxnet as mx
 
     from ..errors import MirrorHookError
     from .pareto import draw_pareto, pareto_points, write_csv
@@ -192,10 +199,8 @@ def run_pareto(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         logger.error("--repeats must be at least 1, got %d", args.repeats)
         return 2
-    try:
-        symbol = mx.sym.load(args.symbol)
-    except (OSError, mx.base.MXNetError) as error:
-        logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
+    symbol = _load_symbol(args.symbol)
+    if symbol is None:
         return 2
     try:
         points = pareto_points(symbol, list(args.shape), measure_time=args.measure,
@@ -245,7 +250,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_max_batch(args: argparse.Namespace) -> int:
     """The ``max-batch`` command."""
-    import mxnet as mx
 
     from ..errors import MirrorHookError
     from ..options import MirrorOptions
@@ -254,10 +258,8 @@ def run_max_batch(args: argparse.Namespace) -> int:
     if args.device_memory is None:
         logger.error("max-batch needs --device-memory, e.g. --device-memory 16GB")
         return 2
-    try:
-        symbol = mx.sym.load(args.symbol)
-    except (OSError, mx.base.MXNetError) as error:
-        logger.error("cannot load symbol %s: %s", args.symbol, str(error).splitlines()[0])
+    symbol = _load_symbol(args.symbol)
+    if symbol is None:
         return 2
     params = {"momentum": args.momentum} if args.optimizer.lower() in _MOMENTUM_OPTIMIZERS else {}
     try:

@@ -128,19 +128,6 @@ def test_horovod_distributed_optimizer_is_refused_with_the_fix():
         MirroredTrainer(_small_net(), gluon.loss.L2Loss(), DistributedOptimizer())
 
 
-@pytest.mark.parametrize("surface", [mirror, MirroredTrainer], ids=["mirror", "MirroredTrainer"])
-def test_the_gluon_surfaces_take_and_document_every_option(surface):
-    import inspect
-
-    from mxnet_mirror_hook.options import OPTION_NAMES
-
-    parameters = inspect.signature(surface).parameters
-    assert "options" in parameters
-    for name in OPTION_NAMES:
-        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-        assert f"    {name} : " in surface.__doc__, f"{surface.__name__} does not document {name}"
-
-
 def test_mirror_takes_recompute_dropout_and_refuses_an_unknown_option():
     net = _small_net()
     mirror(net, recompute_dropout=True, cache_dir=False)
