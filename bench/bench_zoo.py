@@ -139,7 +139,15 @@ def plan_network(name: str, option_label: str, built) -> dict:
         row.update(status="ok", baseline_mb=plan.baseline_mb, planned_mb=plan.planned_mb,
                    backend=plan.backend, segments=plan.segment_count,
                    plan_seconds=plan.planning_seconds)
-        row["fell_back"] = any("fall" in text.lower() for text in handler.lines + [summary])
+        # NOTE [ a fallback is read from the plan ]
+        # backend='auto' that cannot plan segments returns the one-level plan with
+        # ``plan.fallback`` saying why (its warning and summary say "segments failed ... one-level
+        # plan used", no "fall" in them); older code only logged it, hence the text match too.
+        reason = getattr(plan, "fallback", None)
+        row["fell_back"] = reason is not None or any("fall" in text.lower()
+                                                     for text in handler.lines + [summary])
+        if reason is not None:
+            row["fallback"] = str(reason)[:400]
     finally:
         package_log.removeHandler(handler)
     row["seconds"] = time.perf_counter() - started

@@ -93,6 +93,20 @@ def _errors(rows: Sequence[dict]) -> List[str]:
     return lines
 
 
+def _codes(rows: Sequence[dict]) -> str:
+    """Which code planned which rows: ``rows planned at <code>: N networks (M runs), ...``, the
+    code with the most networks first (a partial re-sweep leaves rows of several commits)."""
+    networks: Dict[str, set] = collections.defaultdict(set)
+    runs: Dict[str, int] = collections.Counter()
+    for row in rows:
+        code = row.get("code") or "unrecorded code"
+        networks[code].add(row["network"])
+        runs[code] += 1
+    parts = [f"{code}: {len(names)} networks ({runs[code]} runs)"
+             for code, names in sorted(networks.items(), key=lambda item: -len(item[1]))]
+    return "rows planned at " + ", ".join(parts)
+
+
 def format_section(rows: Sequence[dict], labels: Sequence[str], excluded: Sequence) -> str:
     """The zoo section of RESULTS.md (without its markers)."""
     facts = summarize(rows)
@@ -114,7 +128,7 @@ def format_section(rows: Sequence[dict], labels: Sequence[str], excluded: Sequen
         + f"; plans above the unmirrored one: {len(facts['above'])}"
         + (f" ({', '.join(facts['above'])})" if facts["above"] else "")
         + f"; planning seconds median {facts['seconds_median']:.1f}, max {facts['seconds_max']:.1f} "
-        f"({facts['slowest']}).", "",
+        f"({facts['slowest']}); {_codes(rows)}.", "",
     ]
     lines += _table(rows, labels)
     errors = _errors(rows)
@@ -124,9 +138,6 @@ def format_section(rows: Sequence[dict], labels: Sequence[str], excluded: Sequen
         reasons = collections.Counter(net.input for net in excluded)
         lines += ["", f"Left out of the zoo ({len(excluded)} entries): "
                   + "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common()) + "."]
-    codes = sorted({row["code"] for row in rows if row.get("code")})
-    if codes:
-        lines += ["", "Code planned: " + ", ".join(codes) + "."]
     lines += ["", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
               "`bench/bench_zoo.py`."]
     return "\n".join(lines)
