@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.bench_segments import _interleaved_seconds  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from mxnet_mirror_hook import MirroredModule, plan_mirror  # noqa: E402
 from mxnet_mirror_hook.options import MirrorOptions  # noqa: E402
@@ -130,20 +131,11 @@ def time_row(case: str, iterations: int) -> dict:
         module.bind(data, labels)
         module.init_params(mx.init.Xavier())
         module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01})
-    batch = _batch(data, labels)
-    times = {config: [] for config in modules}
-    for repeat in range(iterations + 1):
-        for config, module in modules.items():
-            started = time.perf_counter()
-            module.forward_backward(batch)
-            module.update()
-            mx.nd.waitall()
-            if repeat:
-                times[config].append(time.perf_counter() - started)
+    rounds: dict = {}
+    seconds = _interleaved_seconds(modules, _batch(data, labels), iterations, rounds)
     plan = modules["selective"].mirror_plan
-    ratios = [s / p for s, p in zip(times["selective"], times["plain"])]
-    return {"plain_seconds": float(np.median(times["plain"])),
-            "time_ratio": float(np.median(times["selective"]) / np.median(times["plain"])),
+    ratios = rounds["selective"]
+    return {"plain_seconds": seconds["plain"], "time_ratio": seconds["selective"] / seconds["plain"],
             "ratio_range": (min(ratios), max(ratios)), "timing_mb_ratio": plan.ratio,
             "timing_kept": len(plan.segment_plan.kept) if plan.segment_plan else 0,
             "timing_count": plan.segment_plan.count if plan.segment_plan else 1,
