@@ -25,11 +25,28 @@ class Budget:
 
     Exactly one of the forms is set: ``kind == 'auto'`` (no budget: the lowest
     memory whose estimated overhead stays within one extra forward pass),
-    ``'min'``, ``'fraction'`` (of the unmirrored plan) or ``'bytes'``.
+    ``'min'``, ``'fraction'`` (of the unmirrored plan), ``'bytes'``, or
+    ``'overhead'``: the lowest memory whose estimated overhead is within
+    ``value`` (a fraction of one iteration).  The last is not something
+    ``memory_budget=`` accepts: planning under ``max_overhead`` asks the
+    one-level planners for it (:meth:`within_overhead`; NOTE [ the one-level
+    plan within an overhead limit ] in planning/one_level.py).
     """
 
     kind: str
     value: float = 0.0
+
+    @classmethod
+    def within_overhead(cls, limit: float) -> "Budget":
+        """The budget of the least memory whose estimated overhead is at most ``limit``."""
+        if not math.isfinite(limit) or limit < 0:
+            raise BudgetError(f"an overhead limit must be a finite fraction >= 0, got {limit!r}")
+        return cls("overhead", float(limit))
+
+    @property
+    def overhead_limit(self) -> Optional[float]:
+        """The most estimated overhead a plan may have under this budget, if it caps it."""
+        return self.value if self.kind == "overhead" else None
 
     @property
     def is_limit(self) -> bool:
@@ -39,7 +56,7 @@ class Budget:
     def limit_mb(self, baseline_mb: float) -> Optional[float]:
         """The budget in MB for a symbol whose unmirrored plan is ``baseline_mb``.
 
-        Returns ``None`` for ``'auto'`` and ``'min'``, which have no fixed limit.
+        Returns ``None`` for ``'auto'``, ``'min'`` and ``'overhead'``, which have no fixed limit.
         """
         if self.kind == "fraction":
             return self.value * baseline_mb
@@ -59,6 +76,8 @@ class Budget:
             return f"{self.value:g} of baseline"
         if self.kind == "bytes":
             return f"{self.value / MB:.0f} MB"
+        if self.kind == "overhead":
+            return f"least memory within +{100 * self.value:g}% overhead"
         return self.kind
 
 

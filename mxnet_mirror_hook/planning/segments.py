@@ -46,7 +46,7 @@ from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_s
 from .dropout import plan_dropout_variants
 from .one_level import SMALL_ACTIVATIONS_BYTES, unmirrored_plan
 from .result import PLAN_LOGGER, MirrorPlan
-from .selective import plan_selective, prefer_one_level
+from .selective import one_level_within, plan_selective, prefer_one_level, within_limits
 from .setup import PlanningSetup
 
 __all__ = ["plan_with_segments", "SEGMENT_RECOMPUTE_LIMIT", "SEGMENT_WIN_FRACTION",
@@ -101,7 +101,9 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
 
     def use(entry: BackendEntry) -> Optional[MirrorPlan]:
         if entry.backend == "mirror":
-            return one_level if entry.fallback is None else _fallen_back(one_level, entry.fallback)
+            if entry.fallback is not None:
+                return _fallen_back(one_level, entry.fallback)
+            return _recorded_one_level(setup, options, one_level, entry, started)
         try:
             chosen = SegmentPlan.from_dict(entry.segments or {})
         except (KeyError, TypeError, ValueError):
@@ -291,8 +293,17 @@ def _choose_selective(setup: PlanningSetup, options: MirrorOptions, one_level: M
                       started: float) -> Tuple[MirrorPlan, BackendEntry]:
     """The selective plan under ``max_overhead``, or ``one_level`` under ``'auto'`` when it is lower
     within the limit (NOTE [ planning under an overhead limit ] in planning/selective.py)."""
-    with _step("planning a selective segment chain"):
-        mb, overhead, chosen = plan_selective(setup, options, one_level)
+    one_level = one_level_within(setup, options, one_level, started)
+    try:
+        with _step("planning a selective segment chain"):
+            mb, overhead, chosen = plan_selective(setup, options, one_level)
+    except OptionError:
+        # No selective plan meets the budget within the limit; under 'auto' a one-level plan
+        # within both is the answer (NOTE [ the one-level plan within an overhead limit ]).
+        if options.backend != "auto" or not within_limits(options, one_level):
+            raise
+        logger.info("max_overhead: no selective plan meets both limits; the one-level plan does")
+        return one_level, _one_level_entry(one_level)
     keep, why = prefer_one_level(options, one_level, Measured(mb, overhead, chosen))
     if not keep and options.backend == "auto" and not _footprint_wins(setup, one_level, mb, chosen,
                                                                       margin=False):
@@ -316,6 +327,19 @@ def _choose_selective(setup: PlanningSetup, options: MirrorOptions, one_level: M
         return plain, BackendEntry("mirror", (), one_level.baseline_mb, one_level.baseline_mb, 0.0)
     entry = BackendEntry("segments", (), one_level.baseline_mb, mb, overhead, segments=chosen.to_dict())
     return _segments_result(setup, one_level, chosen, mb, overhead, started, from_cache=False), entry
+
+
+def _recorded_one_level(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
+                        entry: BackendEntry, started: float) -> Optional[MirrorPlan]:
+    """The one-level plan a cached ``'mirror'`` entry recorded: ``one_level``, the unmirrored plan,
+    or the one-level plan within ``max_overhead`` (None: none of them, plan again)."""
+    recorded = set(entry.mirrored)
+    if options.max_overhead is None or recorded == set(one_level.mirrored):
+        return one_level
+    if not recorded:
+        return unmirrored_plan(setup, options, started, one_level.baseline_mb)
+    within = one_level_within(setup, options, one_level, started)
+    return within if recorded == set(within.mirrored) else None
 
 
 def _one_level_entry(one_level: MirrorPlan) -> BackendEntry:

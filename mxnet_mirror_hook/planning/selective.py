@@ -21,12 +21,32 @@ measured (NOTE [ selective segments ] in core/segments/selective.py).
 # the least memory within the overhead and the least overhead within the budget.
 # Under ``'auto'`` the one-level plan is returned instead when its estimated
 # overhead is within the limit and it measures lower.
+#
+# NOTE [ the one-level plan within an overhead limit ]
+# The one-level plan made at the user's budget (the default: about one extra
+# forward) is rarely within a few percent, so under ``'auto'`` a second
+# one-level plan is made for the limit itself: ``Budget.within_overhead`` asks
+# the planner for the least memory whose estimated overhead is within
+# ``max_overhead``.  ``auto`` plans it as it plans the default budget, with the
+# limit as its cap: the least-compute program bisected to the least modelled
+# memory within the limit (a count of program runs: work, never the clock), the
+# allocator-guided search from the best start accepting only plans within the
+# cap, MXNet's bind confirming the result.  The lower of the two one-level
+# plans within the limits stands beside the selective segments, and the least
+# memory is taken.  On resnet50_v1b (batch 32) a one-level plan recomputes
+# convolutions whatever it frees: MXNet 1.9's gradient of a kept convolution
+# reads the forward ReLU output it consumed (NOTE [ what backward keeps ] in
+# core/liveness.py), so recomputing BatchNorm and ReLU alone frees nothing
+# (bench/RESULTS.md, the selective section).  When no selective plan meets a
+# budget and the limit together but this one-level plan does, it is returned
+# rather than the contradiction.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any, Dict, Optional, Tuple
 
+from ..core.budget import Budget
 from ..core.graph import draws_random
 from ..core.segments import full_cut_chain
 from ..core.segments.selective import (SelectiveChain, SelectiveChoice, selective_chain, selective_plan,
@@ -34,10 +54,12 @@ from ..core.segments.selective import (SelectiveChain, SelectiveChoice, selectiv
 from ..errors import OptionError
 from ..options import MirrorOptions
 from .candidates import Measured, measure_segments
+from .dropout import plan_dropout_variants
 from .result import PLAN_LOGGER, MirrorPlan
 from .setup import PlanningSetup
 
-__all__ = ["plan_selective", "prefer_one_level", "REFINE_PASSES", "HEDGE"]
+__all__ = ["plan_selective", "prefer_one_level", "one_level_within", "within_limits", "REFINE_PASSES",
+           "HEDGE"]
 
 logger = logging.getLogger(PLAN_LOGGER)
 
@@ -143,13 +165,42 @@ def prefer_one_level(options: MirrorOptions, one_level: MirrorPlan,
                      measured: Measured) -> Tuple[bool, str]:
     """Whether ``'auto'`` keeps the one-level plan: its estimated overhead within the limit and its
     figure below the selective plan's (and within the budget)."""
-    if options.backend != "auto" or one_level.overhead > _overhead_limit(options):
-        return False, ""
-    limit_mb = options.budget.limit_mb(one_level.baseline_mb)
-    if limit_mb is not None and one_level.planned_mb > limit_mb:
+    if options.backend != "auto" or not within_limits(options, one_level):
         return False, ""
     if one_level.planned_mb < measured.mb:
         return True, (f"the one-level plan ({one_level.planned_mb:.0f} MB, overhead "
                       f"{100 * one_level.overhead:.1f}%) is below the selective segments "
                       f"({measured.mb:.0f} MB)")
     return False, ""
+
+
+def within_limits(options: MirrorOptions, plan: MirrorPlan) -> bool:
+    """Whether a one-level plan's estimated overhead is within ``max_overhead`` and its figure
+    within the budget (if the budget is a limit)."""
+    if plan.overhead > _overhead_limit(options) + 1e-9:
+        return False
+    limit_mb = options.budget.limit_mb(plan.baseline_mb)
+    return limit_mb is None or plan.planned_mb <= limit_mb
+
+
+def one_level_within(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
+                     started: float) -> MirrorPlan:
+    """Under ``'auto'`` with ``max_overhead``, the lower of ``one_level`` and the least-memory
+    one-level plan within the limit, of those within the limits (NOTE [ the one-level plan
+    within an overhead limit ]); ``one_level`` otherwise.
+
+    The plan within the limit goes through the plan cache under its own budget's key.
+    """
+    if options.backend != "auto" or options.max_overhead is None:
+        return one_level
+    within_options = options.replace(backend="mirror", segments=None, max_overhead=None,
+                                     memory_budget=Budget.within_overhead(options.max_overhead))
+    within = plan_dropout_variants(setup, within_options, started)
+    usable = [plan for plan in (one_level, within) if within_limits(options, plan)]
+    if not usable:
+        return one_level
+    chosen = min(usable, key=lambda plan: (plan.planned_mb, plan.overhead))  # one_level on a tie
+    if chosen is within:
+        logger.info("max_overhead: the least one-level memory within the limit is %.0f MB "
+                    "(estimated overhead %.1f%%)", within.planned_mb, 100 * within.overhead)
+    return chosen

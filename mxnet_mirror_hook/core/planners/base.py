@@ -310,6 +310,8 @@ def select_candidate(candidates: Sequence[Candidate], budget: Budget, baseline_m
     overhead is at most one extra forward pass (:data:`ONE_FORWARD`).  MXNet
     replays each mirrored node at most once, so every plan of these planners
     meets that bound; it matters for planners that could recompute more.
+    ``'overhead'``: the same among the candidates whose estimated overhead is
+    within the budget's limit.
     With a limit, the smallest overhead among the candidates that fit wins,
     ties going to the lower memory.
 
@@ -327,6 +329,8 @@ def select_candidate(candidates: Sequence[Candidate], budget: Budget, baseline_m
         pool = list(candidates)
         if budget.kind == "auto":
             pool = [c for c in candidates if c.overhead <= ONE_FORWARD + 1e-9] or pool
+        elif budget.overhead_limit is not None:  # the unmirrored candidate always qualifies
+            pool = [c for c in candidates if c.overhead <= budget.overhead_limit + 1e-9] or pool
         return min(pool, key=lambda c: (c.planned_mb, c.overhead, len(c.decision.mirrored)))
     fitting = [c for c in candidates if c.planned_mb <= limit]
     if not fitting:

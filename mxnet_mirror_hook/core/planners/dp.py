@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from ..cost import node_costs
+from ..cost import node_costs, recompute_overhead
 from ..graph import Graph, NodeKind
 from ..liveness import gradient_reads_inputs, read_by_backward
 from .registry import register_planner
@@ -57,7 +57,7 @@ from .frontier import frontiers
 
 __all__ = ["Segment", "CutChain", "build_cut_chain", "evaluate_schedule", "min_peak_schedule",
            "min_cost_schedule", "schedule_decision", "least_memory_decisions",
-           "least_compute_decisions", "DPPlanner"]
+           "least_compute_decisions", "least_memory_within_overhead", "WITHIN_OVERHEAD_STEPS", "DPPlanner"]
 
 #: Gradient buffers alive while one segment is processed, in units of its largest tensor.
 DEFAULT_GRAD_FACTOR = 2.0
@@ -505,6 +505,42 @@ def least_compute_decisions(graph: Graph, fractions: Sequence[float], max_fronti
                 order = "late order" if late else "given order"
                 decisions.append(Decision(decision, f"dp least compute within {fraction:.2f} x model, "
                                                     f"{order}"))
+    return decisions
+
+
+#: Bisection steps of :func:`least_memory_within_overhead` over the modelled memory fraction.
+WITHIN_OVERHEAD_STEPS = 6
+
+
+def least_memory_within_overhead(graph: Graph, max_overhead: float, steps: int = WITHIN_OVERHEAD_STEPS,
+                                 max_frontier: int = 2, max_cuts: int = 150,
+                                 max_labels: int = 8) -> List[Decision]:
+    """Least-compute decisions at the least modelled memory whose estimated overhead is within
+    ``max_overhead`` (a fraction of one iteration), one per order (NOTE [ the one-level plan
+    within an overhead limit ] in planning/one_level.py).
+
+    The least recomputation within a memory limit grows as the limit falls, so the limit (a
+    fraction of the modelled unmirrored peak) is bisected ``steps`` times per order: work
+    bounded by a count of program runs, never by the clock.  Both orders are searched, as in
+    :func:`least_compute_decisions`.
+    """
+    decisions: List[Decision] = []
+    for late in (False, True):
+        chain = build_cut_chain(graph, max_frontier, max_cuts, late=late)
+        baseline = evaluate_schedule(chain, [Segment(chain.end, False)])[0]
+        low, high, best = 0.0, 1.0, None
+        for _ in range(steps):
+            fraction = (low + high) / 2
+            found = min_cost_schedule(chain, baseline * fraction, max_labels)
+            decision = schedule_decision(chain, found) if found is not None else None
+            if decision is not None and recompute_overhead(graph, decision) <= max_overhead + 1e-9:
+                high, best = fraction, (fraction, decision)
+            else:
+                low = fraction
+        if best is not None and best[1] and all(best[1] != d.mirrored for d in decisions):
+            order = "late order" if late else "given order"
+            decisions.append(Decision(best[1], f"dp least memory within +{100 * max_overhead:g}% "
+                                               f"({best[0]:.2f} x model, {order})"))
     return decisions
 
 

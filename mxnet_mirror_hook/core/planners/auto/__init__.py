@@ -27,7 +27,10 @@
 # model instead of bound, when it reproduces MXNet for the unmirrored graph
 # (NOTE [ replaying MXNet's memory plan ] in core/allocator.py); a search
 # walks from the best one (NOTE [ searching against the allocator ]) and
-# MXNet binds only the searched plan and the best-ranked candidate.
+# MXNet binds only the searched plan and the best-ranked candidate.  Under an
+# overhead limit (``Budget.within_overhead``) the same runs with the limit as
+# the cap, the least-compute programs at the least memory within it added
+# (NOTE [ the one-level plan within an overhead limit ] in planning/one_level.py).
 """
 from __future__ import annotations
 
@@ -94,6 +97,8 @@ class AutoPlanner(Planner):
                 capture = pool.submit(allocator_model, evaluator.measurement)
                 sets.grid()
                 programs = sets.least_memory(MODELLED_LEAST_MEMORY_VARIANTS)
+                if budget.overhead_limit is not None:
+                    programs = sets.within_overhead(budget.overhead_limit) + programs
                 model = capture.result()
             if model is not None:
                 return plan_on_model(sets, budget, evaluator, model, programs,

@@ -29,6 +29,8 @@ def plan_measured(sets: CandidateSets, budget: Budget, evaluator: CandidateEvalu
     """
     graph = sets.graph
     sweep = sets.sweep() if budget.is_limit else []
+    if budget.overhead_limit is not None:
+        sweep = sets.within_overhead(budget.overhead_limit)
     least_memory = sets.least_memory()
     programs = sweep + least_memory
     if not sets.stages:

@@ -64,6 +64,8 @@ def allocator_model(measurement: Measurement) -> Optional[AllocatorModel]:
 
 def overhead_cap(budget: Budget) -> float:
     """The most estimated overhead a plan may have (``select_candidate``'s rule)."""
+    if budget.overhead_limit is not None:
+        return budget.overhead_limit + 1e-9
     return ONE_FORWARD + 1e-9 if budget.kind == "auto" else float("inf")
 
 
