@@ -612,25 +612,11 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
     AllocatorSearchResult
     """
     started = time.perf_counter()
-    names = [n for n in movable if n in model.forward_index]
-    position = {n: i for i, n in enumerate(names)}
-    names_set = frozenset(names)
-    graph = model.graph
-    neighbours: Dict[str, List[str]] = {n: [] for n in names}
-    producers: Dict[str, List[str]] = {n: [] for n in names}
-    consumers: Dict[str, List[str]] = {n: [] for n in names}
-    for name in names:
-        node = graph.nodes[model.forward_index[name]]
-        for source, _ in node.inputs:
-            if 0 <= source < graph.num_forward:
-                parent = model.forward_keys[source]
-                if parent in position:
-                    producers[name].append(parent)
-                    consumers[parent].append(name)
-                    neighbours[name].append(parent)
-                    neighbours[parent].append(name)
+    moves = _SearchMoves.of(model, movable)
+    names = moves.names
+    evaluate = _RememberedBytes(model)
     current = frozenset(n for n in start)
-    current_bytes = start_bytes = model.planned_bytes(current)
+    current_bytes = start_bytes = evaluate(current)
     best, best_bytes = current, current_bytes
     history = [(0, start_bytes)]
     rng = random.Random(seed)
@@ -651,41 +637,16 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
             restarts += 1
             if restarts > MAX_RESTARTS:
                 break
-            shaken = set(best)
-            for name in rng.sample(names, min(len(names), 2 + restarts)):
-                shaken ^= {name}
-            frozen = frozenset(shaken)
+            frozen = moves.shaken(rng, best, restarts)
             if accept is None or accept(frozen):
-                current, current_bytes = frozen, model.planned_bytes(frozen)
+                current, current_bytes = frozen, evaluate(frozen)
                 evaluations += 1
             last_gain = evaluations
             continue
-        candidate = set(current)
-        # (the list of kept names is built only when a move next to one is drawn; whether it
-        # is empty is asked first, as before, so the random sequence is the same)
-        if not names_set.issubset(current) and rng.random() < 0.5:
-            pivot = rng.choice([n for n in names if n not in current])
-            move = rng.randrange(4)
-            if move == 0 or not neighbours[pivot]:
-                candidate ^= {pivot}
-            elif move == 1:
-                candidate ^= {rng.choice(neighbours[pivot])}
-            elif move == 2 and producers[pivot]:
-                candidate.add(pivot)
-                candidate.difference_update(producers[pivot])
-            elif consumers[pivot]:
-                candidate.add(pivot)
-                candidate.difference_update(consumers[pivot])
-            else:
-                candidate ^= {pivot, rng.choice(neighbours[pivot])}
-        else:
-            first = rng.randrange(len(names))
-            for name in names[first:first + rng.choice((1, 1, 2, 3))]:
-                candidate ^= {name}
-        frozen = frozenset(candidate)
+        frozen = moves.draw(rng, current)
         if frozen == current or (accept is not None and not accept(frozen)):
             continue
-        value = model.planned_bytes(frozen, limit=current_bytes)  # exact when accepted
+        value = evaluate(frozen, limit=current_bytes)  # exact when accepted
         evaluations += 1
         if progress is not None and evaluations % 100 == 0:
             progress(evaluations)
@@ -697,3 +658,106 @@ def search_allocator_plan(model: AllocatorModel, start: Iterable[str], movable: 
                 last_gain = evaluations
     return AllocatorSearchResult(best, best_bytes, start_bytes, evaluations,
                                  time.perf_counter() - started, history, timed_out)
+
+
+class _SearchMoves:
+    """The moves of :func:`search_allocator_plan` over the movable forward nodes (NOTE
+    [ searching against the allocator ]): each draws from the generator in a fixed order, so a
+    seed gives the same walk."""
+
+    def __init__(self, names: List[str], neighbours: Dict[str, List[str]],
+                 producers: Dict[str, List[str]], consumers: Dict[str, List[str]]) -> None:
+        self.names, self.names_set = names, frozenset(names)
+        self.neighbours, self.producers, self.consumers = neighbours, producers, consumers
+
+    @classmethod
+    def of(cls, model: AllocatorModel, movable: Sequence[str]) -> "_SearchMoves":
+        """The movable nodes the model knows, in order, and their forward edges among them."""
+        names = [n for n in movable if n in model.forward_index]
+        position = {n: i for i, n in enumerate(names)}
+        neighbours: Dict[str, List[str]] = {n: [] for n in names}
+        producers: Dict[str, List[str]] = {n: [] for n in names}
+        consumers: Dict[str, List[str]] = {n: [] for n in names}
+        graph = model.graph
+        for name in names:
+            node = graph.nodes[model.forward_index[name]]
+            for source, _ in node.inputs:
+                if 0 <= source < graph.num_forward:
+                    parent = model.forward_keys[source]
+                    if parent in position:
+                        producers[name].append(parent)
+                        consumers[parent].append(name)
+                        neighbours[name].append(parent)
+                        neighbours[parent].append(name)
+        return cls(names, neighbours, producers, consumers)
+
+    def shaken(self, rng: random.Random, best: FrozenSet[str], restarts: int) -> FrozenSet[str]:
+        """``best`` with ``2 + restarts`` random nodes flipped (a restart after a stall)."""
+        shaken = set(best)
+        for name in rng.sample(self.names, min(len(self.names), 2 + restarts)):
+            shaken ^= {name}
+        return frozenset(shaken)
+
+    def draw(self, rng: random.Random, current: FrozenSet[str]) -> FrozenSet[str]:
+        """One random move from ``current``: next to a kept node, or one to three consecutive
+        nodes flipped."""
+        candidate = set(current)
+        names = self.names
+        # (the list of kept names is built only when a move next to one is drawn; whether it
+        # is empty is asked first, as before, so the random sequence is the same)
+        if not self.names_set.issubset(current) and rng.random() < 0.5:
+            pivot = rng.choice([n for n in names if n not in current])
+            neighbours = self.neighbours[pivot]
+            move = rng.randrange(4)
+            if move == 0 or not neighbours:
+                candidate ^= {pivot}
+            elif move == 1:
+                candidate ^= {rng.choice(neighbours)}
+            elif move == 2 and self.producers[pivot]:
+                candidate.add(pivot)
+                candidate.difference_update(self.producers[pivot])
+            elif self.consumers[pivot]:
+                candidate.add(pivot)
+                candidate.difference_update(self.consumers[pivot])
+            else:
+                candidate ^= {pivot, rng.choice(neighbours)}
+        else:
+            first = rng.randrange(len(names))
+            for name in names[first:first + rng.choice((1, 1, 2, 3))]:
+                candidate ^= {name}
+        return frozenset(candidate)
+
+
+#: Mirror sets whose figures one search remembers at most (NOTE [ a search remembers its figures ]).
+REMEMBERED_FIGURES = 1 << 15
+
+
+class _RememberedBytes:
+    """``model.planned_bytes`` for one search, each mirror set replayed once where it can be.
+
+    # NOTE [ a search remembers its figures ]
+    # The walk revisits mirror sets (a third of the evaluations of a 'min' plan of
+    # mobilenetv2_1.0 were sets it had already scored: a flip and its undo, a
+    # restart from the best).  A set's figure is kept with whether it is the exact
+    # total (always without a limit; with one, when it is within the limit).  A kept
+    # exact total answers any request; a kept figure above a limit answers a request
+    # with a limit no higher (it is above that one too).  The walk only asks whether a
+    # figure is within its limit and keeps figures that are, so its path, its
+    # evaluation count and its result are what replaying every set gives.  At most
+    # ``REMEMBERED_FIGURES`` sets are kept (the first ones; the rest are replayed).
+    """
+
+    def __init__(self, model: AllocatorModel) -> None:
+        self._model = model
+        self._known: Dict[FrozenSet[str], Tuple[int, Optional[int]]] = {}
+
+    def __call__(self, mirrored: FrozenSet[str], limit: Optional[int] = None) -> int:
+        known = self._known.get(mirrored)
+        if known is not None:
+            value, asked = known
+            if asked is None or value <= asked or (limit is not None and limit <= asked):
+                return value
+        value = self._model.planned_bytes(mirrored, limit=limit)
+        if known is not None or len(self._known) < REMEMBERED_FIGURES:
+            self._known[mirrored] = (value, limit)
+        return value

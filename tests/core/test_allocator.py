@@ -342,3 +342,44 @@ def test_replay_arrays_that_refer_to_missing_nodes_are_refused_and_walked_in_pyt
         fallback = AllocatorModel(_two_stage_graph())
     assert fallback._compiled is None and any("in Python" in r.getMessage() for r in caplog.records)
     assert fallback.planned_bytes({"c0"}) == model.planned_bytes({"c0"})
+
+
+class _ReplayEverySet:
+    """An evaluator that replays every mirror set the search asks about (what the search did
+    before it remembered figures), counting the replays."""
+
+    replays = 0
+
+    def __init__(self, model: AllocatorModel) -> None:
+        self._model = model
+
+    def __call__(self, mirrored, limit=None):
+        type(self).replays += 1
+        return self._model.planned_bytes(mirrored, limit=limit)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_search_that_remembers_figures_walks_the_same_path_as_one_replaying_every_set(seed, monkeypatch):
+    """NOTE [ a search remembers its figures ]: same plan, bytes, evaluation count and history,
+    with fewer replays."""
+    rng = random.Random(seed)
+    model = AllocatorModel(random_executed_graph(rng, rng.randint(8, 30)))
+    movable = list(model.forward_keys)
+    start = set(rng.sample(movable, len(movable) // 3))
+    replays = []
+    real = model.planned_bytes
+
+    def counted(mirrored=(), limit=None):
+        replays.append(1)
+        return real(mirrored, limit)
+
+    monkeypatch.setattr(model, "planned_bytes", counted)
+    remembered = search_allocator_plan(model, start, movable, max_evaluations=2000, seed=seed)
+    remembered_replays = len(replays)
+    monkeypatch.setattr(allocator, "_RememberedBytes", _ReplayEverySet)
+    _ReplayEverySet.replays = 0
+    every = search_allocator_plan(model, start, movable, max_evaluations=2000, seed=seed)
+    assert (remembered.mirrored, remembered.planned_bytes, remembered.evaluations, remembered.history) == (
+        every.mirrored, every.planned_bytes, every.evaluations, every.history)
+    assert _ReplayEverySet.replays >= every.evaluations
+    assert remembered_replays < _ReplayEverySet.replays
