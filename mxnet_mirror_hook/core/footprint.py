@@ -172,6 +172,9 @@ class Footprint:
         Temporary space operators request (``kTempSpace``): convolution's im2col buffer.
     mkldnn_copies : float
         On a CPU with MKLDNN, the temporary space its reorders add above ``workspace``.
+    attention_space : float
+        What a plan's fused core-attention operators allocate outside MXNet's static plan:
+        one pass's temporaries and the kept dropout masks (``MirrorPlan.outside_plan_mb``).
     """
 
     parameters: float = 0.0
@@ -184,6 +187,7 @@ class Footprint:
     activations: float = 0.0
     workspace: float = 0.0
     mkldnn_copies: float = 0.0
+    attention_space: float = 0.0
 
     @property
     def total(self) -> float:
@@ -206,7 +210,7 @@ class Footprint:
         names = {"parameters": "params", "gradients": "grads", "optimizer_state": "optimizer",
                  "auxiliary": "aux", "parameter_copies": "param copies", "inputs": "inputs",
                  "head_gradients": "head grads", "activations": "activations",
-                 "workspace": "workspace", "mkldnn_copies": "mkldnn"}
+                 "workspace": "workspace", "mkldnn_copies": "mkldnn", "attention_space": "attention"}
         parts = ", ".join(f"{label} {getattr(self, name):.0f}" for name, label in names.items()
                           if getattr(self, name) >= 0.5)
         return f"footprint {self.total:.0f} MB ({parts})"

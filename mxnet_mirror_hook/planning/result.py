@@ -64,6 +64,10 @@ class MirrorPlan:
     fallback : str or None
         With ``backend='auto'``: what failed on the segment path when the one-level plan was
         used because of it (NOTE [ the segment path falls back ] in :mod:`.segments`).
+    outside_plan_mb : float
+        MB the plan's own operators allocate outside MXNet's static plan: the fused core
+        attention's temporaries (one pass at a time) and kept dropout masks (NOTE [ what the core
+        attention operator allocates ] in mx/attention.py); 0 for other plans.
     footprint_source : FootprintSource or None
         What :attr:`footprint` is computed from (set by ``plan_mirror``; None for a plan made
         otherwise).
@@ -85,6 +89,7 @@ class MirrorPlan:
     backend: str = "mirror"
     segment_plan: Optional[SegmentPlan] = None
     fallback: Optional[str] = None
+    outside_plan_mb: float = 0.0
     footprint_source: Optional[FootprintSource] = field(default=None, repr=False, compare=False)
 
     @property
@@ -101,7 +106,15 @@ class MirrorPlan:
             return None
         from .chain_footprint import segment_footprint  # MKLDNN's copies at a chain's cuts
 
-        return segment_footprint(self.footprint_source, self.planned_mb, self.segment_plan)
+        found = segment_footprint(self.footprint_source, self.planned_mb, self.segment_plan)
+        if self.outside_plan_mb:
+            found = dataclasses.replace(found, attention_space=self.outside_plan_mb)
+        return found
+
+    @property
+    def activation_mb(self) -> float:
+        """:attr:`planned_mb` and :attr:`outside_plan_mb`: the activations' figure to compare plans by."""
+        return self.planned_mb + self.outside_plan_mb
 
     @property
     def optimizer_label(self) -> Optional[str]:
@@ -137,7 +150,7 @@ class MirrorPlan:
             "candidates": self.candidates, "backend": self.backend,
             "segment_count": self.segment_count,
             "segments": self.segment_plan.to_dict() if self.segment_plan is not None else None,
-            "fallback": self.fallback,
+            "fallback": self.fallback, "outside_plan_mb": self.outside_plan_mb,
             "footprint": footprint.to_dict() if (footprint := self.footprint) is not None else None,
             "optimizer": self.optimizer_label,
         }
@@ -151,6 +164,7 @@ class MirrorPlan:
         return (f"mirror plan [{self.planner}, budget {self.budget}, {self.context}{backend}]"
                 f"{' for ' + shapes if shapes else ''}: "
                 f"{self.baseline_mb:.0f} MB -> {self.planned_mb:.0f} MB ({self.ratio:.2f}x), "
+                + (f"+{self.outside_plan_mb:.0f} MB outside MXNet's plan, " if self.outside_plan_mb else "")
                 + self._footprint_words() +
                 f"{len(self.mirrored)} recomputed / {self.kept_count} kept, est. overhead "
                 f"{self.overhead:.1%}, {'cached' if self.from_cache else 'planned'} in "
