@@ -38,6 +38,15 @@ class UntraceableBlockError(GluonMirrorError):
     """A mirrored block's ``hybrid_forward`` cannot run on Symbols (it then trains plainly)."""
 
 
+def _untraceable(block: "gluon.HybridBlock", error: Exception) -> UntraceableBlockError:
+    """The error for a block whose ``hybrid_forward`` failed on Symbols (it then trains plainly)."""
+    return UntraceableBlockError(
+        f"{type(block).__name__} cannot be traced to a symbol ({type(error).__name__}: "
+        f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); mirroring needs "
+        f"hybrid_forward to use only F (symbol-compatible) operations and return (nested lists "
+        f"of) outputs")
+
+
 class _Entry:
     """A plan and the executors bound from it for one context and input signature."""
 
@@ -119,10 +128,7 @@ class MirrorState:
             except MirrorHookError:
                 raise
             except Exception as error:  # anything hybrid_forward raises on Symbols
-                raise UntraceableBlockError(
-                    f"{type(block).__name__} cannot be traced to a symbol ({type(error).__name__}: "
-                    f"{error}); mirroring needs hybrid_forward to use only F (symbol-compatible) "
-                    f"operations and return (nested lists of) outputs") from error
+                raise _untraceable(block, error) from error
             params = {p.name for p in block.collect_params().values()}
             symbol = found.symbol
             unknown = (set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())) - params \
@@ -150,7 +156,12 @@ class MirrorState:
     def _call(self, block: "gluon.HybridBlock", args: Sequence[Any]) -> Call:
         """The call's traced symbol, input arrays, gradient requests and inputs needing a gradient."""
         arrays, structure = flatten_call(block, args)
-        finish_deferred_init(block, args)
+        try:
+            finish_deferred_init(block, args)  # traces the block symbolically to infer shapes
+        except MirrorHookError:
+            raise
+        except Exception as error:  # e.g. gluoncv's GroupNorm on MXNet 1.9.1: nothing initialized yet
+            raise _untraceable(block, error) from error
         found = self._traced(block, args, structure)
         requests: Dict[str, str] = {}
         leaves: List[Tuple[str, "mx.nd.NDArray"]] = []

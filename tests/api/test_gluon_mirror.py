@@ -403,6 +403,42 @@ def test_an_untraceable_block_trains_plainly_with_one_warning(caplog):
     assert x.grad.asnumpy().tolist() == [[2.0, 2.0, 2.0]]
 
 
+class _SymbolOnlyFails(gluon.HybridBlock):
+    """A Dense whose input size is inferred lazily, behind an operation that works on NDArrays but
+    not on Symbols (gluoncv's GroupNorm passes ``Reshape`` an argument MXNet 1.9.1's symbolic
+    Reshape refuses, so its networks train only unhybridized)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.dense = gluon.nn.Dense(2)
+
+    def hybrid_forward(self, F, x):
+        if isinstance(x, mx.sym.Symbol):
+            raise ValueError("shape cannot be inferred")
+        return self.dense(x)
+
+
+def test_a_lazily_initialized_block_that_cannot_be_traced_trains_like_plain_gluon(caplog):
+    results = []
+    for mirrored in (False, True):
+        mx.random.seed(3)
+        net = _SymbolOnlyFails()
+        net.initialize(mx.init.Xavier())  # the Dense's weight waits for the first forward
+        if mirrored:
+            mirror(net, cache_dir=False)
+        x = mx.nd.array([[1.0, -2.0, 3.0]])
+        with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook"):
+            with autograd.record():
+                y = net(x)
+            y.backward()
+        results.append((y.asnumpy(), net.dense.weight.grad().asnumpy()))
+    warnings = [r for r in caplog.records if "cannot be traced" in r.getMessage()]
+    assert len(warnings) == 1 and "trains without mirroring" in warnings[0].getMessage()
+    for plain, mirrored in zip(*results):
+        np.testing.assert_array_equal(mirrored, plain)
+
+
 def test_input_from_recorded_operations_fails_clearly():
     net = gluon.nn.HybridSequential()
     net.add(gluon.nn.Dense(4))
