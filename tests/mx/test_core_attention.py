@@ -175,12 +175,17 @@ def exact() -> None:
 
 # ----------------------------------------------------------------------- dropout
 def _masked_reference(symbol):
-    """``symbol`` with each attention Dropout replaced by a product with a mask input ``mask<i>``."""
+    """``symbol`` with each attention Dropout replaced by a product with a mask input ``mask<i>``
+    (batch x heads x seq x seq, batch first as ``Module`` splits inputs; reshaped to the
+    probabilities' batch*heads x seq x seq)."""
     document = json.loads(symbol.tojson())
     count = 0
     for node in document["nodes"]:
         if node["op"] == "Dropout" and node["name"].endswith("att_drop"):
             document["nodes"].append({"op": "null", "name": f"mask{count}", "inputs": []})
+            document["nodes"].append({"op": "Reshape", "name": f"mask{count}_rows",
+                                      "attrs": {"shape": "(-3, -2)"},
+                                      "inputs": [[len(document["nodes"]) - 1, 0, 0]]})
             node.update(op="elemwise_mul", attrs={},
                         inputs=[node["inputs"][0], [len(document["nodes"]) - 1, 0, 0]])
             count += 1
@@ -238,7 +243,8 @@ def dropout_against_fed_masks(steps: int = 3) -> float:
             right, out_right = gradients(fused)
             assert len(drawn) == count == 2
             scale = np.float32(1) / np.float32(0.9)  # MXNet's 1.0f / (1.0f - p)
-            masks = {f"mask{i}": keep.astype(np.float32) * scale for i, keep in enumerate(drawn)}
+            masks = {f"mask{i}": (keep.astype(np.float32) * scale).reshape(BATCH, HEADS, SEQ, SEQ)
+                     for i, keep in enumerate(drawn)}
             plain = bind(reference, {**given, **{k: v.shape for k, v in masks.items()}})
             for name, value in masks.items():
                 plain.arg_dict[name][:] = value
