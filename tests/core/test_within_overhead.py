@@ -7,7 +7,8 @@ import pytest
 from mxnet_mirror_hook.core.budget import Budget
 from mxnet_mirror_hook.core.cost import recompute_overhead
 from mxnet_mirror_hook.core.planners import Candidate, Decision, get_planner, select_candidate
-from mxnet_mirror_hook.core.planners.dp import least_memory_within_overhead
+from mxnet_mirror_hook.core.planners.auto.modelled import search_starts
+from mxnet_mirror_hook.core.planners.dp import least_memory_within_overhead, prefix_within_overhead
 from mxnet_mirror_hook.errors import BudgetError
 from tests.core.test_planners import model_measure
 from tests.graphs import residual
@@ -45,6 +46,23 @@ def test_the_bisected_program_recomputes_within_the_limit(limit):
 
 def test_the_bisected_program_proposes_nothing_when_nothing_fits_the_limit():
     assert least_memory_within_overhead(residual(8), 0.0) == []
+
+
+@pytest.mark.parametrize("limit", [0.05, 0.2])
+def test_the_prefix_start_is_the_longest_prefix_of_the_forward_order_within_the_limit(limit):
+    graph = residual(8)
+    movable = [node.name for node in graph.op_nodes if node.can_mirror]
+    (prefix,) = prefix_within_overhead(graph, limit)
+    count = len(prefix.mirrored)
+    assert prefix.mirrored == frozenset(movable[:count])
+    assert recompute_overhead(graph, prefix.mirrored) <= limit + 1e-9
+    assert recompute_overhead(graph, movable[:count + 1]) > limit
+    assert prefix_within_overhead(graph, 0.0) == []
+
+
+def test_only_an_overhead_limit_searches_from_more_than_one_start():
+    assert search_starts(Budget.within_overhead(0.06)) > 1
+    assert search_starts(Budget("auto")) == search_starts(Budget("min")) == 1
 
 
 @pytest.mark.parametrize("planner", ["auto", "dp", "memonger"])

@@ -57,7 +57,8 @@ from .frontier import frontiers
 
 __all__ = ["Segment", "CutChain", "build_cut_chain", "evaluate_schedule", "min_peak_schedule",
            "min_cost_schedule", "schedule_decision", "least_memory_decisions",
-           "least_compute_decisions", "least_memory_within_overhead", "WITHIN_OVERHEAD_STEPS", "DPPlanner"]
+           "least_compute_decisions", "least_memory_within_overhead", "prefix_within_overhead",
+           "WITHIN_OVERHEAD_STEPS", "DPPlanner"]
 
 #: Gradient buffers alive while one segment is processed, in units of its largest tensor.
 DEFAULT_GRAD_FACTOR = 2.0
@@ -542,6 +543,28 @@ def least_memory_within_overhead(graph: Graph, max_overhead: float, steps: int =
             decisions.append(Decision(best[1], f"dp least memory within +{100 * max_overhead:g}% "
                                                f"({best[0]:.2f} x model, {order})"))
     return decisions
+
+
+def prefix_within_overhead(graph: Graph, max_overhead: float) -> List[Decision]:
+    """Every mirrorable node of the longest prefix of the forward order whose estimated overhead is
+    within ``max_overhead`` (none when nothing fits).
+
+    A start for the allocator search under an overhead limit: a convnet's first layers hold the
+    largest activations for the fewest operations per byte (resnet50_v1b, batch 32, within +6%:
+    the search from this start reached 2012 MB, from the program's 2098 MB).
+    """
+    movable = [node.name for node in graph.op_nodes if node.can_mirror]
+    low, high = 0, len(movable)  # the overhead only grows with the prefix: bisect its length
+    while low < high:
+        middle = (low + high + 1) // 2
+        if recompute_overhead(graph, movable[:middle]) <= max_overhead + 1e-9:
+            low = middle
+        else:
+            high = middle - 1
+    if not low:
+        return []
+    return [Decision(frozenset(movable[:low]), f"longest prefix within +{100 * max_overhead:g}% "
+                                               f"({low} nodes)")]
 
 
 @register_planner("dp")

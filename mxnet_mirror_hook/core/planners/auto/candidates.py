@@ -8,7 +8,7 @@ from ...graph import Graph
 from ...units import MB_SHIFT
 from ..base import Decision
 from ..dp import (LEAST_MEMORY_VARIANTS, WIDE_FRONTIER_VARIANTS, least_compute_decisions,
-                  least_memory_decisions, least_memory_within_overhead)
+                  least_memory_decisions, least_memory_within_overhead, prefix_within_overhead)
 from ..frontier import frontier_decisions
 from ..memonger import search_thresholds, threshold_plan, user_stages
 from ..selective import selective_decisions
@@ -111,8 +111,10 @@ class CandidateSets:
         return least_compute_decisions(self.graph, SWEEP_FRACTIONS)
 
     def within_overhead(self, max_overhead: float) -> List[Decision]:
-        """The least-compute programs at the least modelled memory within ``max_overhead``."""
-        return least_memory_within_overhead(self.graph, max_overhead)
+        """The least-compute programs at the least modelled memory within ``max_overhead``, and the
+        longest prefix of the forward order within it."""
+        return (least_memory_within_overhead(self.graph, max_overhead)
+                + prefix_within_overhead(self.graph, max_overhead))
 
     def selective(self) -> List[Decision]:
         """MXNet's own ``DO_MIRROR`` rule: keep expensive outputs, recompute cheap ones."""
