@@ -4,18 +4,31 @@
 # The footprint grows with the batch (activations, inputs, MKLDNN's buffers) on top
 # of a fixed part (parameters, gradients, optimizer state), nearly linearly, but
 # MXNet's static plan and a planner's decisions are not exactly linear in it.  The
-# exact search ('search') plans at real batches only: the first two probes give a
-# per-sample slope and a guess of the answer; from the guess it steps outward by
-# doubling steps until the answer is bracketed (one batch that fits, one that does
-# not), then bisects the bracket.  Each step is a plan (through the plan cache, and
-# kept here by batch, so no batch is planned twice), and the steps are bounded by
-# ``max_steps`` (a bracket not closed within it returns its lower end, marked not
-# exact).  The estimate ('slope') plans at the probes only and extrapolates every
-# part of the footprint linearly from the two: cheap for planners that take long at
-# large batches ('min' executor segments), marked ``estimated``.  A segment plan is
-# made at the first probe only and the same split measured again at the second (MXNet's
-# static figure of each segment, seconds): the slope is that plan's, and the 'min'
-# search, minutes per batch on deep networks, runs once.
+# exact search ('search') plans at real batches only and ends at a bracket: one batch
+# that fits, the next one not (or ``limit``).  The first two probes place a line; each
+# next batch is the last one the line through the bracket's ends (or, while one end is
+# open, through the known end and the point farthest from it: MXNet's figures are whole
+# MB) says fits, so on a near-linear footprint the bracket closes in two or three plans
+# after the probes (resnet18_v1b 64x64 in 300 MB: plain, one-level and segments in 5, 5
+# and 4 plans where stepping out from the guess and bisecting took 6, 7 and 7; 200 random
+# whole-MB footprints in tests/api/test_max_batch_search.py: 5.4 plans on average).  On
+# a bent footprint the same end would move one batch at a time; after it moved twice in a
+# row the other end's weight is halved (the Illinois rule of false position), or, with
+# one end open, the step doubled.  Each
+# step is a plan (through the plan cache, and kept here by batch, so no batch is planned
+# twice), and the steps are bounded by ``max_steps`` (a bracket not closed within it
+# returns its lower end, marked not exact).  The answer is the bracket's lower end; on a
+# footprint that grows with the batch it is the same whatever the order of the points.
+# The segment kind's probes are the dear part ('min' executor segments search tens of
+# splits, minutes per batch on deep networks): it plans the first probe only, measures
+# that plan's split again at other batches (MXNet's static figure of each segment,
+# seconds each), runs the same search on those measurements, and plans from where they
+# say the bracket is (that batch and the next): resnet18_v1b above, 4 'min' segment searches
+# instead of 7.  Planner warnings of these internal plans are held back (NOTE [ warnings
+# of internal probes ] in planning/probe_log.py).  The estimate ('slope') plans at the
+# probes only and extrapolates every part of the footprint linearly from the two: cheap
+# for planners that take long at large batches, marked ``estimated``; its segment plan is
+# likewise made at the first probe only and measured again at the second.
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 from ..core.footprint import Footprint
 from ..errors import BackendError
 from .footprint import FootprintSource
+from .probe_log import HeldWarnings
 from .result import PLAN_LOGGER, MirrorPlan
 
 __all__ = ["max_batch", "MaxBatch", "BatchFit", "VARIANTS", "shapes_at", "search_largest"]
@@ -138,10 +152,15 @@ def _footprint_of(plan: MirrorPlan) -> Footprint:
 
 
 def search_largest(evaluate: Evaluate, device_mb: float, probes: Sequence[int], limit: int,
-                   max_steps: int) -> Tuple[int, Dict[int, Tuple[Footprint, MirrorPlan]], bool]:
+                   max_steps: int, seen: Optional[Dict[int, Tuple[Footprint, MirrorPlan]]] = None
+                   ) -> Tuple[int, Dict[int, Tuple[Footprint, MirrorPlan]], bool]:
     """The largest batch in ``[1, limit]`` whose footprint fits (NOTE [ searching for the largest
-    batch ]): ``(batch, evaluated, exact)`` with every evaluated batch's footprint and plan."""
-    seen: Dict[int, Tuple[Footprint, MirrorPlan]] = {}
+    batch ]): ``(batch, evaluated, exact)`` with every evaluated batch's footprint and plan.
+
+    ``seen`` holds batches evaluated already: they bound the bracket and place the line as the
+    probes do (and count as steps).
+    """
+    seen = dict(seen or {})
 
     def fits(batch: int) -> bool:
         if batch not in seen:
@@ -149,31 +168,55 @@ def search_largest(evaluate: Evaluate, device_mb: float, probes: Sequence[int], 
         return seen[batch][0].total <= device_mb
 
     lo, hi = 0, limit + 1
-    for batch in probes:
+    for batch in list(seen) + list(probes):
         (lo, hi) = (max(lo, batch), hi) if fits(batch) else (lo, min(hi, batch))
-    guess = _linear_guess(seen, probes, device_mb, limit)
-    step = max(1, guess // 16)
-    if lo < guess < hi and len(seen) < max_steps:  # step outward from the guess, doubling the step
-        if fits(guess):
-            lo = guess
-            while hi - lo > 1 and lo < limit and len(seen) < max_steps:
-                point = min(lo + step, hi - 1, limit)
-                if not fits(point):
-                    hi = point
-                    break
-                lo, step = point, step * 2
-        else:
-            hi = guess
-            while hi - lo > 1 and len(seen) < max_steps:
-                point = max(hi - step, lo + 1)
-                if fits(point):
-                    lo = point
-                    break
-                hi, step = point, step * 2
-    while hi - lo > 1 and hi <= limit and len(seen) < max_steps:  # bisection
-        middle = (lo + hi) // 2
-        (lo, hi) = (middle, hi) if fits(middle) else (lo, middle)
+    streak, moved_lo = 0, None
+    while hi - lo > 1 and len(seen) < max_steps:
+        line = {batch: found.total for batch, (found, _) in seen.items()}
+        point = _next_point(line, lo, hi, device_mb, limit, moved_lo, streak)
+        side = fits(point)
+        (lo, hi) = (point, hi) if side else (lo, point)
+        streak, moved_lo = (streak + 1 if side == moved_lo else 1), side
     return lo, seen, hi - lo == 1 or lo == limit
+
+
+def _next_point(line: Dict[int, float], lo: int, hi: int, device_mb: float, limit: int,
+                moved_lo: Optional[bool], streak: int) -> int:
+    """The next batch to plan inside the bracket ``(lo, hi)``: the last batch the line says fits
+    (:func:`_line_boundary`), or the bracket's middle (double ``lo`` while no batch was found too
+    large) when the line says nothing."""
+    guess = _line_boundary(line, lo, hi, device_mb, moved_lo, 2.0 ** max(0, streak - 1))
+    if guess is None:
+        guess = (lo + hi) // 2 if hi <= limit else max(lo + 1, 2 * lo)
+    return max(lo + 1, min(hi - 1, limit, guess))
+
+
+def _line_boundary(line: Dict[int, float], lo: int, hi: int, device_mb: float, moved_lo: Optional[bool],
+                   push: float) -> Optional[int]:
+    """The largest batch whose total is at most ``device_mb`` on the line through the bracket's ends
+    (both planned), else through its known end and the point farthest from it (MXNet's figures are
+    whole MB: neighbouring batches often have the same); None without a rising line.
+
+    ``push`` > 1 after the same end moved twice in a row (the footprint bends): the other end's
+    distance from ``device_mb`` is divided by it (the Illinois rule of false position), or with
+    one end open the step from the known end is multiplied by it.
+    """
+    if lo in line and hi in line:
+        below, above = device_mb - line[lo], line[hi] - device_mb
+        if moved_lo is not None:
+            (below, above) = (below, above / push) if moved_lo else (below / push, above)
+        if below + above <= 0:
+            return None
+        return int(math.floor(lo + (hi - lo) * below / (below + above)))
+    end = lo if lo in line else hi
+    others = [batch for batch in line if batch != end]
+    if end not in line or not others:
+        return None
+    far = max(others, key=lambda batch: abs(batch - end))
+    slope = (line[end] - line[far]) / (end - far)
+    if slope <= 0:
+        return None
+    return int(math.floor(end + push * (device_mb - line[end]) / slope))
 
 
 def _linear_guess(seen: Dict[int, Tuple[Footprint, MirrorPlan]], probes: Sequence[int], device_mb: float,
@@ -218,8 +261,9 @@ def _traced(model: Any, shapes: Optional[ShapesLike], input_shape: Optional[Sequ
 
 def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surface: str,
                device: Optional[str], dtypes: Optional[Mapping[str, Any]], optimizer: Any,
-               optimizer_params: Any) -> Evaluate:
-    """The footprint and plan of ``variant`` at a batch."""
+               optimizer_params: Any, held: Optional[HeldWarnings] = None) -> Evaluate:
+    """The footprint and plan of ``variant`` at a batch (with ``held``, its warnings held back:
+    NOTE [ warnings of internal probes ])."""
     from ..plan import plan_mirror
 
     backend, budget, planner = VARIANTS[variant]
@@ -227,6 +271,8 @@ def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surf
                              device_memory=None, segments=None, max_overhead=None)
 
     def evaluate(batch: int) -> Tuple[Footprint, MirrorPlan]:
+        if held is not None:
+            held.attach()
         inputs = [(name, shape, (dtypes or {}).get(name, "float32"))
                   for name, shape in shapes_at(shapes, batch).items()]
         plan = plan_mirror(symbol, inputs, options=chosen, optimizer=optimizer,
@@ -241,6 +287,8 @@ def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surf
         from .candidates import measure_segments
         from .setup import PlanRequest
 
+        if held is not None:
+            held.attach()
         inputs = [(name, shape, (dtypes or {}).get(name, "float32"))
                   for name, shape in shapes_at(shapes, batch).items()]
         setup = PlanRequest(inputs).prepare(symbol, chosen)
@@ -257,7 +305,8 @@ def _evaluator(symbol: Any, shapes: ShapesLike, variant: str, options: Any, surf
                                     inputs=setup.input_shapes, footprint_source=source)
         return _footprint_of(again), again
 
-    evaluate.remeasure = remeasure  # type: ignore[attr-defined]
+    if backend != "mirror":  # a segment split to measure again at another batch
+        evaluate.remeasure = remeasure  # type: ignore[attr-defined]
     return evaluate
 
 
@@ -319,40 +368,88 @@ def max_batch(model: Any, shapes: Optional[ShapesLike] = None, device_memory: Un
     symbol, shapes, surface = _traced(model, shapes, input_shape)
     fits: Dict[str, BatchFit] = {}
     label = None
-    for variant in variants:
-        evaluate = _evaluator(symbol, shapes, variant, options, surface, device, dtypes, optimizer,
-                              optimizer_params)
-        try:
-            fits[variant] = _fit(variant, evaluate, device_mb, tuple(probes), limit, max_steps, method)
-        except BackendError as error:  # this kind cannot train the network: say why, go on
-            fits[variant] = BatchFit(variant, 0, None, 0.0, False, False, 0, error=str(error))
-        plan = fits[variant].plan
-        label = label or (plan.optimizer_label if plan is not None else None)
-        logger.info("max_batch %s: batch %d", variant, fits[variant].batch)
+    with HeldWarnings("max_batch's probes", logger) as held:
+        for variant in variants:
+            evaluate = _evaluator(symbol, shapes, variant, options, surface, device, dtypes, optimizer,
+                                  optimizer_params, held)
+            try:
+                fits[variant] = _fit(variant, evaluate, device_mb, tuple(probes), limit, max_steps, method)
+            except BackendError as error:  # this kind cannot train the network: say why, go on
+                fits[variant] = BatchFit(variant, 0, None, 0.0, False, False, 0, error=str(error))
+            plan = fits[variant].plan
+            label = label or (plan.optimizer_label if plan is not None else None)
+            logger.info("max_batch %s: batch %d (%d plans)", variant, fits[variant].batch,
+                        fits[variant].steps)
     return MaxBatch(device_mb, label or "", fits)
+
+
+def _remeasured(variant: str, evaluate: Evaluate, made_at: int, plan: MirrorPlan,
+                batch: int) -> Optional[Tuple[Footprint, MirrorPlan]]:
+    """``plan``'s segment split (made at ``made_at``) measured at ``batch``; None when ``plan`` has
+    no split or the split does not carry over (said in a warning: the caller plans there)."""
+    remeasure = getattr(evaluate, "remeasure", None)
+    if remeasure is None or plan.segment_plan is None:
+        return None
+    try:
+        return remeasure(plan, batch)
+    except Exception as error:  # a split that does not carry over: plan the probe too
+        logger.warning("max_batch %s: the segment plan made at batch %d could not be measured at "
+                       "%d (%s); planning there too", variant, made_at, batch, error)
+        return None
+
+
+def _search(variant: str, evaluate: Evaluate, device_mb: float, probes: Sequence[int], limit: int,
+            max_steps: int) -> Tuple[int, Dict[int, Tuple[Footprint, MirrorPlan]], bool]:
+    """:func:`search_largest`; for the segment kind, planned at the first probe and then where the
+    first probe's split, measured at other batches, says the bracket is (NOTE [ searching for the
+    largest batch ])."""
+    if getattr(evaluate, "remeasure", None) is None:
+        return search_largest(evaluate, device_mb, probes, limit, max_steps)
+    first = min(probes)
+    seen = {first: evaluate(first)}
+    guess = _split_boundary(variant, evaluate, device_mb, seen, probes, limit, max_steps)
+    if guess is None:
+        return search_largest(evaluate, device_mb, probes, limit, max_steps, seen)
+    starts = [batch for batch in (guess, guess + 1) if 1 <= batch <= limit]
+    return search_largest(evaluate, device_mb, starts, limit, max_steps, seen)
+
+
+class _NoEstimate(Exception):
+    """The first probe's split could not be measured at another batch."""
+
+
+def _split_boundary(variant: str, evaluate: Evaluate, device_mb: float,
+                    seen: Dict[int, Tuple[Footprint, MirrorPlan]], probes: Sequence[int], limit: int,
+                    max_steps: int) -> Optional[int]:
+    """The largest batch at which the split planned at the one batch in ``seen``, measured there,
+    fits (the same search, on measurements instead of plans); None when it cannot be measured."""
+    (made_at, (_, plan)), = seen.items()
+
+    def measured(batch: int) -> Tuple[Footprint, MirrorPlan]:
+        found = _remeasured(variant, evaluate, made_at, plan, batch)
+        if found is None:
+            raise _NoEstimate
+        return found
+
+    try:
+        batch, _, _ = search_largest(measured, device_mb, probes, limit, max_steps, seen)
+    except _NoEstimate:
+        return None
+    return batch
 
 
 def _fit(variant: str, evaluate: Evaluate, device_mb: float, probes: Sequence[int], limit: int,
          max_steps: int, method: str) -> BatchFit:
     """One variant's :class:`BatchFit`."""
     if method == "search":
-        batch, seen, exact = search_largest(evaluate, device_mb, probes, limit, max_steps)
+        batch, seen, exact = _search(variant, evaluate, device_mb, probes, limit, max_steps)
         found, plan = seen[batch] if batch else (None, None)
         if plan is None:  # nothing fits: the overhead of the smallest batch planned
             plan = seen[min(seen)][1]
         return BatchFit(variant, batch, found, plan.overhead, exact, False, len(seen), plan)
     first, second = sorted(probes)[:2]
     seen = {first: evaluate(first)}
-    remeasure = getattr(evaluate, "remeasure", None)
-    seen[second] = None  # type: ignore[assignment]
-    if remeasure is not None and seen[first][1].segment_plan is not None:
-        try:
-            seen[second] = remeasure(seen[first][1], second)
-        except Exception as error:  # a split that does not carry over: plan the probe too
-            logger.warning("max_batch %s: the segment plan made at batch %d could not be measured at "
-                           "%d (%s); planning there too", variant, first, second, error)
-    if seen[second] is None:
-        seen[second] = evaluate(second)
+    seen[second] = _remeasured(variant, evaluate, first, seen[first][1], second) or evaluate(second)
     batch = _linear_guess(seen, probes, device_mb, limit)
     ends = (first, seen[first][0]), (second, seen[second][0])
     found = extrapolate(*ends, batch)

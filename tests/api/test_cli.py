@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -132,3 +133,20 @@ def test_pareto_measure_times_the_front_against_the_plain_symbol(symbol_file, tm
                for row in timed)
     for row in timed:
         assert float(row["measured_overhead"]) > -0.9  # a time ratio, not garbage
+
+
+def test_max_batch_command_warns_of_nothing_the_user_did_not_ask_for(tmp_path, capsys, caplog):
+    """max-batch plans backend='segments' itself at every probe; the segments planner's warning
+    for a user who asked for them ("backend='segments' was asked for") is held back, and one
+    INFO line says how many were."""
+    from .test_device_memory import conv_net
+
+    path = str(tmp_path / "net-symbol.json")
+    conv_net(depth=6).save(path)
+    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
+        code = main(["max-batch", path, "--shape", "data=B,3,32,32", "--shape", "softmax_label=B",
+                     "--device-memory", "150MB", "--method", "slope", "--no-cache"])
+    assert code == 0 and "segments   batch" in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    held = [r.getMessage() for r in caplog.records if "held back during max_batch's probes" in r.getMessage()]
+    assert len(held) == 1 and "backend='segments' was asked for" in held[0]
