@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -137,7 +138,23 @@ def one_min_auto(name):
                          cache_dir=False, memory_budget="min", backend="auto") for symbol, shapes in jobs]
     print(json.dumps({"name": name, "cold": time.perf_counter() - started,
                       "planned_mb": [p.planned_mb for p in plans], "backend": [p.backend for p in plans],
+                      "plans": [plan_digest(p) for p in plans], "workers": _worker_stats(),
                       "package": os.path.dirname(mxnet_mirror_hook.__file__)}))
+
+
+def _worker_stats():
+    """The measuring workers' processes, requests and CPU seconds (None in a checkout without them)."""
+    from mxnet_mirror_hook.mx import worker
+
+    return worker.worker_stats() if hasattr(worker, "worker_stats") else None
+
+
+def plan_digest(plan):
+    """What makes two plans the same: planned MB, backend, the mirrored nodes and the segment plan
+    (cuts, per-segment mirrored nodes, match ranges...), hashed."""
+    segments = plan.segment_plan.to_dict() if plan.segment_plan is not None else None
+    text = json.dumps([plan.planned_mb, plan.backend, sorted(plan.mirrored), segments], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def measure_min_auto(name, root):
@@ -145,10 +162,12 @@ def measure_min_auto(name, root):
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, os.path.abspath(__file__), "--one-min-auto", name, "--root", root]
     used = _children_cpu()
+    load = os.getloadavg()[0]
     output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root, env=env).stdout
     # CPU seconds of the planning process and its measuring workers (waited for at its exit):
     # the work, which other processes on a shared machine do not inflate as they do the wall time.
-    return dict(json.loads(output.strip().splitlines()[-1]), cpu=_children_cpu() - used)
+    return dict(json.loads(output.strip().splitlines()[-1]), cpu=_children_cpu() - used,
+                load=[load, os.getloadavg()[0]])
 
 
 def _children_cpu():
@@ -156,7 +175,7 @@ def _children_cpu():
     return usage.ru_utime + usage.ru_stime
 
 
-def write_min_auto(rows, path, before_label, note=""):
+def write_min_auto(rows, path, before_label, note="", after_label="this checkout"):
     """The ``latency-min-auto`` section: cold seconds and planned MB, before and after."""
     from bench.sections import replace_section
 
@@ -167,18 +186,22 @@ def write_min_auto(rows, path, before_label, note=""):
              "worker processes started by it), *before* and *after* run one after the other per network; "
              "*CPU s*: CPU seconds of the planning process and its measuring workers together (the work, "
              "which the load does not inflate as it does wall seconds). "
-             f"*before*: {before_label}; *after*: this checkout (NOTE [ tuning bounded by work ] in "
-             "planning/candidates.py).", "",
+             f"*before*: {before_label}; *after*: {after_label}. *same plans*: every plan's MB, backend, "
+             "mirrored nodes and segment plan (cuts, per-segment mirrored nodes, match ranges) hashed "
+             "alike before and after; *load*: the one-minute load average when the before and after "
+             "runs started.", "",
              "| network | before s | after s | before CPU s | after CPU s | after / before (CPU) | "
-             "before MB | after MB | backend after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "before MB | after MB | backend after | same plans | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for row in rows:
         old, new = row["before"], row["after"]
         old_mb, new_mb = ("+".join(f"{v:.0f}" for v in r["planned_mb"]) for r in (old, new))
         cpu = (f"{old['cpu']:.1f} | {new['cpu']:.1f} | {new['cpu'] / old['cpu']:.2f}"
                if "cpu" in old and "cpu" in new else "- | - | -")
+        same = str(old["plans"] == new["plans"]) if "plans" in old and "plans" in new else "-"
+        load = "/".join(f"{r['load'][0]:.1f}" for r in (old, new)) if "load" in old and "load" in new else "-"
         lines.append(f"| {row['name']} | {old['cold']:.1f} | {new['cold']:.1f} | {cpu} | {old_mb} | "
-                     f"{new_mb} | {'/'.join(sorted(set(new['backend'])))} |")
+                     f"{new_mb} | {'/'.join(sorted(set(new['backend'])))} | {same} | {load} |")
     if note:
         lines += ["", note]
     replace_section(path, "latency-min-auto", "\n".join(lines))
@@ -243,6 +266,8 @@ def main(argv=None):
                         help="cold 'min' + 'auto' planning, this checkout against --before-root")
     parser.add_argument("--before-root", help="a checkout of the code to compare with (--min-auto)")
     parser.add_argument("--after-root", default=ROOT, help="the checkout measured as after (--min-auto)")
+    parser.add_argument("--after-label", default="this checkout", help="what --after-root holds (--min-auto)")
+    parser.add_argument("--note", default="", help="a paragraph under the table (--min-auto)")
     parser.add_argument("--one-min-auto", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -266,7 +291,7 @@ def main(argv=None):
             if args.json:
                 with open(args.json, "w", encoding="utf-8") as handle:
                     json.dump(rows, handle, indent=1)
-        write_min_auto(rows, args.output, args.before_label)
+        write_min_auto(rows, args.output, args.before_label, args.note, args.after_label)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []

@@ -40,7 +40,8 @@ from .. import env
 from ..core.units import MB
 from ..errors import MeasurementError
 
-__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers"]
+__all__ = ["MeasureWorker", "WorkerPool", "get_pool", "get_capture_worker", "shutdown_workers",
+           "worker_stats", "CAPTURE_SLOTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ class MeasureWorker:
         self.environment = dict(environment or {})
         self.max_resident_mb = env.worker_max_mb() if max_resident_mb is None else max_resident_mb
         self.restarts = 0
+        #: Processes started, requests answered (pings apart), and the CPU seconds the
+        #: processes reported (start-up included; a process's last report counts).
+        self.started = 0
+        self.answered = 0
+        self.cpu_seconds = 0.0
+        self._process_cpu = 0.0
         self.last_resident_mb = 0.0
         self._process: Optional[subprocess.Popen[str]] = None
         self._lock = threading.Lock()
@@ -93,6 +100,8 @@ class MeasureWorker:
         self._pinging.start()
 
     def _start(self) -> subprocess.Popen[str]:
+        self.started += 1
+        self._process_cpu = 0.0
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = package_root + os.pathsep + child_env.get("PYTHONPATH", "")
@@ -181,6 +190,9 @@ class MeasureWorker:
                 self._stop(kill=True)
                 raise MeasurementError("the measuring process answered out of turn; it was restarted")
             self._answered = True
+            self.cpu_seconds += reply.get("cpu", self._process_cpu) - self._process_cpu
+            self._process_cpu = reply.get("cpu", self._process_cpu)
+            self.answered += 0 if request.get("ping") else 1
             if not reply.get("ok"):
                 raise MeasurementError(reply.get("error", "unknown error in the measuring process"))
             self.last_resident_mb = reply["rss"] / MB
@@ -312,19 +324,37 @@ def get_pool() -> WorkerPool:
         return _POOL
 
 
-_CAPTURES: Dict[Tuple[Tuple[str, str], ...], MeasureWorker] = {}
+_CAPTURES: Dict[Tuple[Tuple[Tuple[str, str], ...], int], MeasureWorker] = {}
+
+#: Capture workers per environment that independent captures may run on at once
+#: (NOTE [ segments captured two at a time ] in mx/segments/measure.py).
+CAPTURE_SLOTS = 2
 
 
-def get_capture_worker(environment: Optional[Mapping[str, str]] = None) -> MeasureWorker:
+def get_capture_worker(environment: Optional[Mapping[str, str]] = None, slot: int = 0) -> MeasureWorker:
     """The process-wide worker that captures executed graphs (memory-plan log on), one per
     extra ``environment`` (segment binds run under the gradient-sum cap, which MXNet reads
     once per process: NOTE [ the gradient-sum cap is read once per process ] in
-    mx/segments/environment.py)."""
-    key = tuple(sorted((environment or {}).items()))
+    mx/segments/environment.py) and ``slot`` (``0 <= slot < CAPTURE_SLOTS``: another process
+    under the same environment, for captures made in parallel; every slot gives the same
+    figures)."""
+    if not 0 <= slot < CAPTURE_SLOTS:
+        raise ValueError(f"capture slot {slot} outside 0..{CAPTURE_SLOTS - 1}")
+    key = (tuple(sorted((environment or {}).items())), slot)
     with _POOL_LOCK:
         if key not in _CAPTURES:
-            _CAPTURES[key] = MeasureWorker(verbose=True, environment=dict(key))
+            _CAPTURES[key] = MeasureWorker(verbose=True, environment=dict(key[0]))
         return _CAPTURES[key]
+
+
+def worker_stats() -> Dict[str, Dict[str, float]]:
+    """What the process-wide workers did so far, by role (``pool 0``, ``capture {env} 1``...):
+    processes started, requests answered and the CPU seconds their processes reported."""
+    with _POOL_LOCK:
+        named = [(f"pool {i}", w) for i, w in enumerate(_POOL.workers if _POOL is not None else [])]
+        named += [(f"capture {dict(env_items)} {slot}", w) for (env_items, slot), w in _CAPTURES.items()]
+    return {name: {"started": w.started, "answered": w.answered, "cpu_seconds": round(w.cpu_seconds, 3)}
+            for name, w in named}
 
 
 def shutdown_workers() -> None:
@@ -430,6 +460,7 @@ def _serve(library: Optional[str] = None) -> int:
                         reply = _answer_with_package(request)
                         reply["via"] = "package"
             reply["rss"] = resident_bytes()
+            reply["cpu"] = time.process_time()  # this process's CPU seconds so far
         except MeasurementError as error:
             reply = {"ok": False, "error": str(error)}
         except Exception as error:  # report anything else rather than dying silently

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..core.cost import recompute_overhead
 from ..core.graph import Graph
@@ -13,12 +13,14 @@ from ..core.segments import (MAX_SEGMENTS, SegmentPlan, alternative_cuts, best_s
 from ..errors import MeasurementError
 from ..mx.segments import (GRAD_SUM_CAP_ENV, boundary_name, segment_planned_mb, source_name, split_symbol,
                            tune_match_ranges)
+from ..mx.segments.measure import start_segment_planned_mb
 from ..options import MirrorOptions
 from .one_level import plan_one_level
 from .result import PLAN_LOGGER
 from .setup import PlanRequest, PlanningSetup
 
 __all__ = ["Measured", "splits_to_try", "head_splits", "per_segment_two_level", "measure_segments",
+           "start_measuring_segments",
            "tune_shared_pool", "MAX_PER_SEGMENT_PLANS", "NEIGHBOUR_CUTS", "TUNING_GAIN"]
 
 logger = logging.getLogger(PLAN_LOGGER)
@@ -109,8 +111,26 @@ def head_splits(graph: Graph, segments: Optional[int], splits: Sequence[SegmentP
 def measure_segments(setup: PlanningSetup, candidate: SegmentPlan) -> Measured:
     """MXNet's static figure of ``candidate`` and its estimated overhead (NOTE [ a network
     the cap cannot bind ])."""
+    return _measured(setup, candidate, segment_planned_mb)
+
+
+def start_measuring_segments(setup: PlanningSetup, candidate: SegmentPlan) -> Callable[[], Measured]:
+    """:func:`measure_segments` started: the segments are captured in the background (NOTE
+    [ segments captured two at a time ] in mx/segments/measure.py) while the caller goes on;
+    the returned function waits and gives the :class:`Measured` (raising what
+    :func:`measure_segments` raises)."""
     try:
-        mb, per_segment = segment_planned_mb(setup.symbol, candidate, setup.context, *setup.bind_inputs)
+        pending = start_segment_planned_mb(setup.symbol, candidate, setup.context, *setup.bind_inputs)
+    except MeasurementError:
+        return lambda: measure_segments(setup, candidate)  # measured again there, with its fallback
+    return lambda: _measured(setup, candidate, lambda *args: pending.result())
+
+
+def _measured(setup: PlanningSetup, candidate: SegmentPlan,
+              first: Callable[..., Tuple[float, List[float]]]) -> Measured:
+    """:func:`measure_segments` with ``first`` giving the figure under the plan's own cap."""
+    try:
+        mb, per_segment = first(setup.symbol, candidate, setup.context, *setup.bind_inputs)
     except MeasurementError as error:
         if candidate.grad_sum_cap is None:
             raise
@@ -222,11 +242,13 @@ def _neighbours(setup: PlanningSetup, options: MirrorOptions, chain: Any, best: 
     """``best`` with its cuts moved, each with a mirror plan made per segment."""
     cuts = cut_positions(setup.graph, best.plan)
     per_cut = max(1, NEIGHBOUR_CUTS // len(cuts))
-    found = []
+    pending = []
     for moved in alternative_cuts(setup.graph, cuts, per_cut, chain)[:NEIGHBOUR_CUTS]:
         split = segment_plan_for_cuts(setup.graph, moved, chain).with_replay_random(best.plan.replay_random)
-        found.append(measure_segments(setup, per_segment_two_level(split, setup, options)))
-    return found
+        # Captured while the next neighbour's pieces are planned (NOTE [ segments captured two
+        # at a time ] in mx/segments/measure.py); taken in order, so the list is the same.
+        pending.append(start_measuring_segments(setup, per_segment_two_level(split, setup, options)))
+    return [finish() for finish in pending]
 
 
 def _two_level_per_segment(plan: SegmentPlan) -> bool:
