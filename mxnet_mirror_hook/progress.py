@@ -1,47 +1,45 @@
 """A progress bar for plans that take more than a second (tqdm, on standard error).
 
-Shown only when standard error is a terminal or the ``mxnet_mirror_hook``
-logger is enabled for INFO, and only once planning has taken a second
-(tqdm's ``delay``), so quick plans and quiet scripts print nothing.
+Drawn only when standard error is a terminal (NOTE [ where the bar is drawn ]) and
+``$MXNET_MIRROR_HOOK_PROGRESS`` is not ``0``, and only once planning has taken a
+second (tqdm's ``delay``), so quick plans, redirected output and log files get no bar.
 """
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
 from typing import Any, Optional
 
-__all__ = ["PlanProgress", "PROGRESS_DELAY_SECONDS"]
+from . import env
+
+__all__ = ["PlanProgress", "PROGRESS_DELAY_SECONDS", "PROGRESS", "bar_wanted"]
 
 #: Seconds of planning before a bar appears.
 PROGRESS_DELAY_SECONDS = 1.0
 
-_PACKAGE_LOGGER = logging.getLogger("mxnet_mirror_hook")
+#: ``0`` (or ``off``, ``false``, ``no``): never draw the bar.
+PROGRESS = "MXNET_MIRROR_HOOK_PROGRESS"
 
 
-def _info_shown() -> bool:
-    """Whether an INFO record of the package's logger reaches some handler."""
-    if not _PACKAGE_LOGGER.isEnabledFor(logging.INFO):
+# NOTE [ where the bar is drawn ]
+# tqdm redraws its line with carriage returns: on a terminal that is one line updating in
+# place, but in a file or a pipe every redraw stays ("mirror plan data 8x3x64x64: 0%| ...",
+# many times over, in the middle of the log).  The bar used to be drawn also when the
+# package's INFO records reached a handler, for scripts whose logging goes to the terminal
+# through a pipe; that drew it into log files and CI logs too.  So the bar is drawn only
+# when standard error itself is a terminal, and ``$MXNET_MIRROR_HOOK_PROGRESS=0`` turns it
+# off there as well (scripts that print their own progress, screen recordings).  Planning
+# still logs what it does at INFO, which is where a log file gets it.
+def bar_wanted() -> bool:
+    """Whether the bar is drawn: standard error is a terminal and ``$MXNET_MIRROR_HOOK_PROGRESS`` is
+    not ``0`` (NOTE [ where the bar is drawn ])."""
+    if (env.read(PROGRESS) or "").strip().lower() in ("0", "off", "false", "no"):
         return False
-    current: Optional[logging.Logger] = _PACKAGE_LOGGER
-    while current is not None:
-        for handler in current.handlers:
-            shows = getattr(handler, "shows", None)  # the script runner's bridge decides itself
-            if shows(logging.INFO) if shows is not None else handler.level <= logging.INFO:
-                return True
-        if not current.propagate:
-            return False
-        current = current.parent
-    return False
-
-
-def _wanted() -> bool:
     try:
-        attached = sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        attached = False
-    return attached or _info_shown()
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 class PlanProgress:
@@ -55,13 +53,13 @@ class PlanProgress:
     label : str
         What is being planned (its input shapes), shown before the bar.
     enabled : bool, optional
-        Force the bar on or off (default: see the module docstring).
+        Force the bar on or off (default: :func:`bar_wanted`).
     """
 
     def __init__(self, label: str, enabled: Optional[bool] = None) -> None:
         self._bar: Any = None
         self.label = label
-        self.enabled = _wanted() if enabled is None else enabled
+        self.enabled = bar_wanted() if enabled is None else enabled
         self._started = time.monotonic()
         self._name = ""
         self._total: Optional[int] = None
