@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 import mxnet as mx
 from mxnet.io import DataDesc
@@ -52,6 +52,54 @@ def bucket_shapes(descs: Optional[Sequence[Any]], default_key: Any, key: Any) ->
     return result
 
 
+# NOTE [ every bucket under the module's options ]
+# Every bucket is planned with the module's options, every field of them, with 'auto'
+# replaced by the backend the default bucket chose (NOTE [ one backend for all buckets ]).
+# That replacement loses one thing: under 'auto', ``max_overhead`` is a limit the default
+# bucket's one-level plan was held to (it is kept only when its estimated overhead is
+# within it), but ``backend='mirror'`` plans under ``memory_budget`` alone, so the other
+# buckets' one-level plans were not held to it (and came from the cache of plans made
+# without it).  A bucket whose default bucket kept the one-level plan within the limit is
+# therefore held to the same limit here; when its own one-level plan's estimate is above
+# it, the bucket recomputes nothing (plain MXNet's plan for it: never above the limit, and
+# it binds beside the default bucket's executors as any bucket does) and one warning says
+# so.  A segment chain cannot be the fallback: a bucket shares the default bucket's
+# executors and memory, and a one-level default bucket's are plain executors.  Where the
+# default bucket was not held to the limit (its segment path failed, or it draws random
+# numbers that segments would redraw, each already said in a warning), neither are the
+# others.  Under 'segments' the limit is applied by the planner itself.
+class _BucketModule(MirroredModule):
+    """A bucket other than the default one: a :class:`MirroredModule` whose plans are held to
+    :attr:`overhead_limit` (NOTE [ every bucket under the module's options ])."""
+
+    #: The estimated overhead this bucket's plans are held to (None: not held); set by the owner.
+    overhead_limit: Optional[float] = None
+    #: The bucket's key, for the warning.
+    bucket_key: Any = None
+    #: Buckets already warned of (shared by the owner's bucket modules: a bucket planned up front
+    #: gets a new module when first bound).
+    warned: Optional[Set[Any]] = None
+
+    def _plan_for(self, data_shapes: Sequence[DataDesc],
+                  label_shapes: Optional[Sequence[DataDesc]], grad_req: Any) -> MirrorPlan:
+        plan = super()._plan_for(data_shapes, label_shapes, grad_req)
+        if self.overhead_limit is None or plan.overhead <= self.overhead_limit:
+            return plan
+        warned = self.warned if self.warned is not None else set()
+        if self.bucket_key not in warned:
+            warned.add(self.bucket_key)
+            logger.warning("bucket %r: its one-level plan's estimated overhead (%.1f%%) is above "
+                           "max_overhead=%g, which the default bucket's one-level plan is within; "
+                           "this bucket recomputes nothing (%.0f MB of activations)", self.bucket_key,
+                           100 * plan.overhead, self.overhead_limit, plan.baseline_mb)
+        options = self.mirror_options
+        self.mirror_options = options.replace(planner="none", memory_budget=None, device_memory=None)
+        try:
+            return super()._plan_for(data_shapes, label_shapes, grad_req)
+        finally:
+            self.mirror_options = options
+
+
 @takes_options
 class MirroredBucketingModule(mx.mod.BucketingModule):
     """``BucketingModule`` whose buckets are :class:`MirroredModule` objects.
@@ -91,6 +139,7 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
                          compression_params=compression_params)
         self.mirror_options = mirror_options
         self._announced: List[Any] = []
+        self._warned_buckets: Set[Any] = set()
 
     @property
     def mirror_plans(self) -> Dict[Any, Optional[MirrorPlan]]:
@@ -118,14 +167,34 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
             return options.replace(backend="mirror")
         return options.replace(backend=plan.backend)
 
+    def overhead_limit(self, bucket_key: Any) -> Optional[float]:
+        """The estimated overhead bucket ``bucket_key``'s plans are held to: ``max_overhead`` under
+        ``'auto'`` when the default bucket kept its one-level plan within it, else None (NOTE
+        [ every bucket under the module's options ])."""
+        options = self.mirror_options
+        if bucket_key == self._default_bucket_key or options.max_overhead is None \
+                or options.backend != "auto":
+            return None
+        default = self._buckets.get(self._default_bucket_key)
+        plan = default.mirror_plan if default is not None else None
+        if plan is None or plan.backend != "mirror" or plan.fallback is not None \
+                or plan.overhead > options.max_overhead:
+            return None
+        return options.max_overhead
+
     def _new_bucket_module(self, bucket_key: Any) -> MirroredModule:
         symbol, data_names, label_names = self._call_sym_gen(bucket_key)
-        return MirroredModule(symbol, data_names, label_names, logger=self.logger,
-                              context=self._context, work_load_list=self._work_load_list,
-                              fixed_param_names=self._fixed_param_names,
-                              state_names=self._state_names, group2ctxs=self._group2ctxs,
-                              compression_params=self._compression_params,
-                              options=self.bucket_options(bucket_key))
+        kind = MirroredModule if bucket_key == self._default_bucket_key else _BucketModule
+        module = kind(symbol, data_names, label_names, logger=self.logger,
+                      context=self._context, work_load_list=self._work_load_list,
+                      fixed_param_names=self._fixed_param_names,
+                      state_names=self._state_names, group2ctxs=self._group2ctxs,
+                      compression_params=self._compression_params,
+                      options=self.bucket_options(bucket_key))
+        if isinstance(module, _BucketModule):
+            module.overhead_limit, module.bucket_key = self.overhead_limit(bucket_key), bucket_key
+            module.warned = self._warned_buckets
+        return module
 
     def bind(self, data_shapes: Any, label_shapes: Any = None, for_training: bool = True,
              inputs_need_grad: bool = False, force_rebind: bool = False,

@@ -101,3 +101,72 @@ def test_bucket_shapes_follow_the_time_axis_or_the_one_matching_axis():
     ambiguous = [DataDesc("data", (60, 60))]
     assert bucket_shapes(ambiguous, 60, 10) is None
     assert bucket_shapes(ntc, "default", "other") is None
+
+
+def _one_level_decisions(monkeypatch, overheads):
+    """Plans as 'auto' makes them when it keeps the one-level plan, with the estimated overhead of
+    each sequence length set to ``overheads[length]`` (the planner's own estimates of these small
+    buckets are alike; the test is about what the bucketing module does with them)."""
+    import dataclasses
+
+    from mxnet_mirror_hook import module as module_module
+
+    real = module_module.plan_mirror
+    calls = []
+
+    def planned(symbol, data, *args, options, **kwargs):
+        calls.append((data[0].shape[1], options))
+        one_level = options.replace(backend="mirror") if options.backend == "auto" else options
+        plan = real(symbol, data, *args, options=one_level, **kwargs)
+        if options.planner == "none":
+            return plan
+        return dataclasses.replace(plan, overhead=overheads[data[0].shape[1]])
+
+    monkeypatch.setattr(module_module, "plan_mirror", planned)
+    return calls
+
+
+def test_every_bucket_is_planned_under_the_modules_options_and_held_to_its_max_overhead(monkeypatch, caplog):
+    calls = _one_level_decisions(monkeypatch, {128: 0.04, 64: 0.03, 32: 0.2})
+    plain = _train(mx.mod.BucketingModule(sym_gen, default_bucket_key=128))
+    module = MirroredBucketingModule(sym_gen, default_bucket_key=128, max_overhead=0.05, cache_dir=False)
+    with caplog.at_level("WARNING", logger="mxnet_mirror_hook"):
+        mirrored = _train(module)
+    # Every bucket's options are the module's, field for field, but the backend the default chose.
+    for length, options in calls:
+        expected = module.mirror_options if length == 128 else module.mirror_options.replace(backend="mirror")
+        assert options.replace(planner=expected.planner, memory_budget=expected.memory_budget) == expected
+        assert options.max_overhead == 0.05
+    plans = module.mirror_plans
+    assert plans[128].overhead <= 0.05 and plans[64].overhead <= 0.05 and plans[64].mirrored
+    # Bucket 32's one-level plan is estimated above the limit: it recomputes nothing, said once.
+    assert plans[32].overhead == 0.0 and plans[32].mirrored == ()
+    assert plans[32].planned_mb == plans[32].baseline_mb
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bucket 32")]
+    assert len(said) == 1 and "max_overhead=0.05" in said[0] and "recomputes nothing" in said[0]
+    for name in plain:
+        np.testing.assert_array_equal(mirrored[name], plain[name], err_msg=name)
+
+
+def test_buckets_are_not_held_to_a_limit_the_default_bucket_was_not_held_to(monkeypatch):
+    """When the default bucket's one-level plan is above max_overhead (its segment path failed, or
+    segments would redraw its random numbers: said by the planner), the others follow it."""
+    _one_level_decisions(monkeypatch, {128: 0.2, 64: 0.2, 32: 0.2})
+    module = MirroredBucketingModule(sym_gen, default_bucket_key=128, max_overhead=0.05, cache_dir=False)
+    _train(module)
+    assert module.overhead_limit(32) is None
+    assert all(plan.mirrored and plan.overhead == 0.2 for plan in module.mirror_plans.values())
+
+
+def test_a_bucket_planned_up_front_and_bound_later_is_warned_of_once(monkeypatch, caplog):
+    _one_level_decisions(monkeypatch, {128: 0.04, 64: 0.03, 32: 0.2})
+    module = MirroredBucketingModule(sym_gen, default_bucket_key=128, max_overhead=0.05, cache_dir=False)
+    module.bind([("data", (64, 128))], [("softmax_label", (64,))])
+    module.init_params(mx.init.Xavier())
+    with caplog.at_level("WARNING", logger="mxnet_mirror_hook"):
+        planned = module.prepare_buckets([32, 64], [("data", (64, 128))], [("softmax_label", (64,))])
+        for length in (32, 64):
+            module.switch_bucket(length, [("data", (64, length))], [("softmax_label", (64,))])
+    assert planned[32].mirrored == () and planned[64].mirrored
+    assert module.mirror_plans[32].mirrored == () and module.mirror_plans[64].mirrored
+    assert sum(r.getMessage().startswith("bucket 32") for r in caplog.records) == 1
