@@ -10,6 +10,8 @@ binding itself is :mod:`.bind`'s.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import mxnet as mx
@@ -22,7 +24,7 @@ from .executed import capture_executed_graph
 from .text import UnreadableGraphError
 from .worker import get_capture_worker, get_pool
 
-__all__ = ["planned_mb", "planned_mb_many", "executed_graph", "measures_in_process",
+__all__ = ["planned_mb", "planned_mb_many", "executed_graph", "start_executed_graph", "measures_in_process",
            "builtin_mirror_mb", "DO_MIRROR_ENV"]
 
 #: MXNet's own mirroring heuristic, read by every bind.
@@ -129,6 +131,40 @@ def executed_graph(symbol: SymbolLike, ctx: "mx.Context", shapes: Mapping[str, t
         raise UnreadableGraphError(reply.get("unreadable", "the executed graph cannot be read"),
                                    float(reply["mb"]))
     return ExecutedGraph.from_dict(reply["executed"])
+
+
+# NOTE [ captures asked for ahead ]
+# Planning the pieces of a split one after the other, the planning process waited
+# for each piece's capture (the executed graph its allocator model replays) and the
+# capture worker then waited for the planner's search.  A caller that knows which
+# captures it will need (the pieces it is about to plan) asks for them ahead: they
+# are made in one background thread, in the order asked, by the same capture worker
+# :func:`executed_graph` uses, so each graph is the one it would have captured, while
+# the planner searches the piece before.  The thread only exchanges with the worker
+# and reads its reply; symbols bound in this process are never asked for ahead.
+_AHEAD: Optional[ThreadPoolExecutor] = None
+_AHEAD_LOCK = threading.Lock()
+
+
+def start_executed_graph(symbol_json: str, ctx: "mx.Context", shapes: Mapping[str, tuple],
+                         type_dict: Optional[Mapping[str, np.dtype]] = None,
+                         grad_req: GradReq = "write") -> "Future[ExecutedGraph]":
+    """:func:`executed_graph` of a symbol the workers bind, started in the background (NOTE
+    [ captures asked for ahead ]); the future raises what :func:`executed_graph` raises.
+
+    Raises
+    ------
+    ValueError
+        If the symbol would be bound in this process (:func:`measures_in_process`).
+    """
+    global _AHEAD
+    if measures_in_process(symbol_json):
+        raise ValueError("a symbol bound in this process is not captured ahead")
+    with _AHEAD_LOCK:
+        if _AHEAD is None:
+            _AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-capture-ahead")
+        return _AHEAD.submit(executed_graph, symbol_json, ctx, dict(shapes), dict(type_dict or {}) or None,
+                             grad_req)
 
 
 def builtin_mirror_mb(symbol: "mx.sym.Symbol", ctx: "mx.Context", shapes: Mapping[str, tuple],

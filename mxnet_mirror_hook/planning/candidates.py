@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 from ..core.cost import recompute_overhead
 from ..core.graph import Graph
+from ..core.planners.auto.modelled import ALLOCATOR_MODEL_MAX_OPERATORS
 from ..core.segments import (MAX_SEGMENTS, SegmentPlan, alternative_cuts, best_segment_plan,
                              cut_positions, head_chunk_count, loss_head, plan_segments,
                              plan_segments_with_head, segment_plan_for_cuts)
@@ -15,7 +16,8 @@ from ..mx.segments import (GRAD_SUM_CAP_ENV, boundary_name, segment_planned_mb, 
                            tune_match_ranges)
 from ..mx.segments.measure import start_segment_planned_mb
 from ..options import MirrorOptions
-from .one_level import plan_one_level
+from ..cache import get_cache
+from .one_level import nothing_to_gain, plan_one_level
 from .result import PLAN_LOGGER
 from .setup import PlanRequest, PlanningSetup
 
@@ -157,6 +159,7 @@ def per_segment_two_level(split: SegmentPlan, setup: PlanningSetup,
     piece_options = options.replace(memory_budget="min", backend="mirror", segments=None, max_overhead=None,
                                     recompute_dropout=False)
     mirrored: set = set()
+    piece_setups: List[PlanningSetup] = []
     pieces = list(zip(split.segments, split_symbol(setup.symbol, split)))
     if split.head_chunks:
         pieces = pieces[:-1]  # a chunked head runs no executor
@@ -169,9 +172,23 @@ def per_segment_two_level(split: SegmentPlan, setup: PlanningSetup,
                            "float32"))
         requests: Dict[str, str] = {n: setup.requests.get(source_name(n), "null") for n in arguments}
         requests.update({boundary_name(e): "write" for e in segment.inputs})
-        piece_setup = PlanRequest(inputs, None, grad_req=requests).prepare(piece, piece_options)
+        piece_setups.append(PlanRequest(inputs, None, grad_req=requests).prepare(piece, piece_options))
+    for piece_setup in piece_setups:  # NOTE [ captures asked for ahead ] in mx/measure.py
+        if _plans_from_a_capture(piece_setup, piece_options):
+            piece_setup.measure.capture_ahead()
+    for piece_setup in piece_setups:
         mirrored.update(plan_one_level(piece_setup, piece_options).mirrored)
     return split.with_mirrored(mirrored, setup.graph)
+
+
+def _plans_from_a_capture(piece_setup: PlanningSetup, piece_options: MirrorOptions) -> bool:
+    """Whether planning the piece will capture its executed graph: the ``'auto'`` planner with its
+    allocator model under no limit, the plan not in the cache, and not decided without candidates
+    (NOTE [ deciding without candidates ] in planning/one_level.py)."""
+    return (piece_options.planner == "auto" and not piece_options.budget.is_limit
+            and len(piece_setup.graph.op_nodes) <= ALLOCATOR_MODEL_MAX_OPERATORS
+            and get_cache(piece_options.cache_dir).get(piece_setup.key(piece_options)) is None
+            and nothing_to_gain(piece_setup.graph, piece_options.budget) is None)
 
 
 def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
