@@ -203,8 +203,9 @@ def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
     with a match range per segment (NOTE [ a match range per segment ] in core/segments).
     The work is bounded by counts, not by time (NOTE [ tuning bounded by work ]).
     ``tolerance``: the chosen plan is the one with fewest segments within this factor of the least.
-    ``ceiling_mb``: the static figure a segment plan must come below to be taken at all (None: no
-    such figure); when no count can, nothing is tuned (NOTE [ tuning bounded by work ]).
+    ``ceiling_mb``: the most static figure a segment plan may have to be taken at all (None: no
+    such figure); when no count can come down to it, nothing is tuned (NOTE [ tuning bounded by
+    work ]).
     """
     eligible = [item for item in measured if _two_level_per_segment(item.plan)]
     if not eligible or _none_can_be_taken(measured, ceiling_mb):
@@ -237,24 +238,28 @@ def tune_shared_pool(setup: PlanningSetup, options: MirrorOptions, chain: Any,
 # 823 MB, and the plan chosen rose to 889 MB.
 #
 # Nor is anything tuned when no segment plan could be taken even so: under
-# 'auto' the chain must come below the one-level plan by a margin, and a caller
-# that knows the static figure that takes (``ceiling_mb``) passes it.  When every
-# measured plan, lowered by ``TUNING_GAIN``, stays at or above it, whatever tuning
-# finds, the one-level plan is the answer (resnet50_v1b, batch 32: one-level
-# 845 MB, the least segment plan 999 MB; tuning was half of that plan's time).
-# Only all counts at once: skipping one count could move the choice among the
-# others, and the chosen plan is the one compared.
+# 'auto' the chain must come below the one-level plan by a margin in whole
+# footprint, and its whole footprint is at least its static figure above the
+# one-level plan's (more executors never hold less temporary space; MKLDNN's
+# copies at the cuts are never negative), so its static figure must come down to
+# SEGMENT_WIN_FRACTION of the one-level plan's.  A caller that knows that figure
+# passes it (``ceiling_mb``); when every measured plan, lowered by ``TUNING_GAIN``,
+# stays above it, whatever tuning finds, the one-level plan is the answer
+# (resnet50_v1b, batch 32: one-level 845 MB, the least segment plan 999 MB;
+# tuning was half of that plan's time).  Only all counts at once: skipping one
+# count could move the choice among the others, and the chosen plan is the one
+# compared.
 
 
 def _none_can_be_taken(measured: List[Measured], ceiling_mb: Optional[float]) -> bool:
-    """Whether no plan of ``measured``, lowered by ``TUNING_GAIN``, comes below ``ceiling_mb``
+    """Whether no plan of ``measured``, lowered by ``TUNING_GAIN``, comes down to ``ceiling_mb``
     (NOTE [ tuning bounded by work ])."""
     if ceiling_mb is None:
         return False
     least = min(item.mb for item in measured)
-    if least * (1 - TUNING_GAIN) < ceiling_mb:
+    if least * (1 - TUNING_GAIN) <= ceiling_mb:
         return False
-    logger.info("shared pool not tuned: the least segment plan (%.0f MB) cannot come below %.0f MB, "
+    logger.info("shared pool not tuned: the least segment plan (%.0f MB) cannot come down to %.0f MB, "
                 "what it must to be taken", least, ceiling_mb)
     return True
 
