@@ -16,6 +16,7 @@ variable                            default          what it does
 ``MXNET_MIRROR_HOOK_WORKERS``       min(2, cores)    measuring worker processes
 ``MXNET_MIRROR_HOOK_WORKER_MAX_MB`` 1536             a worker restarts above this resident size
 ``MXNET_MIRROR_HOOK_LOCK_TIMEOUT``  300              seconds a rank waits for another's plan
+``MXNET_MIRROR_HOOK_PROGRESS``      on               ``0``: never draw the planning progress bar
 ==================================  ===============  ===============================================
 
 MXNet's own variables that the plugin reads or sets are named here too
@@ -29,7 +30,8 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, TypeVar
 
 __all__ = ["CACHE_DIR", "CACHE_ENTRIES", "CACHE_MAX_FILES", "MEASURE", "WORKERS", "WORKER_MAX_MB",
            "MEM_PLAN_VERBOSE", "MATCH_RANGE", "AUTO_SEARCH_MATCH_RANGE", "DO_MIRROR",
-           "LOCK_TIMEOUT", "MXNET_VARIABLES", "read", "lock_timeout", "measure_mode", "read_int",
+           "LOCK_TIMEOUT", "PROGRESS", "MXNET_VARIABLES", "progress_allowed", "read", "lock_timeout",
+           "measure_mode", "read_int",
            "read_float", "cache_dir", "measure_in_process", "worker_count", "worker_max_mb",
            "cache_entries", "cache_max_files", "scoped", "quiet_bind", "match_range",
            "auto_search_match_range"]
@@ -41,6 +43,7 @@ MEASURE = "MXNET_MIRROR_HOOK_MEASURE"
 WORKERS = "MXNET_MIRROR_HOOK_WORKERS"
 WORKER_MAX_MB = "MXNET_MIRROR_HOOK_WORKER_MAX_MB"
 LOCK_TIMEOUT = "MXNET_MIRROR_HOOK_LOCK_TIMEOUT"
+PROGRESS = "MXNET_MIRROR_HOOK_PROGRESS"
 
 #: MXNet's memory-plan log switch (read once per process, at the first bind); set for the
 #: capture worker only.
@@ -163,3 +166,9 @@ def scoped(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def progress_allowed() -> bool:
+    """Whether ``$MXNET_MIRROR_HOOK_PROGRESS`` lets the planning progress bar be drawn (anything
+    but ``0``, ``off``, ``false`` or ``no``)."""
+    return (read(PROGRESS) or "").strip().lower() not in ("0", "off", "false", "no")

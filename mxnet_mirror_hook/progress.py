@@ -18,8 +18,8 @@ __all__ = ["PlanProgress", "PROGRESS_DELAY_SECONDS", "PROGRESS", "bar_wanted"]
 #: Seconds of planning before a bar appears.
 PROGRESS_DELAY_SECONDS = 1.0
 
-#: ``0`` (or ``off``, ``false``, ``no``): never draw the bar.
-PROGRESS = "MXNET_MIRROR_HOOK_PROGRESS"
+#: ``0`` (or ``off``, ``false``, ``no``): never draw the bar (read by :func:`env.progress_allowed`).
+PROGRESS = env.PROGRESS
 
 
 # NOTE [ where the bar is drawn ]
@@ -34,7 +34,7 @@ PROGRESS = "MXNET_MIRROR_HOOK_PROGRESS"
 def bar_wanted() -> bool:
     """Whether the bar is drawn: standard error is a terminal and ``$MXNET_MIRROR_HOOK_PROGRESS`` is
     not ``0`` (NOTE [ where the bar is drawn ])."""
-    if (env.read(PROGRESS) or "").strip().lower() in ("0", "off", "false", "no"):
+    if not env.progress_allowed():
         return False
     try:
         return bool(sys.stderr.isatty())

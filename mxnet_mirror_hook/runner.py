@@ -165,7 +165,7 @@ class _ScriptLogBridge(logging.Handler):
         self._fallback.setFormatter(logging.Formatter(FALLBACK_FORMAT))
 
     def shows(self, levelno: int) -> bool:
-        """Whether a record of this level reaches a stream (read by the progress bar)."""
+        """Whether a record of this level reaches a stream."""
         root = logging.getLogger()
         return levelno >= (root.getEffectiveLevel() if _configured(root) else logging.INFO)
 
