@@ -308,3 +308,39 @@ def test_max_overhead_that_cannot_be_applied_to_random_draws_is_said_in_a_warnin
                     cache_dir=False)
     lines = [r.getMessage() for r in caplog.records if "cannot be applied" in r.getMessage()]
     assert len(lines) == 1 and "recompute_dropout=True" in lines[0]
+
+
+def _embedded_convolutions(seq_len: int = 128) -> "mx.sym.Symbol":
+    """An Embedding and a transpose (operators the first segment replays, owned by none) before
+    a chain of 1-D convolutions (tests/api/test_bucketing.py's bucket symbol)."""
+    x = mx.sym.Embedding(mx.sym.var("data"), input_dim=200, output_dim=64, name="embed")
+    x = mx.sym.transpose(x, axes=(0, 2, 1), name="to_ncw")
+    for i in range(6):
+        x = mx.sym.Activation(mx.sym.Convolution(x, num_filter=64, kernel=(3,), pad=(1,), name=f"conv{i}"),
+                              act_type="relu", name=f"relu{i}")
+    x = mx.sym.Pooling(x, global_pool=True, kernel=(1,), pool_type="max", name="pool")
+    return mx.sym.SoftmaxOutput(mx.sym.FullyConnected(mx.sym.Flatten(x), num_hidden=5, name="fc"),
+                                name="softmax")
+
+
+def test_operators_no_segment_owns_never_make_an_empty_segment_under_max_overhead(caplog):
+    with caplog.at_level("WARNING", logger="mxnet_mirror_hook"):
+        plan = plan_mirror(_embedded_convolutions(), [("data", (64, 128))], [("softmax_label", (64,))],
+                           max_overhead=0.05, cache_dir=False)
+    assert plan.fallback is None, plan.fallback
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    assert plan.overhead <= 0.05 + 1e-9 and plan.planned_mb <= plan.baseline_mb
+
+
+def test_auto_falls_back_to_the_one_level_plan_within_max_overhead(monkeypatch):
+    from mxnet_mirror_hook.planning import segments as planning_segments
+
+    def broken(*args, **kwargs):
+        raise ValueError("a segment path that cannot be built")
+
+    monkeypatch.setattr(planning_segments, "plan_selective", broken)
+    small = small_resnet(num_blocks=3, channels=8)
+    plan = plan_mirror(small, [("data", (32, 3, 32, 32))], [("softmax_label", (32,))], max_overhead=0.05,
+                       cache_dir=False)
+    assert plan.fallback is not None and "cannot be built" in plan.fallback
+    assert plan.overhead <= 0.05 + 1e-9

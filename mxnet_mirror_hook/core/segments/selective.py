@@ -228,6 +228,20 @@ def _points(late: Graph, chain: CutChain) -> List[int]:
     return sorted(ends[:MAX_POINTS])
 
 
+def _owning_positions(owned: Sequence[bool], positions: List[int]) -> List[int]:
+    """``positions`` (first -1, last the final node) without the interior points that would leave
+    a segment owning no operator: a cut between two points with only replayed nodes between them
+    (the operators before a graph's first owned node, e.g. an ``Embedding`` and a ``transpose``
+    the next segment replays) would make an empty segment."""
+    kept = [positions[0]]
+    for position in positions[1:]:
+        if any(owned[kept[-1] + 1:position + 1]):
+            kept.append(position)
+        elif position == positions[-1]:  # the last interval owns nothing: end the one before here
+            kept[-1:] = [position] if len(kept) > 1 else [kept[-1], position]
+    return kept
+
+
 def selective_chain(graph: Graph, chain: Optional[CutChain] = None,
                     grad_factor: float = DEFAULT_GRAD_FACTOR) -> SelectiveChain:
     """The :class:`SelectiveChain` of ``graph``: its cut points, their boundary bytes, and each
@@ -235,7 +249,7 @@ def selective_chain(graph: Graph, chain: Optional[CutChain] = None,
     late = graph.as_late_as_possible()
     chain = chain if chain is not None else full_cut_chain(graph, grad_factor)
     crossings = crossings_of(late)
-    positions = [-1] + _points(late, chain) + [len(late.nodes) - 1]
+    positions = _owning_positions(crossings.owned, [-1] + _points(late, chain) + [len(late.nodes) - 1])
     costs = node_costs(late)
     total = iteration_cost(late) or 1.0
     owned_cost = [0.0]
