@@ -60,8 +60,10 @@ OPTION_DOCS: Tuple[Tuple[str, str, str], ...] = (
      "The extra time allowed, as a fraction of one training iteration (``0.05``: 5%): plans a "
      "selective segment chain, segments keeping their activations or re-run as a dynamic program "
      "chooses (the least memory within it; with a ``memory_budget`` limit, the least recomputation "
-     "that fits, refused when none fits within it).  Applies to the ``'auto'`` and ``'segments'`` "
-     "backends (``'mirror'`` plans under ``memory_budget`` alone)."),
+     "that fits, refused when none fits within it).  Under ``'auto'`` the least-memory one-level "
+     "plan within the limit is planned too and the lower is taken (only it when the network draws "
+     "random numbers without ``recompute_dropout``); ``'segments'`` plans the selective chain "
+     "alone and ``'mirror'`` plans under ``memory_budget`` alone."),
     ("device_memory", "str or int, optional",
      "The device's memory for the whole training footprint (``'16GB'``, bytes): parameters, "
      "gradients, optimizer state, auxiliary states, inputs, workspace and activations "

@@ -235,8 +235,9 @@ def run_backward(record: Record, written: Set[int]) -> None:
                     grad.wait_to_read()
             slot.checked = True
     except mx.base.MXNetError as error:
-        raise GluonMirrorError(f"the mirrored executor's backward failed ({error}); run the block "
-                               f"without mirror() (unmirror(net)) or report the network") from error
+        raise GluonMirrorError(f"MXNet's backward failed in the mirrored executor ({error}); check "
+                               f"whether the same step fails without mirroring (unmirror(net)): if it "
+                               f"trains plainly, please report the network") from error
     record.backwards += 1
     if not slot.private:
         written.update(id(grad) for grad in slot.written)

@@ -91,7 +91,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         one_level_options = one_level_options.replace(memory_budget=None)
     one_level = plan_dropout_variants(setup, one_level_options, started)
     if _too_small_for_segments(setup, options) or _draws_unreplayable_random(setup, options):
-        return one_level
+        return _fallback_plan(setup, options, one_level, started)
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
     if options.max_overhead is not None:
         request += f":overhead={options.max_overhead!r}"  # NOTE [ planning under an overhead limit ]
@@ -153,15 +153,17 @@ def _draws_unreplayable_random(setup: PlanningSetup, options: MirrorOptions) -> 
                           "Pass recompute_dropout=True to replay Dropout draws (masks drawn "
                           "from per-segment seeds, not MXNet's own draws), or ")
             + "use backend='mirror' (or 'auto', which keeps the one-level plan here)")
+    names = sorted(set(random_nodes))
+    many = len(random_nodes) > 1
+    what = (f"{len(random_nodes)} node{'s' if many else ''} draw{'' if many else 's'} random numbers in "
+            f"forward ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
     if options.max_overhead is not None:
-        # max_overhead is met by selective segments; the one-level plan does not bound its time.
-        logger.warning("max_overhead=%g cannot be applied: %d nodes draw random numbers in forward "
-                       "(%s) and segments would redraw them; pass recompute_dropout=True to replay "
-                       "the draws, or a memory_budget for the one-level plan", options.max_overhead,
-                       len(random_nodes), random_nodes[0])
+        # Segments would redraw the masks; the one-level plan within the limit keeps them.
+        logger.info("max_overhead=%g: segments not considered, %s; the least one-level memory within "
+                    "the limit is planned (recompute_dropout=True replays the draws in segments, "
+                    "which can free more)", options.max_overhead, what)
     else:
-        logger.info("segments not considered: %d nodes draw random numbers in forward (%s)",
-                    len(random_nodes), random_nodes[0])
+        logger.info("segments not considered: %s", what)
     return True
 
 

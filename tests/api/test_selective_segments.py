@@ -297,17 +297,21 @@ def test_auto_never_binds_a_selective_chain_above_the_unmirrored_plan(monkeypatc
     assert plan.planned_mb == plan.baseline_mb and plan.overhead == 0.0
 
 
-def test_max_overhead_that_cannot_be_applied_to_random_draws_is_said_in_a_warning(caplog):
+def test_max_overhead_with_random_draws_plans_the_one_level_plan_within_the_limit(caplog):
     import logging
 
     from tests.api.test_equivalence import ARCHITECTURES
 
     symbol, data_shape, label_shape = ARCHITECTURES["mlp_dropout"]()
-    with caplog.at_level(logging.WARNING, logger="mxnet_mirror_hook"):
-        plan_mirror(symbol, [("data", data_shape)], [("softmax_label", label_shape)], max_overhead=0.05,
-                    cache_dir=False)
-    lines = [r.getMessage() for r in caplog.records if "cannot be applied" in r.getMessage()]
-    assert len(lines) == 1 and "recompute_dropout=True" in lines[0]
+    shapes = ([("data", data_shape)], [("softmax_label", label_shape)])
+    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
+        plan = plan_mirror(symbol, *shapes, max_overhead=0.05, cache_dir=False)
+    lines = [r.getMessage() for r in caplog.records if "segments not considered" in r.getMessage()]
+    assert len(lines) == 1 and "recompute_dropout=True" in lines[0] and "within the limit" in lines[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert plan.backend == "mirror" and plan.overhead <= 0.05 + 1e-9
+    at_budget = plan_mirror(symbol, *shapes, cache_dir=False)
+    assert at_budget.overhead > 0.05  # the limit changed the plan: the budget's plan costs more
 
 
 def _embedded_convolutions(seq_len: int = 128) -> "mx.sym.Symbol":
