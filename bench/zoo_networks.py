@@ -13,13 +13,14 @@ as a build error instead of a silent download.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
 import socket
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 
@@ -189,12 +190,34 @@ def _has_gluonnlp() -> bool:
 
 
 # ----------------------------------------------------------------------------- gluoncv builders
+@contextlib.contextmanager
+def _uninitialized_reset_ctx_skipped() -> Iterator[None]:
+    """``Parameter.reset_ctx`` does nothing for a Parameter not initialized yet, while a network is
+    built: gluoncv 0.10's action-recognition constructors (``vgg16_ucf101``, ``inceptionv3_hmdb51``,
+    ...) with ``pretrained_base=False`` call ``collect_params().reset_ctx(ctx)`` on a base network
+    nobody initialized ("Cannot reset context for Parameter ... because it has not been
+    initialized"); the network is initialized when it is traced, on the CPU anyway."""
+    original = mx.gluon.Parameter.reset_ctx
+
+    def reset_ctx(param, ctx):
+        if param._data is None and param._deferred_init == ():
+            return None
+        return original(param, ctx)
+
+    mx.gluon.Parameter.reset_ctx = reset_ctx
+    try:
+        yield
+    finally:
+        mx.gluon.Parameter.reset_ctx = original
+
+
 def _get_model(name: str, **kwargs) -> "mx.gluon.HybridBlock":
     """A gluoncv model, random weights; ``pretrained_base=False`` if the constructor takes it."""
     from gluoncv.model_zoo import get_model
 
     try:
-        return get_model(name, pretrained=False, pretrained_base=False, **kwargs)
+        with _uninitialized_reset_ctx_skipped():
+            return get_model(name, pretrained=False, pretrained_base=False, **kwargs)
     except TypeError as error:
         if "pretrained_base" not in str(error):
             raise
