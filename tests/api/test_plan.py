@@ -220,3 +220,15 @@ def test_the_same_plan_comes_out_on_a_loaded_machine():
             process.wait()
     assert not loaded.from_cache
     assert loaded.mirrored == quiet.mirrored and loaded.planned_mb == quiet.planned_mb
+
+
+def test_planning_seconds_count_the_whole_call_with_the_backend_decision():
+    import time
+
+    symbol = small_resnet(num_blocks=4, channels=16)
+    started = time.perf_counter()
+    plan = plan_mirror(symbol, [("data", (16, 3, 32, 32))], [("softmax_label", (16,))],
+                       memory_budget="min", backend="auto", cache_dir=False)
+    elapsed = time.perf_counter() - started
+    assert elapsed * 0.9 <= plan.planning_seconds <= elapsed
+    assert f"planned in {plan.planning_seconds:.2f} s" in plan.summary()
