@@ -41,8 +41,8 @@ from ..errors import BackendError, OptionError
 from ..options import MirrorOptions
 from .cached import cached_plan
 from .chain_footprint import compare_backends, decision_tag, footprint_source_of
-from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, measure_segments,
-                         per_segment_two_level, splits_to_try, tune_shared_pool)
+from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, per_segment_two_level,
+                         splits_to_try, start_measuring_segments, tune_shared_pool)
 from .dropout import plan_dropout_variants
 from .one_level import SMALL_ACTIVATIONS_BYTES, unmirrored_plan
 from .result import PLAN_LOGGER, MirrorPlan
@@ -184,16 +184,28 @@ def _measured_candidates(setup: PlanningSetup, options: MirrorOptions,
         # batch 32: 2 segments, 1138 MB with the global decision, 980 MB planned per segment).
         if one_level.mirrored:
             candidates += [split.with_mirrored(one_level.mirrored, graph) for split in splits]
-        with _step("planning the mirror inside each segment"):
-            candidates += [per_segment_two_level(split, setup, options)
-                           for split in splits if split.count <= MAX_PER_SEGMENT_PLANS]
-    measured = []
+    # Each candidate is captured in the background as soon as it is made (NOTE [ segments
+    # captured two at a time ] in mx/segments/measure.py), the per-segment plans meanwhile.
+    pending = []
     for candidate in candidates:
         with _step(f"measuring a {candidate.count}-segment plan"):
-            measured.append(measure_segments(setup, candidate))
+            pending.append((candidate, start_measuring_segments(setup, candidate)))
     if options.budget.key == "min":
+        for split in splits:
+            if split.count <= MAX_PER_SEGMENT_PLANS:
+                with _step("planning the mirror inside each segment"):
+                    candidate = per_segment_two_level(split, setup, options)
+                pending.append((candidate, start_measuring_segments(setup, candidate)))
+    measured = []
+    for candidate, finish in pending:
+        with _step(f"measuring a {candidate.count}-segment plan"):
+            measured.append(finish())
+    if options.budget.key == "min":
+        # Under 'auto' no chain whose static figure stays above this can be taken (NOTE [ tuning
+        # bounded by work ] in planning/candidates.py).
+        ceiling = SEGMENT_WIN_FRACTION * one_level.planned_mb if options.backend == "auto" else None
         with _step("tuning the segments' shared pool"):
-            measured += tune_shared_pool(setup, options, chain, measured, SEGMENT_COUNT_TOLERANCE)
+            measured += tune_shared_pool(setup, options, chain, measured, SEGMENT_COUNT_TOLERANCE, ceiling)
     return measured
 
 

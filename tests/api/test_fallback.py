@@ -29,6 +29,7 @@ def _refuse_measurement(monkeypatch):
         raise MeasurementError(BIND_ERROR)
 
     monkeypatch.setattr(candidates, "segment_planned_mb", refuse)
+    monkeypatch.setattr(candidates, "start_segment_planned_mb", refuse)
     return calls
 
 
@@ -43,9 +44,10 @@ def test_auto_falls_back_to_the_one_level_plan_with_one_warning_when_measuring_s
     calls = _refuse_measurement(monkeypatch)
     with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
         plan = plan_mirror(_symbol(), DATA, backend="auto")
-    # The first candidate fails under the gradient-sum cap and again under MXNet's default
-    # (NOTE [ a network the cap cannot bind ]); that failure ends the segment path.
-    assert calls["n"] == 2
+    # Every candidate's capture is started up front (NOTE [ segments captured two at a time ]);
+    # the first candidate then fails under the gradient-sum cap and again under MXNet's default
+    # (NOTE [ a network the cap cannot bind ]), and that failure ends the segment path.
+    assert calls["n"] >= 2
     assert plan.backend == "mirror" and plan.segment_plan is None
     assert plan.mirrored and plan.mirrored == one_level.mirrored
     assert plan.planned_mb == one_level.planned_mb < plan.baseline_mb
@@ -62,11 +64,12 @@ def test_auto_falls_back_to_the_one_level_plan_with_one_warning_when_measuring_s
 def test_a_fallback_is_kept_in_the_cache_and_not_retried(isolated_cache, monkeypatch, caplog):
     calls = _refuse_measurement(monkeypatch)
     first = plan_mirror(_symbol(), DATA, backend="auto")
-    assert calls["n"] == 2  # under the cap and under MXNet's default
+    measured = calls["n"]
+    assert measured >= 2  # under the cap and under MXNet's default
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
         again = plan_mirror(_symbol(), DATA, backend="auto")
-    assert calls["n"] == 2  # from the cache: nothing measured again
+    assert calls["n"] == measured  # from the cache: nothing measured again
     assert again.from_cache and again.fallback == first.fallback
     assert "segments failed" in again.summary()
     assert _warnings(caplog) == []
@@ -102,5 +105,6 @@ def test_an_interrupt_on_the_segment_path_is_not_taken_for_a_failure(isolated_ca
         raise KeyboardInterrupt
 
     monkeypatch.setattr(candidates, "segment_planned_mb", interrupted)
+    monkeypatch.setattr(candidates, "start_segment_planned_mb", interrupted)
     with pytest.raises(KeyboardInterrupt):
         plan_mirror(_symbol(), DATA, backend="auto")
