@@ -92,8 +92,10 @@ class CoreAttentionOp(mx.operator.CustomOp):
         return self._rng.random(shape, dtype=np.float32) >= np.float32(self.p)
 
     def _mask(self, keep: np.ndarray, ctx: "mx.Context") -> "mx.nd.NDArray":
-        scale = np.float32(dropout_scale(self.p))
-        return mx.nd.array(keep.astype(np.float32) * scale, ctx=ctx, dtype=np.float32)
+        """The float32 mask MXNet's Dropout multiplies by: 0 or exactly ``1.0f / (1.0f - p)``
+        (copied over as bytes, scaled by MXNet's multi-threaded operators)."""
+        kept = mx.nd.array(keep.view(np.uint8), ctx=ctx, dtype=np.uint8)
+        return mx.nd.cast(kept, dtype="float32") * float(np.float32(dropout_scale(self.p)))
 
     def _passes(self, qkv: "mx.nd.NDArray", length: Optional["mx.nd.NDArray"]):
         """``(qkv, length)`` of each pass: ``per_pass`` sequences (axis 1 of ``qkv``)."""

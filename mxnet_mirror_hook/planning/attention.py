@@ -76,10 +76,12 @@ def plan_core_attention(setup: PlanningSetup, options: MirrorOptions,
     Returns
     -------
     MirrorPlan or None
-        ``symbol`` is the rewritten symbol with its one-level marks (bind it as any plan's);
-        ``baseline_mb`` the user's unmirrored plan; ``planned_mb`` MXNet's plan of ``symbol``;
-        ``outside_plan_mb`` the fused operators' temporaries and kept masks; ``overhead`` the
-        attention's recomputation plus the mirror's, over the user's plain iteration.
+        None also when ``max_overhead`` and a ``memory_budget`` limit are both given and the plan
+        that fits the budget is estimated above the limit.  ``symbol`` is the rewritten symbol
+        with its one-level marks (bind it as any plan's); ``baseline_mb`` the user's unmirrored
+        plan; ``planned_mb`` MXNet's plan of ``symbol``; ``outside_plan_mb`` the fused
+        operators' temporaries and kept masks; ``overhead`` the attention's recomputation plus
+        the mirror's, over the user's plain iteration.
 
     Raises
     ------
@@ -107,9 +109,14 @@ def plan_core_attention(setup: PlanningSetup, options: MirrorOptions,
     plan = plan_dropout_variants(prepared, variant, started)
     temporaries, masks = core_attention_workspace(prepared.graph)
     baseline_mb = setup.measure(frozenset())
+    overhead = attention + plan.overhead * scale
+    if options.max_overhead is not None and overhead > options.max_overhead + 1e-9:
+        logger.info("core attention: the plan within memory_budget %r is estimated at %.1f%%, above "
+                    "max_overhead=%g", options.memory_budget, 100 * overhead, options.max_overhead)
+        return None
     budget = str(options.budget) if options.max_overhead is None else f"max_overhead {options.max_overhead:g}"
     chosen = dataclasses.replace(
-        plan, baseline_mb=baseline_mb, overhead=attention + plan.overhead * scale, budget=budget,
+        plan, baseline_mb=baseline_mb, overhead=overhead, budget=budget,
         outside_plan_mb=to_mb(temporaries + masks), planning_seconds=time.perf_counter() - started)
     logger.info("core attention recomputed in one operator: %s", chosen.summary())
     return chosen

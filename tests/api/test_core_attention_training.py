@@ -4,6 +4,7 @@ parameters and gradients bit for bit without MKLDNN (each case in a fresh proces
 padding mask, and with the attention dropout against a plain graph fed the masks forward drew."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from mxnet_mirror_hook.cache import get_cache
 from mxnet_mirror_hook.mx.attention import CoreAttentionOp
 from mxnet_mirror_hook.options import MirrorOptions
 from mxnet_mirror_hook.planning.attention import plan_core_attention
+from mxnet_mirror_hook.planning.footprint import FootprintSource
 from mxnet_mirror_hook.planning.one_level import plan_one_level
 from mxnet_mirror_hook.planning.setup import PlanRequest
 from mxnet_mirror_hook.testing.models import bert_mlm_shapes
@@ -189,3 +191,22 @@ def test_outside_plan_memory_is_reported_and_in_the_footprint():
     assert plan.activation_mb == pytest.approx(plan.planned_mb + plan.outside_plan_mb)
     assert "outside MXNet's plan" in plan.summary()
     assert 0 < plan.overhead <= 0.5
+    sourced = dataclasses.replace(plan, footprint_source=FootprintSource.of_setup(setup))
+    footprint = sourced.footprint
+    assert footprint.attention_space == pytest.approx(plan.outside_plan_mb)
+    assert footprint.activations == plan.planned_mb
+    assert footprint.to_dict()["attention_space"] == footprint.attention_space  # its own line
+
+
+def test_no_plan_when_the_attention_alone_exceeds_max_overhead():
+    data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
+    options = MirrorOptions(cache_dir=False, max_overhead=0.001)
+    assert plan_core_attention(PlanRequest(data, label).prepare(small_bert(), options), options) is None
+
+
+def test_no_plan_for_a_symbol_without_core_attention():
+    from tests.helpers import dropout_mlp
+
+    options = MirrorOptions(cache_dir=False, max_overhead=0.05)
+    setup = PlanRequest([("data", (8, 64))], [("softmax_label", (8,))]).prepare(dropout_mlp(2, 64), options)
+    assert plan_core_attention(setup, options) is None
