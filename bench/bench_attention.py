@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -186,6 +187,19 @@ def _plan_cell(plan: dict, plain: float) -> str:
             f"est. +{100 * plan['overhead']:.1f}%, {plan['mirrored']} mirrored")
 
 
+def _verdict(row: dict, timed: Optional[dict], case: tuple) -> str:
+    """Whether the timed plan (within the first limit) meets the case's target ratio (outside memory
+    counted) and measured overhead (CPU clock)."""
+    description, _, target_ratio, target_overhead = case
+    plan = row[f"plan_{LIMITS[0]}"]
+    ratio = (plan["planned_mb"] + plan["outside_mb"]) / row["plain_mb"]
+    measured = (f"measured +{100 * (timed['cpu_ratio'] - 1):.0f}% CPU / +{100 * (timed['ratio'] - 1):.0f}% "
+                f"wall" if timed else "time not measured")
+    met = ratio <= target_ratio and timed is not None and timed["cpu_ratio"] - 1 <= target_overhead
+    return (f"{description.split(',')[-1].strip()}: {ratio:.2f}x (plan within {LIMITS[0]:g}), "
+            f"{measured} ({'met' if met else 'not met'})")
+
+
 def _time_cell(timed: dict) -> str:
     def rounds(values: list) -> str:
         return ", ".join(f"{value:.2f}" for value in values)
@@ -230,7 +244,9 @@ def write_section(rows: list, path: str) -> None:
                      f"{row['masks_mb']:.0f} = {_ratio(rewritten, plain)} | "
                      + " | ".join(_plan_cell(row[f"plan_{limit}"], plain) for limit in LIMITS)
                      + f" | {peak} | {when} |")
-    lines += ["", "Load: the machine has 2 cores; another core ran a zoo sweep at nice 19 and other sessions "
+    verdicts = [_verdict(plans[c], times.get(c), CASES[c]) for c in CASES if c in plans]
+    lines += ["", "Targets: " + "; ".join(verdicts) + ".", "",
+              "Load: the machine has 2 cores; another core ran a zoo sweep at nice 19 and other sessions "
               "ran tests during these runs (load averages in the time column), so a time ratio is good to a "
               "few percent only.  The one-level mirror adds nothing cheap here: recomputing the 12 "
               "GELU outputs (what the second feed-forward product reads) leaves MXNet's plan unchanged, "
