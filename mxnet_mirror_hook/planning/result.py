@@ -135,8 +135,9 @@ class MirrorPlan:
 
     @property
     def ratio(self) -> float:
-        """``planned_mb / baseline_mb`` (1.0 when nothing was saved)."""
-        return self.planned_mb / self.baseline_mb if self.baseline_mb else 1.0
+        """:attr:`activation_mb` over ``baseline_mb``: MXNet's plan and what fused operators hold
+        outside it, against the unmirrored plan (1.0 when nothing was saved)."""
+        return self.activation_mb / self.baseline_mb if self.baseline_mb else 1.0
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe summary (without the symbol)."""

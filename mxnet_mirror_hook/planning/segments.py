@@ -43,6 +43,7 @@ from .cached import cached_plan
 from .chain_footprint import compare_backends, decision_tag, footprint_source_of
 from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, per_segment_two_level,
                          splits_to_try, start_measuring_segments, tune_shared_pool)
+from .attention import lower_with_core_attention
 from .dropout import plan_dropout_variants
 from .one_level import SMALL_ACTIVATIONS_BYTES, unmirrored_plan
 from .result import PLAN_LOGGER, MirrorPlan
@@ -91,7 +92,8 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         one_level_options = one_level_options.replace(memory_budget=None)
     one_level = plan_dropout_variants(setup, one_level_options, started)
     if _too_small_for_segments(setup, options) or _draws_unreplayable_random(setup, options):
-        return _fallback_plan(setup, options, one_level, started)
+        return lower_with_core_attention(setup, options, _fallback_plan(setup, options, one_level, started),
+                                         started)
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
     if options.max_overhead is not None:
         request += f":overhead={options.max_overhead!r}"  # NOTE [ planning under an overhead limit ]
@@ -113,8 +115,9 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         return _segments_result(setup, one_level, chosen, entry.planned_mb, entry.overhead,
                                 started, from_cache=True)
 
-    return cached_plan(get_cache(options.cache_dir), key, BackendEntry, use,
-                       lambda: _choose_or_fall_back(setup, options, one_level, started))
+    chosen = cached_plan(get_cache(options.cache_dir), key, BackendEntry, use,
+                         lambda: _choose_or_fall_back(setup, options, one_level, started))
+    return lower_with_core_attention(setup, options, chosen, started)
 
 
 def _too_small_for_segments(setup: PlanningSetup, options: MirrorOptions) -> bool:

@@ -78,12 +78,12 @@ def _assert_same(plain, mirrored, plain_grads, mirrored_grads):
                                       err_msg=f"parameter {name}")
 
 
-def compare(padding_mask: bool, **options) -> None:
+def compare(padding_mask: bool, module: type = AttentionModule, **options) -> None:
     """Two SGD steps plainly and with the attention plan; raise unless bit-identical."""
     symbol = small_bert(padding_mask=padding_mask)
     names = _names(padding_mask)
     plain = SyncedModule(symbol, data_names=names)
-    mirrored = AttentionModule(symbol, data_names=names, cache_dir=False, **options)
+    mirrored = module(symbol, data_names=names, cache_dir=False, **options)
     for module in (plain, mirrored):
         _start(module, names, padding_mask)
     for data, label in _batches(padding_mask, 2):
@@ -210,3 +210,27 @@ def test_no_plan_for_a_symbol_without_core_attention():
     options = MirrorOptions(cache_dir=False, max_overhead=0.05)
     setup = PlanRequest([("data", (8, 64))], [("softmax_label", (8,))]).prepare(dropout_mlp(2, 64), options)
     assert plan_core_attention(setup, options) is None
+
+
+def test_auto_under_max_overhead_takes_the_fused_attention_when_it_is_lower(caplog):
+    import logging
+    import re
+
+    from mxnet_mirror_hook import plan_mirror
+    from mxnet_mirror_hook.testing.models import bert_mlm
+
+    # Large enough that the s^2 tensors outweigh the fused operators' own temporaries.
+    symbol = bert_mlm(layers=2, units=256, heads=8, hidden=512, vocab=100, seq_len=512, max_length=512,
+                      masked=8, dropout=0.0)
+    data, label = bert_mlm_shapes(4, 512, masked=8)
+    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
+        plan = plan_mirror(symbol, data, label, max_overhead=0.3, cache_dir=False)
+    assert '"op_type": "mirror_core_attention"' in plan.symbol.tojson()
+    assert plan.backend == "mirror" and plan.overhead <= 0.3 and plan.outside_plan_mb > 0
+    assert plan.ratio == plan.activation_mb / plan.baseline_mb < 1  # what the operator holds counted
+    (line,) = [r.getMessage() for r in caplog.records if "recomputed in one operator (" in r.getMessage()]
+    beaten = float(re.search(r"is below the \w+ plan \((\d+) MB\)", line).group(1))
+    assert plan.activation_mb < beaten
+    module = MirroredModule(symbol, data_names=INPUTS, max_overhead=0.3, cache_dir=False)
+    module.bind(data, label)
+    assert module.mirror_plan.symbol.tojson() == plan.symbol.tojson()
