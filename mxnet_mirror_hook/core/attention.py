@@ -123,7 +123,8 @@ def _match(graph: Graph, valatt: int, heads: set, with_dropout: bool) -> Optiona
     node = graph.nodes[valatt]
     if len(node.inputs) != 2:
         return None
-    qkv, probs_entry = tuple(node.inputs[0]), tuple(node.inputs[1])
+    qkv: Tuple[int, int] = (node.inputs[0][0], node.inputs[0][1])
+    probs_entry = tuple(node.inputs[1])
     dropout: Optional[int] = None
     p, mode = 0.0, "training"
     position = probs_entry[0]
@@ -158,7 +159,7 @@ def _match(graph: Graph, valatt: int, heads: set, with_dropout: bool) -> Optiona
             or not _only_reader(graph, qk, position, heads)):
         return None
     return CoreAttention(qk=qk, softmax=position, valatt=valatt, dropout=dropout, qkv=qkv,
-                         length=tuple(softmax.inputs[1]) if use_length else None,  # type: ignore[arg-type]
+                         length=(softmax.inputs[1][0], softmax.inputs[1][1]) if use_length else None,
                          heads=int(node.attrs["heads"]),
                          softmax_attrs={k: v for k, v in softmax.attrs.items() if k in SOFTMAX_KEYS},
                          p=p, mode=mode)
