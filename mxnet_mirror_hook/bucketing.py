@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 import mxnet as mx
 from mxnet.io import DataDesc
 
+from .core.budget import Budget
 from .errors import MirrorHookError, OptionError
 from .module import MirroredModule
 from .options import MirrorOptions, takes_options
@@ -59,8 +60,10 @@ def bucket_shapes(descs: Optional[Sequence[Any]], default_key: Any, key: Any) ->
 # bucket's one-level plan was held to (it is kept only when its estimated overhead is
 # within it), but ``backend='mirror'`` plans under ``memory_budget`` alone, so the other
 # buckets' one-level plans were not held to it (and came from the cache of plans made
-# without it).  A bucket whose default bucket kept the one-level plan within the limit is
-# therefore held to the same limit here; when its own one-level plan's estimate is above
+# without it).  So, without a budget of the user's, such a bucket plans the least one-level
+# memory within the limit (``Budget.within_overhead``, as 'auto' plans it for the default
+# bucket).  A bucket whose default bucket kept the one-level plan within the limit is
+# also held to the same limit here; when its own one-level plan's estimate is above
 # it, the bucket recomputes nothing (plain MXNet's plan for it: never above the limit, and
 # it binds beside the default bucket's executors as any bucket does) and one warning says
 # so.  A segment chain cannot be the fallback: a bucket shares the default bucket's
@@ -165,6 +168,11 @@ class MirroredBucketingModule(mx.mod.BucketingModule):
         plan = default.mirror_plan if default is not None else None
         if plan is None:  # not bound for training: nothing was decided, one-level like MXNet
             return options.replace(backend="mirror")
+        if plan.backend == "mirror" and options.max_overhead is not None and not options.budget.is_limit:
+            # The least one-level memory within the limit, as the default bucket's 'auto' planned
+            # it (NOTE [ every bucket under the module's options ]).
+            return options.replace(backend="mirror",
+                                   memory_budget=Budget.within_overhead(options.max_overhead))
         return options.replace(backend=plan.backend)
 
     def overhead_limit(self, bucket_key: Any) -> Optional[float]:

@@ -137,8 +137,10 @@ def test_every_bucket_is_planned_under_the_modules_options_and_held_to_its_max_o
         expected = module.mirror_options if length == 128 else module.mirror_options.replace(backend="mirror")
         assert options.replace(planner=expected.planner, memory_budget=expected.memory_budget) == expected
         assert options.max_overhead == 0.05
+        if length != 128 and options.planner != "none":  # as 'auto' plans the default bucket's
+            assert options.budget.kind == "overhead" and options.budget.overhead_limit == 0.05
     plans = module.mirror_plans
-    assert plans[128].overhead <= 0.05 and plans[64].overhead <= 0.05 and plans[64].mirrored
+    assert plans[128].overhead <= 0.05 and plans[64].overhead <= 0.05
     # Bucket 32's one-level plan is estimated above the limit: it recomputes nothing, said once.
     assert plans[32].overhead == 0.0 and plans[32].mirrored == ()
     assert plans[32].planned_mb == plans[32].baseline_mb
@@ -149,13 +151,15 @@ def test_every_bucket_is_planned_under_the_modules_options_and_held_to_its_max_o
 
 
 def test_buckets_are_not_held_to_a_limit_the_default_bucket_was_not_held_to(monkeypatch):
-    """When the default bucket's one-level plan is above max_overhead (its segment path failed, or
-    segments would redraw its random numbers: said by the planner), the others follow it."""
-    _one_level_decisions(monkeypatch, {128: 0.2, 64: 0.2, 32: 0.2})
+    """When the default bucket's one-level plan is above max_overhead, the others are not held to
+    the limit either (nothing falls back to recomputing nothing); they are planned as 'auto' plans
+    one-level plans under the limit."""
+    calls = _one_level_decisions(monkeypatch, {128: 0.2, 64: 0.2, 32: 0.2})
     module = MirroredBucketingModule(sym_gen, default_bucket_key=128, max_overhead=0.05, cache_dir=False)
     _train(module)
     assert module.overhead_limit(32) is None
-    assert all(plan.mirrored and plan.overhead == 0.2 for plan in module.mirror_plans.values())
+    assert all(plan.overhead == 0.2 for plan in module.mirror_plans.values())
+    assert {options.budget.kind for length, options in calls if length != 128} == {"overhead"}
 
 
 def test_a_bucket_planned_up_front_and_bound_later_is_warned_of_once(monkeypatch, caplog):
@@ -167,6 +171,6 @@ def test_a_bucket_planned_up_front_and_bound_later_is_warned_of_once(monkeypatch
         planned = module.prepare_buckets([32, 64], [("data", (64, 128))], [("softmax_label", (64,))])
         for length in (32, 64):
             module.switch_bucket(length, [("data", (64, length))], [("softmax_label", (64,))])
-    assert planned[32].mirrored == () and planned[64].mirrored
-    assert module.mirror_plans[32].mirrored == () and module.mirror_plans[64].mirrored
+    assert planned[32].mirrored == () and planned[64].overhead <= 0.05
+    assert module.mirror_plans[32].mirrored == () and module.mirror_plans[64].overhead <= 0.05
     assert sum(r.getMessage().startswith("bucket 32") for r in caplog.records) == 1
