@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench horovod docs clean
+.PHONY: venv demo test lint bench horovod gluonnlp docs clean
 
 $(STAMP): setup.py setup.cfg constraints.txt mxnet_mirror_hook/core/_replay.c
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ HOROVOD_ENV := HOROVOD_WITH_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
 horovod: $(STAMP)
 	$(PIP) install -q -c constraints.txt wheel
 	$(HOROVOD_ENV) $(PIP) install -q -c constraints.txt --no-build-isolation horovod
+
+# gluonnlp 0.10 (its BERT and language models in the tests, the zoo sweep and the user runs) builds
+# from its sdist with cython (about a minute). Optional: its tests skip without it.
+gluonnlp: $(STAMP)
+	$(PIP) install -q -c constraints.txt cython wheel
+	$(PIP) install -q -c constraints.txt --no-build-isolation gluonnlp==0.10.0
 
 # The manual (Sphinx + numpydoc + MyST, the `docs` extra, installed once: its own stamp, so
 # `make test` does not pay for it). Warnings are errors; the build goes to docs/_build (git-ignored).
