@@ -41,7 +41,8 @@ import logging
 import time
 from typing import Optional
 
-from ..core.attention import core_attention_cost, core_attention_workspace, is_core_attention
+from ..core.attention import (core_attention_cost, core_attention_workspace, find_core_attention,
+                              is_core_attention)
 from ..core.budget import Budget
 from ..core.cost import iteration_cost
 from ..core.graph import Graph
@@ -101,6 +102,10 @@ def plan_core_attention(setup: PlanningSetup, options: MirrorOptions,
     started = time.perf_counter() if started is None else started
     rewritten = recompute_core_attention(setup.symbol, with_dropout=options.recompute_dropout)
     if rewritten is setup.symbol:
+        if not options.recompute_dropout and find_core_attention(setup.graph, with_dropout=True):
+            logger.info("core attention: %d found with a Dropout on the probabilities; "
+                        "recompute_dropout=True lets one operator recompute them",
+                        len(find_core_attention(setup.graph, with_dropout=True)))
         return None
     variant = options.replace(backend="mirror", segments=None, max_overhead=None)
     prepared = setup.request.prepare(rewritten, variant)

@@ -212,6 +212,18 @@ def test_no_plan_for_a_symbol_without_core_attention():
     assert plan_core_attention(setup, options) is None
 
 
+def test_an_attention_dropout_without_recompute_dropout_is_said_and_left(caplog):
+    import logging
+
+    options = MirrorOptions(cache_dir=False, max_overhead=0.5)
+    data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
+    setup = PlanRequest(data, label).prepare(small_bert(dropout=0.1), options)
+    with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
+        assert plan_core_attention(setup, options) is None
+    (line,) = [r.getMessage() for r in caplog.records if "found with a Dropout" in r.getMessage()]
+    assert line.startswith("core attention: 2 found") and "recompute_dropout=True" in line
+
+
 def test_auto_under_max_overhead_takes_the_fused_attention_when_it_is_lower(caplog):
     import logging
     import re
