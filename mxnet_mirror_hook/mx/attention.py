@@ -60,6 +60,7 @@ import numpy as np
 from ..core.attention import (CORE_ATTENTION_OP, DEFAULT_PASS_MB, CoreAttention, find_core_attention,
                               sequences_per_pass)
 from ..core.graph import KEEP_ATTR, Graph, Node, NodeKind
+from .convert import load_rewritten
 from .dropout import dropout_scale
 
 __all__ = ["recompute_core_attention", "CORE_ATTENTION_OP", "CoreAttentionOp", "structural_graph"]
@@ -266,14 +267,9 @@ def recompute_core_attention(symbol: "mx.sym.Symbol", with_dropout: bool = False
             node = {**node, "inputs": [[remap[e[0]], e[1], e[2]] for e in node["inputs"]]}
         out.append(node)
         remap[position] = len(out) - 1
-    rewritten = {"nodes": out, "arg_nodes": [i for i, n in enumerate(out) if n["op"] == "null"],
-                 "heads": [[remap[e[0]], e[1], e[2]] for e in document["heads"]],
-                 "attrs": document.get("attrs", {})}
-    result = mx.sym.load_json(json.dumps(rewritten))
-    if (result.list_arguments() != symbol.list_arguments()
-            or result.list_outputs() != symbol.list_outputs()
-            or result.list_auxiliary_states() != symbol.list_auxiliary_states()):
-        raise ValueError("replacing the core attention changed the symbol's arguments, outputs or "
-                         "auxiliary states; please report this symbol")
+    result = load_rewritten(symbol, out, [[remap[e[0]], e[1], e[2]] for e in document["heads"]],
+                            document.get("attrs", {}),
+                            "replacing the core attention changed the symbol's arguments, outputs or "
+                            "auxiliary states; please report this symbol")
     logger.info("core attention: %d recomputed in one operator each", len(matches))
     return result

@@ -17,7 +17,7 @@ from ..errors import ShapeError
 from .bind import mxnet_error_line
 
 __all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR",
-           "json_node_keys"]
+           "json_node_keys", "load_rewritten"]
 
 #: The attribute MXNet's gradient pass reads (``_set_attr(force_mirroring=...)`` writes it).
 MIRROR_ATTR = "__force_mirroring__"
@@ -319,3 +319,23 @@ def structure_hash(symbol: "mx.sym.Symbol", document: Optional[Dict[str, Any]] =
     canonical = json.dumps({"nodes": nodes, "heads": document["heads"],
                             "arg_nodes": document.get("arg_nodes")}, sort_keys=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def load_rewritten(symbol: "mx.sym.Symbol", nodes: List[Dict[str, Any]], heads: List[List[int]],
+                   attrs: Mapping[str, Any], refusal: str) -> "mx.sym.Symbol":
+    """The symbol of a rewritten JSON graph (``nodes`` in topological order, ``heads``), checked to
+    keep ``symbol``'s arguments, outputs and auxiliary states.
+
+    Raises
+    ------
+    ValueError
+        ``refusal`` (what changed them and what to do), when the rewrite changed any of them.
+    """
+    document = {"nodes": nodes, "arg_nodes": [i for i, n in enumerate(nodes) if n["op"] == "null"],
+                "heads": heads, "attrs": dict(attrs)}
+    result = mx.sym.load_json(json.dumps(document))
+    if (result.list_arguments() != symbol.list_arguments()
+            or result.list_outputs() != symbol.list_outputs()
+            or result.list_auxiliary_states() != symbol.list_auxiliary_states()):
+        raise ValueError(refusal)
+    return result

@@ -59,6 +59,7 @@ import mxnet as mx
 import numpy as np
 
 from ..core.graph import KEEP_ATTR
+from .convert import load_rewritten
 
 __all__ = ["recomputable_dropout", "dropout_scale", "SOURCE_ATTR", "MASK_SUFFIX"]
 
@@ -157,14 +158,9 @@ def recomputable_dropout(symbol: "mx.sym.Symbol") -> "mx.sym.Symbol":
         final = add("elemwise_mul" if source is x else "broadcast_mul", name, [x, mask],
                     {k: v for k, v in attrs.items() if k.startswith("__")})
         remap[index] = final[0]
-    heads = [[remap[e[0]], e[1], e[2]] for e in document["heads"]]
-    rewritten = {"nodes": out, "arg_nodes": [i for i, n in enumerate(out) if n["op"] == "null"],
-                 "heads": heads, "attrs": document.get("attrs", {})}
-    result = mx.sym.load_json(json.dumps(rewritten))
-    if (result.list_arguments() != symbol.list_arguments()
-            or result.list_outputs() != symbol.list_outputs()
-            or result.list_auxiliary_states() != symbol.list_auxiliary_states()):
-        raise ValueError("rewriting Dropout changed the symbol's arguments, outputs or auxiliary "
-                         "states; leave recompute_dropout off for this network")
+    result = load_rewritten(symbol, out, [[remap[e[0]], e[1], e[2]] for e in document["heads"]],
+                            document.get("attrs", {}),
+                            "rewriting Dropout changed the symbol's arguments, outputs or auxiliary "
+                            "states; leave recompute_dropout off for this network")
     logger.info("recomputable dropout: %d Dropout node(s) rewritten", len(targets))
     return result
