@@ -1,6 +1,7 @@
 """Training helpers shared by the equivalence tests."""
 from __future__ import annotations
 
+import json
 from typing import Dict, Tuple
 
 import mxnet as mx
@@ -102,3 +103,27 @@ class _DoubleProp(mx.operator.CustomOpProp):
 
     def create_operator(self, ctx, shapes, dtypes):
         return _Double()
+
+
+def reordered_symbol(document: dict) -> "mx.sym.Symbol":
+    """The symbol of a JSON ``document`` whose nodes are put in topological order again (variables
+    appended after their readers moved before them)."""
+    nodes = document["nodes"]
+    order, seen = [], set()
+
+    def visit(index):
+        if index in seen:
+            return
+        seen.add(index)
+        for entry in nodes[index]["inputs"]:
+            visit(entry[0])
+        order.append(index)
+
+    for head in document["heads"]:
+        visit(head[0])
+    new = {old: position for position, old in enumerate(order)}
+    out = [{**nodes[i], "inputs": [[new[e[0]], e[1], e[2]] for e in nodes[i]["inputs"]]} for i in order]
+    heads = [[new[e[0]], e[1], e[2]] for e in document["heads"]]
+    arguments = [i for i, n in enumerate(out) if n["op"] == "null"]
+    return mx.sym.load_json(json.dumps({"nodes": out, "arg_nodes": arguments, "heads": heads,
+                                        "attrs": document.get("attrs", {})}))

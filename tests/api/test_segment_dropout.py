@@ -24,7 +24,7 @@ from mxnet_mirror_hook.mx.dropout import dropout_scale
 from mxnet_mirror_hook.mx.segments import SegmentChain, segment_documents
 from mxnet_mirror_hook.options import MirrorOptions
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes
-from tests.helpers import dropout_mlp
+from tests.helpers import dropout_mlp, reordered_symbol
 
 SHAPE, CLASSES = (32, 48), 10
 
@@ -73,30 +73,7 @@ def _with_mask_inputs(symbol: "mx.sym.Symbol") -> "mx.sym.Symbol":
             document["nodes"].append({"op": "null", "name": node["name"] + "_maskin", "inputs": []})
             node.update(op="elemwise_mul", inputs=[node["inputs"][0], [mask_index, 0, 0]],
                         attrs={})
-    # Variables appended after their readers: rebuild a topological order through the symbol API.
-    nodes = document["nodes"]
-    order, seen = [], set()
-
-    def visit(i):
-        if i in seen:
-            return
-        seen.add(i)
-        for source, *_ in nodes[i]["inputs"]:
-            visit(source)
-        order.append(i)
-
-    for head, *_ in document["heads"]:
-        visit(head)
-    position = {old: new for new, old in enumerate(order)}
-    rebuilt = []
-    for old in order:
-        node = dict(nodes[old])
-        node["inputs"] = [[position[s], o, v] for s, o, v in node["inputs"]]
-        rebuilt.append(node)
-    document = {"nodes": rebuilt, "arg_nodes": [i for i, n in enumerate(rebuilt) if n["op"] == "null"],
-                "heads": [[position[h], o, v] for h, o, v in document["heads"]],
-                "attrs": document.get("attrs", {})}
-    return mx.sym.load_json(json.dumps(document))
+    return reordered_symbol(document)  # the appended variables moved before their readers
 
 
 def _train_segmented(symbol, steps: int, contexts: int = 1, segments: int = 3):

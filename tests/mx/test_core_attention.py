@@ -20,6 +20,7 @@ from mxnet_mirror_hook.core.graph import KEEP_ATTR
 from mxnet_mirror_hook.mx.attention import CoreAttentionOp, recompute_core_attention, structural_graph
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes
+from tests.helpers import reordered_symbol
 from tests.paths import ROOT
 
 SEQ, BATCH, HEADS = 32, 4, 4
@@ -189,30 +190,7 @@ def _masked_reference(symbol):
             node.update(op="elemwise_mul", attrs={},
                         inputs=[node["inputs"][0], [len(document["nodes"]) - 1, 0, 0]])
             count += 1
-    return _reordered(document), count
-
-
-def _reordered(document):
-    """The document in topological order again (appended variables moved before their reader)."""
-    nodes = document["nodes"]
-    order, seen = [], set()
-
-    def visit(index):
-        if index in seen:
-            return
-        seen.add(index)
-        for entry in nodes[index]["inputs"]:
-            visit(entry[0])
-        order.append(index)
-
-    for head in document["heads"]:
-        visit(head[0])
-    new = {old: position for position, old in enumerate(order)}
-    out = [{**nodes[i], "inputs": [[new[e[0]], e[1], e[2]] for e in nodes[i]["inputs"]]} for i in order]
-    heads = [[new[e[0]], e[1], e[2]] for e in document["heads"]]
-    arguments = [i for i, n in enumerate(out) if n["op"] == "null"]
-    return mx.sym.load_json(json.dumps({"nodes": out, "arg_nodes": arguments, "heads": heads,
-                                        "attrs": document.get("attrs", {})}))
+    return reordered_symbol(document), count
 
 
 def dropout_against_fed_masks(steps: int = 3) -> float:
