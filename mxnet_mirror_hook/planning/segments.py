@@ -92,7 +92,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         one_level_options = one_level_options.replace(memory_budget=None)
     one_level = plan_dropout_variants(setup, one_level_options, started)
     if _too_small_for_segments(setup, options) or _draws_unreplayable_random(setup, options):
-        return lower_with_core_attention(setup, options, _fallback_plan(setup, options, one_level, started),
+        return lower_with_core_attention(setup, options, one_level_within(setup, options, one_level, started),
                                          started)
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
     if options.max_overhead is not None:
@@ -104,7 +104,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
     def use(entry: BackendEntry) -> Optional[MirrorPlan]:
         if entry.backend == "mirror":
             if entry.fallback is not None:
-                return _fallen_back(_fallback_plan(setup, options, one_level, started), entry.fallback)
+                return _fallen_back(one_level_within(setup, options, one_level, started), entry.fallback)
             return _recorded_one_level(setup, options, one_level, entry, started)
         try:
             chosen = SegmentPlan.from_dict(entry.segments or {})
@@ -253,18 +253,9 @@ def _choose_or_fall_back(setup: PlanningSetup, options: MirrorOptions, one_level
                 f"backend='mirror'") from cause
         logger.warning("executor segments failed (%s); backend='auto' uses the one-level plan", reason)
         logger.debug("the segment path's failure", exc_info=cause)
-        one_level = _fallback_plan(setup, options, one_level, started)
+        one_level = one_level_within(setup, options, one_level, started)
         plan = _fallen_back(one_level, reason, planning_seconds=time.perf_counter() - started)
         return plan, dataclasses.replace(_one_level_entry(one_level), fallback=reason)
-
-
-def _fallback_plan(setup: PlanningSetup, options: MirrorOptions, one_level: MirrorPlan,
-                   started: float) -> MirrorPlan:
-    """The one-level plan ``'auto'`` falls back to: ``one_level``, or under ``max_overhead`` the
-    one-level plan within the limit (the plan at the budget may estimate far more time)."""
-    if options.max_overhead is None:
-        return one_level
-    return one_level_within(setup, options, one_level, started)
 
 
 def _fallen_back(one_level: MirrorPlan, reason: str, **changes: Any) -> MirrorPlan:
