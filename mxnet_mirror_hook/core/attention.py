@@ -35,10 +35,10 @@ VALATT_OP = "_contrib_interleaved_matmul_selfatt_valatt"
 #: Softmax parameters the rewrite carries over (others, such as ``dtype``, keep the node as it is).
 SOFTMAX_KEYS = frozenset({"axis", "temperature", "use_length"})
 
-#: batch x heads x seq x seq float32 temporaries alive at once in the operator's backward (scores,
-#: probabilities, their gradients; with dropout the float mask and the dropped probabilities too):
+#: batch x heads x seq x seq float32 buffers the operators keep (the scores and then their
+#: gradient, the probabilities, the probabilities' gradient; with dropout the float mask too):
 #: NOTE [ what the core attention operator allocates ] in mx/attention.py.
-SQUARE_TEMPORARIES = {False: 4, True: 6}
+SQUARE_TEMPORARIES = {False: 3, True: 4}
 
 #: The fused operator runs over as many sequences at once as keep one batch x heads x seq x seq
 #: float32 temporary within this many MB (at least one sequence).

@@ -11,24 +11,30 @@ is imported (:mod:`.apply` imports it, so every process that plans or binds a pl
 # seq 512 and about 3% of its work.  MXNet cannot do this by itself: its one-level mirror,
 # asked to recompute the core attention's nodes, keeps more than their recomputation frees
 # (issue 22: 0.78x), and executor segments that re-run it cannot share one memory pool with
-# the kept executors (0.86x).  One operator whose backward recomputes the core attention under
-# autograd from its input ``qkv`` is opaque to MXNet's planner: the static plan keeps ``qkv``
-# (which the plain graph keeps too) and no s^2 tensor.  Its backward runs exactly the
-# operators MXNet's gradient pass runs (interleaved products, softmax, elementwise product with
-# the mask), so the gradients are bit for bit the plain graph's (tests without MKLDNN).  The
+# the kept executors (0.86x).  One operator whose backward recomputes the scores and
+# probabilities from its input ``qkv`` is opaque to MXNet's planner: the static plan keeps
+# ``qkv`` (which the plain graph keeps too) and no s^2 tensor.  Its backward recomputes only
+# what the gradients read (the product with the values is not run again) and then calls the
+# backward operators MXNet's gradient pass runs (NOTE [ calling MXNet's backward operators ]
+# in mx/backward_ops.py: interleaved products, softmax, elementwise product with the mask), so
+# the gradients are bit for bit the plain graph's (tests without MKLDNN).  The
 # node carries KEEP_ATTR, so the one-level mirror never runs it twice (a second forward would
 # draw a new mask and cost the whole product again).
 #
+# Measured (2-layer BERT-base-wide bert_mlm, seq 512, batch 2, CPU clock, median of 6 steps
+# beside plain): recomputing under autograd into fresh arrays cost +9.6% (+10.8% with dropout);
+# the backward operators into kept buffers (mx/workspace.py) +3.4% (+3.3%).
+#
 # NOTE [ what the core attention operator allocates ]
-# Outside MXNet's static plan: in backward, one operator at a time, the recomputed scores
-# and probabilities and their gradients (4 s^2 float32 tensors; with dropout also the float
-# mask and the dropped probabilities: 6); in forward fewer.  Over the whole batch these are
-# 400-600 MB for BERT-base at seq 512, batch 8 (each batch x heads x seq x seq tensor is
-# 100 MB), which would undo a third of the saving; so the operator runs a few sequences at a
-# time (``pass_mb``: one s^2 tensor of a pass within 16 MB, one sequence of BERT-base at seq
-# 512), slicing ``qkv`` on its batch axis and concatenating outputs and gradients.  Every
-# sequence's products and softmax rows are computed by the same kernels on the same numbers,
-# so the results are those of one pass (tests compare with the plain graph bit for bit).
+# Outside MXNet's static plan: the s^2 buffers the operators keep between calls (mx/workspace.py:
+# scores and then their gradient, probabilities, the probabilities' gradient; with dropout the
+# float mask), shared by every instance.  Over the whole batch each is 100 MB for BERT-base at
+# seq 512, batch 8 (batch x heads x seq x seq), which would undo a third of the saving; so the
+# operator runs a few sequences at a time (``pass_mb``: one s^2 tensor of a pass within 16 MB,
+# one sequence of BERT-base at seq 512), slicing ``qkv`` on its batch axis and concatenating
+# outputs and gradients.  Every sequence's products and softmax rows are computed by the same
+# kernels on the same numbers, so the results are those of one pass (tests compare with the
+# plain graph bit for bit).
 # With dropout, the kept masks of all layers, as bits.  core.attention.core_attention_workspace
 # counts both; the footprint and the bench report them beside the static figure.
 #
@@ -60,8 +66,10 @@ import numpy as np
 from ..core.attention import (CORE_ATTENTION_OP, DEFAULT_PASS_MB, CoreAttention, find_core_attention,
                               sequences_per_pass)
 from ..core.graph import KEEP_ATTR, Graph, Node, NodeKind
+from .backward_ops import invoke
 from .convert import load_rewritten
 from .dropout import dropout_scale
+from .workspace import buffer
 
 __all__ = ["recompute_core_attention", "CORE_ATTENTION_OP", "CoreAttentionOp", "structural_graph"]
 
@@ -73,8 +81,8 @@ def _flag(value: Any) -> bool:
 
 
 class CoreAttentionOp(mx.operator.CustomOp):
-    """Forward: the core attention; backward: recomputed under autograd from ``qkv``, a few
-    sequences at a time (NOTE [ what the core attention operator allocates ])."""
+    """Forward: the core attention; backward: the probabilities recomputed from ``qkv`` and MXNet's
+    backward operators, a few sequences at a time (NOTE [ core attention in one operator ])."""
 
     def __init__(self, heads: int, softmax: Dict[str, str], p: float, mode: str, seed: int,
                  per_pass: int) -> None:
@@ -94,9 +102,12 @@ class CoreAttentionOp(mx.operator.CustomOp):
 
     def _mask(self, keep: np.ndarray, ctx: "mx.Context") -> "mx.nd.NDArray":
         """The float32 mask MXNet's Dropout multiplies by: 0 or exactly ``1.0f / (1.0f - p)``
-        (copied over as bytes, scaled by MXNet's multi-threaded operators)."""
+        (copied over as bytes, scaled by MXNet's multi-threaded operators, in a kept buffer)."""
         kept = mx.nd.array(keep.view(np.uint8), ctx=ctx, dtype=np.uint8)
-        return mx.nd.cast(kept, dtype="float32") * float(np.float32(dropout_scale(self.p)))
+        mask = buffer("attention_mask", keep.shape, ctx)
+        mx.nd.cast(kept, dtype="float32", out=mask)
+        mask *= float(np.float32(dropout_scale(self.p)))
+        return mask
 
     def _passes(self, qkv: "mx.nd.NDArray", length: Optional["mx.nd.NDArray"]):
         """``(qkv, length)`` of each pass: ``per_pass`` sequences (axis 1 of ``qkv``)."""
@@ -109,16 +120,24 @@ class CoreAttentionOp(mx.operator.CustomOp):
             rows = None if length is None else length[low * self.heads:high * self.heads]
             yield mx.nd.slice_axis(qkv, axis=1, begin=low, end=high), rows
 
-    def _core(self, qkv: "mx.nd.NDArray", length: Optional["mx.nd.NDArray"],
-              mask: Optional["mx.nd.NDArray"]) -> "mx.nd.NDArray":
-        scores = mx.nd.contrib.interleaved_matmul_selfatt_qk(qkv, heads=self.heads)
+    def _probabilities(self, qkv: "mx.nd.NDArray", length: Optional["mx.nd.NDArray"],
+                       mask: Optional["mx.nd.NDArray"]) -> Tuple["mx.nd.NDArray", "mx.nd.NDArray"]:
+        """``(softmax probabilities, what the product with the values reads)`` of one pass, in
+        kept buffers (NOTE [ a workspace kept between calls ] in mx/workspace.py)."""
+        seq, batch, _ = qkv.shape
+        square = (batch * self.heads, seq, seq)
+        scores = buffer("attention_a", square, qkv.context)
+        probs = buffer("attention_b", square, qkv.context)
+        mx.nd.contrib.interleaved_matmul_selfatt_qk(qkv, heads=self.heads, out=scores)
         if length is not None:
-            probs = mx.nd.softmax(scores, length, **self.softmax)
+            mx.nd.softmax(scores, length, out=probs, **self.softmax)
         else:
-            probs = mx.nd.softmax(scores, **self.softmax)
-        if mask is not None:
-            probs = probs * mask
-        return mx.nd.contrib.interleaved_matmul_selfatt_valatt(qkv, probs, heads=self.heads)
+            mx.nd.softmax(scores, out=probs, **self.softmax)
+        if mask is None:
+            return probs, probs
+        dropped = buffer("attention_c", square, qkv.context)
+        mx.nd.elemwise_mul(probs, mask, out=dropped)
+        return probs, dropped
 
     def _pass_mask(self, qkv: "mx.nd.NDArray", is_train: bool) -> Optional["mx.nd.NDArray"]:
         """The mask of a forward pass over ``qkv`` (its bits kept for backward in training)."""
@@ -134,10 +153,38 @@ class CoreAttentionOp(mx.operator.CustomOp):
     def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D102 (MXNet's signature)
         self._bits = []
         length = in_data[1] if self.use_length else None
-        outputs = [self._core(qkv, rows, self._pass_mask(qkv, is_train))
-                   for qkv, rows in self._passes(in_data[0], length)]
+        outputs = []
+        for qkv, rows in self._passes(in_data[0], length):
+            _, read = self._probabilities(qkv, rows, self._pass_mask(qkv, is_train))
+            outputs.append(mx.nd.contrib.interleaved_matmul_selfatt_valatt(qkv, read, heads=self.heads))
         out = outputs[0] if len(outputs) == 1 else mx.nd.concat(*outputs, dim=1)
         self.assign(out_data[0], req[0], out)
+
+    def _pass_gradient(self, qkv: "mx.nd.NDArray", length: Optional["mx.nd.NDArray"],
+                       head_grad: "mx.nd.NDArray", mask: Optional["mx.nd.NDArray"]) -> "mx.nd.NDArray":
+        """The gradient of one pass's ``qkv``: the probabilities recomputed, then the gradient
+        pass's own backward operators (NOTE [ calling MXNet's backward operators ])."""
+        probs, read = self._probabilities(qkv, length, mask)
+        scores_grad = buffer("attention_a", probs.shape, qkv.context)   # the scores are spent
+        from_values = mx.nd.empty(qkv.shape, ctx=qkv.context, dtype=qkv.dtype)
+        invoke("_backward_interleaved_matmul_selfatt_valatt", [head_grad, qkv, read],
+               [from_values, scores_grad], heads=self.heads)
+        probs_grad = scores_grad
+        if mask is not None:
+            probs_grad = buffer("attention_c", probs.shape, qkv.context)
+            mx.nd.elemwise_mul(scores_grad, mask, out=probs_grad)
+        softmax_grad = buffer("attention_a" if mask is not None else "attention_c", probs.shape,
+                              qkv.context)
+        if length is not None:   # ElemwiseGradUseInOut: ograd, data (not read), length, output
+            invoke("_backward_softmax", [probs_grad, probs_grad, length, probs],
+                   [softmax_grad, mx.nd.empty(length.shape, ctx=qkv.context, dtype=length.dtype)],
+                   **self.softmax)
+        else:                    # ElemwiseGradUseOut: ograd, output
+            invoke("_backward_softmax", [probs_grad, probs], [softmax_grad], **self.softmax)
+        from_keys = mx.nd.empty(qkv.shape, ctx=qkv.context, dtype=qkv.dtype)
+        invoke("_backward_interleaved_matmul_selfatt_qk", [softmax_grad, qkv], [from_keys],
+               heads=self.heads)
+        return from_values + from_keys
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # noqa: D102
         length = in_data[1] if self.use_length else None
@@ -149,12 +196,7 @@ class CoreAttentionOp(mx.operator.CustomOp):
                 bits, shape = self._bits[index]
                 keep = np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape)
                 mask = self._mask(keep, qkv.context)
-            qkv = qkv.detach()
-            qkv.attach_grad()
-            with mx.autograd.record():
-                out = self._core(qkv, rows, mask)
-            out.backward(head_grad)
-            grads.append(qkv.grad)
+            grads.append(self._pass_gradient(qkv, rows, head_grad, mask))
         self.assign(in_grad[0], req[0], grads[0] if len(grads) == 1 else mx.nd.concat(*grads, dim=1))
         if self.use_length:
             self.assign(in_grad[1], req[1], mx.nd.zeros_like(in_grad[1]))

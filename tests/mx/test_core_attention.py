@@ -277,5 +277,5 @@ def test_cost_and_workspace_of_the_fused_operator():
     assert forward_cost(graph, fused[0]) == core_attention_cost(graph, fused[0]) == \
         4 * square * (64 // HEADS) + 5 * square + 2 * square
     temporaries, masks = core_attention_workspace(graph)
-    assert temporaries == 6 * (square // BATCH) * 4  # one sequence a pass, six s^2 float32 tensors
+    assert temporaries == 4 * (square // BATCH) * 4  # one sequence a pass, four kept s^2 float32 buffers
     assert masks == 2 * square // 8                   # two layers' masks, one bit each
