@@ -1,0 +1,226 @@
+"""An element-wise activation recomputed inside the product that reads it.
+
+:func:`recompute_activations` replaces each ``act -> FullyConnected`` pair that
+:func:`~mxnet_mirror_hook.core.fused_activation.find_fused_activations` finds by one ``Custom``
+operator, ``op_type`` :data:`FUSED_ACTIVATION_OP`, registered when this module is imported.
+
+# NOTE [ an activation recomputed inside its product ]
+# A BERT layer's feed-forward block keeps ``z = ffn1(x)`` (the GELU's backward reads it) and
+# ``g = gelu(z)`` (the weight gradient of ``ffn2`` reads it): 2 x 4*s*b*h floats.  MXNet's own
+# mirror cannot free ``g``: it replays recomputed nodes at the start of the backward pass, so
+# the replayed copies of all layers are alive together.  One operator ``FC(act(z))`` that keeps
+# only its input ``z`` (which the plain graph keeps too) frees ``g``: its forward computes
+# ``act(z)`` into a temporary and the product into its output; its backward computes ``act(z)``
+# again, then the product's backward (``_backward_FullyConnected``: the gradients of ``g``, the
+# weight and the bias) and the activation's backward (``_backward_LeakyReLU`` or
+# ``_backward_Activation``), each MXNet's registered kernel called on the arrays the plain
+# gradient pass gives it (NOTE [ calling MXNet's backward operators ] in backward_ops.py), so
+# outputs and gradients are the plain graph's bit for bit (tests without MKLDNN).  The node
+# carries KEEP_ATTR: the one-level mirror never replays it.  The price is one activation forward
+# per layer and iteration (core.fused_activation.activation_recompute_cost).
+#
+# NOTE [ the fused activation's workspace ]
+# The recomputed activation and its gradient are ``z``-sized (50 MB each for BERT-base at seq
+# 512, batch 8).  Fresh imperative arrays of that size cost page faults on every call (measured:
+# they doubled a 12 MB operator's time), so they live in two flat buffers per device and element
+# type, shared by every fused operator of the process, grown to the largest ``z`` seen and kept
+# (views of a prefix serve smaller shapes).  The engine orders the operators reading and writing
+# one array in the order they are pushed, so sharing is safe as long as each operator pushes its
+# whole sequence (write the activation, read it, ...) without another operator's pushes in
+# between: custom operators' callbacks may run on several threads, so the pushes are made under
+# one lock.  core.fused_activation.fused_activation_workspace counts these buffers.  Gradients
+# the executor asks to be added (``grad_req='add'``) or not written go through fresh arrays.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Dict, List, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from ..core.fused_activation import FUSED_ACTIVATION_OP, FusedActivation, find_fused_activations
+from ..core.graph import KEEP_ATTR
+from .attention import structural_graph
+from .backward_ops import assign_into, invoke
+from .convert import load_rewritten
+
+__all__ = ["recompute_activations", "FUSED_ACTIVATION_OP", "FusedActivationOp", "workspace_buffer"]
+
+logger = logging.getLogger(__name__)
+
+_LOCK = threading.Lock()
+_BUFFERS: Dict[Tuple[str, str, str], "mx.nd.NDArray"] = {}
+_VIEWS: Dict[Tuple[str, str, str, Tuple[int, ...]], "mx.nd.NDArray"] = {}
+
+
+def _flag(value: Any) -> bool:
+    return str(value) in ("True", "true", "1")
+
+
+def workspace_buffer(role: str, ctx: "mx.Context", shape: Tuple[int, ...], dtype: Any) -> "mx.nd.NDArray":
+    """A ``shape`` view of the process's flat buffer ``role`` on ``ctx`` for ``dtype`` (grown when
+    too small; NOTE [ the fused activation's workspace ]).  Call under ``_LOCK``."""
+    key = (role, str(ctx), np.dtype(dtype).name)
+    view = _VIEWS.get(key + (tuple(shape),))
+    if view is not None:
+        return view
+    size = int(np.prod(shape))
+    flat = _BUFFERS.get(key)
+    if flat is None or flat.shape[0] < size:
+        flat = _BUFFERS[key] = mx.nd.empty((size,), ctx=ctx, dtype=dtype)
+        for stale in [k for k in _VIEWS if k[:3] == key]:
+            del _VIEWS[stale]
+    view = _VIEWS[key + (tuple(shape),)] = flat[:size].reshape(shape)
+    return view
+
+
+class FusedActivationOp(mx.operator.CustomOp):
+    """``FullyConnected(act(z))`` keeping ``z`` only (NOTE [ an activation recomputed inside its
+    product ])."""
+
+    def __init__(self, act_op: str, act_attrs: Dict[str, str], fc_attrs: Dict[str, str]) -> None:
+        super().__init__()
+        self.act_op = act_op
+        self.act_attrs = act_attrs
+        self.fc_attrs = fc_attrs
+        self.no_bias = _flag(fc_attrs["no_bias"])
+
+    def _activation(self, z: "mx.nd.NDArray") -> "mx.nd.NDArray":
+        """``act(z)`` into the shared activation buffer."""
+        out = workspace_buffer("activation", z.context, z.shape, z.dtype)
+        getattr(mx.nd, self.act_op)(z, out=out, **self.act_attrs)
+        return out
+
+    def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D102 (MXNet's signature)
+        if req[0] == "null":
+            return
+        with _LOCK:
+            g = self._activation(in_data[0])
+            weights = in_data[1:2] if self.no_bias else in_data[1:3]
+            if req[0] in ("write", "inplace"):
+                mx.nd.FullyConnected(g, *weights, out=out_data[0], **self.fc_attrs)
+            else:
+                assign_into(out_data[0], req[0], mx.nd.FullyConnected(g, *weights, **self.fc_attrs))
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # noqa: D102
+        z, weight = in_data[0], in_data[1]
+        with _LOCK:
+            g = self._activation(z)
+            dg = workspace_buffer("gradient", z.context, z.shape, z.dtype)
+            count = 2 if self.no_bias else 3
+            targets = [in_grad[i] if req[i] in ("write", "inplace") else mx.nd.empty(in_grad[i].shape,
+                                                                                     z.context, z.dtype)
+                       for i in range(1, count)]
+            invoke("_backward_FullyConnected", [out_grad[0], g, weight], [dg] + targets, **self.fc_attrs)
+            for i, target in zip(range(1, count), targets):
+                if target is not in_grad[i]:
+                    assign_into(in_grad[i], req[i], target)
+            if req[0] == "null":
+                return
+            dz = in_grad[0] if req[0] in ("write", "inplace") else mx.nd.empty(z.shape, z.context, z.dtype)
+            if self.act_op == "LeakyReLU":  # ograd, data, output (ElemwiseGradUseInOut)
+                invoke("_backward_LeakyReLU", [dg, z, g], [dz], **self.act_attrs)
+            else:  # ograd, output[, data] (ActivationGrad, MXNet 1.9.1 activation.cc)
+                inputs = [dg, g] if self.act_attrs["act_type"] == "relu" else [dg, g, z]
+                invoke("_backward_Activation", inputs, [dz], **self.act_attrs)
+            if dz is not in_grad[0]:
+                assign_into(in_grad[0], req[0], dz)
+
+
+@mx.operator.register(FUSED_ACTIVATION_OP)
+class FusedActivationProp(mx.operator.CustomOpProp):
+    """Shapes, types and dependencies of :class:`FusedActivationOp` (parameters arrive as strings)."""
+
+    def __init__(self, act_op: str, act_type: str, num_hidden: str, no_bias: str = "False",
+                 flatten: str = "True", **rest: str) -> None:
+        super().__init__(need_top_grad=True)
+        self.act_op = act_op
+        self.act_attrs = {"act_type": act_type}
+        self.act_attrs.update({k: v for k, v in rest.items() if k in ("slope", "lower_bound", "upper_bound")})
+        self.num_hidden = int(num_hidden)
+        self.no_bias = _flag(no_bias)
+        self.flatten = _flag(flatten)
+
+    def list_arguments(self) -> List[str]:  # noqa: D102
+        return ["data", "weight"] if self.no_bias else ["data", "weight", "bias"]
+
+    def list_outputs(self) -> List[str]:  # noqa: D102
+        return ["output"]
+
+    def infer_shape(self, in_shape):  # noqa: D102
+        data = tuple(in_shape[0])
+        features = int(np.prod(data[1:])) if self.flatten else data[-1]
+        weights = [data, (self.num_hidden, features)] + ([] if self.no_bias else [(self.num_hidden,)])
+        out = (data[0], self.num_hidden) if self.flatten else data[:-1] + (self.num_hidden,)
+        return weights, [out], []
+
+    def infer_type(self, in_type):  # noqa: D102
+        return [in_type[0]] * len(in_type), [in_type[0]], []
+
+    def declare_backward_dependency(self, out_grad, in_data, out_data):  # noqa: D102
+        return [out_grad[0], in_data[0], in_data[1]]
+
+    def create_operator(self, ctx, shapes, dtypes):  # noqa: D102
+        fc_attrs = {"num_hidden": str(self.num_hidden), "no_bias": str(self.no_bias),
+                    "flatten": str(self.flatten)}
+        return FusedActivationOp(self.act_op, dict(self.act_attrs), fc_attrs)
+
+
+def _fused_node(node: Dict[str, Any], match: FusedActivation, inputs: List[List[int]]) -> Dict[str, Any]:
+    """The Custom node standing for ``match``; named as its product was."""
+    attrs = {"op_type": FUSED_ACTIVATION_OP, "act_op": match.op, **match.activation_attrs,
+             "num_hidden": match.product_attrs["num_hidden"],
+             "no_bias": str(_flag(match.product_attrs.get("no_bias", "False"))),
+             "flatten": str(_flag(match.product_attrs.get("flatten", "True"))), KEEP_ATTR: "True"}
+    attrs.update({k: v for k, v in (node.get("attrs") or {}).items() if k.startswith("__")})
+    return {"op": "Custom", "name": node["name"], "attrs": attrs, "inputs": inputs}
+
+
+def recompute_activations(symbol: "mx.sym.Symbol", only_freeing: bool = True) -> "mx.sym.Symbol":
+    """``symbol`` with every activation read only by a product's data input recomputed inside it.
+
+    See NOTE [ an activation recomputed inside its product ].  Arguments, outputs, auxiliary
+    states and output names are the user's; the symbol given is not modified.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        The user's symbol.
+    only_freeing : bool
+        Leave alone the pairs whose fusion frees nothing (a relu whose input nothing else reads:
+        NOTE [ which activations the fusion frees memory for ] in core/fused_activation.py).
+
+    Returns
+    -------
+    mx.sym.Symbol
+        The rewritten symbol, or ``symbol`` itself when nothing is to be replaced.
+    """
+    document = json.loads(symbol.tojson())
+    matches = find_fused_activations(structural_graph(document), only_freeing)
+    if not matches:
+        return symbol
+    by_product = {match.product: match for match in matches}
+    removed = {match.activation for match in matches}
+    out: List[Dict[str, Any]] = []
+    remap: Dict[int, int] = {}
+    for position, node in enumerate(document["nodes"]):
+        if position in removed:
+            continue
+        inputs = [[remap[e[0]], e[1], e[2]] for e in node["inputs"] if e[0] not in removed]
+        if position in by_product:
+            match = by_product[position]
+            source = [remap[match.source[0]], match.source[1], 0]
+            node = _fused_node(node, match, [source] + inputs)
+        else:
+            node = {**node, "inputs": inputs}
+        out.append(node)
+        remap[position] = len(out) - 1
+    result = load_rewritten(symbol, out, [[remap[e[0]], e[1], e[2]] for e in document["heads"]],
+                            document.get("attrs", {}),
+                            "recomputing activations inside their products changed the symbol's arguments, "
+                            "outputs or auxiliary states; please report this symbol")
+    logger.info("activations: %d recomputed inside the product reading them", len(matches))
+    return result
