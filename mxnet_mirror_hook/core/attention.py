@@ -32,6 +32,9 @@ CORE_ATTENTION_OP = "mirror_core_attention"
 QK_OP = "_contrib_interleaved_matmul_selfatt_qk"
 VALATT_OP = "_contrib_interleaved_matmul_selfatt_valatt"
 
+#: Identities taken in between the softmax and the product with the values.
+COPY_OPS = frozenset({"_copy", "identity"})
+
 #: Softmax parameters the rewrite carries over (others, such as ``dtype``, keep the node as it is).
 SOFTMAX_KEYS = frozenset({"axis", "temperature", "use_length"})
 
@@ -74,6 +77,9 @@ class CoreAttention:
         Dropout probability (0 without Dropout).
     mode : str
         The Dropout's ``mode`` (``'training'`` or ``'always'``).
+    copies : tuple of int
+        Positions of identities between the softmax and the product with the values (Gluon's
+        ``Dropout(0.0)`` is a ``_copy``; a Dropout of ``p=0`` copies too), taken in.
     """
 
     qk: int
@@ -86,11 +92,13 @@ class CoreAttention:
     softmax_attrs: Dict[str, str]
     p: float = 0.0
     mode: str = "training"
+    copies: Tuple[int, ...] = ()
 
     @property
     def removed(self) -> Tuple[int, ...]:
         """Positions the fused operator replaces besides :attr:`valatt`."""
-        return (self.qk, self.softmax) + ((self.dropout,) if self.dropout is not None else ())
+        return ((self.qk, self.softmax) + ((self.dropout,) if self.dropout is not None else ())
+                + self.copies)
 
 
 def _only_reader(graph: Graph, position: int, reader: int, heads: set) -> bool:
@@ -108,15 +116,38 @@ def _last_axis(attrs: Dict[str, str]) -> bool:
     return attrs.get("axis", "-1").strip() in ("-1", "2")
 
 
-def _dropout_of(graph: Graph, node: Node, position: int, valatt: int,
+def _dropout_of(graph: Graph, node: Node, position: int, reader: int,
                 heads: set) -> Optional[Tuple[float, str]]:
     """``(p, mode)`` of a Dropout the fused operator can take in, else None."""
     attrs = node.attrs
     if attrs.get("axes", "()").strip() not in ("", "()", "[]"):
         return None
-    if not _only_reader(graph, position, valatt, heads):
+    if not _only_reader(graph, position, reader, heads):
         return None
     return float(attrs.get("p", "0.5")), attrs.get("mode", "training")
+
+
+def _is_copy(node: Node) -> bool:
+    """An identity: ``_copy`` (Gluon's ``Dropout(0.0)``, ``identity``) or a Dropout of ``p=0``."""
+    if node.op in COPY_OPS:
+        return True
+    return node.op == "Dropout" and float(node.attrs.get("p", "0.5")) == 0.0
+
+
+def _skip_copies(graph: Graph, position: int, reader: int,
+                 heads: set) -> Optional[Tuple[int, int, Tuple[int, ...]]]:
+    """``(position, its reader, the copies passed)`` walking back from ``position`` (read by
+    ``reader``) through identities only it reads; None when one is read elsewhere."""
+    copies: List[int] = []
+    while _is_copy(graph.nodes[position]) and len(graph.nodes[position].inputs) == 1:
+        if not _only_reader(graph, position, reader, heads):
+            return None
+        entry = graph.nodes[position].inputs[0]
+        if entry[1] != 0:
+            return None
+        copies.append(position)
+        position, reader = entry[0], position
+    return position, reader, tuple(copies)
 
 
 def _match(graph: Graph, valatt: int, heads: set, with_dropout: bool) -> Optional[CoreAttention]:
@@ -127,22 +158,27 @@ def _match(graph: Graph, valatt: int, heads: set, with_dropout: bool) -> Optiona
     probs_entry = tuple(node.inputs[1])
     dropout: Optional[int] = None
     p, mode = 0.0, "training"
-    position = probs_entry[0]
     if probs_entry[1] != 0:
         return None
+    walked = _skip_copies(graph, probs_entry[0], valatt, heads)
+    if walked is None:
+        return None
+    position, reader, copies = walked
     if graph.nodes[position].op == "Dropout":
         if not with_dropout:
             return None
-        found = _dropout_of(graph, graph.nodes[position], position, valatt, heads)
+        found = _dropout_of(graph, graph.nodes[position], position, reader, heads)
         if found is None:
             return None
         dropout, (p, mode) = position, found
         entry = graph.nodes[position].inputs[0]
         if entry[1] != 0:
             return None
-        position, reader = entry[0], dropout
-    else:
-        reader = valatt
+        walked = _skip_copies(graph, entry[0], dropout, heads)
+        if walked is None:
+            return None
+        position, reader, before = walked
+        copies += before
     softmax = graph.nodes[position]
     if (softmax.op != "softmax" or not _last_axis(softmax.attrs)
             or not _only_reader(graph, position, reader, heads)):
@@ -162,7 +198,7 @@ def _match(graph: Graph, valatt: int, heads: set, with_dropout: bool) -> Optiona
                          length=(softmax.inputs[1][0], softmax.inputs[1][1]) if use_length else None,
                          heads=int(node.attrs["heads"]),
                          softmax_attrs={k: v for k, v in softmax.attrs.items() if k in SOFTMAX_KEYS},
-                         p=p, mode=mode)
+                         p=p, mode=mode, copies=copies)
 
 
 def find_core_attention(graph: Graph, with_dropout: bool = False) -> List[CoreAttention]:

@@ -105,6 +105,30 @@ def test_probabilities_read_elsewhere_are_left_alone():
     assert recompute_core_attention(both) is both
 
 
+def test_identities_between_softmax_and_values_are_taken_in():
+    def layer(x, index, between):
+        qkv = mx.sym.FullyConnected(x, weight=mx.sym.var(f"w{index}"), bias=mx.sym.var(f"b{index}"),
+                                    num_hidden=3 * 16, flatten=False, name=f"qkv{index}")
+        scores = mx.sym.contrib.interleaved_matmul_selfatt_qk(qkv, heads=2, name=f"scores{index}")
+        probs = between(mx.sym.softmax(scores, axis=-1, name=f"probs{index}"))
+        return mx.sym.contrib.interleaved_matmul_selfatt_valatt(qkv, probs, heads=2, name=f"context{index}")
+
+    copy = mx.sym.identity                           # Gluon's Dropout(0.0) leaves a _copy
+    off = lambda x: mx.sym.Dropout(mx.sym.identity(x), p=0.0)  # noqa: E731 - a Dropout of p=0 copies
+    out = layer(layer(mx.sym.var("data"), 0, copy), 1, off)
+    symbol = mx.sym.LinearRegressionOutput(mx.sym.sum(out, axis=(0, 2)), name="loss")
+    found = find_core_attention(structural_graph(json.loads(symbol.tojson())))
+    assert [len(match.copies) for match in found] == [1, 2] and all(m.dropout is None for m in found)
+    rewritten = recompute_core_attention(symbol)
+    ops = [node["op"] for node in json.loads(rewritten.tojson())["nodes"]]
+    assert ops.count("Custom") == 2 and "_copy" not in ops and "Dropout" not in ops
+    given = {"data": (8, 3, 16), "loss_label": (3,)}
+    (left, out_left), (right, out_right) = (gradients(bind(s, given)) for s in (symbol, rewritten))
+    np.testing.assert_allclose(out_right, out_left, rtol=1e-6)
+    for name in left:
+        np.testing.assert_allclose(right[name], left[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 # ------------------------------------------------------------------------- rewrite
 def test_rewrite_keeps_arguments_outputs_and_marks_the_operator_kept():
     symbol = small_bert(padding_mask=True)
