@@ -105,10 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time training iterations on the CPU (our front, the seed's best, "
                         "MXNET_BACKWARD_DO_MIRROR=1) against the plain symbol")
     pareto.add_argument("--repeats", type=int, default=3, help="timed iterations per plan")
+    pareto.add_argument("--limits", default="0.02,0.05,0.1,0.2", type=_limits,
+                        help="also plan with max_overhead at each of these limits (comma-separated "
+                        "fractions; '' for none): what a user asking for the least memory within that "
+                        "much more time gets, fused operators included")
+    option_arguments(pareto, switch=False, title=None, only=("recompute_dropout",))
     pareto.add_argument("--csv", default="pareto.csv", help="CSV to write")
     pareto.add_argument("--png", default="pareto.png", help="PNG to write")
     _add_max_batch(commands, planning)
     return parser
+
+
+def _limits(text: str) -> Tuple[float, ...]:
+    """``--limits``: comma-separated overhead fractions, each in (0, 10]."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--limits takes fractions such as 0.02,0.05, got {text!r}") from None
+    if any(not 0 < value <= 10 for value in values):
+        raise argparse.ArgumentTypeError(f"--limits are fractions of an iteration in (0, 10], got {text!r}")
+    return values
 
 
 def _load_symbol(path: str) -> Any:
@@ -204,7 +221,8 @@ def run_pareto(args: argparse.Namespace) -> int:
         return 2
     try:
         points = pareto_points(symbol, list(args.shape), measure_time=args.measure,
-                               repeats=args.repeats, ctx=args.cost_ctx, keep_ops=args.keep_ops)
+                               repeats=args.repeats, ctx=args.cost_ctx, keep_ops=args.keep_ops,
+                               limits=args.limits, recompute_dropout=bool(args.recompute_dropout))
     except (MirrorHookError, ValueError, TypeError) as error:
         _error_line(error)
         return 2

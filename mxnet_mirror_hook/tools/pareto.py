@@ -3,8 +3,11 @@
 Each point is a measured candidate: MXNet's planned MB (a CPU bind) and the
 cost model's estimated overhead, optionally the measured CPU overhead too.
 Sources: ours (every candidate of ``auto`` with the least-compute sweep of the
-dynamic programs), the seed's search on the symbol as given and with
-cut-point stages, and MXNet's own ``MXNET_BACKWARD_DO_MIRROR=1``.
+dynamic programs), the plans ``max_overhead`` gives at a few limits (what a user
+asking for "the least memory within x% more time" gets, fused operators and
+selective segments included: their MB count what the fused operators hold outside
+MXNet's plan), the seed's search on the symbol as given and with cut-point
+stages, and MXNet's own ``MXNET_BACKWARD_DO_MIRROR=1``.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class ParetoPoint:
     mirrored_count: int = 0
     on_front: bool = False
     mirrored: frozenset = field(default=frozenset(), repr=False)
+    symbol: Any = field(default=None, repr=False, compare=False)
 
 
 def mark_front(points: Sequence[ParetoPoint]) -> None:
@@ -61,7 +65,8 @@ def mark_front(points: Sequence[ParetoPoint]) -> None:
 def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any = None, *,
                   measure_time: bool = False, repeats: int = 3,
                   include_seed: bool = True, ctx: Any = None,
-                  keep_ops: Optional[Iterable[str]] = None) -> List[ParetoPoint]:
+                  keep_ops: Optional[Iterable[str]] = None, limits: Sequence[float] = (),
+                  recompute_dropout: bool = False) -> List[ParetoPoint]:
     """Measure our candidates, the seed's and MXNet's built-in mirroring.
 
     Parameters
@@ -82,6 +87,11 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
         Where plans are measured (CPU by default).
     keep_ops : iterable of str, optional
         Operator types never to recompute.
+    limits : sequence of float
+        Plan with ``max_overhead`` at each (source ``'max_overhead'``; one planning call each,
+        cache off); timed too when ``measure_time``.
+    recompute_dropout : bool
+        Passed to those plans.
 
     Returns
     -------
@@ -125,11 +135,34 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
                                   do_mirror_mb, do_mirror_mb / baseline,
                                   recompute_overhead(graph, rule.mirrored), None,
                                   len(rule.mirrored), False, frozenset()))
+    points += _limit_points(symbol, data_shapes, label_shapes, limits, ctx, keep_ops, recompute_dropout)
     ours = [p for p in points if p.source == "ours"]
     mark_front(ours)
     if measure_time:
         _measure_times(setup, points, repeats)
     points.sort(key=lambda p: (p.source != "ours", p.source, p.planned_mb, p.estimated_overhead))
+    return points
+
+
+def _limit_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any, limits: Sequence[float],
+                  ctx: Any, keep_ops: Optional[Iterable[str]], recompute_dropout: bool) -> List[ParetoPoint]:
+    """The plans ``max_overhead`` gives at each of ``limits`` (a limit no plan meets is left out)."""
+    from ..errors import BudgetUnreachableError
+    from ..plan import plan_mirror
+
+    points = []
+    for limit in limits:
+        options = MirrorOptions(max_overhead=limit, cache_dir=False, cost_ctx=ctx,
+                                keep_ops=tuple(keep_ops or ()), recompute_dropout=recompute_dropout)
+        try:
+            plan = plan_mirror(symbol, data_shapes, label_shapes, options=options)
+        except BudgetUnreachableError as error:
+            logger.info("max_overhead=%g: %s", limit, str(error).splitlines()[0])
+            continue
+        fused = ", fused operators" if plan.outside_plan_mb else ""
+        label = f"max_overhead={limit:g} ({plan.backend}{fused})"
+        points.append(ParetoPoint("max_overhead", label, plan.activation_mb, plan.ratio, plan.overhead,
+                                  None, len(plan.mirrored), False, frozenset(plan.mirrored), plan.symbol))
     return points
 
 
@@ -146,10 +179,12 @@ def _measure_times(setup, points: List[ParetoPoint], repeats: int) -> None:
         seeds = [p for p in points if p.source == source and p.mirrored]
         if seeds:
             chosen.append(min(seeds, key=lambda p: p.planned_mb))
+    chosen += [p for p in points if p.source == "max_overhead"]
     do_mirror = [p for p in points if p.source == "MXNET_BACKWARD_DO_MIRROR=1"]
     template = setup.template
     plain = template.build(frozenset())
-    symbols = [template.build(p.mirrored) for p in chosen] + [plain for _ in do_mirror]
+    symbols = [p.symbol if p.symbol is not None else template.build(p.mirrored) for p in chosen]
+    symbols += [plain for _ in do_mirror]
     envs: List[Mapping[str, str]] = [{}] + [{} for _ in chosen] + [DO_MIRROR_ENV for _ in do_mirror]
     shapes = setup.measure.shapes
     seconds = iteration_seconds([plain] + symbols, shapes, grad_req=setup.requests,
@@ -161,7 +196,7 @@ def _measure_times(setup, points: List[ParetoPoint], repeats: int) -> None:
             point.measured_overhead = 0.0
 
 
-COLUMNS = [f.name for f in fields(ParetoPoint) if f.name != "mirrored"]
+COLUMNS = [f.name for f in fields(ParetoPoint) if f.name not in ("mirrored", "symbol")]
 
 
 def write_csv(points: Sequence[ParetoPoint], path: str) -> None:
@@ -176,7 +211,8 @@ def write_csv(points: Sequence[ParetoPoint], path: str) -> None:
 
 
 _STYLE = {"ours": ("o", "#1f6fb4"), "seed, raw symbol": ("x", "#c0392b"),
-          "seed, cut-point stages": ("^", "#e67e22"), "MXNET_BACKWARD_DO_MIRROR=1": ("s", "#27ae60")}
+          "seed, cut-point stages": ("^", "#e67e22"), "MXNET_BACKWARD_DO_MIRROR=1": ("s", "#27ae60"),
+          "max_overhead": ("D", "#8e44ad")}
 
 
 def draw_pareto(points: Sequence[ParetoPoint], title: str, path: str) -> None:

@@ -107,7 +107,13 @@ def test_pareto_writes_csv_and_png_with_ours_the_seed_and_mxnets_rule(symbol_fil
     rows = _rows(csv_path)
     sources = {row["source"] for row in rows}
     assert sources == {"ours", "seed, raw symbol", "seed, cut-point stages",
-                       "MXNET_BACKWARD_DO_MIRROR=1"}
+                       "MXNET_BACKWARD_DO_MIRROR=1", "max_overhead"}
+    limited = [row for row in rows if row["source"] == "max_overhead"]
+    assert 1 <= len(limited) <= 4   # one per default limit a plan meets
+    for row in limited:             # each plan's estimate within its limit
+        limit = float(row["label"].split("=")[1].split(" ")[0])
+        assert float(row["estimated_overhead"]) <= limit + 1e-4
+        assert 0 < float(row["ratio"]) <= 1.0 + 1e-6
     ours = [row for row in rows if row["source"] == "ours"]
     front = [row for row in ours if row["on_front"] == "True"]
     # The front runs from no recomputation (the baseline) to less memory at more overhead.
@@ -125,14 +131,22 @@ def test_pareto_writes_csv_and_png_with_ours_the_seed_and_mxnets_rule(symbol_fil
 def test_pareto_measure_times_the_front_against_the_plain_symbol(symbol_file, tmp_path):
     csv_path = str(tmp_path / "p.csv")
     assert main(["pareto", symbol_file, "--shape", "data=4,3,32,32", "--measure", "--repeats", "1",
-                 "--csv", csv_path, "--png", str(tmp_path / "p.png")]) == 0
+                 "--limits", "0.1", "--csv", csv_path, "--png", str(tmp_path / "p.png")]) == 0
     rows = _rows(csv_path)
     timed = [row for row in rows if row["measured_overhead"] != ""]
     assert any(row["source"] == "MXNET_BACKWARD_DO_MIRROR=1" for row in timed)
     assert any(row["source"] == "ours" and row["on_front"] == "True" and int(row["mirrored_count"])
                for row in timed)
+    assert [row["source"] for row in rows].count("max_overhead") == 1
+    assert any(row["source"] == "max_overhead" for row in timed)
     for row in timed:
         assert float(row["measured_overhead"]) > -0.9  # a time ratio, not garbage
+
+
+def test_pareto_refuses_limits_that_are_not_fractions(symbol_file, capsys):
+    with pytest.raises(SystemExit):
+        main(["pareto", symbol_file, "--shape", "data=4,3,32,32", "--limits", "0.05,fast"])
+    assert "--limits takes fractions" in capsys.readouterr().err
 
 
 def test_max_batch_command_warns_of_nothing_the_user_did_not_ask_for(tmp_path, capsys, caplog):
