@@ -31,7 +31,7 @@ from ..mx.timing import iteration_seconds
 from ..options import MirrorOptions
 from ..plan import prepare_planning
 
-__all__ = ["ParetoPoint", "pareto_points", "mark_front", "write_csv", "draw_pareto"]
+__all__ = ["ParetoPoint", "pareto_points", "max_overhead_points", "mark_front", "write_csv", "draw_pareto"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
                                   do_mirror_mb, do_mirror_mb / baseline,
                                   recompute_overhead(graph, rule.mirrored), None,
                                   len(rule.mirrored), False, frozenset()))
-    points += _limit_points(symbol, data_shapes, label_shapes, limits, ctx, keep_ops, recompute_dropout)
+    points += max_overhead_points(symbol, data_shapes, label_shapes, limits, ctx, keep_ops, recompute_dropout)
     ours = [p for p in points if p.source == "ours"]
     mark_front(ours)
     if measure_time:
@@ -144,7 +144,7 @@ def pareto_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any =
     return points
 
 
-def _limit_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any, limits: Sequence[float],
+def max_overhead_points(symbol: "mx.sym.Symbol", data_shapes: Any, label_shapes: Any, limits: Sequence[float],
                   ctx: Any, keep_ops: Optional[Iterable[str]], recompute_dropout: bool) -> List[ParetoPoint]:
     """The plans ``max_overhead`` gives at each of ``limits`` (a limit no plan meets is left out)."""
     from ..errors import BudgetUnreachableError
