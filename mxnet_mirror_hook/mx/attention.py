@@ -69,7 +69,7 @@ from ..core.graph import KEEP_ATTR, Graph, Node, NodeKind
 from .backward_ops import invoke
 from .convert import load_rewritten
 from .dropout import dropout_scale
-from .workspace import buffer
+from .workspace import buffer, pushing
 
 __all__ = ["recompute_core_attention", "CORE_ATTENTION_OP", "CoreAttentionOp", "structural_graph"]
 
@@ -151,6 +151,10 @@ class CoreAttentionOp(mx.operator.CustomOp):
         return self._mask(keep, qkv.context)
 
     def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D102 (MXNet's signature)
+        with pushing():
+            self._forward(is_train, req, in_data, out_data)
+
+    def _forward(self, is_train, req, in_data, out_data) -> None:
         self._bits = []
         length = in_data[1] if self.use_length else None
         outputs = []
@@ -187,6 +191,10 @@ class CoreAttentionOp(mx.operator.CustomOp):
         return from_values + from_keys
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # noqa: D102
+        with pushing():
+            self._backward(req, out_grad, in_data, in_grad)
+
+    def _backward(self, req, out_grad, in_data, in_grad) -> None:
         length = in_data[1] if self.use_length else None
         grads = []
         passes = zip(self._passes(in_data[0], length), self._passes(out_grad[0], None))

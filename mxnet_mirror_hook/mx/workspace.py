@@ -10,8 +10,12 @@
 # largest request, of which each request takes the first elements, reshaped (a view: same
 # memory, same engine variable).  All instances share the buffers; the engine orders every
 # read and write of one buffer in the order they were pushed, so an operator never reads
-# another's numbers (a call pushes its writes after the previous call's reads).  The buffers
-# are memory outside MXNet's static plan: core.attention.core_attention_workspace counts them.
+# another's numbers as long as one call's pushes are not interleaved with another's.  MXNet
+# runs Custom callbacks on several threads (two independent fused operators may run at once),
+# so a callback that uses the buffers pushes its whole sequence inside :func:`pushing` (pushing
+# does not wait for the engine, so the lock is held for microseconds, and nothing inside may
+# wait for engine work: no ``asnumpy``/``wait_to_read`` on a pending array).  The buffers are
+# memory outside MXNet's static plan: core.attention.core_attention_workspace counts them.
 """
 from __future__ import annotations
 
@@ -21,9 +25,17 @@ from typing import Dict, Tuple
 import mxnet as mx
 import numpy as np
 
-__all__ = ["buffer", "release"]
+__all__ = ["buffer", "release", "pushing"]
 
 _lock = threading.Lock()
+_push_lock = threading.RLock()
+
+
+def pushing() -> "threading.RLock":
+    """The lock a callback holds while it pushes operations on kept buffers (NOTE [ a workspace
+    kept between calls ]): ``with pushing(): ...``."""
+    return _push_lock
+
 _buffers: Dict[Tuple[str, str, str], "mx.nd.NDArray"] = {}
 
 
