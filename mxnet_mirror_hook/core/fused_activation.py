@@ -34,7 +34,7 @@ from .graph import KEEP_ATTR, Graph, Node
 
 __all__ = ["FUSED_ACTIVATION_OP", "FusedActivation", "find_fused_activations", "is_fused_activation",
            "activation_recompute_cost", "fused_activation_cost", "fused_activation_workspace",
-           "ACTIVATION_TYPES", "ACTIVATION_OPS_PER_ELEMENT", "WORKSPACE_BUFFERS"]
+           "ACTIVATION_TYPES", "ACTIVATION_OPS_PER_ELEMENT", "WORKSPACE_SLOTS", "SLOT_PREFIX"]
 
 #: ``op_type`` of the Custom operator that computes ``FullyConnected(act(z))`` (mx/fused_activation.py
 #: registers it).
@@ -62,10 +62,12 @@ OUTPUT_ONLY_BACKWARD = frozenset({("Activation", "relu")})
 #: plain activation node (a test keeps the two equal).
 ACTIVATION_OPS_PER_ELEMENT = {"LeakyReLU": 2.0, "Activation": 1.0}
 
-#: Arrays of ``z``'s size and type the operator keeps outside MXNet's static plan, shared by every
-#: fused operator of one device and type: the recomputed activation and its gradient
-#: (NOTE [ the fused activation's workspace ] in mx/fused_activation.py).
-WORKSPACE_BUFFERS = 2
+#: Kept arrays of ``z``'s size and type outside MXNet's static plan (mx/workspace.py slots, named
+#: with :data:`SLOT_PREFIX`), shared by every fused activation of one device and type: the
+#: recomputed activation and its gradient (NOTE [ the fused activation's workspace ] in
+#: mx/fused_activation.py).
+WORKSPACE_SLOTS = ("value", "gradient")
+SLOT_PREFIX = "activation_"
 
 
 @dataclass(frozen=True)
@@ -195,12 +197,12 @@ def fused_activation_cost(graph: Graph, node: Node) -> float:
 def fused_activation_workspace(graph: Graph) -> int:
     """Bytes the fused operators keep outside MXNet's static plan (one device).
 
-    :data:`WORKSPACE_BUFFERS` arrays per element type, each as large as the largest input ``z``
-    of a fused node of that type, shared by all of them and kept from the first call on.
+    One array per :data:`WORKSPACE_SLOTS` slot and element type, each as large as the largest
+    input ``z`` of a fused node of that type, shared by all of them and kept from the first call on.
     """
     largest: Dict[int, int] = {}
     for node in graph.nodes:
         if is_fused_activation(node):
             elements, itemsize = _source_elements(graph, node)
             largest[itemsize] = max(largest.get(itemsize, 0), elements)
-    return sum(WORKSPACE_BUFFERS * elements * itemsize for itemsize, elements in largest.items())
+    return sum(len(WORKSPACE_SLOTS) * elements * itemsize for itemsize, elements in largest.items())

@@ -20,61 +20,56 @@ operator, ``op_type`` :data:`FUSED_ACTIVATION_OP`, registered when this module i
 # per layer and iteration (core.fused_activation.activation_recompute_cost).
 #
 # NOTE [ the fused activation's workspace ]
-# The recomputed activation and its gradient are ``z``-sized (50 MB each for BERT-base at seq
-# 512, batch 8).  Fresh imperative arrays of that size cost page faults on every call (measured:
-# they doubled a 12 MB operator's time), so they live in two flat buffers per device and element
-# type, shared by every fused operator of the process, grown to the largest ``z`` seen and kept
-# (views of a prefix serve smaller shapes).  The engine orders the operators reading and writing
-# one array in the order they are pushed, so sharing is safe as long as each operator pushes its
-# whole sequence (write the activation, read it, ...) without another operator's pushes in
-# between: custom operators' callbacks may run on several threads, so the pushes are made under
-# one lock.  core.fused_activation.fused_activation_workspace counts these buffers.  Gradients
-# the executor asks to be added (``grad_req='add'``) or not written go through fresh arrays.
+# The recomputed activation and its gradient are ``z``-sized (48 MB each for BERT-base at seq
+# 512, batch 8).  Fresh imperative arrays of that size cost page faults on every call, so they
+# are two kept buffers of mx/workspace.py (NOTE [ a workspace kept between calls ]), slots
+# ``activation_value`` and ``activation_gradient``, one per context and dtype, shared by every
+# fused activation.  Forward writes the product straight into the operator's output and
+# backward writes each gradient whose request is ``'write'`` straight into MXNet's array (other
+# requests go through fresh arrays: ``grad_req='add'`` or unwanted gradients, not the training
+# default).  The engine orders the reads and writes of one array in the order they are pushed;
+# MXNet runs Custom callbacks on several threads, so each callback pushes its whole sequence
+# (write the activation, read it, ...) under one lock, and no two callbacks' uses of a buffer
+# interleave.  core.fused_activation.fused_activation_workspace counts these buffers.
 """
 from __future__ import annotations
 
 import json
 import logging
 import threading
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import mxnet as mx
 import numpy as np
 
-from ..core.fused_activation import FUSED_ACTIVATION_OP, FusedActivation, find_fused_activations
+from ..core.fused_activation import (FUSED_ACTIVATION_OP, SLOT_PREFIX, WORKSPACE_SLOTS, FusedActivation,
+                                     find_fused_activations)
 from ..core.graph import KEEP_ATTR
 from .attention import structural_graph
 from .backward_ops import assign_into, invoke
 from .convert import load_rewritten
+from .custom_deps import use_common_dependencies
+from .workspace import buffer
 
-__all__ = ["recompute_activations", "FUSED_ACTIVATION_OP", "FusedActivationOp", "workspace_buffer"]
+__all__ = ["recompute_activations", "FUSED_ACTIVATION_OP", "FusedActivationOp", "FusedActivationProp"]
 
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-_BUFFERS: Dict[Tuple[str, str, str], "mx.nd.NDArray"] = {}
-_VIEWS: Dict[Tuple[str, str, str, Tuple[int, ...]], "mx.nd.NDArray"] = {}
+
+use_common_dependencies()  # NOTE [ one process-wide set of backward dependencies ] (custom_deps.py)
+
+VALUE, GRADIENT = WORKSPACE_SLOTS
 
 
 def _flag(value: Any) -> bool:
     return str(value) in ("True", "true", "1")
 
 
-def workspace_buffer(role: str, ctx: "mx.Context", shape: Tuple[int, ...], dtype: Any) -> "mx.nd.NDArray":
-    """A ``shape`` view of the process's flat buffer ``role`` on ``ctx`` for ``dtype`` (grown when
-    too small; NOTE [ the fused activation's workspace ]).  Call under ``_LOCK``."""
-    key = (role, str(ctx), np.dtype(dtype).name)
-    view = _VIEWS.get(key + (tuple(shape),))
-    if view is not None:
-        return view
-    size = int(np.prod(shape))
-    flat = _BUFFERS.get(key)
-    if flat is None or flat.shape[0] < size:
-        flat = _BUFFERS[key] = mx.nd.empty((size,), ctx=ctx, dtype=dtype)
-        for stale in [k for k in _VIEWS if k[:3] == key]:
-            del _VIEWS[stale]
-    view = _VIEWS[key + (tuple(shape),)] = flat[:size].reshape(shape)
-    return view
+def _buffer(slot: str, like: "mx.nd.NDArray") -> "mx.nd.NDArray":
+    """The kept array of ``slot`` shaped as ``like``, on its context and dtype (NOTE [ the fused
+    activation's workspace ])."""
+    return buffer(SLOT_PREFIX + slot, tuple(like.shape), like.context, like.dtype)
 
 
 class FusedActivationOp(mx.operator.CustomOp):
@@ -90,7 +85,7 @@ class FusedActivationOp(mx.operator.CustomOp):
 
     def _activation(self, z: "mx.nd.NDArray") -> "mx.nd.NDArray":
         """``act(z)`` into the shared activation buffer."""
-        out = workspace_buffer("activation", z.context, z.shape, z.dtype)
+        out = _buffer(VALUE, z)
         getattr(mx.nd, self.act_op)(z, out=out, **self.act_attrs)
         return out
 
@@ -109,7 +104,7 @@ class FusedActivationOp(mx.operator.CustomOp):
         z, weight = in_data[0], in_data[1]
         with _LOCK:
             g = self._activation(z)
-            dg = workspace_buffer("gradient", z.context, z.shape, z.dtype)
+            dg = _buffer(GRADIENT, z)
             count = 2 if self.no_bias else 3
             targets = [in_grad[i] if req[i] in ("write", "inplace") else mx.nd.empty(in_grad[i].shape,
                                                                                      z.context, z.dtype)

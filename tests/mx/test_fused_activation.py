@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from mxnet_mirror_hook.core.cost import forward_cost
-from mxnet_mirror_hook.core.fused_activation import (FUSED_ACTIVATION_OP, activation_recompute_cost,
-                                                     find_fused_activations, fused_activation_cost,
-                                                     fused_activation_workspace, is_fused_activation)
+from mxnet_mirror_hook.core.fused_activation import (FUSED_ACTIVATION_OP, SLOT_PREFIX, WORKSPACE_SLOTS,
+                                                     activation_recompute_cost, find_fused_activations,
+                                                     fused_activation_cost, fused_activation_workspace,
+                                                     is_fused_activation)
 from mxnet_mirror_hook.core.graph import KEEP_ATTR
-from mxnet_mirror_hook.mx import fused_activation as fused_module
-from mxnet_mirror_hook.mx.attention import structural_graph
+from mxnet_mirror_hook.mx import workspace
+from mxnet_mirror_hook.mx.attention import recompute_core_attention, structural_graph
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
 from mxnet_mirror_hook.mx.fused_activation import recompute_activations
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes
@@ -162,9 +163,10 @@ def bind_requests(symbol, given, grad_req):
     return executor
 
 
-def compare(symbol, given, only_freeing=True, grad_req="write", exact=False, rounds=1):
-    """Outputs and gradients of ``symbol`` and of its rewrite after ``rounds`` forward/backward."""
-    rewritten = recompute_activations(symbol, only_freeing)
+def compare(symbol, given, only_freeing=True, grad_req="write", exact=False, rounds=1, attention=False):
+    """Outputs and gradients of ``symbol`` and of its rewrite after ``rounds`` forward/backward
+    (``attention``: its core attention recomputed in one operator too)."""
+    rewritten = recompute_activations(recompute_core_attention(symbol) if attention else symbol, only_freeing)
     assert rewritten is not symbol
     results = []
     for candidate in (symbol, rewritten):
@@ -205,9 +207,13 @@ def test_added_and_unrequested_gradients_match_the_plain_graph(grad_req):
     compare(mlp(), MLP_SHAPES, grad_req=grad_req, rounds=2)
 
 
+def test_with_the_core_attention_operator_gradients_match_the_plain_graph():
+    compare(small_bert(padding_mask=True), shapes(True), attention=True)
+
+
 def test_fused_gradients_are_bit_identical_without_mkldnn():
     output = run("from tests.mx.test_fused_activation import exact; exact()", mkldnn=False)
-    assert output.count("identical") == len(list(cases())) + 2
+    assert output.count("identical") == len(list(cases())) + 3
 
 
 def exact() -> None:
@@ -218,6 +224,8 @@ def exact() -> None:
     for grad_req in ("add", "null"):
         compare(mlp(), MLP_SHAPES, grad_req=grad_req, exact=True, rounds=2)
         print("identical", grad_req)
+    compare(small_bert(padding_mask=True), shapes(True), exact=True, attention=True)
+    print("identical with the core attention operator")
 
 
 # ------------------------------------------------------------------- training
@@ -280,16 +288,15 @@ def test_cost_and_workspace_of_the_fused_operator():
     assert fused_activation_workspace(plain) == 0
 
 
-def test_the_workspace_is_two_shared_buffers_of_the_largest_input():
-    fused_module._BUFFERS.clear()
-    fused_module._VIEWS.clear()
+def test_the_workspace_is_two_kept_buffers_of_the_largest_input():
+    workspace.release()
     executor = bind(recompute_activations(small_bert()), shapes())
     gradients(executor)
-    sizes = sorted(array.size for array in fused_module._BUFFERS.values())
-    assert sizes == [SEQ_BATCH_HIDDEN, SEQ_BATCH_HIDDEN]
-    first = dict(fused_module._BUFFERS)
+    mine = {key: array for key, array in workspace._buffers.items() if key[2].startswith(SLOT_PREFIX)}
+    assert sorted(key[2] for key in mine) == sorted(SLOT_PREFIX + slot for slot in WORKSPACE_SLOTS)
+    assert all(array.size == SEQ_BATCH_HIDDEN for array in mine.values())
     gradients(executor)
-    assert all(fused_module._BUFFERS[key] is array for key, array in first.items())
+    assert all(workspace._buffers[key] is array for key, array in mine.items())
 
 
 SEQ_BATCH_HIDDEN = 32 * 4 * 128  # small_bert: seq 32, batch 4, hidden 128
