@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from .graph import Graph, Node
+from .graph import KEEP_ATTR, Graph, Node
 
 __all__ = ["LayerNormFusion", "find_layer_norm_fusions", "FUSED_LAYER_NORM_OP", "is_fused_layer_norm",
            "NOTHING_READING_OPS", "LAYER_NORM_KEYS", "FULLY_CONNECTED_KEYS", "layer_norm_recompute_cost",
@@ -111,6 +111,8 @@ def _match(graph: Graph, position: int, heads: Set[Tuple[int, int]],
     if len(fcs) != 1:
         return None
     fc = graph.nodes[fcs[0]]
+    if KEEP_ATTR in node.attrs or KEEP_ATTR in fc.attrs:
+        return None  # marked kept by another rewrite
     fc_attrs = _parameters(fc, FULLY_CONNECTED_KEYS)
     if fc_attrs is None or len(fc.inputs) not in (2, 3):
         return None
@@ -124,7 +126,8 @@ def find_layer_norm_fusions(graph: Graph) -> List[LayerNormFusion]:
 
     A LayerNorm qualifies when its output is read by exactly one FullyConnected (as its data)
     and otherwise only by operators whose backward reads nothing (:data:`NOTHING_READING_OPS`),
-    its mean and standard deviation are not read, its output is not a graph output, and
+    its mean and standard deviation are not read, its output is not a graph output, neither
+    it nor the FullyConnected is marked kept (KEEP_ATTR), and
     replacing it keeps the order MXNet lists the arguments in (:func:`variable_order`).
 
     Parameters

@@ -35,15 +35,14 @@
 # request goes through the ``x`` buffer (free by then) and a parameter's through a kept buffer
 # of its own.  The engine orders the reads and writes of one array in the order they are pushed;
 # MXNet runs Custom callbacks on several threads, so each callback pushes its whole sequence
-# under one lock (pushing does not wait for the engine) and no two callbacks' uses of a buffer
-# interleave.  core.fused_layer_norm.fused_layer_norm_workspace counts these buffers.
+# inside workspace.pushing() (pushing does not wait for the engine) and no two callbacks' uses
+# of a buffer interleave.  core.fused_layer_norm.fused_layer_norm_workspace counts these buffers.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import threading
 from typing import Any, Dict, List, Tuple
 
 import mxnet as mx
@@ -54,14 +53,12 @@ from ..core.graph import KEEP_ATTR
 from .attention import structural_graph
 from .backward_ops import assign_into, invoke
 from .convert import load_rewritten
-from .workspace import buffer
+from .workspace import buffer, pushing
 from .custom_deps import use_common_dependencies
 
 __all__ = ["recompute_layer_norms", "FUSED_LAYER_NORM_OP", "FusedLayerNormOp", "FusedLayerNormProp"]
 
 logger = logging.getLogger(__name__)
-
-_LOCK = threading.Lock()
 
 use_common_dependencies()  # NOTE [ one process-wide set of backward dependencies ] (custom_deps.py)
 
@@ -99,7 +96,7 @@ class FusedLayerNormOp(mx.operator.CustomOp):
         return mean, std
 
     def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D102 (MXNet's signature)
-        with _LOCK:
+        with pushing():
             direct = req[1] == "write"
             normalized = out_data[1] if direct else _buffer("normalized", in_data[0])
             self._normalize(in_data, normalized)
@@ -123,7 +120,7 @@ class FusedLayerNormOp(mx.operator.CustomOp):
         return targets
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # noqa: D102
-        with _LOCK:
+        with pushing():
             data, gamma, _, weight = in_data[:4]
             normalized = _buffer("normalized", data)
             mean, std = self._normalize(in_data, normalized)

@@ -18,6 +18,8 @@ from mxnet_mirror_hook.core.graph import KEEP_ATTR
 from mxnet_mirror_hook.mx import workspace
 from mxnet_mirror_hook.mx.attention import recompute_core_attention, structural_graph
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
+from mxnet_mirror_hook.mx.custom_deps import CommonDependencies, use_common_dependencies
+from mxnet_mirror_hook.mx.fused_activation import recompute_activations
 from mxnet_mirror_hook.mx.fused_layer_norm import recompute_layer_norms
 from mxnet_mirror_hook.mx.text import parse_planned_mb
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes
@@ -190,6 +192,31 @@ def test_composes_with_the_core_attention_rewrite():
     assert_close(left, right, out_left, out_right)
 
 
+def test_composes_with_the_core_attention_and_activation_rewrites_in_the_planning_order():
+    symbol = small_bert()
+    rewritten = recompute_activations(recompute_layer_norms(recompute_core_attention(symbol)))
+    kinds = [node["attrs"]["op_type"] for node in json.loads(rewritten.tojson())["nodes"]
+             if node["op"] == "Custom"]
+    assert kinds.count(FUSED_LAYER_NORM_OP) == 4 and len(set(kinds)) == 3
+    (left, out_left), (right, out_right) = (gradients(bind(s, shapes())) for s in (symbol, rewritten))
+    assert_close(left, right, out_left, out_right)
+
+
+def test_every_custom_operator_is_asked_only_for_dependencies_all_of_them_declared():
+    deps = CommonDependencies()
+    assert 0 not in deps
+    for declared in ([0, 1], [0, 1, 2, 3, 4, 5]):  # core attention, then a fused LayerNorm
+        deps.start(set())
+        for index in declared:
+            deps.add(index)
+    assert sorted(deps) == [0, 1] and 2 not in deps  # index 2: the core attention's output
+    alone = CommonDependencies([0, 1, 2])
+    assert sorted(alone) == [0, 1, 2]
+    use_common_dependencies()
+    use_common_dependencies()  # idempotent
+    assert isinstance(mx.operator._registry.result_deps, CommonDependencies)
+
+
 def test_fused_gradients_are_bit_identical_without_mkldnn():
     output = run("from tests.mx.test_fused_layer_norm import exact; exact()", mkldnn=False)
     assert output.count("identical") == 5
@@ -199,10 +226,12 @@ def exact() -> None:
     """Without MKLDNN: outputs and gradients of the rewritten graphs equal the plain graph's exactly."""
     cases = [(small_bert(padding_mask=p), shapes(p), f"bert padding={p}") for p in (False, True)]
     cases.append(variants() + ("variants",))
-    cases.append((recompute_core_attention(small_bert()), shapes(), "with core attention"))
+    cases.append((small_bert(), shapes(), "with core attention and activations"))
     for symbol, given, label in cases:
-        (left, out_left), (right, out_right) = (gradients(bind(s, given))
-                                                for s in (symbol, recompute_layer_norms(symbol)))
+        rewritten = recompute_layer_norms(symbol)
+        if label.startswith("with"):
+            rewritten = recompute_activations(recompute_layer_norms(recompute_core_attention(symbol)))
+        (left, out_left), (right, out_right) = (gradients(bind(s, given)) for s in (symbol, rewritten))
         np.testing.assert_array_equal(out_right, out_left)
         for name in left:
             np.testing.assert_array_equal(right[name], left[name], err_msg=name)
