@@ -64,9 +64,9 @@ ACTIVATION_OPS_PER_ELEMENT = {"LeakyReLU": 2.0, "Activation": 1.0}
 
 #: Kept arrays of ``z``'s size and type outside MXNet's static plan (mx/workspace.py slots, named
 #: with :data:`SLOT_PREFIX`), shared by every fused activation of one device and type: the
-#: recomputed activation and its gradient (NOTE [ the fused activation's workspace ] in
-#: mx/fused_activation.py).
-WORKSPACE_SLOTS = ("value", "gradient")
+#: recomputed activation (its gradient goes through MXNet's array for the gradient of ``z``:
+#: NOTE [ the fused activation's workspace ] in mx/fused_activation.py).
+WORKSPACE_SLOTS = ("value",)
 SLOT_PREFIX = "activation_"
 
 
@@ -198,7 +198,10 @@ def fused_activation_workspace(graph: Graph) -> int:
     """Bytes the fused operators keep outside MXNet's static plan (one device).
 
     One array per :data:`WORKSPACE_SLOTS` slot and element type, each as large as the largest
-    input ``z`` of a fused node of that type, shared by all of them and kept from the first call on.
+    input ``z`` of a fused node of that type, shared by all of them and kept from the first call
+    on.  This counts gradients MXNet asks to be written (``'write'``, the training default); an
+    input whose gradient is accumulated (``grad_req='add'``) or not wanted adds one kept buffer
+    of its shape.
     """
     largest: Dict[int, int] = {}
     for node in graph.nodes:

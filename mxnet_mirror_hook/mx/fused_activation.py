@@ -20,23 +20,26 @@ operator, ``op_type`` :data:`FUSED_ACTIVATION_OP`, registered when this module i
 # per layer and iteration (core.fused_activation.activation_recompute_cost).
 #
 # NOTE [ the fused activation's workspace ]
-# The recomputed activation and its gradient are ``z``-sized (48 MB each for BERT-base at seq
-# 512, batch 8).  Fresh imperative arrays of that size cost page faults on every call, so they
-# are two kept buffers of mx/workspace.py (NOTE [ a workspace kept between calls ]), slots
-# ``activation_value`` and ``activation_gradient``, one per context and dtype, shared by every
-# fused activation.  Forward writes the product straight into the operator's output and
-# backward writes each gradient whose request is ``'write'`` straight into MXNet's array (other
-# requests go through fresh arrays: ``grad_req='add'`` or unwanted gradients, not the training
-# default).  The engine orders the reads and writes of one array in the order they are pushed;
-# MXNet runs Custom callbacks on several threads, so each callback pushes its whole sequence
-# (write the activation, read it, ...) under one lock, and no two callbacks' uses of a buffer
-# interleave.  core.fused_activation.fused_activation_workspace counts these buffers.
+# The recomputed activation is ``z``-sized (48 MB for BERT-base at seq 512, batch 8).  A fresh
+# imperative array of that size costs page faults on every call, so it is a kept buffer of
+# mx/workspace.py (NOTE [ a workspace kept between calls ]), slot ``activation_value``, one per
+# context and dtype, shared by every fused activation.  Its gradient (``z``-sized too) needs no
+# buffer: the product's backward writes it into MXNet's array for the gradient of ``z``, which
+# is ours until we write that gradient, and the activation's backward writes the gradient of
+# ``z`` over it (an element-wise kernel; MXNet declares this in-place option, FInplaceOption
+# {0, 0} of ``_backward_LeakyReLU``/``_backward_Activation``, and takes it in the plain graph).
+# Forward writes the product straight into the operator's output, backward every gradient whose
+# request is ``'write'`` straight into MXNet's array; another request (``grad_req='add'``, a
+# gradient not wanted) goes through a kept buffer of that input's shape.  The engine orders the
+# reads and writes of one array in the order they are pushed; MXNet runs Custom callbacks on
+# several threads, so each callback pushes its whole sequence inside ``workspace.pushing()``
+# and no two callbacks' uses of a buffer interleave.
+# core.fused_activation.fused_activation_workspace counts the buffers.
 """
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any, Dict, List
 
 import mxnet as mx
@@ -49,17 +52,16 @@ from .attention import structural_graph
 from .backward_ops import assign_into, invoke
 from .convert import load_rewritten
 from .custom_deps import use_common_dependencies
-from .workspace import buffer
+from .workspace import buffer, pushing
 
 __all__ = ["recompute_activations", "FUSED_ACTIVATION_OP", "FusedActivationOp", "FusedActivationProp"]
 
 logger = logging.getLogger(__name__)
 
-_LOCK = threading.Lock()
-
 use_common_dependencies()  # NOTE [ one process-wide set of backward dependencies ] (custom_deps.py)
 
-VALUE, GRADIENT = WORKSPACE_SLOTS
+VALUE = WORKSPACE_SLOTS[0]
+GRADIENT = "gradient"
 
 
 def _flag(value: Any) -> bool:
@@ -92,37 +94,37 @@ class FusedActivationOp(mx.operator.CustomOp):
     def forward(self, is_train, req, in_data, out_data, aux):  # noqa: D102 (MXNet's signature)
         if req[0] == "null":
             return
-        with _LOCK:
+        with pushing():
             g = self._activation(in_data[0])
             weights = in_data[1:2] if self.no_bias else in_data[1:3]
-            if req[0] in ("write", "inplace"):
+            if req[0] == "write":
                 mx.nd.FullyConnected(g, *weights, out=out_data[0], **self.fc_attrs)
             else:
                 assign_into(out_data[0], req[0], mx.nd.FullyConnected(g, *weights, **self.fc_attrs))
 
+    def _targets(self, req, in_grad) -> List["mx.nd.NDArray"]:
+        """Where each input's gradient is written: MXNet's array when asked to write, else a kept
+        buffer (NOTE [ the fused activation's workspace ])."""
+        return [grad if request == "write" else _buffer(f"{GRADIENT}{index}", grad)
+                for index, (request, grad) in enumerate(zip(req, in_grad))]
+
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):  # noqa: D102
         z, weight = in_data[0], in_data[1]
-        with _LOCK:
+        with pushing():
             g = self._activation(z)
-            dg = _buffer(GRADIENT, z)
-            count = 2 if self.no_bias else 3
-            targets = [in_grad[i] if req[i] in ("write", "inplace") else mx.nd.empty(in_grad[i].shape,
-                                                                                     z.context, z.dtype)
-                       for i in range(1, count)]
-            invoke("_backward_FullyConnected", [out_grad[0], g, weight], [dg] + targets, **self.fc_attrs)
-            for i, target in zip(range(1, count), targets):
-                if target is not in_grad[i]:
-                    assign_into(in_grad[i], req[i], target)
-            if req[0] == "null":
-                return
-            dz = in_grad[0] if req[0] in ("write", "inplace") else mx.nd.empty(z.shape, z.context, z.dtype)
-            if self.act_op == "LeakyReLU":  # ograd, data, output (ElemwiseGradUseInOut)
-                invoke("_backward_LeakyReLU", [dg, z, g], [dz], **self.act_attrs)
-            else:  # ograd, output[, data] (ActivationGrad, MXNet 1.9.1 activation.cc)
-                inputs = [dg, g] if self.act_attrs["act_type"] == "relu" else [dg, g, z]
-                invoke("_backward_Activation", inputs, [dz], **self.act_attrs)
-            if dz is not in_grad[0]:
-                assign_into(in_grad[0], req[0], dz)
+            targets = self._targets(req, in_grad)
+            # the gradient of g goes where that of z will (the activation's backward may write
+            # its result over its head gradient: FInplaceOption {0, 0} in MXNet 1.9.1)
+            invoke("_backward_FullyConnected", [out_grad[0], g, weight], targets, **self.fc_attrs)
+            if req[0] != "null":
+                if self.act_op == "LeakyReLU":  # ograd, data, output (ElemwiseGradUseInOut)
+                    invoke("_backward_LeakyReLU", [targets[0], z, g], targets[:1], **self.act_attrs)
+                else:  # ograd, output[, data] (ActivationGrad, MXNet 1.9.1 activation.cc)
+                    inputs = [targets[0], g] if self.act_attrs["act_type"] == "relu" else [targets[0], g, z]
+                    invoke("_backward_Activation", inputs, targets[:1], **self.act_attrs)
+            for request, grad, target in zip(req, in_grad, targets):
+                if target is not grad:
+                    assign_into(grad, request, target)
 
 
 @mx.operator.register(FUSED_ACTIVATION_OP)

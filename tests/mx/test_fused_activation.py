@@ -143,19 +143,20 @@ def test_rewrite_keeps_arguments_outputs_and_marks_the_operator_kept():
 
 
 # ------------------------------------------------------------------- gradients
-def bind_requests(symbol, given, grad_req):
+def bind_requests(symbol, given, grad_req, given_shapes=None):
     """:func:`bind`'s executor of ``symbol`` with ``grad_req`` for every argument but the inputs
     (``'null'``: only the weight and bias of the first fused product and the last bias; MKLDNN's
     product backward in MXNet 1.9.1 leaves the bias gradient unwritten when the weight's is not
     asked for, so a product with only its weight unrequested would compare with that)."""
+    shapes_ = given_shapes or given
     if grad_req == "write":
-        return bind(symbol, given)
+        return bind(symbol, shapes_)
     requests = {name: "null" if name in given else grad_req for name in symbol.list_arguments()}
     if grad_req == "null":
         requests.update({name: "write" for name in requests if name not in given})
         requests.update(w1="null", b1="null", out_bias="null")
-    executor = symbol.simple_bind(mx.cpu(), grad_req=requests, **given)
-    for name, array in bind(symbol, given).arg_dict.items():
+    executor = symbol.simple_bind(mx.cpu(), grad_req=requests, **shapes_)
+    for name, array in bind(symbol, shapes_).arg_dict.items():
         executor.arg_dict[name][:] = array
     for array in executor.grad_arrays:
         if array is not None:
@@ -163,14 +164,16 @@ def bind_requests(symbol, given, grad_req):
     return executor
 
 
-def compare(symbol, given, only_freeing=True, grad_req="write", exact=False, rounds=1, attention=False):
+def compare(symbol, given, only_freeing=True, grad_req="write", exact=False, rounds=1, attention=False,
+            given_shapes=None):
     """Outputs and gradients of ``symbol`` and of its rewrite after ``rounds`` forward/backward
-    (``attention``: its core attention recomputed in one operator too)."""
+    (``attention``: its core attention recomputed in one operator too; ``given_shapes``: shapes
+    when some are of arguments with gradients, ``given`` then names the inputs)."""
     rewritten = recompute_activations(recompute_core_attention(symbol) if attention else symbol, only_freeing)
     assert rewritten is not symbol
     results = []
     for candidate in (symbol, rewritten):
-        executor = bind_requests(candidate, given, grad_req)
+        executor = bind_requests(candidate, given, grad_req, given_shapes)
         for _ in range(rounds):
             grads, out = gradients(executor)
         results.append((grads, out))
@@ -207,13 +210,26 @@ def test_added_and_unrequested_gradients_match_the_plain_graph(grad_req):
     compare(mlp(), MLP_SHAPES, grad_req=grad_req, rounds=2)
 
 
+def of_an_argument() -> "mx.sym.Symbol":
+    """The activation of an argument ``x`` (its gradient is the operator's input gradient)."""
+    y = mx.sym.FullyConnected(mx.sym.LeakyReLU(mx.sym.var("x"), act_type="gelu"), num_hidden=6, name="fc")
+    return mx.sym.LinearRegressionOutput(mx.sym.sum(y, axis=1), name="loss")
+
+
+ARGUMENT_SHAPES = {"x": (5, 12), "loss_label": (5,)}
+
+
+def test_an_accumulated_gradient_of_the_activation_input_matches_the_plain_graph():
+    compare(of_an_argument(), {"loss_label": (5,)}, grad_req="add", rounds=2, given_shapes=ARGUMENT_SHAPES)
+
+
 def test_with_the_core_attention_operator_gradients_match_the_plain_graph():
     compare(small_bert(padding_mask=True), shapes(True), attention=True)
 
 
 def test_fused_gradients_are_bit_identical_without_mkldnn():
     output = run("from tests.mx.test_fused_activation import exact; exact()", mkldnn=False)
-    assert output.count("identical") == len(list(cases())) + 3
+    assert output.count("identical") == len(list(cases())) + 4
 
 
 def exact() -> None:
@@ -226,6 +242,9 @@ def exact() -> None:
         print("identical", grad_req)
     compare(small_bert(padding_mask=True), shapes(True), exact=True, attention=True)
     print("identical with the core attention operator")
+    compare(of_an_argument(), {"loss_label": (5,)}, grad_req="add", exact=True, rounds=2,
+            given_shapes=ARGUMENT_SHAPES)
+    print("identical accumulated input gradient")
 
 
 # ------------------------------------------------------------------- training
@@ -284,11 +303,11 @@ def test_cost_and_workspace_of_the_fused_operator():
     assert activation_recompute_cost(graph, fused[0]) == forward_cost(plain, gelus[0]) > 0
     assert fused_activation_cost(graph, fused[0]) == \
         forward_cost(plain, gelus[0]) + forward_cost(plain, products[0])
-    assert fused_activation_workspace(graph) == 2 * gelus[0].nbytes
+    assert fused_activation_workspace(graph) == gelus[0].nbytes  # one kept buffer of z
     assert fused_activation_workspace(plain) == 0
 
 
-def test_the_workspace_is_two_kept_buffers_of_the_largest_input():
+def test_training_keeps_one_buffer_of_the_largest_input_between_calls():
     workspace.release()
     executor = bind(recompute_activations(small_bert()), shapes())
     gradients(executor)
