@@ -85,7 +85,7 @@ class FusedLayerNormOp(mx.operator.CustomOp):
         self.bias = not _flag(fc.get("no_bias", "False"))
 
     def _normalize(self, in_data, normalized: "mx.nd.NDArray") -> Tuple["mx.nd.NDArray", "mx.nd.NDArray"]:
-        """LayerNorm of ``in_data[0]`` into ``normalized``; its moments (in pooled buffers)."""
+        """LayerNorm of ``in_data[0]`` into ``normalized``; its moments (in kept buffers)."""
         data, gamma, beta = in_data[:3]
         moments = list(data.shape)
         moments[int(self.layer_norm.get("axis", "-1")) % data.ndim] = 1
@@ -110,7 +110,7 @@ class FusedLayerNormOp(mx.operator.CustomOp):
 
     def _targets(self, req, in_grad, first: "mx.nd.NDArray") -> List["mx.nd.NDArray"]:
         """Where each input's gradient is written: MXNet's array when asked to write, else a buffer
-        (``first`` for the data's; a pooled one of its shape for a parameter's)."""
+        (``first`` for the data's; a kept one of its shape for a parameter's)."""
         targets = []
         for index, (request, grad) in enumerate(zip(req, in_grad)):
             if request == "write":

@@ -120,12 +120,15 @@ def test_rewrite_keeps_arguments_outputs_names_and_marks_the_operator_kept():
     assert [n.op for n in graph.nodes].count("LayerNorm") == 2  # the embedding's and the last layer's
 
 
-def test_user_attributes_of_both_operators_are_carried():
+def test_user_attributes_of_both_operators_are_carried_and_the_product_may_be_an_output():
     with mx.AttrScope(__group__="norm"):
         x = mx.sym.LayerNorm(mx.sym.var("data"), name="ln")
     with mx.AttrScope(__stage__="2"):
         fc = mx.sym.FullyConnected(x, num_hidden=8, flatten=False, name="fc")
-    document = json.loads(recompute_layer_norms(regression(fc + x)).tojson())
+    symbol = mx.sym.Group([regression(fc + x), fc])  # the product itself is an output too
+    rewritten = recompute_layer_norms(symbol)
+    assert rewritten.list_outputs() == symbol.list_outputs() == ["loss_output", "fc_output"]
+    document = json.loads(rewritten.tojson())
     (custom,) = [node for node in document["nodes"] if node["op"] == "Custom"]
     assert custom["name"] == "fc"
     assert custom["attrs"]["__group__"] == "norm" and custom["attrs"]["__stage__"] == "2"
