@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Tuple
 from .graph import Graph, Node
 
 __all__ = ["CoreAttention", "find_core_attention", "CORE_ATTENTION_OP", "is_core_attention",
-           "core_attention_cost", "core_attention_workspace", "SQUARE_TEMPORARIES", "DEFAULT_PASS_MB",
-           "sequences_per_pass"]
+           "core_attention_cost", "core_attention_recompute_cost", "core_attention_workspace",
+           "SQUARE_TEMPORARIES", "DEFAULT_PASS_MB", "sequences_per_pass"]
 
 #: ``op_type`` of the Custom operator that computes a core attention (mx/attention.py registers it).
 CORE_ATTENTION_OP = "mirror_core_attention"
@@ -254,6 +254,16 @@ def core_attention_cost(graph: Graph, node: Node) -> float:
     products = 2 * 2.0 * square * per_head
     dropout = 2.0 * square if float(node.attrs.get("p", "0")) > 0 else 0.0
     return products + 5.0 * square + dropout
+
+
+def core_attention_recompute_cost(graph: Graph, node: Node) -> float:
+    """Estimated operations a fused core attention's backward adds: the query-key product, the
+    softmax and the dropout's product run again (not the product with the values: its backward
+    reads the probabilities, not its output; NOTE [ core attention in one operator ])."""
+    square, _, hidden = _square_elements(graph, node)
+    per_head = hidden // max(int(node.attrs.get("heads", "1")), 1)
+    dropout = 2.0 * square if float(node.attrs.get("p", "0")) > 0 else 0.0
+    return 2.0 * square * per_head + 5.0 * square + dropout
 
 
 def core_attention_workspace(graph: Graph) -> Tuple[int, int]:

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
-from .attention import core_attention_cost, is_core_attention
+from .fused import fused_forward_cost
 from .graph import Graph, Node, NodeKind
 
 __all__ = ["forward_cost", "node_costs", "iteration_cost", "recompute_overhead", "BACKWARD_TO_FORWARD",
@@ -76,8 +76,9 @@ def forward_cost(graph: Graph, node: Node) -> float:
     """
     if node.kind is not NodeKind.OP:
         return 0.0
-    if is_core_attention(node):  # a fused core attention (mx/attention.py)
-        return core_attention_cost(graph, node)
+    fused = fused_forward_cost(graph, node)   # a fused operator (core/fused.py)
+    if fused is not None:
+        return fused
     out = float(node.numel)
     op = node.op
     if op in ("Convolution", "Deconvolution"):

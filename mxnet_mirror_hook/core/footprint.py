@@ -172,9 +172,10 @@ class Footprint:
         Temporary space operators request (``kTempSpace``): convolution's im2col buffer.
     mkldnn_copies : float
         On a CPU with MKLDNN, the temporary space its reorders add above ``workspace``.
-    attention_space : float
-        What a plan's fused core-attention operators allocate outside MXNet's static plan:
-        one pass's temporaries and the kept dropout masks (``MirrorPlan.outside_plan_mb``).
+    fused_space : float
+        What a plan's fused operators keep outside MXNet's static plan: their buffers and the
+        kept attention-dropout masks (``MirrorPlan.outside_plan_mb``; NOTE [ fused
+        recomputation ] in core/fused.py).
     """
 
     parameters: float = 0.0
@@ -187,7 +188,7 @@ class Footprint:
     activations: float = 0.0
     workspace: float = 0.0
     mkldnn_copies: float = 0.0
-    attention_space: float = 0.0
+    fused_space: float = 0.0
 
     @property
     def total(self) -> float:
@@ -210,7 +211,7 @@ class Footprint:
         names = {"parameters": "params", "gradients": "grads", "optimizer_state": "optimizer",
                  "auxiliary": "aux", "parameter_copies": "param copies", "inputs": "inputs",
                  "head_gradients": "head grads", "activations": "activations",
-                 "workspace": "workspace", "mkldnn_copies": "mkldnn", "attention_space": "attention"}
+                 "workspace": "workspace", "mkldnn_copies": "mkldnn", "fused_space": "fused"}
         parts = ", ".join(f"{label} {getattr(self, name):.0f}" for name, label in names.items()
                           if getattr(self, name) >= 0.5)
         return f"footprint {self.total:.0f} MB ({parts})"

@@ -6,7 +6,7 @@ from typing import AbstractSet, Any, Dict, Optional
 
 import mxnet as mx
 
-from . import attention as _attention  # noqa: F401 (registers the fused core attention operator)
+from . import fused as _fused  # noqa: F401 (registers the fused recomputing operators)
 from .convert import MIRROR_ATTR, json_node_keys
 
 __all__ = ["MirrorTemplate"]

@@ -108,7 +108,7 @@ class MirrorPlan:
 
         found = segment_footprint(self.footprint_source, self.planned_mb, self.segment_plan)
         if self.outside_plan_mb:
-            found = dataclasses.replace(found, attention_space=self.outside_plan_mb)
+            found = dataclasses.replace(found, fused_space=self.outside_plan_mb)
         return found
 
     @property

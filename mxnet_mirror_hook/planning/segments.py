@@ -43,7 +43,7 @@ from .cached import cached_plan
 from .chain_footprint import compare_backends, decision_tag, footprint_source_of
 from .candidates import (MAX_PER_SEGMENT_PLANS, Measured, head_splits, per_segment_two_level,
                          splits_to_try, start_measuring_segments, tune_shared_pool)
-from .attention import lower_with_core_attention
+from .fused import lower_with_fused
 from .dropout import plan_dropout_variants
 from .one_level import SMALL_ACTIVATIONS_BYTES, unmirrored_plan
 from .result import PLAN_LOGGER, MirrorPlan
@@ -92,8 +92,8 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
         one_level_options = one_level_options.replace(memory_budget=None)
     one_level = plan_dropout_variants(setup, one_level_options, started)
     if _too_small_for_segments(setup, options) or _draws_unreplayable_random(setup, options):
-        return lower_with_core_attention(setup, options, one_level_within(setup, options, one_level, started),
-                                         started)
+        return lower_with_fused(setup, options, one_level_within(setup, options, one_level, started),
+                                started)
     request = options.backend if options.segments is None else f"{options.backend}:{options.segments}"
     if options.max_overhead is not None:
         request += f":overhead={options.max_overhead!r}"  # NOTE [ planning under an overhead limit ]
@@ -117,7 +117,7 @@ def plan_with_segments(setup: PlanningSetup, options: MirrorOptions,
 
     chosen = cached_plan(get_cache(options.cache_dir), key, BackendEntry, use,
                          lambda: _choose_or_fall_back(setup, options, one_level, started))
-    return lower_with_core_attention(setup, options, chosen, started)
+    return lower_with_fused(setup, options, chosen, started)
 
 
 def _too_small_for_segments(setup: PlanningSetup, options: MirrorOptions) -> bool:

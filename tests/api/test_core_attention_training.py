@@ -1,5 +1,6 @@
-"""Training through ``MirroredModule`` with the core attention recomputed in one operator
-(planning/attention.py) equals plain ``mx.mod.Module``: two SGD steps of a small BERT MLM,
+"""Training through ``MirroredModule`` with the fused operators (the core attention, LayerNorms and
+GELUs each recomputed inside one operator: planning/fused.py) equals plain ``mx.mod.Module``: two
+SGD steps of a small BERT MLM,
 parameters and gradients bit for bit without MKLDNN (each case in a fresh process), with the
 padding mask, and with the attention dropout against a plain graph fed the masks forward drew."""
 from __future__ import annotations
@@ -17,9 +18,14 @@ import pytest
 
 from mxnet_mirror_hook import MirroredModule
 from mxnet_mirror_hook.cache import get_cache
+from mxnet_mirror_hook.core.attention import core_attention_workspace
+from mxnet_mirror_hook.core.fused import fused_counts
+from mxnet_mirror_hook.core.fused_activation import fused_activation_workspace
+from mxnet_mirror_hook.core.fused_layer_norm import fused_layer_norm_workspace
 from mxnet_mirror_hook.mx.attention import CoreAttentionOp
+from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
 from mxnet_mirror_hook.options import MirrorOptions
-from mxnet_mirror_hook.planning.attention import plan_core_attention
+from mxnet_mirror_hook.planning.fused import plan_fused
 from mxnet_mirror_hook.planning.footprint import FootprintSource
 from mxnet_mirror_hook.planning.one_level import plan_one_level
 from mxnet_mirror_hook.planning.setup import PlanRequest
@@ -32,12 +38,12 @@ INPUTS = ("data", "token_types", "masked_positions")
 
 
 class AttentionModule(MirroredModule):
-    """``MirroredModule`` binding :func:`plan_core_attention`'s plan (until ``plan_mirror`` offers it)."""
+    """``MirroredModule`` binding :func:`plan_fused`'s plan (until ``plan_mirror`` offers it)."""
 
     def _plan_for(self, data_shapes, label_shapes, grad_req):
         setup = PlanRequest(list(data_shapes), list(label_shapes or []) or None,
                             grad_req).prepare(self._user_symbol, self.mirror_options)
-        plan = plan_core_attention(setup, self.mirror_options)
+        plan = plan_fused(setup, self.mirror_options)
         assert plan is not None
         return plan
 
@@ -169,12 +175,12 @@ def test_the_plan_cache_keeps_the_rewritten_and_the_users_plans_apart(tmp_path):
     data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
     options = MirrorOptions(cache_dir=str(tmp_path), memory_budget="min", backend="mirror")
     setup = PlanRequest(data, label).prepare(symbol, options)
-    fused = plan_core_attention(setup, options)
+    fused = plan_fused(setup, options)
     plain = plan_one_level(setup, options)
     assert "mirror_core_attention" in fused.symbol.tojson()
     assert "mirror_core_attention" not in plain.symbol.tojson()
     assert not plain.from_cache  # the rewritten plan's entry is not the user's symbol's
-    again = plan_core_attention(setup, options)
+    again = plan_fused(setup, options)
     assert again.from_cache and again.mirrored == fused.mirrored
     assert get_cache(str(tmp_path)).get(setup.key(options))["mirrored"] == list(plain.mirrored)
 
@@ -184,24 +190,30 @@ def test_outside_plan_memory_is_reported_and_in_the_footprint():
     data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
     options = MirrorOptions(cache_dir=False, max_overhead=0.5, recompute_dropout=True)
     setup = PlanRequest(data, label).prepare(symbol, options)
-    plan = plan_core_attention(setup, options)
+    plan = plan_fused(setup, options)
     square = BATCH * HEADS * SEQ * SEQ
-    # the whole batch in one pass (16 MB holds it): six s^2 float32 temporaries, two layers' bit masks
-    assert plan.outside_plan_mb == pytest.approx((6 * square * 4 + 2 * square / 8) / 2 ** 20)
+    graph = symbol_to_graph(plan.symbol, normalize_inputs(sorted(dict(data + label).items())))
+    # the whole batch in one pass (16 MB holds it): four kept s^2 float32 buffers, two layers' bit masks
+    assert core_attention_workspace(graph) == (4 * square * 4, 2 * square // 8)
+    kinds = fused_counts(graph)
+    assert kinds == {"core attention": 2, "LayerNorm": 4, "activation": 2}  # ln1s, ln2 before a layer, mlm_ln
+    assert plan.outside_plan_mb == pytest.approx(
+        (4 * square * 4 + 2 * square / 8 + fused_layer_norm_workspace(graph)
+         + fused_activation_workspace(graph)) / 2 ** 20)
     assert plan.activation_mb == pytest.approx(plan.planned_mb + plan.outside_plan_mb)
     assert "outside MXNet's plan" in plan.summary()
     assert 0 < plan.overhead <= 0.5
     sourced = dataclasses.replace(plan, footprint_source=FootprintSource.of_setup(setup))
     footprint = sourced.footprint
-    assert footprint.attention_space == pytest.approx(plan.outside_plan_mb)
+    assert footprint.fused_space == pytest.approx(plan.outside_plan_mb)
     assert footprint.activations == plan.planned_mb
-    assert footprint.to_dict()["attention_space"] == footprint.attention_space  # its own line
+    assert footprint.to_dict()["fused_space"] == footprint.fused_space  # its own line
 
 
 def test_no_plan_when_the_attention_alone_exceeds_max_overhead():
     data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
     options = MirrorOptions(cache_dir=False, max_overhead=0.001)
-    assert plan_core_attention(PlanRequest(data, label).prepare(small_bert(), options), options) is None
+    assert plan_fused(PlanRequest(data, label).prepare(small_bert(), options), options) is None
 
 
 def test_no_plan_for_a_symbol_without_core_attention():
@@ -209,7 +221,7 @@ def test_no_plan_for_a_symbol_without_core_attention():
 
     options = MirrorOptions(cache_dir=False, max_overhead=0.05)
     setup = PlanRequest([("data", (8, 64))], [("softmax_label", (8,))]).prepare(dropout_mlp(2, 64), options)
-    assert plan_core_attention(setup, options) is None
+    assert plan_fused(setup, options) is None
 
 
 def test_an_attention_dropout_without_recompute_dropout_is_said_and_left(caplog):
@@ -219,12 +231,15 @@ def test_an_attention_dropout_without_recompute_dropout_is_said_and_left(caplog)
     data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
     setup = PlanRequest(data, label).prepare(small_bert(dropout=0.1), options)
     with caplog.at_level(logging.INFO, logger="mxnet_mirror_hook"):
-        assert plan_core_attention(setup, options) is None
+        plan = plan_fused(setup, options)
+    graph = symbol_to_graph(plan.symbol, normalize_inputs(sorted(dict(data + label).items())))
+    assert "core attention" not in fused_counts(graph)       # left with its Dropout
+    assert "CoreAttention" not in plan.symbol.tojson() and "mirror_core_attention" not in plan.symbol.tojson()
     (line,) = [r.getMessage() for r in caplog.records if "found with a Dropout" in r.getMessage()]
     assert line.startswith("core attention: 2 found") and "recompute_dropout=True" in line
 
 
-def test_auto_under_max_overhead_takes_the_fused_attention_when_it_is_lower(caplog):
+def test_auto_under_max_overhead_takes_the_fused_operators_when_they_are_lower(caplog):
     import logging
     import re
 
@@ -240,8 +255,8 @@ def test_auto_under_max_overhead_takes_the_fused_attention_when_it_is_lower(capl
     assert '"op_type": "mirror_core_attention"' in plan.symbol.tojson()
     assert plan.backend == "mirror" and plan.overhead <= 0.3 and plan.outside_plan_mb > 0
     assert plan.ratio == plan.activation_mb / plan.baseline_mb < 1  # what the operator holds counted
-    (line,) = [r.getMessage() for r in caplog.records if "recomputed in one operator (" in r.getMessage()]
-    beaten = float(re.search(r"is below the \w+ plan \((\d+) MB\)", line).group(1))
+    (line,) = [r.getMessage() for r in caplog.records if "max_overhead: fused operators (" in r.getMessage()]
+    beaten = float(re.search(r"are below the \w+ plan \((\d+) MB\)", line).group(1))
     assert plan.activation_mb < beaten
     module = MirroredModule(symbol, data_names=INPUTS, max_overhead=0.3, cache_dir=False)
     module.bind(data, label)
