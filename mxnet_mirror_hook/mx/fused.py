@@ -1,7 +1,9 @@
 """Every fused recomputing operator applied to a symbol (NOTE [ fused recomputation ] in core/fused.py).
 
 Importing this module registers all of their ``Custom`` operators (:mod:`.apply` imports it, so
-every process that plans or binds a plan has them).
+every process that plans or binds a plan has them) and makes MXNet's Custom backward dependencies
+common to all kinds (NOTE [ one process-wide set of backward dependencies ] in mx/custom_deps.py:
+without it, two kinds of fused operator in one symbol crash in backward).
 """
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import logging
 import mxnet as mx
 
 from .attention import recompute_core_attention
+from .custom_deps import use_common_dependencies
 from .fused_activation import recompute_activations
 from .fused_layer_norm import recompute_layer_norms
 
 __all__ = ["fuse_for_recomputation"]
 
 logger = logging.getLogger(__name__)
+
+use_common_dependencies()
 
 
 def fuse_for_recomputation(symbol: "mx.sym.Symbol", with_dropout: bool = False) -> "mx.sym.Symbol":
