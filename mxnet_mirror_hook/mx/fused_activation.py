@@ -27,7 +27,7 @@ operator, ``op_type`` :data:`FUSED_ACTIVATION_OP`, registered when this module i
 # buffer: the product's backward writes it into MXNet's array for the gradient of ``z``, which
 # is ours until we write that gradient, and the activation's backward writes the gradient of
 # ``z`` over it (an element-wise kernel; MXNet declares this in-place option, FInplaceOption
-# {0, 0} of ``_backward_LeakyReLU``/``_backward_Activation``, and takes it in the plain graph).
+# {0, 0} of ``_backward_LeakyReLU``/``_backward_Activation``, so its planner may do the same).
 # Forward writes the product straight into the operator's output, backward every gradient whose
 # request is ``'write'`` straight into MXNet's array; another request (``grad_req='add'``, a
 # gradient not wanted) goes through a kept buffer of that input's shape.  The engine orders the
