@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""The core attention recomputed in one operator (issue 22): BERT-base MLM, static and real memory, time.
+"""Fused recomputation (issue 22): BERT-base MLM, static and real memory, time.
 
 For ``bert_mlm`` (seq 512, batch 8) without dropout and with dropout 0.1 (``recompute_dropout``):
-MXNet's static plan of the user's symbol; of the rewritten symbol (each core attention one
-``Custom`` operator that keeps only ``qkv``: mx/attention.py), with what the operators allocate
-outside MXNet's plan (one pass's temporaries, the kept dropout masks as bits); and of
-``plan_core_attention`` under ``max_overhead`` 0.05 and 0.08 (the rewritten symbol planned by
-MXNet's one-level mirror with what the attention leaves of the limit).  Real peaks: MXNet's
+MXNet's static plan of the user's symbol; of the rewritten symbol (each core attention, each
+LayerNorm and GELU read by a FullyConnected one ``Custom`` operator that keeps only its input and
+recomputes in its backward: mx/fused.py), with what the operators keep outside MXNet's plan
+(their buffers, the kept dropout masks as bits); and of ``plan_fused`` under ``max_overhead``
+0.05 and 0.08 (the rewritten symbol planned by MXNet's one-level mirror with what the fused
+operators leave of the limit).  Real peaks: MXNet's
 storage profiler over one training iteration (bind, init, forward, backward, SGD update) of a
 plain ``Module`` of the user's symbol and of the plan's symbol, each in a fresh process.  Time: a
 training iteration of ``Module`` binding the plan's symbol (what ``MirroredModule`` binds) against
@@ -37,10 +38,11 @@ import numpy as np  # noqa: E402
 from bench.bench_segments import _interleaved_seconds  # noqa: E402
 from bench.sections import replace_section  # noqa: E402
 from mxnet_mirror_hook.core.attention import core_attention_workspace  # noqa: E402
+from mxnet_mirror_hook.core.fused import fused_counts, fused_outside_bytes  # noqa: E402
 from mxnet_mirror_hook.core.units import to_mb  # noqa: E402
-from mxnet_mirror_hook.mx.attention import recompute_core_attention  # noqa: E402
+from mxnet_mirror_hook.mx.fused import fuse_for_recomputation  # noqa: E402 (registers every fused operator)
 from mxnet_mirror_hook.options import MirrorOptions  # noqa: E402
-from mxnet_mirror_hook.planning.attention import plan_core_attention  # noqa: E402
+from mxnet_mirror_hook.planning.fused import plan_fused  # noqa: E402
 from mxnet_mirror_hook.planning.setup import PlanRequest  # noqa: E402
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes  # noqa: E402
 
@@ -67,14 +69,15 @@ def plan_rows(case: str, symbols: str) -> dict:
     data, label = bert_mlm_shapes(BATCH, SEQ)
     setup = PlanRequest(data, label).prepare(symbol, _options(dropout, LIMITS[0]))
     row = {"case": case, "plain_mb": setup.measure(frozenset())}
-    rewritten = PlanRequest(data, label).prepare(recompute_core_attention(symbol, with_dropout=dropout > 0),
+    rewritten = PlanRequest(data, label).prepare(fuse_for_recomputation(symbol, with_dropout=dropout > 0),
                                                  _options(dropout, LIMITS[0]))
-    temporaries, masks = core_attention_workspace(rewritten.graph)
-    row.update(rewritten_mb=rewritten.measure(frozenset()), temporaries_mb=to_mb(temporaries),
-               masks_mb=to_mb(masks))
+    _, masks = core_attention_workspace(rewritten.graph)
+    buffers = fused_outside_bytes(rewritten.graph) - masks
+    row.update(rewritten_mb=rewritten.measure(frozenset()), temporaries_mb=to_mb(buffers),
+               masks_mb=to_mb(masks), fused=fused_counts(rewritten.graph))
     for limit in LIMITS:
         started = time.perf_counter()
-        plan = plan_core_attention(setup, _options(dropout, limit))
+        plan = plan_fused(setup, _options(dropout, limit))
         row[f"plan_{limit}"] = {"planned_mb": plan.planned_mb, "outside_mb": plan.outside_plan_mb,
                                 "overhead": plan.overhead, "mirrored": len(plan.mirrored),
                                 "seconds": time.perf_counter() - started,
@@ -215,15 +218,18 @@ def write_section(rows: list, path: str) -> None:
     plans = {r["case"]: r for r in rows if "plain_mb" in r}
     times = {r["case"]: r for r in rows if "ratio" in r}
     measured = {r["case"]: r["peaks"] for r in rows if "peaks" in r}
-    lines = ["## Core attention recomputed in one operator (issue 22)", "",
-             "`bench/bench_attention.py`: each core attention of `bert_mlm` (query-key product, softmax, "
-             "attention Dropout, product with the values) replaced by one `Custom` operator that keeps "
-             "only `qkv` and recomputes in its backward, a sequence at a time (`mx/attention.py`); the "
-             "rest planned by MXNet's one-level mirror within what the attention leaves of `max_overhead` "
-             "(`planning.attention.plan_core_attention`).  Static = MXNet's plan; outside = what the "
-             "operators allocate beyond it (one pass's s² temporaries + the kept dropout masks as "
-             "bits), counted in every ratio.  Real peak: MXNet's storage profiler over one training "
-             "iteration (bind, init, forward, backward, SGD update), plain `Module` of each symbol, "
+    lines = ["## Fused recomputation: core attention, LayerNorms and GELUs (issue 22)", "",
+             "`bench/bench_attention.py`: in `bert_mlm` each core attention (query-key product, softmax, "
+             "attention Dropout, product with the values; `mx/attention.py`), each LayerNorm read by a "
+             "FullyConnected (`mx/fused_layer_norm.py`) and each GELU read by one "
+             "(`mx/fused_activation.py`) replaced by one `Custom` operator that keeps only its input and "
+             "recomputes the rest in its backward with MXNet's own backward kernels; the rest planned by "
+             "MXNet's one-level mirror within what the fused operators leave of `max_overhead` "
+             "(`planning.fused.plan_fused`, what `'auto'` takes under `max_overhead` when lower).  Static "
+             "= MXNet's plan; outside = what the operators keep beyond it (their buffers + the kept "
+             "dropout masks as bits), counted in every ratio.  Real peak: MXNet's storage profiler over "
+             "one training iteration (bind, init, forward, backward, SGD update), plain `Module` of each "
+             "symbol, "
              "fresh process, MKLDNN on.", "",
              "| case | plain static | rewritten, unmirrored: static + outside | plan within 0.05 | "
              "plan within 0.08 | real peak plain -> plan (0.05) | measured time, median (plan / plain) |",
@@ -246,12 +252,10 @@ def write_section(rows: list, path: str) -> None:
                      + f" | {peak} | {when} |")
     verdicts = [_verdict(plans[c], times.get(c), CASES[c]) for c in CASES if c in plans]
     lines += ["", "Targets: " + "; ".join(verdicts) + ".", "",
-              "Load: the machine has 2 cores; another core ran a zoo sweep at nice 19 and other sessions "
-              "ran tests during these runs (load averages in the time column), so a time ratio is good to a "
-              "few percent only.  The one-level mirror adds nothing cheap here: recomputing the 12 "
-              "GELU outputs (what the second feed-forward product reads) leaves MXNet's plan unchanged, "
-              "since MXNet replays recomputed nodes at the start of backward (NOTE [ planning the "
-              "core-attention variant ] in planning/attention.py)."]
+              "Load: the machine has 2 cores, shared with other work during these runs (load averages in "
+              "the time column), so a time ratio is good to a few percent only.  "
+              "Why fused operators and not MXNet's mirror: NOTE [ planning the fused "
+              "variant ] in planning/fused.py."]
     replace_section(path, "attention", "\n".join(lines))
 
 
