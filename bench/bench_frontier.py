@@ -100,7 +100,37 @@ def write(results: List[Dict], path: str) -> None:
     lines.append("")
     lines.append("Planning seconds (all limits and 'min', cache off): " + ", ".join(
         f"{r['network']} {r['planning_seconds']:.0f}" for r in results) + ".")
+    lines += ["", "![frontier of resnet50_v1b and bert_mlm](frontier.png)"]
     replace_section(path, "frontier", "\n".join(lines))
+
+
+def plot(results: List[Dict], path: str, names=("resnet50_v1b", "bert_mlm")) -> None:
+    """Memory ratio against measured and estimated overhead, one panel per network of ``names``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in results if r["network"] in names]
+    if not chosen:
+        return
+    figure, axes = plt.subplots(1, len(chosen), figsize=(5.5 * len(chosen), 4.2), squeeze=False)
+    for axis, result in zip(axes[0], chosen):
+        rows = sorted(result["rows"], key=lambda r: -r["ratio"])
+        ratios = [1.0] + [r["ratio"] for r in rows]
+        axis.plot(ratios, [0.0] + [100 * r["measured"] for r in rows], "o-", label="measured (CPU clock)")
+        axis.plot(ratios, [0.0] + [100 * r["est"] for r in rows], "s--", alpha=0.7, label="estimated")
+        for row in rows:
+            axis.annotate(row["plan"].split(" (")[0].replace("max_overhead=", "<= ").replace(
+                "memory_budget=", ""), (row["ratio"], 100 * row["measured"]), fontsize=7,
+                textcoords="offset points", xytext=(4, 4))
+        axis.set_xlabel("activations / unmirrored plan")
+        axis.set_ylabel("extra time per iteration (%)")
+        axis.set_title(f"{result['network']}, batch {result['batch']}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main(argv=None) -> int:
@@ -109,16 +139,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "frontier_rows.json"))
+    parser.add_argument("--plot", default=os.path.join(ROOT, "bench", "frontier.png"))
+    parser.add_argument("--write-only", action="store_true", help="redo the section and plot from --rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     done = {}
     if os.path.exists(args.rows):
         done = {r["network"]: r for r in json.load(open(args.rows, encoding="utf-8"))}
-    for name in args.networks:
+    for name in ([] if args.write_only else args.networks):
         done[name] = frontier(name, NETWORKS[name], LIMITS, args.repeats)
         with open(args.rows, "w", encoding="utf-8") as handle:
             json.dump(list(done.values()), handle, indent=1)
-    write([done[n] for n in NETWORKS if n in done], args.output)
+    results = [done[n] for n in NETWORKS if n in done]
+    write(results, args.output)
+    plot(results, args.plot)
     return 0
 
 
