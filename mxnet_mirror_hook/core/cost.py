@@ -45,6 +45,26 @@ _PER_ELEMENT = {
 }
 
 
+#: MXNet's interleaved attention products (gluonnlp's self- and encoder-decoder attention) and
+#: the width of the query/key/value tensor each reads per head (3: q, k, v interleaved; 2: k, v;
+#: 1: queries alone) for the query-key products, or None for the products with the values,
+#: whose inner dimension is the key sequence.
+_INTERLEAVED = {"_contrib_interleaved_matmul_selfatt_qk": 3, "_contrib_interleaved_matmul_encdec_qk": 1,
+                "_contrib_interleaved_matmul_selfatt_valatt": None,
+                "_contrib_interleaved_matmul_encdec_valatt": None}
+
+
+def _interleaved_inner(graph: Graph, node: Node) -> int:
+    """The inner dimension of an interleaved attention product: the head width of a query-key
+    product, the key sequence of a product with the values (sequence-major inputs)."""
+    first = _input_shape(graph, node, 0)
+    per_head = _INTERLEAVED[node.op]
+    if per_head is None:            # (seq_k, batch, width): the attention's last axis is seq_k
+        return first[0] if first else 1
+    heads = max(int(node.attrs.get("heads", "1") or 1), 1)
+    return first[-1] // (per_head * heads) if first else 1
+
+
 def _kernel_area(node: Node) -> int:
     kernel = node.attrs.get("kernel", "")
     numbers = [int(x) for x in kernel.strip("()[] ").replace(",", " ").split() if x.isdigit()]
@@ -100,6 +120,8 @@ def forward_cost(graph: Graph, node: Node) -> float:
         left = _input_shape(graph, node, 0)
         inner = left[-1] if left else 1
         return 2.0 * out * inner
+    if op in _INTERLEAVED:
+        return 2.0 * out * _interleaved_inner(graph, node)
     if op == "Pooling":
         if node.attrs.get("global_pool", "False") in ("True", "true", "1"):
             data = _input_shape(graph, node, 0)

@@ -292,6 +292,8 @@ def test_auto_never_binds_a_selective_chain_above_the_unmirrored_plan(monkeypatc
     monkeypatch.setattr(planning_segments, "plan_selective", above_plain)
     monkeypatch.setattr(planning_segments, "prefer_one_level", lambda *args: (False, ""))
     monkeypatch.setattr(planning_segments, "_footprint_wins", lambda *args, **kwargs: True)
+    # the fused operators (planning/fused.py) would be lower still: this is about the chain
+    monkeypatch.setattr(planning_segments, "lower_with_fused", lambda setup, options, plan, started: plan)
     plan = _transformer_plan(max_overhead=0.05, backend="auto")
     assert plan.backend == "mirror" and plan.mirrored == ()
     assert plan.planned_mb == plan.baseline_mb and plan.overhead == 0.0
