@@ -47,6 +47,28 @@ def _untraceable(block: "gluon.HybridBlock", error: Exception) -> UntraceableBlo
         f"of) outputs")
 
 
+# NOTE [ a Parameter computed at each call trains plainly ]
+# A mirrored block binds its Parameters' stored arrays and writes their gradients into them.  A
+# Parameter subclass whose ``data()`` computes a new array at each call under autograd
+# (gluonnlp's ``WeightDropParameter``: a Dropout of the stored weight, AWD-LSTM's embedding) would
+# then train on the stored weight, not the dropped one, and its gradient would miss the Dropout's
+# backward (found by running gluonnlp's model zoo: ``Trainer.step`` raised that the gradient was
+# stale).  Plain Gluon trains such a block, so it trains plainly, with one warning.
+def _computed_parameters(block: "gluon.HybridBlock") -> List[str]:
+    """Names of ``block``'s Parameters whose ``data()`` is not the stored array's."""
+    return [name for name, param in block.collect_params().items()
+            if type(param).data is not gluon.Parameter.data]
+
+
+def _refuse_computed_parameters(block: "gluon.HybridBlock") -> None:
+    computed = _computed_parameters(block)
+    if computed:
+        raise UntraceableBlockError(
+            f"{len(computed)} Parameter(s) of {type(block).__name__} compute their value at each call "
+            f"({computed[0]}: {type(block.collect_params()[computed[0]]).__name__}, e.g. a weight drop); "
+            f"the mirrored executor would bind the stored value")
+
+
 class _Entry:
     """A plan and the executors bound from it for one context and input signature."""
 
@@ -123,6 +145,7 @@ class MirrorState:
     def _traced(self, block: "gluon.HybridBlock", args: Sequence[Any], structure: Any) -> Trace:
         key = repr(structure)
         if key not in self._traces:
+            _refuse_computed_parameters(block)  # NOTE [ a Parameter computed at each call trains plainly ]
             try:
                 found = trace(block, args, structure)
             except MirrorHookError:

@@ -64,7 +64,7 @@ def _say_attention_dropout(setup: PlanningSetup, options: MirrorOptions) -> None
     """One line when core attentions were left for their Dropout (``recompute_dropout`` off)."""
     if options.recompute_dropout:
         return
-    found = find_core_attention(setup.graph, with_dropout=True)
+    found = [m for m in find_core_attention(setup.graph, with_dropout=True) if m.dropout is not None]
     if found:
         logger.info("core attention: %d found with a Dropout on the probabilities; "
                     "recompute_dropout=True lets one operator recompute them", len(found))

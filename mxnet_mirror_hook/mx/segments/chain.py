@@ -17,7 +17,7 @@ from ..bind import environment
 from .environment import cap_variables, match_range_variables
 from .head import ChunkedHead
 from .layout import (argument_types, chain_layout, head_parts, infer_arguments, reader_bindings,
-                     summed_request, tensor_spec)
+                     summed_request, tensor_spec, ungraded_boundaries)
 from .ops import invoke
 from .split import boundary_name, source_name, split_symbol
 
@@ -202,17 +202,20 @@ class SegmentChain:
         segment: SegmentSpec = self.plan.segments[index]
         sym = self.symbols[index]
         by_name = {boundary_name(e): e for e in segment.inputs}
+        boundary_types = {name: self.boundary[by_name[source_name(name)]].dtype
+                          for name in sym.list_arguments() if source_name(name) in by_name}
+        ungraded = ungraded_boundaries(sym, boundary_types)  # NOTE [ boundaries that get no gradient ]
         args, grads, requests = {}, {}, {}
         for name in sym.list_arguments():
             source = source_name(name)  # NOTE [ one variable per reader ]
-            if name in by_name:
-                args[name] = self.boundary[by_name[name]]
-                grads[name] = self.boundary_grad[by_name[name]]
+            if source in by_name:
+                args[name] = self.boundary[by_name[source]]
+                grads[name] = self.boundary_grad[by_name[source]]
             else:
                 args[name] = self.arg_dict[source]
                 grads[name] = self.grad_dict[source]
-            requests[name] = self._segment_req(source)
-            if grads[name] is None:
+            requests[name] = "null" if name in ungraded else self._segment_req(source)
+            if grads[name] is None or requests[name] == "null":
                 requests[name] = "null"
                 del grads[name]
         aux = {name: self.aux_dict[name] for name in sym.list_auxiliary_states()}

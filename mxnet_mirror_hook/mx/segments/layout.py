@@ -18,7 +18,50 @@ from ..convert import json_node_keys
 from .split import boundary_name, source_name
 
 __all__ = ["reader_bindings", "shareable_gradients", "summed_request", "tensor_spec", "argument_types",
-           "infer_arguments", "chain_tensors", "head_parts", "chain_layout"]
+           "infer_arguments", "chain_tensors", "head_parts", "chain_layout", "ungraded_boundaries",
+           "NO_GRADIENT_INPUTS"]
+
+#: Operator inputs that get no gradient: indices, lengths, values only their shape is read of
+#: (NOTE [ boundaries that get no gradient ]).
+NO_GRADIENT_INPUTS: Dict[str, Tuple[int, ...]] = {
+    "Embedding": (0,), "take": (1,), "pick": (1,), "batch_take": (1,), "gather_nd": (1,), "one_hot": (0,),
+    "softmax": (1,), "log_softmax": (1,), "masked_softmax": (1,), "SequenceMask": (1,),
+    "SequenceLast": (1,), "SequenceReverse": (1,), "_contrib_arange_like": (0,), "zeros_like": (0,),
+    "ones_like": (0,), "shape_array": (0,), "size_array": (0,), "BlockGrad": (0,), "stop_gradient": (0,),
+}
+
+
+# NOTE [ boundaries that get no gradient ]
+# A segment reads the tensors earlier segments made through variables, bound with a gradient
+# request so that its backward hands their gradients back.  Some of those tensors have no
+# gradient: integer lengths and indices, or anything read only where an operator takes no
+# gradient (an Embedding's indices, a softmax's lengths, a value ``zeros_like`` reads the shape
+# of).  Requesting one is not harmless in MXNet 1.9.1: an Embedding whose indices are asked a
+# gradient fails in backward ("Embedding layer doesn't support calculate data gradient"), and a
+# ``softmax(..., use_length=True)`` whose length is asked a gradient ('write') changes the
+# gradient of its DATA (gluonnlp's masked self-attention: the query and key weights got a zero
+# gradient, reproduced without the plugin in 20 lines).  The plain graph asks neither.  So such a
+# boundary variable is bound with 'null' (its producer's backward then gets a zero head gradient
+# for it, what the plain graph's gradient pass gives): an integer boundary always, a float one
+# when every reader takes it at an input of NO_GRADIENT_INPUTS.
+def ungraded_boundaries(symbol: "mx.sym.Symbol", boundaries: Mapping[str, Any]) -> frozenset:
+    """Variables of ``symbol`` among ``boundaries`` (name -> dtype) to bind without a gradient
+    (NOTE [ boundaries that get no gradient ])."""
+    document = json.loads(symbol.tojson())
+    nodes = document["nodes"]
+    readers: Dict[str, List[Tuple[str, int]]] = {}
+    for node in nodes:
+        for slot, entry in enumerate(node["inputs"]):
+            source = nodes[entry[0]]
+            if source["op"] == "null":
+                readers.setdefault(source["name"], []).append((node["op"], slot))
+    ungraded = set()
+    for name, dtype in boundaries.items():
+        integer = np.issubdtype(np.dtype(dtype), np.integer)
+        reads = readers.get(name, [])
+        if integer or (reads and all(slot in NO_GRADIENT_INPUTS.get(op, ()) for op, slot in reads)):
+            ungraded.add(name)
+    return frozenset(ungraded)
 
 
 def reader_bindings(plan: SegmentPlan, symbols: Sequence["mx.sym.Symbol"]) -> Dict[str, int]:
