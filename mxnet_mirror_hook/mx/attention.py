@@ -65,19 +65,15 @@ import numpy as np
 
 from ..core.attention import (CORE_ATTENTION_OP, DEFAULT_PASS_MB, CoreAttention, find_core_attention,
                               sequences_per_pass)
-from ..core.graph import KEEP_ATTR, Graph, Node, NodeKind
+from ..core.graph import KEEP_ATTR
 from .backward_ops import invoke
-from .convert import load_rewritten
+from .convert import attr_true, load_rewritten, structural_graph
 from .dropout import dropout_scale
 from .workspace import buffer, pushing
 
-__all__ = ["recompute_core_attention", "CORE_ATTENTION_OP", "CoreAttentionOp", "structural_graph"]
+__all__ = ["recompute_core_attention", "CORE_ATTENTION_OP", "CoreAttentionOp"]
 
 logger = logging.getLogger(__name__)
-
-
-def _flag(value: Any) -> bool:
-    return str(value) in ("True", "true", "1")
 
 
 class CoreAttentionOp(mx.operator.CustomOp):
@@ -89,7 +85,7 @@ class CoreAttentionOp(mx.operator.CustomOp):
         super().__init__()
         self.heads = heads
         self.softmax = softmax
-        self.use_length = _flag(softmax.get("use_length", "False"))
+        self.use_length = attr_true(softmax.get("use_length", "False"))
         self.p = p
         self.mode = mode
         self.per_pass = per_pass
@@ -225,7 +221,7 @@ class CoreAttentionProp(mx.operator.CustomOpProp):
         self.softmax = {"axis": axis, "use_length": use_length}
         if temperature is not None and temperature != "None":
             self.softmax["temperature"] = temperature
-        self.use_length = _flag(use_length)
+        self.use_length = attr_true(use_length)
 
     def list_arguments(self) -> List[str]:  # noqa: D102
         return ["qkv", "length"] if self.use_length else ["qkv"]
@@ -250,18 +246,6 @@ class CoreAttentionProp(mx.operator.CustomOpProp):
             seed = int(mx.nd.random.randint(0, 2 ** 31 - 1, shape=(1,), ctx=mx.cpu()).asnumpy()[0])
         return CoreAttentionOp(self.heads, self.softmax, self.p, self.mode, seed,
                                sequences_per_pass(self.pass_mb, self.heads, seq))
-
-
-def structural_graph(document: Dict[str, Any]) -> Graph:
-    """A shapeless :class:`Graph` of a symbol's JSON (operators, attributes, edges), for pattern
-    finding; positions are the JSON's."""
-    nodes = []
-    for json_node in document["nodes"]:
-        kind = NodeKind.PARAM if json_node["op"] == "null" else NodeKind.OP
-        nodes.append(Node(json_node["name"], json_node["op"], kind,
-                          [(entry[0], entry[1]) for entry in json_node["inputs"]],
-                          attrs=dict(json_node.get("attrs") or {})))
-    return Graph(nodes, [(entry[0], entry[1]) for entry in document["heads"]])
 
 
 def _fused_node(node: Dict[str, Any], match: CoreAttention, inputs: List[List[int]],

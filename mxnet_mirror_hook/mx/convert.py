@@ -17,6 +17,7 @@ from ..errors import ShapeError
 from .bind import mxnet_error_line
 
 __all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR",
+           "attr_true", "structural_graph",
            "json_node_keys", "load_rewritten"]
 
 #: The attribute MXNet's gradient pass reads (``_set_attr(force_mirroring=...)`` writes it).
@@ -339,3 +340,20 @@ def load_rewritten(symbol: "mx.sym.Symbol", nodes: List[Dict[str, Any]], heads: 
             or result.list_auxiliary_states() != symbol.list_auxiliary_states()):
         raise ValueError(refusal)
     return result
+
+
+def attr_true(value: Any) -> bool:
+    """Whether an operator parameter as MXNet's JSON spells it (``'True'``, ``'1'``...) is true."""
+    return str(value) in ("True", "true", "1")
+
+
+def structural_graph(document: Dict[str, Any]) -> Graph:
+    """A shapeless :class:`Graph` of a symbol's JSON (operators, attributes, edges), for pattern
+    finding; positions are the JSON's."""
+    nodes = []
+    for json_node in document["nodes"]:
+        kind = NodeKind.PARAM if json_node["op"] == "null" else NodeKind.OP
+        nodes.append(Node(json_node["name"], json_node["op"], kind,
+                          [(entry[0], entry[1]) for entry in json_node["inputs"]],
+                          attrs=dict(json_node.get("attrs") or {})))
+    return Graph(nodes, [(entry[0], entry[1]) for entry in document["heads"]])

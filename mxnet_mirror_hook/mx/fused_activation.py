@@ -48,9 +48,8 @@ import numpy as np
 from ..core.fused_activation import (FUSED_ACTIVATION_OP, SLOT_PREFIX, WORKSPACE_SLOTS, FusedActivation,
                                      find_fused_activations)
 from ..core.graph import KEEP_ATTR
-from .attention import structural_graph
 from .backward_ops import assign_into, invoke
-from .convert import load_rewritten
+from .convert import attr_true, load_rewritten, structural_graph
 from .custom_deps import use_common_dependencies
 from .workspace import buffer, pushing
 
@@ -62,10 +61,6 @@ use_common_dependencies()  # NOTE [ one process-wide set of backward dependencie
 
 VALUE = WORKSPACE_SLOTS[0]
 GRADIENT = "gradient"
-
-
-def _flag(value: Any) -> bool:
-    return str(value) in ("True", "true", "1")
 
 
 def _buffer(slot: str, like: "mx.nd.NDArray") -> "mx.nd.NDArray":
@@ -83,7 +78,7 @@ class FusedActivationOp(mx.operator.CustomOp):
         self.act_op = act_op
         self.act_attrs = act_attrs
         self.fc_attrs = fc_attrs
-        self.no_bias = _flag(fc_attrs["no_bias"])
+        self.no_bias = attr_true(fc_attrs["no_bias"])
 
     def _activation(self, z: "mx.nd.NDArray") -> "mx.nd.NDArray":
         """``act(z)`` into the shared activation buffer."""
@@ -138,8 +133,8 @@ class FusedActivationProp(mx.operator.CustomOpProp):
         self.act_attrs = {"act_type": act_type}
         self.act_attrs.update({k: v for k, v in rest.items() if k in ("slope", "lower_bound", "upper_bound")})
         self.num_hidden = int(num_hidden)
-        self.no_bias = _flag(no_bias)
-        self.flatten = _flag(flatten)
+        self.no_bias = attr_true(no_bias)
+        self.flatten = attr_true(flatten)
 
     def list_arguments(self) -> List[str]:  # noqa: D102
         return ["data", "weight"] if self.no_bias else ["data", "weight", "bias"]
@@ -170,8 +165,8 @@ def _fused_node(node: Dict[str, Any], match: FusedActivation, inputs: List[List[
     """The Custom node standing for ``match``; named as its product was."""
     attrs = {"op_type": FUSED_ACTIVATION_OP, "act_op": match.op, **match.activation_attrs,
              "num_hidden": match.product_attrs["num_hidden"],
-             "no_bias": str(_flag(match.product_attrs.get("no_bias", "False"))),
-             "flatten": str(_flag(match.product_attrs.get("flatten", "True"))), KEEP_ATTR: "True"}
+             "no_bias": str(attr_true(match.product_attrs.get("no_bias", "False"))),
+             "flatten": str(attr_true(match.product_attrs.get("flatten", "True"))), KEEP_ATTR: "True"}
     attrs.update({k: v for k, v in (node.get("attrs") or {}).items() if k.startswith("__")})
     return {"op": "Custom", "name": node["name"], "attrs": attrs, "inputs": inputs}
 

@@ -50,9 +50,8 @@ import mxnet as mx
 from ..core.fused_layer_norm import (FULLY_CONNECTED_KEYS, FUSED_LAYER_NORM_OP, LAYER_NORM_KEYS, SLOT_PREFIX,
                                      LayerNormFusion, find_layer_norm_fusions)
 from ..core.graph import KEEP_ATTR
-from .attention import structural_graph
 from .backward_ops import assign_into, invoke
-from .convert import load_rewritten
+from .convert import attr_true, load_rewritten, structural_graph
 from .workspace import buffer, pushing
 from .custom_deps import use_common_dependencies
 
@@ -61,10 +60,6 @@ __all__ = ["recompute_layer_norms", "FUSED_LAYER_NORM_OP", "FusedLayerNormOp", "
 logger = logging.getLogger(__name__)
 
 use_common_dependencies()  # NOTE [ one process-wide set of backward dependencies ] (custom_deps.py)
-
-
-def _flag(value: Any) -> bool:
-    return str(value) in ("True", "true", "1")
 
 
 def _buffer(role: str, like: "mx.nd.NDArray", shape: Tuple[int, ...] = ()) -> "mx.nd.NDArray":
@@ -82,7 +77,7 @@ class FusedLayerNormOp(mx.operator.CustomOp):
         self.layer_norm = layer_norm
         self.fc = fc
         self.normalized_read = normalized_read
-        self.bias = not _flag(fc.get("no_bias", "False"))
+        self.bias = not attr_true(fc.get("no_bias", "False"))
 
     def _normalize(self, in_data, normalized: "mx.nd.NDArray") -> Tuple["mx.nd.NDArray", "mx.nd.NDArray"]:
         """LayerNorm of ``in_data[0]`` into ``normalized``; its moments (in kept buffers)."""
@@ -146,8 +141,8 @@ class FusedLayerNormProp(mx.operator.CustomOpProp):
         self.layer_norm = {k: v for k, v in params.items() if k in LAYER_NORM_KEYS}
         self.fc = {k: v for k, v in params.items() if k in FULLY_CONNECTED_KEYS}
         self.fc["num_hidden"] = num_hidden
-        self.normalized_read = _flag(normalized_read)
-        self.bias = not _flag(self.fc.get("no_bias", "False"))
+        self.normalized_read = attr_true(normalized_read)
+        self.bias = not attr_true(self.fc.get("no_bias", "False"))
 
     def list_arguments(self) -> List[str]:  # noqa: D102
         return ["data", "gamma", "beta", "weight"] + (["bias"] if self.bias else [])
@@ -159,7 +154,7 @@ class FusedLayerNormProp(mx.operator.CustomOpProp):
         data = tuple(in_shape[0])
         hidden = int(self.fc["num_hidden"])
         channels = data[int(self.layer_norm.get("axis", "-1")) % len(data)]
-        if _flag(self.fc.get("flatten", "True")):
+        if attr_true(self.fc.get("flatten", "True")):
             units, out = math.prod(data[1:]), (data[0], hidden)
         else:
             units, out = data[-1], data[:-1] + (hidden,)

@@ -17,7 +17,8 @@ from mxnet_mirror_hook.core.attention import (CORE_ATTENTION_OP, core_attention_
                                               is_core_attention)
 from mxnet_mirror_hook.core.cost import forward_cost
 from mxnet_mirror_hook.core.graph import KEEP_ATTR
-from mxnet_mirror_hook.mx.attention import CoreAttentionOp, recompute_core_attention, structural_graph
+from mxnet_mirror_hook.mx.attention import CoreAttentionOp, recompute_core_attention
+from mxnet_mirror_hook.mx.convert import structural_graph
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes
 from tests.helpers import reordered_symbol

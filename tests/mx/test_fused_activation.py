@@ -16,7 +16,8 @@ from mxnet_mirror_hook.core.fused_activation import (FUSED_ACTIVATION_OP, SLOT_P
                                                      is_fused_activation)
 from mxnet_mirror_hook.core.graph import KEEP_ATTR
 from mxnet_mirror_hook.mx import workspace
-from mxnet_mirror_hook.mx.attention import recompute_core_attention, structural_graph
+from mxnet_mirror_hook.mx.attention import recompute_core_attention
+from mxnet_mirror_hook.mx.convert import structural_graph
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
 from mxnet_mirror_hook.mx.fused_activation import recompute_activations
 from mxnet_mirror_hook.testing.models import bert_mlm, bert_mlm_shapes

@@ -16,7 +16,8 @@ from mxnet_mirror_hook.core.fused_layer_norm import (FUSED_LAYER_NORM_OP, SLOT_P
                                                      layer_norm_recompute_cost)
 from mxnet_mirror_hook.core.graph import KEEP_ATTR
 from mxnet_mirror_hook.mx import workspace
-from mxnet_mirror_hook.mx.attention import recompute_core_attention, structural_graph
+from mxnet_mirror_hook.mx.attention import recompute_core_attention
+from mxnet_mirror_hook.mx.convert import structural_graph
 from mxnet_mirror_hook.mx.convert import normalize_inputs, symbol_to_graph
 from mxnet_mirror_hook.mx.custom_deps import CommonDependencies, use_common_dependencies
 from mxnet_mirror_hook.mx.fused_activation import recompute_activations
