@@ -112,7 +112,8 @@ def plan_fused(setup: PlanningSetup, options: MirrorOptions,
 
     started = time.perf_counter() if started is None else started
     _say_attention_dropout(setup, options)
-    rewritten = fuse_for_recomputation(setup.symbol, with_dropout=options.recompute_dropout)
+    rewritten = fuse_for_recomputation(setup.symbol, with_dropout=options.recompute_dropout,
+                                       keep_ops=options.keep_ops)
     if rewritten is setup.symbol:
         return None
     variant = options.replace(backend="mirror", segments=None, max_overhead=None)

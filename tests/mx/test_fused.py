@@ -47,3 +47,14 @@ def test_backward_adds_the_recomputation_only():
 def test_a_graph_without_patterns_has_no_fused_operators():
     plain, _ = graphs(0.0)
     assert fused_counts(plain) == {} and fused_recompute_cost(plain) == 0 and fused_outside_bytes(plain) == 0
+
+
+@pytest.mark.parametrize("keep_ops, left", [(("LayerNorm",), "LayerNorm"), (("softmax",), "core attention"),
+                                            (("LeakyReLU",), "activation")])
+def test_keep_ops_leaves_the_kinds_that_would_recompute_them(keep_ops, left):
+    symbol = bert_mlm(layers=2, units=UNITS, heads=HEADS, hidden=128, vocab=100, seq_len=SEQ, max_length=SEQ,
+                      masked=8, dropout=0.0)
+    data, label = bert_mlm_shapes(BATCH, SEQ, masked=8)
+    shapes = normalize_inputs(sorted(dict(data + label).items()))
+    counts = fused_counts(symbol_to_graph(fuse_for_recomputation(symbol, keep_ops=keep_ops), shapes))
+    assert left not in counts and len(counts) == 2
