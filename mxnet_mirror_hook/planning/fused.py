@@ -34,6 +34,14 @@ MXNet's one-level mirror.
 # outside (0.49x), est. +1.7%, measured +3.7% CPU time (batch 2); dropout 0.1 with
 # recompute_dropout 6362 -> 2045 + 156 (0.35x), +5.7%.  The estimate is low on the CPU mostly
 # because the softmax, memory-bound, costs here more than its operation count.
+#
+# Tried and left out (commit e5486d9 has the code): ``BatchNorm -> relu -> Convolution`` as one
+# operator keeping the BatchNorm's input (resnet50_v1b: 32 matches, MXNet's plan 2901 -> 2499 MB
+# at batch 32, 0.86x, with 98 MB of buffers outside).  Forward+backward CPU time +4.6% without
+# MKLDNN and +33% with it (the default CPU build): 64 Python callbacks (~130 ms an iteration), the
+# convolutions slower outside the executor, and the downstream BatchNorms fed the default layout
+# instead of MKLDNN's blocked one; with MKLDNN, writing the convolution straight into the Custom
+# operator's output also gave wrong numbers downstream (a copy fixed it).  Not worth its time.
 """
 from __future__ import annotations
 
