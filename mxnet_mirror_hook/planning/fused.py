@@ -188,15 +188,19 @@ def _unless_negligible(prepared: PlanningSetup, variant: MirrorOptions, plan: Mi
 # Under ``max_overhead`` with ``backend='auto'`` the plan chosen among the selective segments and
 # the one-level plans is compared with :func:`plan_fused`'s, by the activations' figure (MXNet's
 # plan and what the fused operators keep outside it), and the lower within the limits is taken.
+# Under ``memory_budget='min'`` too (the least memory, whatever it costs): on BERT-base at seq 512,
+# batch 2 the one-level 'min' plan was 0.64x at +27% measured where the fused operators alone give
+# 0.58x at +4%.
 # The variant is planned only where a rewrite applies (a core attention, with its Dropout only
 # under ``recompute_dropout``; a LayerNorm or an activation read by a FullyConnected); it goes
 # through the plan cache under its own symbol's key.  A failure of the variant never fails
 # planning: the chosen plan stays, with one warning.  Its estimate is the analytic count.
 def lower_with_fused(setup: PlanningSetup, options: MirrorOptions, plan: MirrorPlan,
                      started: Optional[float] = None) -> MirrorPlan:
-    """``plan``, or the fused variant when ``'auto'`` plans under ``max_overhead`` and the variant
-    is lower within the limits (NOTE [ the fused variant under 'auto' ])."""
-    if options.backend != "auto" or options.max_overhead is None:
+    """``plan``, or the fused variant when ``'auto'`` plans under ``max_overhead`` or for the least
+    memory (``memory_budget='min'``) and the variant is lower within the limits (NOTE [ the fused
+    variant under 'auto' ])."""
+    if options.backend != "auto" or (options.max_overhead is None and options.budget.kind != "min"):
         return plan
     try:
         variant = plan_fused(setup, options, started)

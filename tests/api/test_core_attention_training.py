@@ -261,3 +261,17 @@ def test_auto_under_max_overhead_takes_the_fused_operators_when_they_are_lower(c
     module = MirroredModule(symbol, data_names=INPUTS, max_overhead=0.3, cache_dir=False)
     module.bind(data, label)
     assert module.mirror_plan.symbol.tojson() == plan.symbol.tojson()
+
+
+def test_the_least_memory_under_auto_takes_the_fused_operators_when_they_are_lower():
+    from mxnet_mirror_hook import plan_mirror
+    from mxnet_mirror_hook.testing.models import bert_mlm
+
+    symbol = bert_mlm(layers=2, units=256, heads=8, hidden=512, vocab=100, seq_len=512, max_length=512,
+                      masked=8, dropout=0.0)
+    data, label = bert_mlm_shapes(4, 512, masked=8)
+    plain = plan_mirror(symbol, data, label, memory_budget="min", backend="mirror", cache_dir=False)
+    least = plan_mirror(symbol, data, label, memory_budget="min", cache_dir=False)
+    assert '"op_type": "mirror_core_attention"' in least.symbol.tojson()
+    assert least.activation_mb < plain.activation_mb and least.outside_plan_mb > 0
+    assert least.overhead < plain.overhead      # and far cheaper than recomputing the products
