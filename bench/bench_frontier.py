@@ -11,7 +11,8 @@ CPU clock with one OpenMP thread (the two shared cores' load moves wall time by 
 Plans are made at the timing size, so the memory ratio is the one of the plan timed.
 
 Writes the section between ``<!-- frontier:begin -->`` and ``<!-- frontier:end -->`` of
-``bench/RESULTS.md`` and the rows to ``bench/frontier_rows.json``.  Run
+``bench/RESULTS.md``, the rows to ``bench/frontier_rows.json`` and the plot to
+``docs/_static/frontier.png``.  Run
 ``OMP_NUM_THREADS=1 nice -n 10 python bench/bench_frontier.py`` (one heavy process).
 """
 from __future__ import annotations
@@ -106,7 +107,8 @@ def write(results: List[Dict], path: str) -> None:
     lines.append("")
     lines.append("Planning seconds (all limits and 'min', cache off): " + ", ".join(
         f"{r['network']} {r['planning_seconds']:.0f}" for r in results) + ".")
-    lines += ["", "![frontier of resnet50_v1b and bert_mlm at seq 512](frontier.png)"]
+    # the path works from bench/ (GitHub) and from docs/ (the manual includes this file)
+    lines += ["", "![frontier of resnet50_v1b and bert_mlm at seq 512](../docs/_static/frontier.png)"]
     replace_section(path, "frontier", "\n".join(lines))
 
 
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "RESULTS.md"))
     parser.add_argument("--rows", default=os.path.join(ROOT, "bench", "frontier_rows.json"))
-    parser.add_argument("--plot", default=os.path.join(ROOT, "bench", "frontier.png"))
+    parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "_static", "frontier.png"))
     parser.add_argument("--write-only", action="store_true", help="redo the section and plot from --rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
