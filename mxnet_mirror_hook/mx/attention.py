@@ -67,7 +67,7 @@ from ..core.attention import (CORE_ATTENTION_OP, DEFAULT_PASS_MB, CoreAttention,
                               sequences_per_pass)
 from ..core.graph import KEEP_ATTR
 from .backward_ops import invoke
-from .convert import attr_true, load_rewritten, structural_graph
+from .convert import attr_true, load_rewritten, rebuild_nodes, structural_graph
 from .dropout import dropout_scale
 from .workspace import buffer, pushing
 
@@ -287,22 +287,16 @@ def recompute_core_attention(symbol: "mx.sym.Symbol", with_dropout: bool = False
     if not matches:
         return symbol
     by_valatt = {match.valatt: match for match in matches}
-    removed = {position for match in matches for position in match.removed}
-    out: List[Dict[str, Any]] = []
-    remap: Dict[int, int] = {}
-    for position, node in enumerate(document["nodes"]):
-        if position in removed:
-            continue
-        if position in by_valatt:
-            match = by_valatt[position]
-            sources = [match.qkv] + ([match.length] if match.length is not None else [])
-            node = _fused_node(node, match, [[remap[s], o, 0] for s, o in sources], pass_mb)
-        else:
-            node = {**node, "inputs": [[remap[e[0]], e[1], e[2]] for e in node["inputs"]]}
-        out.append(node)
-        remap[position] = len(out) - 1
-    result = load_rewritten(symbol, out, [[remap[e[0]], e[1], e[2]] for e in document["heads"]],
-                            document.get("attrs", {}),
+
+    def fused(position: int, node: Dict[str, Any], remap: Dict[int, int]) -> Optional[Dict[str, Any]]:
+        if position not in by_valatt:
+            return None
+        match = by_valatt[position]
+        sources = [match.qkv] + ([match.length] if match.length is not None else [])
+        return _fused_node(node, match, [[remap[s], o, 0] for s, o in sources], pass_mb)
+
+    out, heads = rebuild_nodes(document, {p for match in matches for p in match.removed}, fused)
+    result = load_rewritten(symbol, out, heads, document.get("attrs", {}),
                             "replacing the core attention changed the symbol's arguments, outputs or "
                             "auxiliary states; please report this symbol")
     logger.info("core attention: %d recomputed in one operator each", len(matches))

@@ -25,7 +25,7 @@ import mxnet as mx
 from mxnet._ctypes.ndarray import _imperative_invoke
 from mxnet.base import _LIB, OpHandle, c_str, check_call
 
-__all__ = ["invoke", "assign_into"]
+__all__ = ["invoke"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,17 +64,3 @@ def invoke(name: str, inputs: Sequence["mx.nd.NDArray"], outputs: Sequence["mx.n
     values = [str(attrs[key]) for key in keys]
     _imperative_invoke(_handle(name), list(inputs), keys, values, list(outputs), 0, 1)
     return list(outputs)
-
-
-def assign_into(target: "mx.nd.NDArray", req: str, value: "mx.nd.NDArray") -> None:
-    """Write ``value`` into ``target`` as ``req`` asks (``'write'``/``'inplace'``, ``'add'``,
-    ``'null'``), as ``CustomOp.assign`` does."""
-    if req == "null":
-        return
-    if req in ("write", "inplace"):
-        if value is not target:
-            target[:] = value
-    elif req == "add":
-        target[:] += value
-    else:
-        raise ValueError(f"unknown write request {req!r}")

@@ -7,7 +7,7 @@ import json
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -17,7 +17,7 @@ from ..errors import ShapeError
 from .bind import mxnet_error_line
 
 __all__ = ["InputSpec", "normalize_inputs", "symbol_to_graph", "structure_hash", "MIRROR_ATTR",
-           "attr_true", "structural_graph",
+           "attr_true", "structural_graph", "rebuild_nodes",
            "json_node_keys", "load_rewritten"]
 
 #: The attribute MXNet's gradient pass reads (``_set_attr(force_mirroring=...)`` writes it).
@@ -320,6 +320,26 @@ def structure_hash(symbol: "mx.sym.Symbol", document: Optional[Dict[str, Any]] =
     canonical = json.dumps({"nodes": nodes, "heads": document["heads"],
                             "arg_nodes": document.get("arg_nodes")}, sort_keys=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def rebuild_nodes(document: Dict[str, Any], removed: Iterable[int],
+                  replace: Callable[[int, Dict[str, Any], Dict[int, int]], Optional[Dict[str, Any]]]
+                  ) -> Tuple[List[Dict[str, Any]], List[List[int]]]:
+    """The nodes of a symbol's JSON ``document`` without the positions ``removed``, each either
+    ``replace(position, node, remap)`` (``remap``: old position -> new, for the nodes so far) or,
+    when that is None, the node with its inputs remapped; and the heads remapped.  For rewrites
+    that put one node where several were (their inputs must precede them, as in ``document``)."""
+    gone = set(removed)
+    out: List[Dict[str, Any]] = []
+    remap: Dict[int, int] = {}
+    for position, node in enumerate(document["nodes"]):
+        if position in gone:
+            continue
+        new = replace(position, node, remap)
+        out.append(new if new is not None else
+                   {**node, "inputs": [[remap[e[0]], e[1], e[2]] for e in node["inputs"]]})
+        remap[position] = len(out) - 1
+    return out, [[remap[e[0]], e[1], e[2]] for e in document["heads"]]
 
 
 def load_rewritten(symbol: "mx.sym.Symbol", nodes: List[Dict[str, Any]], heads: List[List[int]],

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
@@ -48,8 +48,8 @@ import numpy as np
 from ..core.fused_activation import (FUSED_ACTIVATION_OP, SLOT_PREFIX, WORKSPACE_SLOTS, FusedActivation,
                                      find_fused_activations)
 from ..core.graph import KEEP_ATTR
-from .backward_ops import assign_into, invoke
-from .convert import attr_true, load_rewritten, structural_graph
+from .backward_ops import invoke
+from .convert import attr_true, load_rewritten, rebuild_nodes, structural_graph
 from .custom_deps import use_common_dependencies
 from .workspace import buffer, pushing
 
@@ -95,7 +95,7 @@ class FusedActivationOp(mx.operator.CustomOp):
             if req[0] == "write":
                 mx.nd.FullyConnected(g, *weights, out=out_data[0], **self.fc_attrs)
             else:
-                assign_into(out_data[0], req[0], mx.nd.FullyConnected(g, *weights, **self.fc_attrs))
+                self.assign(out_data[0], req[0], mx.nd.FullyConnected(g, *weights, **self.fc_attrs))
 
     def _targets(self, req, in_grad) -> List["mx.nd.NDArray"]:
         """Where each input's gradient is written: MXNet's array when asked to write, else a kept
@@ -119,7 +119,7 @@ class FusedActivationOp(mx.operator.CustomOp):
                     invoke("_backward_Activation", inputs, targets[:1], **self.act_attrs)
             for request, grad, target in zip(req, in_grad, targets):
                 if target is not grad:
-                    assign_into(grad, request, target)
+                    self.assign(grad, request, target)
 
 
 @mx.operator.register(FUSED_ACTIVATION_OP)
@@ -196,22 +196,16 @@ def recompute_activations(symbol: "mx.sym.Symbol", only_freeing: bool = True) ->
         return symbol
     by_product = {match.product: match for match in matches}
     removed = {match.activation for match in matches}
-    out: List[Dict[str, Any]] = []
-    remap: Dict[int, int] = {}
-    for position, node in enumerate(document["nodes"]):
-        if position in removed:
-            continue
+
+    def fused(position: int, node: Dict[str, Any], remap: Dict[int, int]) -> Optional[Dict[str, Any]]:
+        if position not in by_product:
+            return None
+        match = by_product[position]   # its data input, the activation, becomes the activation's source
         inputs = [[remap[e[0]], e[1], e[2]] for e in node["inputs"] if e[0] not in removed]
-        if position in by_product:
-            match = by_product[position]
-            source = [remap[match.source[0]], match.source[1], 0]
-            node = _fused_node(node, match, [source] + inputs)
-        else:
-            node = {**node, "inputs": inputs}
-        out.append(node)
-        remap[position] = len(out) - 1
-    result = load_rewritten(symbol, out, [[remap[e[0]], e[1], e[2]] for e in document["heads"]],
-                            document.get("attrs", {}),
+        return _fused_node(node, match, [[remap[match.source[0]], match.source[1], 0]] + inputs)
+
+    out, heads = rebuild_nodes(document, removed, fused)
+    result = load_rewritten(symbol, out, heads, document.get("attrs", {}),
                             "recomputing activations inside their products changed the symbol's arguments, "
                             "outputs or auxiliary states; please report this symbol")
     logger.info("activations: %d recomputed inside the product reading them", len(matches))

@@ -50,7 +50,7 @@ import mxnet as mx
 from ..core.fused_layer_norm import (FULLY_CONNECTED_KEYS, FUSED_LAYER_NORM_OP, LAYER_NORM_KEYS, SLOT_PREFIX,
                                      LayerNormFusion, find_layer_norm_fusions)
 from ..core.graph import KEEP_ATTR
-from .backward_ops import assign_into, invoke
+from .backward_ops import invoke
 from .convert import attr_true, load_rewritten, structural_graph
 from .workspace import buffer, pushing
 from .custom_deps import use_common_dependencies
@@ -99,9 +99,9 @@ class FusedLayerNormOp(mx.operator.CustomOp):
             if req[0] == "write":
                 invoke("FullyConnected", [normalized] + weights, [out_data[0]], **self.fc)
             elif req[0] != "null":
-                assign_into(out_data[0], req[0], mx.nd.FullyConnected(normalized, *weights, **self.fc))
+                self.assign(out_data[0], req[0], mx.nd.FullyConnected(normalized, *weights, **self.fc))
             if not direct:
-                assign_into(out_data[1], req[1], normalized)
+                self.assign(out_data[1], req[1], normalized)
 
     def _targets(self, req, in_grad, first: "mx.nd.NDArray") -> List["mx.nd.NDArray"]:
         """Where each input's gradient is written: MXNet's array when asked to write, else a buffer
@@ -128,7 +128,7 @@ class FusedLayerNormOp(mx.operator.CustomOp):
             invoke("_backward_LayerNorm", [gradient, data, gamma, mean, std], targets[:3], **self.layer_norm)
             for request, grad, target in zip(req, in_grad, targets):
                 if target is not grad:
-                    assign_into(grad, request, target)
+                    self.assign(grad, request, target)
 
 
 @mx.operator.register(FUSED_LAYER_NORM_OP)

@@ -29,14 +29,13 @@ __all__ = ["buffer", "release", "pushing"]
 
 _lock = threading.Lock()
 _push_lock = threading.RLock()
+_buffers: Dict[Tuple[str, str, str], "mx.nd.NDArray"] = {}
 
 
 def pushing() -> "threading.RLock":
     """The lock a callback holds while it pushes operations on kept buffers (NOTE [ a workspace
     kept between calls ]): ``with pushing(): ...``."""
     return _push_lock
-
-_buffers: Dict[Tuple[str, str, str], "mx.nd.NDArray"] = {}
 
 
 def buffer(slot: str, shape: Tuple[int, ...], ctx: "mx.Context", dtype: str = "float32") -> "mx.nd.NDArray":
